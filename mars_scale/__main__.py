@@ -1,0 +1,3 @@
+from mars_scale.cli import main
+
+main()

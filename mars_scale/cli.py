@@ -1,0 +1,115 @@
+"""The ``mars-scale`` command line: parses options and calls the Python API, nothing more."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from mars_scale.errors import MarsScaleError
+
+logger = logging.getLogger("mars_scale")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("mars_scale")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _user_errors(fn):
+    """Turn MarsScaleError (bad input, config, store) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MarsScaleError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.version_option(package_name="mars-scale")
+def main(verbose: int, quiet: bool) -> None:
+    """mars-scale: discover and name cell types across single-cell experiments, at atlas scale."""
+    _setup_logging(verbose, quiet)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Store to create (.zarr).")
+@click.option("--experiment-key", default=None, help="obs column naming each cell's experiment (default: one experiment per file, named after it).")
+@click.option("--label-key", default=None, help="obs column with cell types; missing values mark unannotated cells.")
+@click.option("--genes", type=click.Choice(["intersection", "union"]), default="intersection", show_default=True)
+@click.option("--gene-key", default=None, help="var column with gene ids (default: var_names).")
+@click.option("--layer", default=None, help="Read counts from this layer instead of X.")
+@click.option("--min-counts", type=float, default=1.0, show_default=True, help="Drop cells with fewer total counts (paper: 5000 reads).")
+@click.option("--min-genes", type=int, default=1, show_default=True, help="Drop cells with fewer expressed genes (paper: 500).")
+@click.option("--min-cells", type=int, default=5, show_default=True, help="Drop genes expressed in fewer cells (paper: 5).")
+@click.option("--rows-per-chunk", type=int, default=1024, show_default=True, help="Cells per chunk of X.")
+@click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@_user_errors
+def ingest(inputs, output, experiment_key, label_key, genes, gene_key, layer, min_counts,
+           min_genes, min_cells, rows_per_chunk, zarr_format, overwrite) -> None:
+    """Stream h5ad files INPUTS into a new atlas store."""
+    from mars_scale.ingest import IngestConfig, ingest as run_ingest
+    from mars_scale.store import StoreLayout
+
+    try:
+        layout = StoreLayout(rows_per_chunk=rows_per_chunk, zarr_format=int(zarr_format))
+        config = IngestConfig(
+            experiment_key=experiment_key, label_key=label_key, genes=genes, gene_key=gene_key,
+            layer=layer, min_counts=min_counts, min_genes=min_genes, min_cells=min_cells, layout=layout,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    path = run_ingest(list(inputs), output, config=config, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_user_errors
+def info(store, as_json) -> None:
+    """Describe an atlas STORE: cells, genes, experiments, cell types, size."""
+    from mars_scale.store import open_store
+
+    summary = open_store(store).summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    s = summary
+    click.echo(f"{s['path']}  (mars-scale store spec {s['spec_version']}, zarr v{s['zarr_format']}, {s['input_kind']})")
+    click.echo(
+        f"{s['n_cells']:,} cells x {s['n_genes']:,} genes, {s['nnz']:,} non-zeros "
+        f"(density {s['density']:.4f}), {s['size_bytes'] / 1e6:,.1f} MB on disk"
+    )
+    click.echo(f"{len(s['experiments'])} experiments, {len(s['cell_types'])} cell types")
+    width = max(len(e["name"]) for e in s["experiments"])
+    for e in s["experiments"]:
+        types = ", ".join(f"{t} {n}" for t, n in e["cell_types"].items()) or "-"
+        click.echo(
+            f"  {e['name']:<{width}}  {e['n_cells']:>10,} cells  "
+            f"{100 * e['annotated_fraction']:5.1f}% annotated  {types}"
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

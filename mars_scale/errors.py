@@ -1,0 +1,41 @@
+"""Exception classes.
+
+Every error that a user can cause derives from :class:`MarsScaleError` and from the matching
+builtin, so ``except ValueError`` keeps working. The CLI prints the message of a
+``MarsScaleError`` as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MarsScaleError",
+    "InputError",
+    "StoreError",
+    "ConfigError",
+    "CheckpointMismatchError",
+    "TrainingError",
+]
+
+
+class MarsScaleError(Exception):
+    """Base class of every error caused by input, configuration or on-disk state."""
+
+
+class InputError(MarsScaleError, ValueError):
+    """An input file (h5ad) or an argument is unusable."""
+
+
+class StoreError(MarsScaleError, ValueError):
+    """An atlas store is missing, damaged, locked or of an unsupported version."""
+
+
+class ConfigError(MarsScaleError, ValueError):
+    """A configuration value or file is invalid."""
+
+
+class CheckpointMismatchError(MarsScaleError, ValueError):
+    """A saved model does not match the store it is applied to."""
+
+
+class TrainingError(MarsScaleError, RuntimeError):
+    """Training cannot go on (non-finite loss, a dead rank)."""

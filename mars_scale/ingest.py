@@ -1,0 +1,736 @@
+"""Stream h5ad files into an atlas store with bounded memory.
+
+Two passes over each input, in row blocks read with h5py (nothing is unpickled and X is never
+loaded whole):
+
+1. quality control: validate values, per-cell totals and gene counts (cell filter), cells per
+   gene in the aligned gene space (gene filter), experiments and labels present, input kind;
+2. write: filtered, gene-aligned CSR rows of raw values, ``obs`` columns, and the per-gene
+   moments of log1p-normalised values, merged across blocks in float64.
+
+Cells are stored grouped by experiment. When the inputs already list each experiment's cells
+contiguously (the usual case: one experiment per file) rows go straight to the store; otherwise
+they are spooled per experiment and then concatenated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from mars_scale.errors import InputError
+from mars_scale.stats import MomentAccumulator, block_moments
+from mars_scale.store import (
+    SPEC_TYPE,
+    SPEC_VERSION,
+    AppendArray,
+    CSRWriter,
+    StoreLayout,
+    StringAppendArray,
+    atomic_directory,
+    init_anndata_root,
+    stamp_spec,
+)
+
+__all__ = ["IngestConfig", "ingest"]
+
+logger = logging.getLogger(__name__)
+
+# Log-normalised values stay far below this; non-integer inputs with larger values are
+# (expected) counts, such as RSEM output.
+_LOGNORM_MAX = 30.0
+_READ_NNZ = 1 << 22  # non-zeros per read block (about 50 MB of working memory)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Options of :func:`ingest`.
+
+    Parameters
+    ----------
+    experiment_key
+        obs column naming each cell's experiment. ``None``: each file is one experiment named
+        after its file stem.
+    label_key
+        obs column with cell types. Missing values mark unannotated cells; a file without the
+        column is unannotated. ``None``: no labels.
+    genes
+        ``"intersection"`` or ``"union"`` of the inputs' genes.
+    gene_key
+        var column holding gene ids (default: var_names).
+    layer
+        Read counts from ``layers[layer]`` instead of X.
+    min_counts, min_genes
+        Cells with fewer total counts or fewer expressed genes are dropped.
+    min_cells
+        Genes expressed in fewer cells (after the cell filter) are dropped (paper: 5).
+    layout
+        On-disk chunking of X.
+    """
+
+    experiment_key: str | None = None
+    label_key: str | None = None
+    genes: str = "intersection"
+    gene_key: str | None = None
+    layer: str | None = None
+    min_counts: float = 1.0
+    min_genes: int = 1
+    min_cells: int = 5
+    layout: StoreLayout = field(default_factory=StoreLayout)
+
+    def __post_init__(self) -> None:
+        if self.genes not in ("intersection", "union"):
+            raise ValueError(f"genes must be 'intersection' or 'union', got {self.genes!r}")
+        for name in ("min_counts", "min_genes", "min_cells"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one h5ad file with h5py
+
+
+def _decode(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind in ("S", "O"):
+        return np.array(
+            [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v for v in values],
+            dtype=object,
+        )
+    return values
+
+
+class _H5adSource:
+    """Row-block access to one h5ad file, validated up front."""
+
+    def __init__(self, path: Path, config: IngestConfig) -> None:
+        self.path = path
+        self.name = path.name
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory, expected an .h5ad file")
+        try:
+            self.file = h5py.File(path, "r")
+        except OSError as exc:
+            raise InputError(f"{path}: not a readable HDF5/h5ad file ({exc})") from None
+        try:
+            self._init(config)
+        except KeyError as exc:
+            self.file.close()
+            raise InputError(f"{path}: malformed h5ad ({exc})") from None
+        except Exception:
+            self.file.close()
+            raise
+
+    def _init(self, config: IngestConfig) -> None:
+        f = self.file
+        xkey = f"layers/{config.layer}" if config.layer else "X"
+        if xkey not in f:
+            what = f"layer {config.layer!r}" if config.layer else "X"
+            raise InputError(f"{self.path}: has no {what}")
+        x = f[xkey]
+        if isinstance(x, h5py.Dataset):
+            if x.ndim != 2:
+                raise InputError(f"{self.path}: {xkey} is not a matrix (shape {x.shape})")
+            self.kind, self.shape = "dense", tuple(int(s) for s in x.shape)
+        else:
+            enc = x.attrs.get("encoding-type", x.attrs.get("h5sparse_format", ""))
+            enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+            if enc.startswith("csr"):
+                self.kind = "csr"
+            elif enc.startswith("csc"):
+                self.kind = "csc"
+            else:
+                raise InputError(f"{self.path}: {xkey} has unsupported encoding {enc!r}")
+            self.shape = tuple(int(s) for s in x.attrs["shape"])
+            for part in ("data", "indices", "indptr"):
+                if part not in x:
+                    raise InputError(f"{self.path}: {xkey}/{part} is missing")
+        self.x = x
+        if "obs" not in f or "var" not in f:
+            raise InputError(f"{self.path}: obs or var is missing")
+        self.obs_names_key = self._index_key("obs")
+        self.var_names_key = self._index_key("var")
+        self.obs_columns = [str(c) for c in f["obs"].attrs.get("column-order", [])]
+        n_obs = len(f["obs"][self.obs_names_key])
+        n_var = len(f["var"][self.var_names_key])
+        if self.shape[0] == 0 or self.shape[1] == 0:
+            raise InputError(f"{self.path}: is empty ({self.shape[0]} cells x {self.shape[1]} genes)")
+        if (n_obs, n_var) != self.shape:
+            raise InputError(
+                f"{self.path}: {xkey} has shape {self.shape} but obs x var is {n_obs} x {n_var}"
+            )
+        if self.kind != "dense":
+            major = 0 if self.kind == "csr" else 1
+            if len(x["indptr"]) != self.shape[major] + 1:
+                raise InputError(f"{self.path}: {xkey}/indptr length disagrees with the shape")
+            if len(x["data"]) != len(x["indices"]):
+                raise InputError(f"{self.path}: {xkey}/data and indices differ in length")
+        if config.gene_key:
+            cols = [str(c) for c in f["var"].attrs.get("column-order", [])]
+            if config.gene_key not in cols:
+                raise InputError(
+                    f"{self.path}: var column {config.gene_key!r} does not exist "
+                    f"(available: {', '.join(cols) or 'none'})"
+                )
+            genes = self._column("var", config.gene_key)(0, n_var)
+        else:
+            genes = _decode(f["var"][self.var_names_key][:])
+        self.genes = pd.Index([str(g) for g in genes])
+        dup = self.genes[self.genes.duplicated()]
+        if len(dup):
+            raise InputError(
+                f"{self.path}: duplicate gene names ({', '.join(map(str, dup[:3]))}"
+                f"{'...' if len(dup) > 3 else ''}); make them unique or pass --gene-key"
+            )
+        self._csc = None
+
+    def _index_key(self, group: str) -> str:
+        key = self.file[group].attrs.get("_index", "_index")
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        if key not in self.file[group]:
+            raise InputError(f"{self.path}: {group} has no index ({key!r})")
+        return key
+
+    def has_column(self, name: str) -> bool:
+        return name in self.obs_columns
+
+    def _column(self, group: str, name: str) -> Callable[[int, int], np.ndarray]:
+        """A reader of rows a:b of a column as an object array (None = missing)."""
+        elem = self.file[group][name]
+        enc = elem.attrs.get("encoding-type", "")
+        enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+        if isinstance(elem, h5py.Group) and enc == "categorical":
+            categories = _decode(elem["categories"][:])
+            cats = np.array(list(categories) + [None], dtype=object)
+            codes = elem["codes"]
+            return lambda a, b: cats[np.where(codes[a:b] < 0, len(categories), codes[a:b])]
+        if isinstance(elem, h5py.Group) and enc.startswith("nullable"):
+            values, mask = elem["values"], elem["mask"]
+
+            def read_nullable(a: int, b: int) -> np.ndarray:
+                out = _decode(values[a:b]).astype(object)
+                out[mask[a:b]] = None
+                return out
+
+            return read_nullable
+        if isinstance(elem, h5py.Dataset):
+
+            def read_plain(a: int, b: int) -> np.ndarray:
+                out = _decode(elem[a:b]).astype(object)
+                if elem.dtype.kind == "f":
+                    out[np.isnan(elem[a:b])] = None
+                return out
+
+            return read_plain
+        raise InputError(f"{self.path}: {group}/{name} has unsupported encoding {enc!r}")
+
+    def obs_reader(self, name: str) -> Callable[[int, int], np.ndarray]:
+        return self._column("obs", name)
+
+    def obs_names(self, a: int, b: int) -> np.ndarray:
+        return _decode(self.file["obs"][self.obs_names_key][a:b])
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        n, g = self.shape
+        if self.kind == "dense":
+            step = max(1, _READ_NNZ // max(g, 1))
+            return [(a, min(a + step, n)) for a in range(0, n, step)]
+        if self.kind == "csc":
+            step = 8192
+            return [(a, min(a + step, n)) for a in range(0, n, step)]
+        indptr = self.x["indptr"]
+        blocks: list[tuple[int, int]] = []
+        # Cut blocks of about _READ_NNZ non-zeros, reading indptr in windows so memory does
+        # not grow with the number of cells.
+        for w in range(0, n, 65536):
+            ptr = np.asarray(indptr[w : min(w + 65536, n) + 1], dtype=np.int64)
+            cut = 0
+            while cut < len(ptr) - 1:
+                stop = int(np.searchsorted(ptr, ptr[cut] + _READ_NNZ, side="right")) - 1
+                stop = min(max(stop, cut + 1), len(ptr) - 1)
+                blocks.append((w + cut, w + stop))
+                cut = stop
+        return blocks
+
+    def read(self, a: int, b: int) -> sp.csr_matrix:
+        """Rows a:b as CSR with the stored dtype."""
+        g = self.shape[1]
+        try:
+            if self.kind == "dense":
+                return sp.csr_matrix(np.asarray(self.x[a:b]))
+            if self.kind == "csr":
+                ptr = self.x["indptr"][a : b + 1].astype(np.int64)
+                lo, hi = int(ptr[0]), int(ptr[-1])
+                data = self.x["data"][lo:hi]
+                indices = self.x["indices"][lo:hi]
+                return sp.csr_matrix((data, indices, ptr - lo), shape=(b - a, g))
+            if self._csc is None:
+                nnz = len(self.x["data"])
+                if nnz * 12 > 2 * 1024**3:
+                    raise InputError(
+                        f"{self.path}: CSC X with {nnz} non-zeros is too large to convert in "
+                        "memory; write it as CSR (adata.X = adata.X.tocsr())"
+                    )
+                self._csc = sp.csc_matrix(
+                    (self.x["data"][:], self.x["indices"][:], self.x["indptr"][:]), shape=self.shape
+                ).tocsr()
+            return self._csc[a:b]
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"{self.path}: cannot read X rows {a}:{b} ({type(exc).__name__}: {exc}); "
+                "the file is truncated or corrupt"
+            ) from None
+
+    def close(self) -> None:
+        self._csc = None
+        self.file.close()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 23), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality-control pass
+
+
+@dataclass
+class _FilePlan:
+    source: _H5adSource
+    gene_map: np.ndarray  # file gene -> output gene, -1 = dropped
+    experiment: Callable[[int, int], np.ndarray]
+    label: Callable[[int, int], np.ndarray] | None
+    kind: str = "counts"
+    non_integer: int = 0
+    n_kept: int = 0
+
+
+def _check_values(src: _H5adSource, block: sp.csr_matrix, a: int, b: int) -> None:
+    data = block.data
+    if data.dtype.kind not in "fiub":
+        raise InputError(f"{src.path}: X has non-numeric dtype {data.dtype}")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        row = a + int(np.searchsorted(block.indptr, np.flatnonzero(~np.isfinite(data))[0], "right") - 1)
+        raise InputError(f"{src.path}: X contains NaN or infinite values (first in row {row})")
+    if data.size and data.min() < 0:
+        row = a + int(np.searchsorted(block.indptr, int(np.argmin(data)), "right") - 1)
+        raise InputError(f"{src.path}: X contains negative values (first in row {row}); raw counts expected")
+
+
+def _cell_mask(block: sp.csr_matrix, config: IngestConfig) -> np.ndarray:
+    n = block.shape[0]
+    totals = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+    rows = np.repeat(np.arange(n), np.diff(block.indptr))
+    n_genes = np.bincount(rows[block.data > 0], minlength=n)
+    return (totals >= config.min_counts) & (n_genes >= config.min_genes) & (totals > 0)
+
+
+def _align_genes(sources: Sequence[_H5adSource], how: str) -> pd.Index:
+    genes = sources[0].genes
+    for src in sources[1:]:
+        if how == "intersection":
+            genes = genes[genes.isin(src.genes)]
+        else:
+            genes = genes.append(src.genes[~src.genes.isin(genes)])
+    if len(genes) == 0:
+        names = ", ".join(s.name for s in sources)
+        raise InputError(f"no genes are shared between the inputs ({names}); check --gene-key")
+    return genes
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+_CATEGORICAL = ("experiment", "cell_type")
+_NUMERIC = {"n_counts": np.float64, "n_genes": np.int32}
+
+
+class _RowSink:
+    """CSR rows plus the per-cell obs columns, appended in blocks.
+
+    Categorical columns are streamed as codes into ``obs/<name>/codes``; their categories and
+    anndata's attributes are added by :meth:`finish_obs`.
+    """
+
+    def __init__(self, group, *, n_genes: int, nnz_per_chunk: int, layout: StoreLayout) -> None:
+        chunk = layout.rows_per_chunk * 16
+        self.x = CSRWriter(
+            group, "X", n_cols=n_genes, nnz_per_chunk=nnz_per_chunk,
+            rows_per_chunk=layout.rows_per_chunk, layout=layout,
+        )
+        self.obs = group.create_group("obs")
+        self.names = StringAppendArray(self.obs, "_index", chunk=chunk)
+        self.columns: dict[str, AppendArray] = {}
+        for name in _CATEGORICAL:
+            cat = self.obs.create_group(name)
+            self.columns[name] = AppendArray(cat, "codes", np.int32, chunk=chunk, layout=layout)
+        for name, dtype in _NUMERIC.items():
+            self.columns[name] = AppendArray(self.obs, name, dtype, chunk=chunk, layout=layout)
+
+    def append(self, block: sp.csr_matrix, names, obs: dict[str, np.ndarray]) -> None:
+        self.x.append(block)
+        self.names.append(names)
+        for key, arr in self.columns.items():
+            arr.append(obs[key])
+
+    def column(self, key: str, a: int, b: int) -> np.ndarray:
+        return np.asarray(self.columns[key].array[a:b])
+
+    def close(self) -> None:
+        self.x.close()
+        self.names.close()
+        for arr in self.columns.values():
+            arr.close()
+
+    def finish_obs(self, categories: dict[str, list[str]]) -> None:
+        from anndata.io import write_elem
+
+        for name in _CATEGORICAL:
+            cat = self.obs[name]
+            cat.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
+            write_elem(cat, "categories", np.asarray(categories[name], dtype=object))
+            self.columns[name].array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        for name in _NUMERIC:
+            self.columns[name].array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        self.obs.attrs.update(
+            {
+                "encoding-type": "dataframe",
+                "encoding-version": "0.2.0",
+                "_index": "_index",
+                "column-order": [*_CATEGORICAL, *_NUMERIC],
+            }
+        )
+
+
+def _replay(spool: _RowSink, sink: _RowSink, block_rows: int) -> None:
+    """Append everything in a spooled sink to ``sink``, block by block."""
+    x = spool.x.group
+    n, g = spool.x.n_rows, spool.x.n_cols
+    for a in range(0, n, block_rows):
+        b = min(a + block_rows, n)
+        ptr = np.asarray(x["indptr"][a : b + 1])
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        block = sp.csr_matrix(
+            (np.asarray(x["data"][lo:hi]), np.asarray(x["indices"][lo:hi]), ptr - lo), shape=(b - a, g)
+        )
+        cols = {k: spool.column(k, a, b) for k in sink.columns}
+        sink.append(block, np.asarray(spool.names.array[a:b]), cols)
+
+
+def ingest(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    config: IngestConfig | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Stream h5ad files into a new atlas store.
+
+    Parameters
+    ----------
+    inputs
+        h5ad files. Each is one experiment named after its stem unless
+        ``config.experiment_key`` is set.
+    output
+        The store directory to create (``.zarr``).
+    config
+        :class:`IngestConfig`.
+    overwrite
+        Replace an existing store.
+
+    Returns
+    -------
+    Path
+        The store. It holds ``X`` (raw values, CSR), ``obs['experiment']``,
+        ``obs['cell_type']``, ``obs['n_counts']``, ``obs['n_genes']``, ``var['n_cells']``,
+        ``var['mean']``, ``var['std']`` and ``uns['mars_scale']``.
+
+    Raises
+    ------
+    InputError
+        For a missing or malformed input, bad values, a missing column or no shared genes.
+    StoreError
+        If ``output`` exists and ``overwrite`` is false.
+    """
+    config = config or IngestConfig()
+    output = Path(output)
+    if not inputs:
+        raise InputError("no input files given")
+    if output.exists() and not overwrite:
+        raise InputError(f"{output}: already exists (pass --overwrite to replace it)")
+    paths = [Path(p) for p in inputs]
+    if len(set(p.resolve() for p in paths)) != len(paths):
+        raise InputError("the same input file is given twice")
+    sources: list[_H5adSource] = []
+    try:
+        for p in paths:
+            sources.append(_H5adSource(p, config))
+        return _ingest(sources, output, config, overwrite)
+    finally:
+        for s in sources:
+            s.close()
+
+
+def _plan(sources: list[_H5adSource], config: IngestConfig) -> tuple[list[_FilePlan], pd.Index]:
+    genes = _align_genes(sources, config.genes)
+    gene_pos = pd.Index(genes)
+    plans = []
+    if config.label_key and not any(s.has_column(config.label_key) for s in sources):
+        raise InputError(
+            f"{sources[0].path}: obs column {config.label_key!r} does not exist "
+            f"(available: {', '.join(sources[0].obs_columns) or 'none'})"
+        )
+    stems = [s.path.stem for s in sources]
+    for src, stem in zip(sources, stems):
+        if config.experiment_key:
+            if not src.has_column(config.experiment_key):
+                raise InputError(
+                    f"{src.path}: obs column {config.experiment_key!r} does not exist "
+                    f"(available: {', '.join(src.obs_columns) or 'none'})"
+                )
+            experiment = src.obs_reader(config.experiment_key)
+        else:
+            name = stem if stems.count(stem) == 1 else f"{stem}_{stems[: len(plans)].count(stem)}"
+            experiment = (lambda name: lambda a, b: np.full(b - a, name, dtype=object))(name)
+        label = None
+        if config.label_key and src.has_column(config.label_key):
+            label = src.obs_reader(config.label_key)
+        elif config.label_key:
+            logger.info("%s: no obs column %r; its cells are unannotated", src.name, config.label_key)
+        plans.append(_FilePlan(src, gene_pos.get_indexer(src.genes).astype(np.int64), experiment, label))
+    return plans, genes
+
+
+def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, overwrite: bool) -> Path:
+    plans, genes = _plan(sources, config)
+    n_out = len(genes)
+
+    # ---- pass 1: quality control --------------------------------------------------------
+    n_cells_per_gene = np.zeros(n_out, dtype=np.int64)
+    experiments: dict[str, int] = {}
+    cell_types: dict[str, None] = {}
+    finished: set[str] = set()
+    current: str | None = None
+    grouped = True
+    total_blocks = sum(len(p.source.row_blocks()) for p in plans)
+    with tqdm(total=total_blocks, desc="ingest 1/2 (check)", unit="block", disable=None) as bar:
+        for plan in plans:
+            src = plan.source
+            for a, b in src.row_blocks():
+                block = src.read(a, b)
+                _check_values(src, block, a, b)
+                if block.data.dtype.kind == "f":
+                    frac = block.data != np.floor(block.data)
+                    plan.non_integer += int(frac.sum())
+                    if plan.non_integer and block.data.size and block.data.max() > _LOGNORM_MAX:
+                        plan.kind = "noninteger_counts"
+                keep = _cell_mask(block, config)
+                plan.n_kept += int(keep.sum())
+                exps = plan.experiment(a, b)[keep]
+                for e in exps:
+                    if e is None:
+                        raise InputError(
+                            f"{src.path}: obs column {config.experiment_key!r} has missing values"
+                        )
+                # Track whether each experiment's rows form one contiguous run.
+                if len(exps):
+                    runs = exps[np.r_[True, exps[1:] != exps[:-1]]]
+                    for e in runs:
+                        e = str(e)
+                        if e != current:
+                            if e in finished:
+                                grouped = False
+                            if current is not None:
+                                finished.add(current)
+                            current = e
+                        experiments[e] = experiments.get(e, 0)
+                    uniq, counts = np.unique(exps.astype(str), return_counts=True)
+                    for e, c in zip(uniq, counts):
+                        experiments[str(e)] += int(c)
+                if plan.label is not None:
+                    for lab in pd.unique(plan.label(a, b)[keep]):
+                        if lab is not None and str(lab) not in ("", "nan"):
+                            cell_types[str(lab)] = None
+                kept = block[keep]
+                cols = plan.gene_map[kept.indices[kept.data > 0]]
+                n_cells_per_gene += np.bincount(cols[cols >= 0], minlength=n_out)
+                bar.update(1)
+            if plan.non_integer and plan.kind == "counts":
+                plan.kind = "lognorm"
+            if plan.n_kept == 0:
+                raise InputError(
+                    f"{src.path}: no cell passes the filters (min_counts={config.min_counts}, "
+                    f"min_genes={config.min_genes})"
+                )
+    kinds = {p.kind for p in plans}
+    if "lognorm" in kinds and len(kinds) > 1:
+        bad = [p.source.name for p in plans if p.kind == "lognorm"]
+        raise InputError(
+            f"{bad[0]}: holds log-normalised values while other inputs hold counts; "
+            "ingest raw counts (or pass --layer with the counts layer)"
+        )
+    input_kind = "lognorm" if kinds == {"lognorm"} else "counts"
+    for p in plans:
+        if p.kind == "lognorm":
+            logger.warning("%s: values are not integers and look log-normalised; recorded as lognorm", p.source.name)
+        elif p.kind == "noninteger_counts":
+            logger.warning("%s: %d non-integer counts (expected counts?); treated as counts", p.source.name, p.non_integer)
+
+    gene_keep = n_cells_per_gene >= max(config.min_cells, 1)
+    if not gene_keep.any():
+        raise InputError(f"no gene is expressed in at least {config.min_cells} cells (--min-cells)")
+    new_index = np.cumsum(gene_keep) - 1
+    out_genes = genes[gene_keep]
+    for p in plans:
+        mapped = p.gene_map.copy()
+        ok = mapped >= 0
+        mapped[ok] = np.where(gene_keep[mapped[ok]], new_index[mapped[ok]], -1)
+        p.gene_map = mapped
+    exp_names = list(experiments)
+    exp_code = {e: i for i, e in enumerate(exp_names)}
+    type_names = sorted(cell_types)
+    type_code = {t: i for i, t in enumerate(type_names)}
+    n_total = sum(experiments.values())
+    nnz_total = int(n_cells_per_gene[gene_keep].sum())
+    layout = config.layout
+    nnz_per_chunk = int(max(4096, round(layout.rows_per_chunk * nnz_total / max(n_total, 1))))
+    logger.info(
+        "%d cells (of %d), %d genes (of %d), %d experiments, %d cell types, %.0f non-zeros per cell",
+        n_total, sum(p.source.shape[0] for p in plans), len(out_genes), n_out,
+        len(exp_names), len(type_names), nnz_total / max(n_total, 1),
+    )
+
+    # ---- pass 2: write --------------------------------------------------------------------
+    import zarr
+
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        root = init_anndata_root(tmp, zarr_format=layout.zarr_format)
+        sink = _RowSink(root, n_genes=len(out_genes), nnz_per_chunk=nnz_per_chunk, layout=layout)
+        spool_dir = tmp.parent / f"{tmp.name}.spool"
+        spools: dict[int, tuple] = {}
+        if not grouped:
+            logger.info("experiments are interleaved in the inputs; spooling per experiment")
+        moments = MomentAccumulator()
+        try:
+            with tqdm(total=total_blocks, desc="ingest 2/2 (write)", unit="block", disable=None) as bar:
+                for plan in plans:
+                    src = plan.source
+                    for a, b in src.row_blocks():
+                        raw = src.read(a, b)
+                        keep = _cell_mask(raw, config)
+                        block = raw[keep].tocoo()
+                        cols = plan.gene_map[block.col]
+                        ok = (cols >= 0) & (block.data != 0)
+                        block = sp.csr_matrix(
+                            (block.data[ok].astype(np.float32), (block.row[ok], cols[ok])),
+                            shape=(int(keep.sum()), len(out_genes)),
+                        )
+                        block.sum_duplicates()
+                        block.sort_indices()
+                        if block.shape[0] == 0:
+                            bar.update(1)
+                            continue
+                        exps = plan.experiment(a, b)[keep]
+                        codes = np.fromiter((exp_code[str(e)] for e in exps), np.int32, len(exps))
+                        if plan.label is not None:
+                            labs = plan.label(a, b)[keep]
+                            lcodes = np.fromiter(
+                                (type_code.get(str(l), -1) if l is not None else -1 for l in labs),
+                                np.int32, len(labs),
+                            )
+                        else:
+                            lcodes = np.full(block.shape[0], -1, np.int32)
+                        obs = {
+                            "experiment": codes,
+                            "cell_type": lcodes,
+                            "n_counts": np.asarray(block.sum(axis=1), dtype=np.float64).ravel(),
+                            "n_genes": np.diff(block.indptr).astype(np.int32),
+                        }
+                        moments.add(block_moments(block, kind=input_kind))
+                        names = src.obs_names(a, b)[keep]
+                        if grouped:
+                            sink.append(block, names, obs)
+                        else:
+                            for c in np.unique(codes):
+                                sel = codes == c
+                                if c not in spools:
+                                    g = zarr.open_group(spool_dir / str(c), mode="w", zarr_format=3)
+                                    spools[c] = (g, _RowSink(g, n_genes=len(out_genes), nnz_per_chunk=nnz_per_chunk, layout=StoreLayout(rows_per_chunk=layout.rows_per_chunk, compression_level=1)))
+                                spools[c][1].append(block[sel], names[sel], {k: v[sel] for k, v in obs.items()})
+                        bar.update(1)
+            if not grouped:
+                for c in range(len(exp_names)):
+                    spool = spools[c][1]
+                    spool.close()
+                    _replay(spool, sink, 8192)
+        finally:
+            shutil.rmtree(spool_dir, ignore_errors=True)
+        sink.close()
+        sink.finish_obs({"experiment": exp_names, "cell_type": type_names})
+        stats = moments.result()
+        _write_var_and_uns(
+            root, out_genes, stats, plans, exp_names, experiments, input_kind, config
+        )
+        stamp_spec(root)
+    logger.info("wrote %s", output)
+    return output
+
+
+def _write_var_and_uns(root, genes, stats, plans, exp_names, experiments, input_kind, config) -> None:
+    from anndata.io import write_elem
+
+    var = pd.DataFrame(
+        {"n_cells": stats.n_cells.astype(np.int64), "mean": stats.mean, "std": stats.std},
+        index=pd.Index(genes, name=None).astype(str),
+    )
+    write_elem(root, "var", var)
+    counts = np.array([experiments[e] for e in exp_names], dtype=np.int64)
+    stops = np.cumsum(counts)
+    ranges = np.stack([stops - counts, stops], axis=1)
+    meta = {
+        "encoding-type": SPEC_TYPE,
+        "encoding-version": SPEC_VERSION,
+        "experiment_names": np.asarray(exp_names, dtype=object),
+        "experiment_ranges": ranges,
+        "input_kind": input_kind,
+        "rows_per_chunk": int(config.layout.rows_per_chunk),
+        "sources": {
+            "name": np.asarray([p.source.name for p in plans], dtype=object),
+            "size": np.asarray([p.source.path.stat().st_size for p in plans], dtype=np.int64),
+            "sha256": np.asarray([_sha256(p.source.path) for p in plans], dtype=object),
+            "kind": np.asarray([p.kind for p in plans], dtype=object),
+        },
+        "preprocessing": {
+            "target_sum": 1e4,
+            "log1p": True,
+            "max_value": 10.0,
+            "min_counts": float(config.min_counts),
+            "min_genes": int(config.min_genes),
+            "min_cells": int(config.min_cells),
+            "genes": config.genes,
+            "experiment_key": config.experiment_key or "",
+            "label_key": config.label_key or "",
+            "gene_key": config.gene_key or "",
+            "layer": config.layer or "",
+        },
+    }
+    write_elem(root, "uns", {"mars_scale": meta})

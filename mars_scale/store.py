@@ -1,0 +1,597 @@
+"""The on-disk atlas store: an anndata-compatible zarr group, versioned, written atomically.
+
+Layout (see ``docs/store.md``)::
+
+    atlas.zarr/                 root attrs: anndata's own + "mars-scale" {encoding-type, -version}
+      X/                        csr_matrix: data float32, indices int32, indptr int64 (raw counts)
+      obs/                      experiment (categorical), cell_type (categorical, NaN = unannotated),
+                                n_counts, n_genes, and result columns mars_*
+      var/                      n_cells, mean, std (of log1p-normalised values, target sum 1e4)
+      obsm/ varm/ obsp/ varp/ layers/
+      uns/mars_scale/           spec version, experiment names and row ranges, sources, input kind,
+                                preprocessing parameters
+
+Cells are stored grouped by experiment: experiment ``e`` owns the rows
+``experiment_ranges[e] = (start, stop)``.
+
+This module imports nothing else from mars_scale except the errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+from mars_scale.errors import StoreError
+
+__all__ = [
+    "SPEC_TYPE",
+    "SPEC_VERSION",
+    "StoreLayout",
+    "Atlas",
+    "open_store",
+    "atomic_directory",
+    "store_lock",
+]
+
+logger = logging.getLogger(__name__)
+
+SPEC_TYPE = "mars-scale-atlas"
+SPEC_VERSION = "0.1.0"
+_SPEC_ATTR = "mars-scale"
+_ANNDATA_GROUPS = ("obsm", "varm", "obsp", "varp", "layers")
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """How X is chunked on disk.
+
+    Parameters
+    ----------
+    rows_per_chunk
+        Target number of cells per chunk of ``X/data`` and ``X/indices``. The chunk length in
+        non-zeros is ``rows_per_chunk`` times the mean non-zeros per cell, so one chunk holds
+        about this many cells; the loader reads blocks of whole chunks.
+    zarr_format
+        3 (default: chunks grouped into shard files) or 2 (one file per chunk).
+    chunks_per_shard
+        Chunks per shard file (zarr format 3 only). Fewer, larger files suit cluster filesystems.
+    compression_level
+        Blosc lz4 level (0 disables compression).
+    """
+
+    rows_per_chunk: int = 1024
+    zarr_format: int = 3
+    chunks_per_shard: int = 32
+    compression_level: int = 3
+
+    def __post_init__(self) -> None:
+        if self.rows_per_chunk < 1:
+            raise ValueError(f"rows_per_chunk must be >= 1, got {self.rows_per_chunk}")
+        if self.zarr_format not in (2, 3):
+            raise ValueError(f"zarr_format must be 2 or 3, got {self.zarr_format}")
+        if self.chunks_per_shard < 1:
+            raise ValueError(f"chunks_per_shard must be >= 1, got {self.chunks_per_shard}")
+        if not 0 <= self.compression_level <= 9:
+            raise ValueError(f"compression_level must be in 0..9, got {self.compression_level}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes and locking
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a directory under a temporary sibling name and move it into place on success.
+
+    The caller writes into the yielded path. If the block raises (or the process is
+    interrupted), the temporary is removed and ``target`` is untouched. An existing target is
+    replaced only with ``overwrite=True``; it is moved aside first and deleted only after the new
+    directory is in place, so some complete version exists at every moment.
+
+    Raises
+    ------
+    StoreError
+        If ``target`` exists and ``overwrite`` is false.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise StoreError(f"{target}: already exists (pass --overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(f"{target}: appeared while writing (pass --overwrite to replace it)")
+        old = _sibling(target, "old")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def store_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive writer lock on a store (a lock file created with ``O_EXCL``).
+
+    Raises
+    ------
+    StoreError
+        If another process holds the lock.
+    """
+    lock = Path(path) / ".mars-scale.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        owner = lock.read_text(errors="replace").strip() if lock.exists() else "?"
+        raise StoreError(
+            f"{path}: another process (pid {owner}) is writing to this store; wait for it, "
+            f"or remove {lock.name} if that process is gone"
+        ) from None
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Replace a JSON file atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming writers
+
+
+def _compressors(layout: StoreLayout, zarr_format: int):
+    if layout.compression_level == 0:
+        return None
+    if zarr_format == 3:
+        from zarr.codecs import BloscCodec
+
+        return [BloscCodec(cname="lz4", clevel=layout.compression_level, shuffle="shuffle")]
+    from numcodecs import Blosc
+
+    return Blosc(cname="lz4", clevel=layout.compression_level, shuffle=Blosc.SHUFFLE)
+
+
+class AppendArray:
+    """A 1-D zarr array written by appends, in whole chunks.
+
+    Appends are buffered so every chunk (or shard) is written exactly once; memory is bounded
+    by one write unit.
+    """
+
+    def __init__(
+        self, group: zarr.Group, name: str, dtype, *, chunk: int, layout: StoreLayout
+    ) -> None:
+        fmt = group.metadata.zarr_format
+        self._unit = chunk * (layout.chunks_per_shard if fmt == 3 else 1)
+        kwargs: dict[str, Any] = {"chunks": (chunk,)}
+        if fmt == 3:
+            kwargs["shards"] = (self._unit,)
+        self.array = group.create_array(
+            name,
+            shape=(0,),
+            dtype=dtype,
+            compressors=_compressors(layout, fmt),
+            fill_value=0,
+            **kwargs,
+        )
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
+        self.size = 0  # elements written to disk
+        self.dtype = np.dtype(dtype)
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=self.dtype)
+        if values.size == 0:
+            return
+        self._pending.append(values)
+        self._n_pending += values.size
+        if self._n_pending >= self._unit:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        if self._n_pending == 0:
+            return
+        buf = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        n_write = buf.size if final else (buf.size // self._unit) * self._unit
+        if n_write:
+            self.array.resize((self.size + n_write,))
+            self.array[self.size : self.size + n_write] = buf[:n_write]
+            self.size += n_write
+        rest = buf[n_write:]
+        self._pending = [rest] if rest.size else []
+        self._n_pending = rest.size
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+
+class StringAppendArray:
+    """A 1-D variable-length string array written by appends (anndata ``string-array``)."""
+
+    def __init__(self, group: zarr.Group, name: str, *, chunk: int) -> None:
+        self._chunk = chunk
+        fmt = group.metadata.zarr_format
+        dtype = str if fmt == 3 else object
+        kwargs: dict[str, Any] = {}
+        if fmt == 2:
+            from numcodecs import VLenUTF8
+
+            kwargs["filters"] = [VLenUTF8()]
+        self.array = group.create_array(
+            name, shape=(0,), dtype=dtype, chunks=(chunk,), **kwargs
+        )
+        self.array.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+        self._pending: list[str] = []
+        self.size = 0
+
+    def append(self, values) -> None:
+        self._pending.extend(str(v) for v in values)
+        if len(self._pending) >= self._chunk:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        n = len(self._pending) if final else (len(self._pending) // self._chunk) * self._chunk
+        if n:
+            self.array.resize((self.size + n,))
+            self.array[self.size : self.size + n] = np.array(self._pending[:n], dtype=object)
+            self.size += n
+            del self._pending[:n]
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+
+class CSRWriter:
+    """Stream row blocks of a CSR matrix into an anndata ``csr_matrix`` group.
+
+    Parameters
+    ----------
+    group
+        Parent group; the matrix is written as ``group[name]``.
+    n_cols
+        Number of columns.
+    nnz_per_chunk
+        Chunk length of ``data`` and ``indices`` in non-zeros.
+    """
+
+    def __init__(
+        self,
+        group: zarr.Group,
+        name: str,
+        *,
+        n_cols: int,
+        nnz_per_chunk: int,
+        rows_per_chunk: int,
+        layout: StoreLayout,
+    ) -> None:
+        self.group = group.create_group(name)
+        self.n_cols = n_cols
+        self.data = AppendArray(self.group, "data", np.float32, chunk=nnz_per_chunk, layout=layout)
+        self.indices = AppendArray(
+            self.group, "indices", np.int32, chunk=nnz_per_chunk, layout=layout
+        )
+        self.indptr = AppendArray(
+            self.group, "indptr", np.int64, chunk=rows_per_chunk * 16, layout=layout
+        )
+        self.indptr.append(np.zeros(1, dtype=np.int64))
+        self.n_rows = 0
+        self.nnz = 0
+
+    def append(self, block: sp.csr_matrix) -> None:
+        """Append the rows of ``block`` (a CSR matrix with ``n_cols`` columns)."""
+        if block.shape[1] != self.n_cols:
+            raise ValueError(f"block has {block.shape[1]} columns, expected {self.n_cols}")
+        self.data.append(block.data)
+        self.indices.append(block.indices)
+        self.indptr.append(block.indptr[1:].astype(np.int64) + self.nnz)
+        self.nnz += int(block.indptr[-1])
+        self.n_rows += block.shape[0]
+
+    def close(self) -> None:
+        for arr in (self.data, self.indices, self.indptr):
+            arr.close()
+        self.group.attrs.update(
+            {
+                "encoding-type": "csr_matrix",
+                "encoding-version": "0.1.0",
+                "shape": [self.n_rows, self.n_cols],
+            }
+        )
+
+
+def _stamp_array(array: zarr.Array) -> None:
+    array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+
+
+def write_categorical(group: zarr.Group, name: str, codes: np.ndarray, categories) -> None:
+    """Write an anndata ``categorical`` element (codes, -1 = missing)."""
+    from anndata.io import write_elem
+
+    cat = group.create_group(name)
+    cat.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
+    write_elem(cat, "categories", np.asarray([str(c) for c in categories], dtype=object))
+    arr = cat.create_array("codes", shape=codes.shape, dtype=codes.dtype, chunks=(max(1, min(len(codes), 1 << 20)),))
+    if len(codes):
+        arr[:] = codes
+    _stamp_array(arr)
+
+
+def init_anndata_root(path: Path, *, zarr_format: int) -> zarr.Group:
+    """Create an empty anndata root group at ``path``."""
+    root = zarr.open_group(path, mode="w", zarr_format=zarr_format)
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    from anndata.io import write_elem
+
+    for key in _ANNDATA_GROUPS:
+        write_elem(root, key, {})
+    return root
+
+
+def stamp_spec(root: zarr.Group) -> None:
+    """Stamp the mars-scale spec version on the root group (beside anndata's attributes)."""
+    root.attrs[_SPEC_ATTR] = {"encoding-type": SPEC_TYPE, "encoding-version": SPEC_VERSION}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return -1
+
+
+class Atlas:
+    """An opened atlas store (read-only view). Use :func:`open_store`.
+
+    Attributes
+    ----------
+    path
+        The store directory.
+    n_cells, n_genes
+        Shape of X.
+    gene_ids
+        ``var_names`` in store order.
+    experiments
+        Experiment names in store order.
+    experiment_ranges
+        ``{name: (start, stop)}`` row ranges.
+    input_kind
+        ``"counts"`` or ``"lognorm"``.
+    """
+
+    def __init__(self, path: Path, root: zarr.Group, meta: dict) -> None:
+        self.path = path
+        self.root = root
+        self.meta = meta
+        x = root["X"]
+        self.n_cells, self.n_genes = (int(v) for v in x.attrs["shape"])
+        self.experiments: list[str] = [str(n) for n in meta["experiment_names"]]
+        ranges = np.asarray(meta["experiment_ranges"], dtype=np.int64).reshape(-1, 2)
+        self.experiment_ranges: dict[str, tuple[int, int]] = {
+            n: (int(a), int(b)) for n, (a, b) in zip(self.experiments, ranges)
+        }
+        self.input_kind: str = str(meta["input_kind"])
+        self.spec_version: str = str(meta["encoding-version"])
+        self.rows_per_chunk: int = int(meta.get("rows_per_chunk", 1024))
+
+    # -- small elements --------------------------------------------------------------------
+    def _read(self, key: str):
+        from anndata.io import read_elem
+
+        try:
+            return read_elem(self.root[key])
+        except KeyError:
+            raise StoreError(
+                f"{self.path}: {key} is missing (re-run \"mars-scale ingest\")"
+            ) from None
+        except Exception as exc:  # corrupt chunk or metadata
+            raise StoreError(f"{self.path}: cannot read {key} ({type(exc).__name__}: {exc})") from exc
+
+    @property
+    def gene_ids(self) -> pd.Index:
+        return pd.Index(self._read("var/_index"), name=None).astype(str)
+
+    def var_column(self, name: str) -> np.ndarray:
+        return np.asarray(self._read(f"var/{name}"))
+
+    def obs_column(self, name: str):
+        """Read one obs column (a categorical as a pandas Categorical)."""
+        return self._read(f"obs/{name}")
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return list(self.root["obs"].attrs.get("column-order", []))
+
+    def categorical_codes(self, name: str, start: int = 0, stop: int | None = None):
+        """Codes (int, -1 = missing) and categories of a categorical obs column, for a row range."""
+        try:
+            grp = self.root[f"obs/{name}"]
+            codes = np.asarray(grp["codes"][start:stop])
+        except KeyError:
+            raise StoreError(f"{self.path}: obs/{name} is missing") from None
+        categories = [str(c) for c in self._read(f"obs/{name}/categories")]
+        return codes, categories
+
+    @property
+    def cell_types(self) -> list[str]:
+        return self.categorical_codes("cell_type", 0, 0)[1]
+
+    def experiment_codes(self) -> np.ndarray:
+        """Experiment index of every cell, in store order (int32)."""
+        codes = np.empty(self.n_cells, dtype=np.int32)
+        for i, (a, b) in enumerate(self.experiment_ranges.values()):
+            codes[a:b] = i
+        return codes
+
+    # -- X --------------------------------------------------------------------------------
+    @property
+    def x_group(self) -> zarr.Group:
+        return self.root["X"]
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Raw values of rows ``start:stop`` as a CSR matrix (float32).
+
+        Raises
+        ------
+        StoreError
+            If a chunk is missing or corrupt; the message names the store and the rows.
+        """
+        x = self.root["X"]
+        try:
+            indptr = np.asarray(x["indptr"][start : stop + 1], dtype=np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            data = np.asarray(x["data"][lo:hi])
+            indices = np.asarray(x["indices"][lo:hi])
+        except Exception as exc:
+            raise StoreError(
+                f"{self.path}: X rows {start}:{stop} cannot be read "
+                f"({type(exc).__name__}: {exc}); the store is damaged, re-run \"mars-scale ingest\""
+            ) from exc
+        if data.shape[0] != hi - lo or indices.shape[0] != hi - lo:
+            raise StoreError(f"{self.path}: X rows {start}:{stop} are truncated; the store is damaged")
+        return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_genes))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.root["X"]["indptr"][self.n_cells])
+
+    def row_blocks(self, *, rows_per_block: int | None = None) -> list[tuple[int, int]]:
+        """Row ranges of about ``rows_per_block`` rows (default: one chunk) covering the store."""
+        step = rows_per_block or self.rows_per_chunk
+        return [(a, min(a + step, self.n_cells)) for a in range(0, self.n_cells, step)]
+
+    def summary(self) -> dict:
+        """Sizes, experiments (cells, annotated fraction, cell types) and storage facts."""
+        codes_all = self.root["obs/cell_type/codes"]
+        types = self.cell_types
+        experiments = []
+        for name, (a, b) in self.experiment_ranges.items():
+            counts = np.zeros(len(types) + 1, dtype=np.int64)
+            for lo in range(a, b, 1 << 20):
+                c = np.asarray(codes_all[lo : min(b, lo + (1 << 20))])
+                counts += np.bincount(c + 1, minlength=len(types) + 1)
+            n = b - a
+            experiments.append(
+                {
+                    "name": name,
+                    "n_cells": n,
+                    "annotated_fraction": float(1 - counts[0] / n) if n else 0.0,
+                    "cell_types": {t: int(k) for t, k in zip(types, counts[1:]) if k},
+                }
+            )
+        nnz = self.nnz
+        return {
+            "path": str(self.path),
+            "spec_version": self.spec_version,
+            "n_cells": self.n_cells,
+            "n_genes": self.n_genes,
+            "nnz": nnz,
+            "density": nnz / max(self.n_cells * self.n_genes, 1),
+            "input_kind": self.input_kind,
+            "size_bytes": size_on_disk(self.path),
+            "experiments": experiments,
+            "cell_types": types,
+            "zarr_format": int(self.root.metadata.zarr_format),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Atlas({str(self.path)!r}, n_cells={self.n_cells}, n_genes={self.n_genes}, "
+            f"experiments={len(self.experiments)}, spec={self.spec_version})"
+        )
+
+
+def _read_meta(path: Path, root: zarr.Group) -> dict:
+    from anndata.io import read_elem
+
+    try:
+        meta = read_elem(root["uns/mars_scale"])
+    except KeyError:
+        raise StoreError(f"{path}: uns/mars_scale is missing; not a mars-scale store") from None
+    except Exception as exc:
+        raise StoreError(f"{path}: uns/mars_scale cannot be read ({exc})") from exc
+    return meta
+
+
+def open_store(path: str | os.PathLike) -> Atlas:
+    """Open an atlas store for reading and check its spec version.
+
+    Raises
+    ------
+    StoreError
+        If the path does not exist, is not a mars-scale store, or has a spec version this
+        release cannot read (a newer major version asks to upgrade mars-scale).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such store")
+    try:
+        root = zarr.open_group(path, mode="r")
+    except Exception as exc:
+        raise StoreError(f"{path}: not a zarr store ({type(exc).__name__})") from exc
+    spec = root.attrs.get(_SPEC_ATTR)
+    if not isinstance(spec, dict) or spec.get("encoding-type") != SPEC_TYPE:
+        raise StoreError(f"{path}: not a mars-scale atlas (root attribute {_SPEC_ATTR!r} missing)")
+    version = str(spec.get("encoding-version", ""))
+    if _major(version) > _major(SPEC_VERSION):
+        raise StoreError(
+            f"{path}: store spec {version} is newer than this mars-scale reads ({SPEC_VERSION}); "
+            "upgrade mars_scale"
+        )
+    if _major(version) != _major(SPEC_VERSION):
+        raise StoreError(
+            f"{path}: store spec {version} is not supported (expected {SPEC_VERSION}); "
+            "re-run \"mars-scale ingest\""
+        )
+    for key in ("X", "obs", "var"):
+        if key not in root:
+            raise StoreError(f"{path}: {key} is missing (re-run \"mars-scale ingest\")")
+    meta = _read_meta(path, root)
+    return Atlas(path, root, meta)
+
+
+def size_on_disk(path: str | os.PathLike) -> int:
+    """Total bytes of the files under ``path``."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, f))
+    return total
