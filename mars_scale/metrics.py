@@ -1,4 +1,4 @@
-"""Clustering metrics on label arrays: Hungarian-matched accuracy, macro precision/recall/F1, NMI, AMI, ARI.
+"""Clustering metrics on label arrays: matched accuracy, macro precision/recall/F1, NMI, AMI, ARI.
 
 All functions take two label arrays of the same length, ``y_true`` (ground truth) and ``y_pred``
 (discovered clusters). Labels may be any hashable values (integers, strings, mixed objects):

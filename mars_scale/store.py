@@ -244,16 +244,7 @@ class StringAppendArray:
 
     def __init__(self, group: zarr.Group, name: str, *, chunk: int) -> None:
         self._chunk = chunk
-        fmt = group.metadata.zarr_format
-        dtype = str if fmt == 3 else object
-        kwargs: dict[str, Any] = {}
-        if fmt == 2:
-            from numcodecs import VLenUTF8
-
-            kwargs["filters"] = [VLenUTF8()]
-        self.array = group.create_array(
-            name, shape=(0,), dtype=dtype, chunks=(chunk,), **kwargs
-        )
+        self.array = group.create_array(name, shape=(0,), dtype=str, chunks=(chunk,))
         self.array.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
         self._pending: list[str] = []
         self.size = 0
@@ -370,11 +361,13 @@ def stamp_spec(root: zarr.Group) -> None:
 # Reading
 
 
-def _major(version: str) -> int:
+def _compat_key(version: str) -> tuple[int, ...]:
+    """The part of a spec version that must match: major, and minor while major is 0."""
     try:
-        return int(str(version).split(".")[0])
+        major, minor = (int(p) for p in str(version).split(".")[:2])
     except ValueError:
-        return -1
+        return (-1,)
+    return (major,) if major >= 1 else (0, minor)
 
 
 class Atlas:
@@ -570,12 +563,12 @@ def open_store(path: str | os.PathLike) -> Atlas:
     if not isinstance(spec, dict) or spec.get("encoding-type") != SPEC_TYPE:
         raise StoreError(f"{path}: not a mars-scale atlas (root attribute {_SPEC_ATTR!r} missing)")
     version = str(spec.get("encoding-version", ""))
-    if _major(version) > _major(SPEC_VERSION):
+    if _compat_key(version) > _compat_key(SPEC_VERSION):
         raise StoreError(
             f"{path}: store spec {version} is newer than this mars-scale reads ({SPEC_VERSION}); "
             "upgrade mars_scale"
         )
-    if _major(version) != _major(SPEC_VERSION):
+    if _compat_key(version) != _compat_key(SPEC_VERSION):
         raise StoreError(
             f"{path}: store spec {version} is not supported (expected {SPEC_VERSION}); "
             "re-run \"mars-scale ingest\""

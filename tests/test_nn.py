@@ -111,8 +111,14 @@ def _csr(x: sp.csr_matrix, dtype=torch.float32, index_dtype=torch.int32) -> torc
 
 def _layer(case, dtype) -> SparseScaledLinear:
     layer = SparseScaledLinear(
-        case["x"].shape[1], N_OUT, mean=case["mean"], std=case["std"], max_value=10.0, rng=0
-    ).to(dtype)
+        case["x"].shape[1],
+        N_OUT,
+        mean=case["mean"],
+        std=case["std"],
+        max_value=10.0,
+        rng=0,
+        dtype=dtype,
+    )
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(case["w"].T))
         layer.bias.copy_(torch.from_numpy(case["b"]))
@@ -168,6 +174,44 @@ def test_sparse_scaled_linear_weight_gradient_matches_dense(case):
     np.testing.assert_allclose(layer.bias.grad.numpy(), b.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
+def _csc(x: sp.csr_matrix, dtype=torch.float64) -> torch.Tensor:
+    c = x.tocsc()
+    return torch.sparse_csc_tensor(
+        torch.from_numpy(c.indptr).long(),
+        torch.from_numpy(c.indices).long(),
+        torch.from_numpy(c.data).to(dtype),
+        size=c.shape,
+    )
+
+
+def test_sparse_scaled_linear_column_gradient_matches_dense(case):
+    """With a CSC copy, the weight gradient comes from a column-wise embedding_bag."""
+    layer = _layer(case, torch.float64)
+    x = case["x"]
+    cotangent = torch.from_numpy(np.random.default_rng(2).normal(size=(x.shape[0], N_OUT)))
+    out = layer(_csr(x, torch.float64), x_csc=_csc(x))
+    assert out.grad_fn is not None
+    (out * cotangent).sum().backward()
+
+    w = torch.from_numpy(case["w"]).requires_grad_()
+    b = torch.from_numpy(case["b"]).requires_grad_()
+    reference = torch.from_numpy(case["scaled"]) @ w.T + b
+    (reference * cotangent).sum().backward()
+
+    np.testing.assert_allclose(out.detach().numpy(), reference.detach().numpy(), atol=1e-10)
+    np.testing.assert_allclose(layer.weight.grad.numpy(), w.grad.numpy().T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layer.bias.grad.numpy(), b.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_scaled_linear_rejects_mismatched_csc_copy():
+    x = sp.random(5, 6, density=0.4, random_state=0, format="csr")
+    layer = SparseScaledLinear(6, 2, mean=np.zeros(6), std=np.ones(6), rng=0, dtype=torch.float64)
+    with pytest.raises(InputError, match="x_csc must hold the same batch"):
+        layer(_csr(x, torch.float64), x_csc=_csc(x[:4]))
+    with pytest.raises(InputError, match="sparse_csc_tensor"):
+        layer(_csr(x, torch.float64), x_csc=_csr(x, torch.float64))
+
+
 def test_sparse_scaled_linear_dense_and_coo_input_agree(case):
     layer = _layer(case, torch.float64)
     x = case["x"][:50]
@@ -185,8 +229,8 @@ def test_sparse_scaled_linear_empty_rows():
         )
     )
     layer = SparseScaledLinear(
-        3, 4, mean=[0.5, 1.0, 0.2], std=[0.5, 0.0, 0.1], rng=3
-    ).double()
+        3, 4, mean=[0.5, 1.0, 0.2], std=[0.5, 0.0, 0.1], rng=3, dtype=torch.float64
+    )
     out = layer(_csr(x, torch.float64))
     torch.testing.assert_close(out, layer(torch.from_numpy(x.toarray())))
     zero_row = layer.bias + layer.zero_value @ layer.weight
@@ -225,7 +269,7 @@ def test_normalize_then_layer_end_to_end():
     mean, std = dense.mean(axis=0), dense.std(axis=0)
     data = normalize_log1p(counts.indptr, counts.indices, counts.data, dtype=np.float64)
     x = sp.csr_matrix((data, counts.indices, counts.indptr), shape=counts.shape)
-    layer = SparseScaledLinear(x.shape[1], 8, mean=mean, std=std, rng=5).double()
+    layer = SparseScaledLinear(x.shape[1], 8, mean=mean, std=std, rng=5, dtype=torch.float64)
     scaled = np.clip((dense - mean) / np.where(std == 0, 1, std), -10, 10)
     w = layer.weight.detach().numpy()
     reference = scaled @ w + layer.bias.detach().numpy()
@@ -255,7 +299,8 @@ def test_dense_scaled_target_zeros_give_zero_value():
     params = fold_scaling([2.0, 50.0], [1.0, 1.0], max_value=10.0)
     x = sp.csr_matrix(np.array([[0.0, 0.0], [3.0, 0.0]]))
     got = dense_scaled_target(_csr(x, torch.float64), params)
-    torch.testing.assert_close(got, torch.tensor([[-2.0, -10.0], [1.0, -10.0]], dtype=torch.float64))
+    expected = torch.tensor([[-2.0, -10.0], [1.0, -10.0]], dtype=torch.float64)
+    torch.testing.assert_close(got, expected)
     with pytest.raises(InputError, match="params"):
         dense_scaled_target(_csr(x), object())
 
@@ -327,6 +372,12 @@ def test_autoencoder_forward_backward_and_target():
     )
     loss = torch.nn.functional.mse_loss(reconstruction, target)
     loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    _, reconstruction_csc = model(batch, x_csc=_csc(x[:64], torch.float32))
+    torch.nn.functional.mse_loss(reconstruction_csc, target).backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name], rtol=1e-4, atol=1e-6)
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None, name
         assert torch.isfinite(parameter.grad).all(), name

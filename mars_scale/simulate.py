@@ -1,0 +1,1057 @@
+"""Streaming synthetic single-cell atlases with known cell types and batch effects.
+
+The generator draws raw UMI-like counts for millions of cells without ever holding more than
+one block of cells in memory, and writes them as valid AnnData ``.h5ad`` files with h5py.
+It is shared by ``mars-scale simulate``, ``tools/make_synthetic.py``, the tests and the
+benchmarks.
+
+Generative model
+----------------
+For cell *i* of type *t* in experiment *e* and gene *g*::
+
+    x_ig ~ NegativeBinomial(mean = L_i * q_teg, inverse dispersion = theta_g)
+    q_teg = softmax_g(b_g + f_tg + d_eg)
+    log L_i ~ Normal(log L0 + s_e + a_t, library_size_sd)
+
+- ``b_g`` is a log-normal baseline (standard deviation ``1.8`` on the log scale), so that a
+  few genes take a large share of the counts and most are rarely detected, as in droplet data.
+- ``f_tg`` is the cell-type programme. A fraction ``programme_gene_fraction`` of the genes
+  are programme genes. The types are grouped into about ``sqrt(n_cell_types)`` lineages; each
+  lineage up-regulates 10 % of the programme genes, and each type up-regulates another 10 %
+  and down-regulates 5 %, with log fold-changes drawn around ``log(fold_change)``. Types of one
+  lineage therefore share markers and are harder to tell apart than types of different lineages.
+- ``d_eg ~ Normal(0, batch_effect_strength)`` is a per-experiment, per-gene batch factor and
+  ``s_e ~ Normal(0, batch_effect_strength)`` a per-experiment library-size shift; ``a_t`` is a
+  small per-type library-size offset (standard deviation ``0.2``).
+- ``theta_g`` is log-normal around ``inverse_dispersion`` (standard deviation ``0.5``).
+- ``L0`` is solved numerically so that the expected number of non-zeros per cell equals
+  ``mean_nnz_per_cell`` (by default ``1000 * sqrt(n_genes / 20000)``, capped at half the genes:
+  1,000 non-zeros (5 %) at 20,000 genes and about 316 (16 %) at 2,000 genes).
+
+A fraction ``restricted_type_fraction`` of the cell types (never all of them) is present in a
+random non-empty proper subset of the experiments only, so that discovering types unseen in the
+annotated experiments can be tested. :attr:`Simulator.presence` records which.
+
+Sampling
+--------
+Counts are drawn sparsely and exactly: for each (cell type, library-size bin) and gene, the cells
+that get a non-zero count are proposed by a Poisson process whose rate bounds the negative
+binomial's probability of a non-zero (or every cell is proposed where that probability is high),
+the proposals are thinned to the exact probability of each cell, and the non-zero values come
+from the zero-truncated negative binomial. The work grows with the number of non-zeros, not with
+cells x genes.
+
+Determinism
+-----------
+All model parameters come from ``SeedSequence(seed, spawn_key=(0,))``. Cells are generated in
+fixed tiles of :attr:`Simulator.tile_cells` rows within each experiment, and tile *k* of
+experiment *e* uses its own generator ``SeedSequence(seed, spawn_key=(1, e, k))``. The output
+therefore depends only on the :class:`SimulationConfig`: it is the same for any
+``rows_per_block``, any layout and any subset of experiments (up to the numpy version).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.optimize
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from mars_scale.errors import ConfigError, InputError
+
+__all__ = [
+    "SimulationConfig",
+    "SimulatedBlock",
+    "Simulator",
+    "simulate_anndata",
+    "write_h5ad",
+    "write_h5ad_per_experiment",
+]
+
+logger = logging.getLogger(__name__)
+
+# Fixed constants of the generative model (changing one changes every simulated atlas).
+_GENE_LOG_SD = 1.8
+_DISPERSION_LOG_SD = 0.5
+_TYPE_LIBRARY_SD = 0.2
+_FOLD_CHANGE_LOG_SD = 0.3
+_LINEAGE_UP_FRACTION = 0.10
+_TYPE_UP_FRACTION = 0.10
+_TYPE_DOWN_FRACTION = 0.05
+_COMPOSITION_SD = 0.5
+_EXPERIMENT_COMPOSITION_SD = 0.3
+_REFERENCE_GENES = 20_000
+_REFERENCE_NNZ = 1_000.0
+# Sampling constants (they change the random stream, not the distribution).
+_BUCKET_WIDTH = 0.2  # width of a library-size bin on the natural-log scale
+_DENSE_RATE = 1.0  # above this proposal rate every cell of the bin is proposed
+_TILE_NNZ = 2_000_000  # target non-zeros per generation tile
+_PAIR_CHUNK = 2_000_000  # (bin, gene) pairs handled at once
+_ZTNB_REJECTION_MEAN = 4.0  # zero-truncated NB by rejection above this mean
+_QUADRATURE_NODES = 9
+_CALIBRATION_COMBOS = 64
+
+_STREAM_MODEL = 0
+_STREAM_CELLS = 1
+
+_LAYOUTS = ("csr", "csc", "dense")
+_DTYPES = ("float32", "float64", "int32", "int64")
+_COMPRESSIONS = (None, "gzip", "lzf")
+_CSC_MAX_NNZ = 100_000_000
+_H5_CHUNK = 1 << 18
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"SimulationConfig.{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ConfigError(f"SimulationConfig.{name} must be at least {minimum}, got {value}.")
+
+
+def _require_float(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                   high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"SimulationConfig.{name} must be a finite number, got {value!r}.")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ConfigError(
+            f"SimulationConfig.{name} must be in {left}{low:g}, {high:g}{right}, got {value!r}."
+        )
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Parameters of a synthetic atlas.
+
+    Parameters
+    ----------
+    n_cells
+        Number of cells, split as evenly as possible over the experiments.
+    n_genes
+        Number of genes.
+    n_experiments
+        Number of experiments (batches); cells are stored grouped by experiment.
+    n_cell_types
+        Number of cell types.
+    seed
+        Non-negative seed; the whole atlas is a function of the configuration.
+    mean_nnz_per_cell
+        Target mean number of non-zero counts per cell; ``None`` means
+        ``1000 * sqrt(n_genes / 20000)`` capped at ``n_genes / 2``. At most ``n_genes / 2``.
+    library_size_sd
+        Standard deviation of the log library size within one cell type and experiment.
+    inverse_dispersion
+        Typical negative-binomial inverse dispersion ``theta`` (variance ``mu + mu**2/theta``).
+    programme_gene_fraction
+        Fraction of the genes that cell-type programmes may up- or down-regulate.
+    fold_change
+        Typical fold change of a programme gene (at least 1).
+    batch_effect_strength
+        Standard deviation of the per-experiment log gene factors and log library shift.
+    restricted_type_fraction
+        Fraction of cell types present in only some experiments, in ``[0, 1)``; ignored with a
+        single experiment.
+
+    Raises
+    ------
+    ConfigError
+        If a field is out of range; the message names the field.
+    """
+
+    n_cells: int = 10_000
+    n_genes: int = 20_000
+    n_experiments: int = 4
+    n_cell_types: int = 10
+    seed: int = 0
+    mean_nnz_per_cell: float | None = None
+    library_size_sd: float = 0.5
+    inverse_dispersion: float = 5.0
+    programme_gene_fraction: float = 0.1
+    fold_change: float = 4.0
+    batch_effect_strength: float = 0.3
+    restricted_type_fraction: float = 0.3
+
+    def __post_init__(self) -> None:
+        _require_int("n_cells", self.n_cells, 1)
+        _require_int("n_genes", self.n_genes, 2)
+        _require_int("n_experiments", self.n_experiments, 1)
+        _require_int("n_cell_types", self.n_cell_types, 1)
+        _require_int("seed", self.seed, 0)
+        if self.n_experiments > self.n_cells:
+            raise ConfigError(
+                f"SimulationConfig.n_experiments ({self.n_experiments}) must not exceed "
+                f"n_cells ({self.n_cells})."
+            )
+        if self.mean_nnz_per_cell is not None:
+            _require_float("mean_nnz_per_cell", self.mean_nnz_per_cell, 0.0,
+                           self.n_genes / 2, low_open=True)
+        _require_float("library_size_sd", self.library_size_sd, 0.0, 2.0)
+        _require_float("inverse_dispersion", self.inverse_dispersion, 0.0, 1e6, low_open=True)
+        _require_float("programme_gene_fraction", self.programme_gene_fraction, 0.0, 1.0)
+        _require_float("fold_change", self.fold_change, 1.0, 1e3)
+        _require_float("batch_effect_strength", self.batch_effect_strength, 0.0, 3.0)
+        _require_float("restricted_type_fraction", self.restricted_type_fraction, 0.0, 1.0,
+                       high_open=True)
+
+    @property
+    def target_nnz_per_cell(self) -> float:
+        """The mean number of non-zeros per cell aimed at (``mean_nnz_per_cell`` resolved)."""
+        if self.mean_nnz_per_cell is not None:
+            return float(self.mean_nnz_per_cell)
+        return min(_REFERENCE_NNZ * math.sqrt(self.n_genes / _REFERENCE_GENES), self.n_genes / 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain dict (``mean_nnz_per_cell`` resolved)."""
+        out = dataclasses.asdict(self)
+        out["mean_nnz_per_cell"] = self.target_nnz_per_cell
+        return out
+
+
+@dataclass(frozen=True)
+class SimulatedBlock:
+    """A block of consecutive simulated cells, all from one experiment.
+
+    Attributes
+    ----------
+    start
+        Global row index of the first cell.
+    experiment
+        Index of the experiment the cells belong to.
+    counts
+        Raw counts, ``(n_rows, n_genes)`` CSR with int32 values and sorted indices.
+    cell_type
+        Cell-type index of each row (int32).
+    library_size
+        Expected library size ``L_i`` of each row.
+    """
+
+    start: int
+    experiment: int
+    counts: sp.csr_matrix
+    cell_type: np.ndarray
+    library_size: np.ndarray
+
+    @property
+    def stop(self) -> int:
+        """Global row index one past the last cell."""
+        return self.start + self.counts.shape[0]
+
+
+def _names(prefix: str, n: int, *, width: int = 2) -> np.ndarray:
+    width = max(width, len(str(n - 1)))
+    return np.array([f"{prefix}{i:0{width}d}" for i in range(n)], dtype=object)
+
+
+class Simulator:
+    """Draws the model of a :class:`SimulationConfig` and streams its cells.
+
+    Building a simulator draws the gene, programme, batch and composition parameters and
+    solves for the library-size scale; it costs ``O(n_cell_types * n_experiments * n_genes)``
+    and does not depend on ``n_cells``.
+
+    Parameters
+    ----------
+    config
+        The atlas to simulate.
+
+    Attributes
+    ----------
+    config : SimulationConfig
+    experiments : numpy.ndarray
+        Experiment names (``exp00``, ...).
+    cell_types : numpy.ndarray
+        Cell-type names (``type00``, ...).
+    gene_ids : numpy.ndarray
+        Gene ids (``gene00000``, ...).
+    presence : numpy.ndarray
+        Boolean ``(n_experiments, n_cell_types)``: whether a type can occur in an experiment.
+    composition : numpy.ndarray
+        ``(n_experiments, n_cell_types)`` expected cell-type proportions per experiment.
+    experiment_offsets : numpy.ndarray
+        ``n_experiments + 1`` row offsets; experiment *e* holds rows
+        ``experiment_offsets[e]:experiment_offsets[e + 1]``.
+    lineage : numpy.ndarray
+        Lineage index of each cell type.
+    programme_genes : numpy.ndarray
+        Sorted indices of the programme genes.
+    library_scale : float
+        The solved ``L0``.
+    tile_cells : int
+        Rows per generation tile (fixed by the configuration).
+    """
+
+    def __init__(self, config: SimulationConfig) -> None:
+        if not isinstance(config, SimulationConfig):
+            raise InputError(f"config must be a SimulationConfig, got {type(config).__name__}.")
+        started = time.perf_counter()
+        self.config = config
+        n_t, n_e, n_g = config.n_cell_types, config.n_experiments, config.n_genes
+        rng = np.random.default_rng(np.random.SeedSequence(config.seed,
+                                                           spawn_key=(_STREAM_MODEL,)))
+        self.experiments = _names("exp", n_e)
+        self.cell_types = _names("type", n_t)
+        self.gene_ids = _names("gene", n_g, width=5)
+        sizes = np.full(n_e, config.n_cells // n_e, dtype=np.int64)
+        sizes[: config.n_cells % n_e] += 1
+        self.experiment_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+        # Genes: baseline expression and dispersion.
+        self._log_base = rng.normal(0.0, _GENE_LOG_SD, n_g)
+        self._theta = config.inverse_dispersion * np.exp(rng.normal(0.0, _DISPERSION_LOG_SD, n_g))
+
+        # Cell-type programmes, grouped in lineages.
+        n_prog = int(round(config.programme_gene_fraction * n_g))
+        programme = np.sort(rng.choice(n_g, size=n_prog, replace=False))
+        self.programme_genes = programme
+        n_lineages = max(1, int(round(math.sqrt(n_t))))
+        self.lineage = rng.permutation(np.arange(n_t) % n_lineages)
+        logfc = np.zeros((n_t, n_g))
+        log_fc = math.log(config.fold_change)
+
+        def effects(size: int) -> np.ndarray:
+            return np.maximum(rng.normal(log_fc, _FOLD_CHANGE_LOG_SD, size), 0.0)
+
+        if n_prog:
+            n_lin_up = int(round(_LINEAGE_UP_FRACTION * n_prog)) if n_lineages > 1 else 0
+            n_up = max(1, int(round(_TYPE_UP_FRACTION * n_prog)))
+            n_down = min(int(round(_TYPE_DOWN_FRACTION * n_prog)), n_prog - n_up)
+            for lin in range(n_lineages):
+                genes = rng.choice(programme, size=n_lin_up, replace=False)
+                logfc[np.ix_(self.lineage == lin, genes)] += effects(n_lin_up)
+            for t in range(n_t):
+                chosen = rng.permutation(programme)[: n_up + n_down]
+                logfc[t, chosen[:n_up]] += effects(n_up)
+                logfc[t, chosen[n_up:]] -= effects(n_down)
+        self._logfc = logfc
+
+        # Batch effects.
+        strength = config.batch_effect_strength
+        self._batch = rng.normal(0.0, strength, (n_e, n_g))
+        self._library_shift = rng.normal(0.0, strength, n_e)
+        self._type_library = rng.normal(0.0, _TYPE_LIBRARY_SD, n_t)
+
+        # Which types occur where, and how often.
+        presence = np.ones((n_e, n_t), dtype=bool)
+        if n_e > 1:
+            n_restricted = min(n_t - 1, int(round(config.restricted_type_fraction * n_t)))
+            for t in np.sort(rng.choice(n_t, size=n_restricted, replace=False)):
+                k = int(rng.integers(1, n_e))
+                presence[:, t] = False
+                presence[rng.choice(n_e, size=k, replace=False), t] = True
+        self.presence = presence
+        weights = np.exp(rng.normal(0.0, _COMPOSITION_SD, n_t))
+        composition = weights * np.exp(rng.normal(0.0, _EXPERIMENT_COMPOSITION_SD, (n_e, n_t)))
+        composition *= presence
+        self.composition = composition / composition.sum(axis=1, keepdims=True)
+
+        self._profile_cache: tuple[int, np.ndarray] | None = None
+        target = config.target_nnz_per_cell
+        self.tile_cells = int(min(8192, max(256, 2 ** round(math.log2(_TILE_NNZ / target)))))
+        self.library_scale = self._calibrate(target, rng)
+        logger.info(
+            "simulation model: %d cells x %d genes, %d experiments, %d cell types (%d restricted),"
+            " target %.0f non-zeros per cell, library scale %.0f, built in %.2f s",
+            config.n_cells, n_g, n_e, n_t, int((~presence).any(axis=0).sum()), target,
+            self.library_scale, time.perf_counter() - started,
+        )
+
+    # ------------------------------------------------------------------ model pieces
+    def _profiles(self, experiment: int) -> np.ndarray:
+        """Expression proportions ``q[t, g]`` of one experiment (rows sum to 1)."""
+        if self._profile_cache is not None and self._profile_cache[0] == experiment:
+            return self._profile_cache[1]
+        log_q = self._log_base + self._logfc + self._batch[experiment]
+        log_q -= log_q.max(axis=1, keepdims=True)
+        q = np.exp(log_q)
+        q /= q.sum(axis=1, keepdims=True)
+        self._profile_cache = (experiment, q)
+        return q
+
+    def _calibrate(self, target: float, rng: np.random.Generator) -> float:
+        """Solve for ``L0`` so that the expected non-zeros per cell equals ``target``."""
+        cell_share = np.diff(self.experiment_offsets) / self.config.n_cells
+        weight = cell_share[:, None] * self.composition  # (E, T), sums to 1
+        combos = np.argwhere(weight > 0)
+        combo_weight = weight[weight > 0]
+        if len(combos) > _CALIBRATION_COMBOS:
+            pick = rng.choice(len(combos), size=_CALIBRATION_COMBOS, replace=True,
+                              p=combo_weight / combo_weight.sum())
+            combos = combos[pick]
+            combo_weight = np.full(len(combos), 1.0 / len(combos))
+        nodes, node_weight = np.polynomial.hermite_e.hermegauss(_QUADRATURE_NODES)
+        node_weight = node_weight / node_weight.sum()
+        sd = self.config.library_size_sd
+        profiles = np.empty((len(combos), self.config.n_genes))
+        offsets = np.empty(len(combos))
+        for j, (e, t) in enumerate(combos):
+            profiles[j] = self._profiles(int(e))[t]
+            offsets[j] = self._library_shift[e] + self._type_library[t]
+        self._profile_cache = None
+        theta = self._theta
+
+        def expected_nnz(log_l0: float) -> float:
+            total = 0.0
+            for z, w in zip(nodes, node_weight):
+                lib = np.exp(log_l0 + offsets + sd * z)[:, None]
+                pi = -np.expm1(-theta * np.log1p(lib * profiles / theta))
+                total += w * float(pi.sum(axis=1) @ combo_weight)
+            return total
+
+        # nnz <= library size, so this lower end is below the target.
+        low = math.log(target) - 1.0 - sd * sd - float(np.max(offsets, initial=0.0))
+        high = low + 2.0
+        while expected_nnz(high) < target:
+            high += 2.0
+            if high - low > 60:
+                raise ConfigError(
+                    f"SimulationConfig.mean_nnz_per_cell={target:g} cannot be reached with "
+                    f"{self.config.n_genes} genes (lower it)."
+                )
+        log_l0 = scipy.optimize.brentq(lambda x: expected_nnz(x) - target, low, high,
+                                       xtol=1e-4)
+        return float(math.exp(log_l0))
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells."""
+        return self.config.n_cells
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes."""
+        return self.config.n_genes
+
+    def restricted_cell_types(self) -> dict[str, list[str]]:
+        """Return each restricted cell type with the experiments it occurs in.
+
+        Returns
+        -------
+        dict
+            ``{cell_type: [experiment, ...]}`` for the types absent from some experiment.
+        """
+        return {
+            str(self.cell_types[t]): [str(e) for e in self.experiments[self.presence[:, t]]]
+            for t in np.flatnonzero(~self.presence.all(axis=0))
+        }
+
+    def cell_ids(self, start: int, stop: int) -> np.ndarray:
+        """Return the ids of the cells in global rows ``start:stop`` (``cell0000042``)."""
+        width = max(2, len(str(self.config.n_cells - 1)))
+        return np.array([f"cell{i:0{width}d}" for i in range(start, stop)], dtype=object)
+
+    def describe(self) -> dict[str, Any]:
+        """Return the simulation parameters and ground truth, as written to ``uns``.
+
+        Returns
+        -------
+        dict
+            ``config`` (the fields), ``generator``, ``version``, ``experiments``,
+            ``cell_types``, ``presence`` (experiments x types), ``restricted_cell_types``,
+            ``cells_per_experiment``, ``lineage``, ``library_scale`` and ``tile_cells``.
+        """
+        try:
+            pkg_version = version("mars-scale")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            pkg_version = "0.0.0"
+        restricted = np.flatnonzero(~self.presence.all(axis=0))
+        return {
+            "config": self.config.to_dict(),
+            "generator": "mars_scale.simulate",
+            "version": pkg_version,
+            "experiments": self.experiments.astype(str),
+            "cell_types": self.cell_types.astype(str),
+            "presence": self.presence.copy(),
+            "restricted_cell_types": self.cell_types[restricted].astype(str),
+            "cells_per_experiment": np.diff(self.experiment_offsets),
+            "lineage": self.lineage.astype(np.int64),
+            "library_scale": self.library_scale,
+            "tile_cells": self.tile_cells,
+        }
+
+    # ------------------------------------------------------------------ sampling
+    def _tile(self, experiment: int, tile: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+        """Generate tile ``tile`` of ``experiment``: counts, cell types, library sizes."""
+        n_rows_e = int(self.experiment_offsets[experiment + 1] - self.experiment_offsets[experiment])
+        start = tile * self.tile_cells
+        n = min(self.tile_cells, n_rows_e - start)
+        rng = np.random.default_rng(
+            np.random.SeedSequence(self.config.seed, spawn_key=(_STREAM_CELLS, experiment, tile))
+        )
+        types = rng.choice(self.config.n_cell_types, size=n, p=self.composition[experiment])
+        log_lib = (math.log(self.library_scale) + self._library_shift[experiment]
+                   + self._type_library[types]
+                   + self.config.library_size_sd * rng.standard_normal(n))
+        counts = _sample_counts(rng, self._profiles(experiment), self._theta, types, log_lib)
+        return counts, types.astype(np.int32), np.exp(log_lib)
+
+    def iter_blocks(
+        self,
+        *,
+        rows_per_block: int = 4096,
+        experiments: Sequence[int] | None = None,
+    ) -> Iterator[SimulatedBlock]:
+        """Yield the cells in blocks of at most ``rows_per_block`` rows.
+
+        Blocks never straddle experiments, come in row order, and hold at most one
+        generation tile besides the block itself, so memory does not grow with ``n_cells``.
+
+        Parameters
+        ----------
+        rows_per_block
+            Maximum number of rows per block.
+        experiments
+            Indices of the experiments to generate (default: all, in order).
+
+        Yields
+        ------
+        SimulatedBlock
+        """
+        if isinstance(rows_per_block, bool) or not isinstance(rows_per_block, numbers.Integral) \
+                or rows_per_block < 1:
+            raise InputError(f"rows_per_block must be a positive integer, got {rows_per_block!r}.")
+        selected = range(self.config.n_experiments) if experiments is None else experiments
+        for e in selected:
+            if not 0 <= int(e) < self.config.n_experiments:
+                raise InputError(f"experiments: index {e} is out of range.")
+        tile_n = self.tile_cells
+        for e in selected:
+            e = int(e)
+            base = int(self.experiment_offsets[e])
+            n_rows_e = int(self.experiment_offsets[e + 1]) - base
+            cached: tuple[int, tuple[sp.csr_matrix, np.ndarray, np.ndarray]] | None = None
+            for lo in range(0, n_rows_e, rows_per_block):
+                hi = min(lo + rows_per_block, n_rows_e)
+                parts = []
+                for k in range(lo // tile_n, (hi - 1) // tile_n + 1):
+                    if cached is None or cached[0] != k:
+                        cached = (k, self._tile(e, k))
+                    counts, types, libs = cached[1]
+                    a = max(lo, k * tile_n) - k * tile_n
+                    b = min(hi, (k + 1) * tile_n) - k * tile_n
+                    parts.append((counts[a:b], types[a:b], libs[a:b]))
+                if len(parts) == 1:
+                    block_counts = parts[0][0]
+                else:
+                    block_counts = sp.vstack([p[0] for p in parts], format="csr")
+                yield SimulatedBlock(
+                    start=base + lo,
+                    experiment=e,
+                    counts=block_counts,
+                    cell_type=np.concatenate([p[1] for p in parts]),
+                    library_size=np.concatenate([p[2] for p in parts]),
+                )
+
+
+def _sample_counts(
+    rng: np.random.Generator,
+    profiles: np.ndarray,
+    theta: np.ndarray,
+    types: np.ndarray,
+    log_lib: np.ndarray,
+) -> sp.csr_matrix:
+    """Draw NB(L_i * profiles[types[i]], theta) counts for one tile, sparsely and exactly."""
+    n = len(types)
+    n_g = profiles.shape[1]
+    lib = np.exp(log_lib)
+    # Bins of cells with the same type and nearly the same library size.
+    level = np.floor(log_lib / _BUCKET_WIDTH).astype(np.int64)
+    level_min = int(level.min())
+    span = int(level.max()) - level_min + 1
+    bucket_key = types.astype(np.int64) * span + (level - level_min)
+    keys, cell_bucket, bucket_size = np.unique(bucket_key, return_inverse=True,
+                                               return_counts=True)
+    bucket_type = keys // span
+    bucket_lib = np.exp((keys % span + level_min + 1) * _BUCKET_WIDTH)  # upper end of the bin
+    order = np.argsort(cell_bucket, kind="stable")
+    bucket_start = np.concatenate([[0], np.cumsum(bucket_size)[:-1]])
+
+    # Proposals, keyed by 2 * (cell * n_genes + gene) + dense flag.
+    proposals = []
+    per_chunk = max(1, _PAIR_CHUNK // n_g)
+    for lo in range(0, len(keys), per_chunk):
+        hi = min(lo + per_chunk, len(keys))
+        # Rate whose P(hit >= 1) is the NB non-zero probability at the top of the bin.
+        rate = theta * np.log1p(bucket_lib[lo:hi, None] * profiles[bucket_type[lo:hi]] / theta)
+        dense = rate > _DENSE_RATE
+        size = bucket_size[lo:hi, None]
+        hits = np.where(dense, 0, rng.poisson(np.where(dense, 0.0, rate) * size))
+        # Poisson proposals: hits land uniformly on the cells of the bin.
+        pair = np.repeat(np.arange(hits.size, dtype=np.int64), hits.ravel())
+        b = pair // n_g + lo
+        pos = (rng.random(len(pair)) * bucket_size[b]).astype(np.int64)
+        cell = order[bucket_start[b] + pos]
+        proposals.append(2 * (cell * n_g + pair % n_g))
+        # Dense proposals: every cell of the bin.
+        pair = np.flatnonzero(dense)
+        b = pair // n_g + lo
+        reps = bucket_size[b]
+        seg = np.repeat(np.cumsum(reps) - reps, reps)
+        within = np.arange(int(reps.sum()), dtype=np.int64) - seg
+        cell = order[np.repeat(bucket_start[b], reps) + within]
+        proposals.append(2 * (cell * n_g + np.repeat(pair % n_g, reps)) + 1)
+    key = np.concatenate(proposals)
+    del proposals
+    key.sort()
+    if len(key):
+        first = np.empty(len(key), dtype=bool)
+        first[0] = True
+        np.not_equal(key[1:] >> 1, key[:-1] >> 1, out=first[1:])
+        key = key[first]
+    is_dense = (key & 1).astype(bool)
+    key >>= 1
+    cell = key // n_g
+    gene = key - cell * n_g
+    del key
+
+    # Thin to the exact non-zero probability of each cell.
+    theta_g = theta[gene]
+    mean = lib[cell] * profiles[types[cell], gene]
+    log_p0 = -theta_g * np.log1p(mean / theta_g)
+    p_nonzero = -np.expm1(log_p0)
+    top = bucket_lib[cell_bucket[cell]] * profiles[types[cell], gene]
+    p_proposed = np.where(is_dense, 1.0, -np.expm1(-theta_g * np.log1p(top / theta_g)))
+    keep = rng.random(len(cell)) * p_proposed < p_nonzero
+    cell, gene, mean, theta_g = cell[keep], gene[keep], mean[keep], theta_g[keep]
+    values = _zero_truncated_nb(rng, mean, theta_g)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n))]).astype(np.int64)
+    return sp.csr_matrix(
+        (values.astype(np.int32), gene.astype(np.int32), indptr), shape=(n, n_g)
+    )
+
+
+def _zero_truncated_nb(rng: np.random.Generator, mean: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Draw NB(mean, theta) conditioned on being at least 1."""
+    out = np.ones(len(mean), dtype=np.int64)
+    # Large means: rejection (a zero is rare).
+    idx = np.flatnonzero(mean > _ZTNB_REJECTION_MEAN)
+    while idx.size:
+        draw = rng.poisson(rng.gamma(theta[idx], mean[idx] / theta[idx]))
+        ok = draw > 0
+        out[idx[ok]] = draw[ok]
+        idx = idx[~ok]
+    # Small means: inverse CDF, walking up from 1.
+    idx = np.flatnonzero(mean <= _ZTNB_REJECTION_MEAN)
+    m, th = mean[idx], theta[idx]
+    ratio = m / (m + th)
+    log_p0 = -th * np.log1p(m / th)
+    u = rng.random(len(idx)) * -np.expm1(log_p0)
+    prob = np.exp(log_p0) * th * ratio  # P(X = 1)
+    cum = prob.copy()
+    k = 1
+    active = np.flatnonzero(u > cum)
+    idx, u, cum, prob, th, ratio = (a[active] for a in (idx, u, cum, prob, th, ratio))
+    while idx.size and k < 1000:
+        prob = prob * (k + th) / (k + 1) * ratio
+        cum = cum + prob
+        k += 1
+        done = u <= cum
+        out[idx[done]] = k
+        left = ~done
+        idx, u, cum, prob, th, ratio = (a[left] for a in (idx, u, cum, prob, th, ratio))
+    if idx.size:  # rounding left a sliver of mass unassigned: give it the last value
+        out[idx] = k
+    return out
+
+
+# ---------------------------------------------------------------------- h5ad writing
+def _attrs(obj: h5py.Group | h5py.Dataset, encoding_type: str, encoding_version: str) -> None:
+    obj.attrs["encoding-type"] = encoding_type
+    obj.attrs["encoding-version"] = encoding_version
+
+
+_STR = h5py.string_dtype("utf-8")
+
+
+def _write_string_array(group: h5py.Group, key: str, values: Sequence[str], **kwargs: Any) -> h5py.Dataset:
+    ds = group.create_dataset(key, data=np.asarray(values, dtype=object), dtype=_STR, **kwargs)
+    _attrs(ds, "string-array", "0.2.0")
+    return ds
+
+
+def _write_uns_value(group: h5py.Group, key: str, value: Any) -> None:
+    """Write a value with anndata's encoding (dict, string, scalar, array)."""
+    if isinstance(value, Mapping):
+        sub = group.create_group(key)
+        _attrs(sub, "dict", "0.1.0")
+        for k, v in value.items():
+            _write_uns_value(sub, str(k), v)
+    elif isinstance(value, str):
+        ds = group.create_dataset(key, data=value, dtype=_STR)
+        _attrs(ds, "string", "0.2.0")
+    elif isinstance(value, (bool, np.bool_, numbers.Number)):
+        ds = group.create_dataset(key, data=np.asarray(value))
+        _attrs(ds, "numeric-scalar", "0.2.0")
+    else:
+        arr = np.asarray(value)
+        if arr.dtype.kind in "USO":
+            _write_string_array(group, key, arr.astype(str).astype(object))
+        else:
+            ds = group.create_dataset(key, data=arr)
+            _attrs(ds, "array", "0.2.0")
+
+
+def _code_dtype(n_categories: int) -> np.dtype:
+    for dtype in (np.int8, np.int16, np.int32):
+        if n_categories <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def _create_categorical(group: h5py.Group, key: str, categories: np.ndarray, n: int) -> h5py.Dataset:
+    cat = group.create_group(key)
+    _attrs(cat, "categorical", "0.2.0")
+    cat.attrs["ordered"] = False
+    _write_string_array(cat, "categories", categories)
+    codes = cat.create_dataset("codes", shape=(n,), dtype=_code_dtype(len(categories)),
+                               chunks=(min(n, _H5_CHUNK),) if n else None)
+    _attrs(codes, "array", "0.2.0")
+    return codes
+
+
+def _check_write_args(path: str | os.PathLike, layout: str, dtype: Any, compression: Any,
+                      rows_per_block: Any, overwrite: bool) -> tuple[Path, np.dtype]:
+    if layout not in _LAYOUTS:
+        raise InputError(f"layout must be one of {', '.join(_LAYOUTS)}, got {layout!r}.")
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError:
+        np_dtype = None
+    if np_dtype is None or np_dtype.name not in _DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
+    if compression not in _COMPRESSIONS:
+        raise InputError(f"compression must be None, 'gzip' or 'lzf', got {compression!r}.")
+    if rows_per_block is not None and (
+        isinstance(rows_per_block, bool) or not isinstance(rows_per_block, numbers.Integral)
+        or rows_per_block < 1
+    ):
+        raise InputError(f"rows_per_block must be a positive integer, got {rows_per_block!r}.")
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: the file exists (pass overwrite=True to replace it).")
+    if not out.parent.is_dir():
+        raise InputError(f"{out}: the directory {out.parent} does not exist (create it first).")
+    return out, np_dtype
+
+
+def _default_rows(sim: Simulator, layout: str, itemsize: int) -> int:
+    if layout == "dense":
+        return max(1, (64 << 20) // (sim.n_genes * itemsize))
+    return sim.tile_cells * max(1, 4_000_000 // (sim.tile_cells * int(sim.config.target_nnz_per_cell)))
+
+
+def _write_file(
+    path: Path,
+    sim: Simulator,
+    *,
+    experiments: Sequence[int],
+    rows_per_block: int,
+    layout: str,
+    dtype: np.dtype,
+    compression: str | None,
+) -> dict[str, Any]:
+    """Stream the selected experiments of ``sim`` into a new h5ad file at ``path``."""
+    n_rows = int(sum(sim.experiment_offsets[e + 1] - sim.experiment_offsets[e] for e in experiments))
+    n_g = sim.n_genes
+    comp = {"compression": compression} if compression else {}
+    stats = {"n_obs": n_rows, "nnz": 0}
+    with h5py.File(path, "w") as f:
+        _attrs(f, "anndata", "0.1.0")
+        for key in ("layers", "obsm", "obsp", "varm", "varp"):
+            _attrs(f.create_group(key), "dict", "0.1.0")
+        # var
+        var = f.create_group("var")
+        _attrs(var, "dataframe", "0.2.0")
+        var.attrs["_index"] = "_index"
+        var.attrs["column-order"] = np.array([], dtype="float64")
+        _write_string_array(var, "_index", sim.gene_ids)
+        # obs
+        obs = f.create_group("obs")
+        _attrs(obs, "dataframe", "0.2.0")
+        obs.attrs["_index"] = "_index"
+        obs.attrs["column-order"] = ["experiment", "cell_type"]
+        chunk_rows = (min(n_rows, _H5_CHUNK),) if n_rows else None
+        index = obs.create_dataset("_index", shape=(n_rows,), dtype=_STR, chunks=chunk_rows)
+        _attrs(index, "string-array", "0.2.0")
+        exp_codes = _create_categorical(obs, "experiment", sim.experiments[list(experiments)],
+                                        n_rows)
+        type_codes = _create_categorical(obs, "cell_type", sim.cell_types, n_rows)
+        # X
+        if layout == "csr":
+            x = f.create_group("X")
+            _attrs(x, "csr_matrix", "0.1.0")
+            x.attrs["shape"] = np.array([n_rows, n_g], dtype=np.int64)
+            data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=dtype,
+                                    chunks=(_H5_CHUNK,), **comp)
+            indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32,
+                                       chunks=(_H5_CHUNK,), **comp)
+            indptr = x.create_dataset("indptr", shape=(n_rows + 1,), maxshape=(None,),
+                                      dtype=np.int64, chunks=(min(n_rows + 1, _H5_CHUNK),))
+            indptr[0] = 0
+        elif layout == "dense":
+            rows_chunk = max(1, min(n_rows, (1 << 20) // (n_g * dtype.itemsize)))
+            dense = f.create_dataset("X", shape=(n_rows, n_g), dtype=dtype,
+                                     chunks=(rows_chunk, n_g) if n_rows else None, **comp)
+            _attrs(dense, "array", "0.2.0")
+        else:
+            csc_parts: list[sp.csr_matrix] = []
+
+        row = 0
+        exp_code = {e: i for i, e in enumerate(experiments)}
+        with tqdm(total=n_rows, unit="cells", disable=None, desc=path.name) as bar:
+            for block in sim.iter_blocks(rows_per_block=rows_per_block, experiments=experiments):
+                m = block.counts.shape[0]
+                end = row + m
+                index[row:end] = sim.cell_ids(block.start, block.stop)
+                exp_codes[row:end] = exp_code[block.experiment]
+                type_codes[row:end] = block.cell_type
+                counts = block.counts
+                if layout == "csr":
+                    nnz0 = stats["nnz"]
+                    nnz1 = nnz0 + counts.nnz
+                    data.resize((nnz1,))
+                    indices.resize((nnz1,))
+                    data[nnz0:nnz1] = counts.data.astype(dtype, copy=False)
+                    indices[nnz0:nnz1] = counts.indices
+                    indptr[row + 1:end + 1] = counts.indptr[1:].astype(np.int64) + nnz0
+                elif layout == "dense":
+                    dense[row:end] = counts.toarray().astype(dtype, copy=False)
+                else:
+                    csc_parts.append(counts)
+                stats["nnz"] += counts.nnz
+                row = end
+                bar.update(m)
+        if layout == "csc":
+            whole = (sp.vstack(csc_parts, format="csr") if csc_parts
+                     else sp.csr_matrix((0, n_g), dtype=np.int32)).tocsc()
+            whole.sort_indices()
+            del csc_parts
+            x = f.create_group("X")
+            _attrs(x, "csc_matrix", "0.1.0")
+            x.attrs["shape"] = np.array([n_rows, n_g], dtype=np.int64)
+            for key, arr in (("data", whole.data.astype(dtype)),
+                             ("indices", whole.indices.astype(np.int32)),
+                             ("indptr", whole.indptr.astype(np.int64))):
+                x.create_dataset(key, data=arr, maxshape=(None,),
+                                 chunks=(max(1, min(len(arr), _H5_CHUNK)),), **comp)
+        uns = f.create_group("uns")
+        _attrs(uns, "dict", "0.1.0")
+        description = sim.describe()
+        if len(experiments) != sim.config.n_experiments or list(experiments) != sorted(experiments):
+            description["file_experiments"] = sim.experiments[list(experiments)].astype(str)
+        _write_uns_value(uns, "simulation", description)
+    return stats
+
+
+def _write_atomic(path: Path, sim: Simulator, **kwargs: Any) -> dict[str, Any]:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        stats = _write_file(tmp, sim, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return stats
+
+
+def write_h5ad(
+    path: str | os.PathLike,
+    config: SimulationConfig,
+    *,
+    rows_per_block: int | None = None,
+    layout: str = "csr",
+    dtype: str | np.dtype = "float32",
+    compression: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Simulate an atlas and stream it into one AnnData ``.h5ad`` file.
+
+    The file is written with h5py and opens with ``anndata.read_h5ad`` and, for the CSR and
+    CSC layouts, ``anndata.io.sparse_dataset``. Cells are grouped by experiment. It is written
+    under a temporary name and renamed when complete.
+
+    Parameters
+    ----------
+    path
+        Output file.
+    config
+        The atlas to simulate.
+    rows_per_block
+        Cells generated and written at a time (default: about 4 million non-zeros per block
+        for sparse layouts, 64 MB per block for ``dense``). The content does not depend on it.
+    layout
+        ``"csr"`` (streamed, resizable chunked datasets), ``"csc"`` (built in memory: small
+        atlases only) or ``"dense"`` (streamed, chunked 2-D dataset).
+    dtype
+        Dtype of ``X``: ``float32``, ``float64``, ``int32`` or ``int64``.
+    compression
+        h5py compression of ``X`` (``None``, ``"gzip"`` or ``"lzf"``); off by default for speed.
+    overwrite
+        Replace an existing file.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file, holding ``X`` (raw counts), ``obs_names`` (cell ids),
+        ``obs['experiment']`` and ``obs['cell_type']`` (categoricals), ``var_names`` (gene
+        ids) and ``uns['simulation']`` (see :meth:`Simulator.describe`).
+
+    Raises
+    ------
+    InputError
+        If an option is invalid, the file exists without ``overwrite=True``, or a CSC atlas
+        would be too large to build in memory.
+    """
+    out, np_dtype = _check_write_args(path, layout, dtype, compression, rows_per_block, overwrite)
+    if layout == "csc" and config.n_cells * config.target_nnz_per_cell > _CSC_MAX_NNZ:
+        raise InputError(
+            f"{out}: layout='csc' builds the matrix in memory and is limited to "
+            f"{_CSC_MAX_NNZ:,} expected non-zeros (use layout='csr')."
+        )
+    sim = Simulator(config)
+    rows = rows_per_block or _default_rows(sim, layout, np_dtype.itemsize)
+    started = time.perf_counter()
+    logger.info("writing %s (%s, %s, %d rows per block)", out, layout, np_dtype.name, rows)
+    stats = _write_atomic(out, sim, experiments=list(range(config.n_experiments)),
+                          rows_per_block=rows, layout=layout, dtype=np_dtype,
+                          compression=compression)
+    elapsed = time.perf_counter() - started
+    logger.info(
+        "wrote %s: %d cells, %d non-zeros (%.0f per cell) in %.1f s (%.0f cells/s)",
+        out, stats["n_obs"], stats["nnz"], stats["nnz"] / max(1, stats["n_obs"]), elapsed,
+        stats["n_obs"] / max(elapsed, 1e-9),
+    )
+    return out
+
+
+def write_h5ad_per_experiment(
+    directory: str | os.PathLike,
+    config: SimulationConfig,
+    *,
+    rows_per_block: int | None = None,
+    layout: str = "csr",
+    dtype: str | np.dtype = "float32",
+    compression: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Simulate an atlas and write one ``.h5ad`` file per experiment.
+
+    The files are named after the experiments (``exp00.h5ad``, ``exp01.h5ad``, ...), since
+    ingest treats each file as one experiment. Each holds the same cells, counts and ids as
+    the corresponding rows of :func:`write_h5ad`; ``obs['experiment']`` has the file's
+    experiment as its single category, ``obs['cell_type']`` keeps every type as a category.
+
+    Parameters
+    ----------
+    directory
+        Output directory (created if missing).
+    config
+        The atlas to simulate.
+    rows_per_block, layout, dtype, compression
+        As in :func:`write_h5ad`.
+    overwrite
+        Replace existing files.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The written files, in experiment order; each holds the fields listed in
+        :func:`write_h5ad`, and ``uns['simulation']['file_experiments']`` names its experiment.
+
+    Raises
+    ------
+    InputError
+        If an option is invalid or a file exists without ``overwrite=True``.
+    """
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: not a directory (choose another output path).")
+    folder.mkdir(parents=True, exist_ok=True)
+    sim = Simulator(config)
+    targets = [folder / f"{name}.h5ad" for name in sim.experiments]
+    np_dtype = np.dtype("float32")
+    for target in targets:
+        _, np_dtype = _check_write_args(target, layout, dtype, compression, rows_per_block,
+                                        overwrite)
+    if layout == "csc":
+        biggest = int(np.diff(sim.experiment_offsets).max())
+        if biggest * config.target_nnz_per_cell > _CSC_MAX_NNZ:
+            raise InputError(
+                f"{folder}: layout='csc' builds each matrix in memory and is limited to "
+                f"{_CSC_MAX_NNZ:,} expected non-zeros per file (use layout='csr')."
+            )
+    rows = rows_per_block or _default_rows(sim, layout, np_dtype.itemsize)
+    started = time.perf_counter()
+    for e, target in enumerate(targets):
+        stats = _write_atomic(target, sim, experiments=[e], rows_per_block=rows, layout=layout,
+                              dtype=np_dtype, compression=compression)
+        logger.info("wrote %s: %d cells, %d non-zeros", target, stats["n_obs"], stats["nnz"])
+    logger.info("wrote %d files to %s in %.1f s", len(targets), folder,
+                time.perf_counter() - started)
+    return targets
+
+
+def simulate_anndata(config: SimulationConfig, *, dtype: str | np.dtype = "float32") -> Any:
+    """Simulate a small atlas in memory as an :class:`anndata.AnnData`.
+
+    Parameters
+    ----------
+    config
+        The atlas to simulate (the whole sparse matrix is held in memory).
+    dtype
+        Dtype of ``X``: ``float32``, ``float64``, ``int32`` or ``int64``.
+
+    Returns
+    -------
+    anndata.AnnData
+        The same content as :func:`write_h5ad` writes: CSR ``X``, ``obs['experiment']``,
+        ``obs['cell_type']``, gene ids as ``var_names`` and ``uns['simulation']``.
+
+    Raises
+    ------
+    InputError
+        If ``dtype`` is not supported or the atlas is too large to hold in memory.
+    """
+    import anndata
+    import pandas as pd
+
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError:
+        np_dtype = None
+    if np_dtype is None or np_dtype.name not in _DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
+    if config.n_cells * config.target_nnz_per_cell > _CSC_MAX_NNZ:
+        raise InputError(
+            f"simulate_anndata is limited to {_CSC_MAX_NNZ:,} expected non-zeros "
+            "(stream to a file with write_h5ad)."
+        )
+    sim = Simulator(config)
+    blocks = list(sim.iter_blocks(rows_per_block=sim.tile_cells))
+    x = sp.vstack([b.counts for b in blocks], format="csr").astype(np_dtype)
+    exp_codes = np.concatenate([np.full(b.counts.shape[0], b.experiment) for b in blocks])
+    type_codes = np.concatenate([b.cell_type for b in blocks])
+    obs = pd.DataFrame(
+        {
+            "experiment": pd.Categorical.from_codes(exp_codes, categories=sim.experiments.astype(str)),
+            "cell_type": pd.Categorical.from_codes(type_codes, categories=sim.cell_types.astype(str)),
+        },
+        index=pd.Index(sim.cell_ids(0, sim.n_cells).astype(str)),
+    )
+    var = pd.DataFrame(index=pd.Index(sim.gene_ids.astype(str)))
+    return anndata.AnnData(X=x, obs=obs, var=var, uns={"simulation": sim.describe()})

@@ -1,0 +1,232 @@
+"""Ingest: the store matches the input and a dense reference of its statistics."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import zarr
+
+from conftest import make_adata, shared_file
+from mars_scale.errors import InputError, StoreError
+from mars_scale.ingest import IngestConfig, ingest
+from mars_scale.stats import compute_stats
+from mars_scale.store import SPEC_VERSION, StoreLayout, open_store
+
+
+def dense_reference(adata: ad.AnnData, *, min_cells: int = 5):
+    """Filter genes, normalise to 1e4, log1p, per-gene mean and std (numpy, dense)."""
+    x = np.asarray(adata.X.toarray() if sp.issparse(adata.X) else adata.X, dtype=np.float64)
+    keep = (x > 0).sum(axis=0) >= min_cells
+    x = x[:, keep]
+    totals = x.sum(axis=1, keepdims=True)
+    y = np.log1p(x / np.where(totals > 0, totals, 1) * 1e4)
+    return keep, x, y.mean(axis=0), y.std(axis=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["mesc_kolodziejczyk2015_mini.h5ad", "pancreas_3studies_beta_ductal_mini.h5ad"]
+)
+def test_real_data_roundtrip_and_stats(tmp_path, name):
+    src = shared_file(name)
+    out = ingest(
+        [src], tmp_path / "a.zarr",
+        config=IngestConfig(experiment_key="experiment", label_key="cell_type"),
+    )
+    store = ad.read_zarr(out)  # anndata opens it
+    adata = ad.read_h5ad(src)
+    keep, x, mean, std = dense_reference(adata)
+    assert list(store.var_names) == list(adata.var_names[keep])
+    ref = adata[store.obs_names, store.var_names]
+    np.testing.assert_array_equal(store.X.toarray(), ref.X.toarray())
+    assert sp.issparse(store.X) and store.X.format == "csr"
+    np.testing.assert_array_equal(
+        store.obs["cell_type"].astype(str).values, ref.obs["cell_type"].astype(str).values
+    )
+    np.testing.assert_allclose(store.var["mean"].values, mean, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(store.var["std"].values, std, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(store.var["n_cells"].values, (x > 0).sum(axis=0))
+    np.testing.assert_allclose(store.obs["n_counts"].values, ref.X.sum(axis=1).A1, rtol=1e-6)
+    atlas = open_store(out)
+    assert atlas.spec_version == SPEC_VERSION
+    # cells are grouped by experiment and the ranges say where
+    for exp, (a, b) in atlas.experiment_ranges.items():
+        assert (store.obs["experiment"].iloc[a:b] == exp).all()
+        assert b - a == (adata.obs["experiment"] == exp).sum()
+
+
+def test_interleaved_experiments_are_grouped(tmp_path):
+    adata = make_adata(400, 60, n_experiments=3, seed=1)
+    adata = adata[np.random.default_rng(0).permutation(adata.n_obs)].copy()  # interleave
+    path = tmp_path / "mixed.h5ad"
+    adata.write_h5ad(path)
+    out = ingest(
+        [path], tmp_path / "a.zarr", config=IngestConfig(experiment_key="experiment", label_key="cell_type")
+    )
+    store = ad.read_zarr(out)
+    atlas = open_store(out)
+    exps = store.obs["experiment"].astype(str).values
+    assert (exps[:-1] <= exps[1:]).all() or len(set(zip(exps[:-1], exps[1:]))) <= 3
+    for exp, (a, b) in atlas.experiment_ranges.items():
+        assert (exps[a:b] == exp).all()
+    ref = adata[store.obs_names, store.var_names]
+    np.testing.assert_array_equal(store.X.toarray(), ref.X.toarray())
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
+@pytest.mark.parametrize("dtype", [np.int32, np.float32])
+def test_input_layouts_give_the_same_store(tmp_path, layout, dtype):
+    adata = make_adata(200, 50, seed=2)
+    reference = ingest([_write(tmp_path / "ref.h5ad", adata)], tmp_path / "ref.zarr")
+    x = adata.X.astype(dtype)
+    adata.X = {"csr": x.tocsr(), "csc": x.tocsc(), "dense": x.toarray()}[layout]
+    out = ingest([_write(tmp_path / "ref2.h5ad", adata)], tmp_path / "b.zarr")
+    a, b = ad.read_zarr(reference), ad.read_zarr(out)
+    np.testing.assert_array_equal(a.X.toarray(), b.X.toarray())
+    np.testing.assert_array_equal(a.var["std"].values, b.var["std"].values)
+
+
+def _write(path, adata):
+    adata.write_h5ad(path)
+    return path
+
+
+def test_files_are_experiments_and_genes_align(tmp_path):
+    a = make_adata(100, 40, seed=3)
+    b = make_adata(120, 40, seed=4)
+    b.var_names = [f"gene{j + 10}" for j in range(40)]  # genes 10..49
+    pa, pb = _write(tmp_path / "donorA.h5ad", a), _write(tmp_path / "donorB.h5ad", b)
+    inter = open_store(ingest([pa, pb], tmp_path / "i.zarr", config=IngestConfig(min_cells=0)))
+    union = open_store(ingest([pa, pb], tmp_path / "u.zarr", config=IngestConfig(min_cells=0, genes="union")))
+    assert inter.experiments == ["donorA", "donorB"]
+    assert inter.experiment_ranges == {"donorA": (0, 100), "donorB": (100, 220)}
+    assert list(inter.gene_ids) == [f"gene{j}" for j in range(10, 40)]
+    assert list(union.gene_ids) == [f"gene{j}" for j in range(50)]
+    full = ad.read_zarr(union.path)
+    # donorB has no gene0..9: zeros there
+    assert full.X[100:, :10].nnz == 0
+    np.testing.assert_array_equal(full.X[100:, 10:50].toarray(), b.X.toarray())
+    # no labels given: everything unannotated
+    assert inter.summary()["experiments"][0]["annotated_fraction"] == 0.0
+
+
+def test_gene_key_and_layer(tmp_path):
+    a = make_adata(80, 30, seed=5)
+    a.var["symbol"] = [f"SYM{j}" for j in range(30)]
+    a.layers["counts"] = a.X.copy()
+    a.X = sp.csr_matrix(np.log1p(a.X.toarray()))
+    p = _write(tmp_path / "a.h5ad", a)
+    atlas = open_store(ingest([p], tmp_path / "a.zarr", config=IngestConfig(gene_key="symbol", layer="counts", min_cells=0)))
+    assert list(atlas.gene_ids) == [f"SYM{j}" for j in range(30)]
+    assert atlas.input_kind == "counts"
+    np.testing.assert_array_equal(atlas.read_rows(0, 80).toarray(), a.layers["counts"].toarray())
+
+
+def test_lognorm_input_is_detected(tmp_path):
+    a = make_adata(80, 30, seed=6)
+    x = a.X.toarray()
+    a.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4).astype(np.float32))
+    atlas = open_store(ingest([_write(tmp_path / "l.h5ad", a)], tmp_path / "l.zarr", config=IngestConfig(min_cells=0)))
+    assert atlas.input_kind == "lognorm"
+    store = ad.read_zarr(atlas.path)
+    # statistics of lognorm stores are over the values as given
+    np.testing.assert_allclose(store.var["mean"].values, a.X.toarray().mean(0), rtol=1e-6)
+
+
+def test_lognorm_mixed_with_counts_is_refused(tmp_path):
+    a = make_adata(50, 20, seed=7)
+    b = a.copy()
+    b.X = sp.csr_matrix(np.log1p(b.X.toarray()) + 0.01)
+    with pytest.raises(InputError, match="log-normalised"):
+        ingest([_write(tmp_path / "a.h5ad", a), _write(tmp_path / "b.h5ad", b)], tmp_path / "o.zarr")
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_quality_filters(tmp_path):
+    a = make_adata(100, 40, seed=8)
+    x = a.X.toarray()
+    x[:5] = 0
+    x[:5, :2] = 1  # 5 cells with 2 counts in 2 genes
+    x[:, 39] = 0
+    x[7, 39] = 3  # a gene in a single cell
+    a.X = sp.csr_matrix(x)
+    atlas = open_store(
+        ingest([_write(tmp_path / "q.h5ad", a)], tmp_path / "q.zarr", config=IngestConfig(min_genes=3, min_cells=2))
+    )
+    assert atlas.n_cells == 95
+    assert "gene39" not in set(atlas.gene_ids)
+    # the totals used for normalisation are over the kept genes
+    store = ad.read_zarr(atlas.path)
+    np.testing.assert_allclose(store.obs["n_counts"].values, store.X.sum(1).A1)
+
+
+def test_overwrite_and_atomicity(tmp_path, small_h5ad):
+    out = tmp_path / "a.zarr"
+    ingest([small_h5ad], out)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(InputError, match="already exists"):
+        ingest([small_h5ad], out)
+    bad = make_adata(50, 120, seed=9)
+    bad.X = bad.X.toarray()
+    bad.X[3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        ingest([small_h5ad, _write(tmp_path / "bad.h5ad", bad)], out, overwrite=True)
+    # the failed overwrite left the old store alone and no temporary behind
+    after = sorted(p.name for p in tmp_path.iterdir())
+    assert after == sorted(before + ["bad.h5ad"])
+    assert open_store(out).n_cells == 300
+    ingest([small_h5ad], out, overwrite=True, config=IngestConfig(min_counts=1e9 * 0 + 50))
+    assert open_store(out).n_cells < 300
+
+
+def test_zarr_v2_layout_reads_the_same(tmp_path, small_h5ad):
+    v3 = open_store(ingest([small_h5ad], tmp_path / "v3.zarr"))
+    v2 = open_store(ingest([small_h5ad], tmp_path / "v2.zarr", config=IngestConfig(layout=StoreLayout(zarr_format=2, rows_per_chunk=64))))
+    assert v2.root.metadata.zarr_format == 2
+    np.testing.assert_array_equal(v2.read_rows(10, 250).toarray(), v3.read_rows(10, 250).toarray())
+    assert ad.read_zarr(v2.path).n_obs == 300
+
+
+def test_compute_stats_matches_ingest(tmp_path, small_store):
+    atlas = open_store(small_store)
+    moments = compute_stats(atlas, rows_per_block=37)
+    np.testing.assert_allclose(moments.mean, atlas.var_column("mean"), rtol=1e-12)
+    np.testing.assert_allclose(moments.std, atlas.var_column("std"), rtol=1e-10)
+    np.testing.assert_array_equal(moments.n_cells, atlas.var_column("n_cells"))
+
+
+def test_compute_stats_on_dask_distributed_matches_exactly(small_store):
+    distributed = pytest.importorskip("distributed")
+    atlas = open_store(small_store)
+    local = compute_stats(atlas, rows_per_block=50)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            remote = compute_stats(atlas, rows_per_block=50, client=client)
+    np.testing.assert_array_equal(local.mean, remote.mean)
+    np.testing.assert_array_equal(local.m2, remote.m2)
+
+
+def test_open_store_refuses_other_versions(tmp_path, small_store):
+    root = zarr.open_group(small_store, mode="r+")
+    spec = dict(root.attrs["mars-scale"])
+    root.attrs["mars-scale"] = {**spec, "encoding-version": "9.0.0"}
+    with pytest.raises(StoreError, match="upgrade mars_scale"):
+        open_store(small_store)
+    root.attrs["mars-scale"] = {**spec, "encoding-version": "0.0.1"}
+    with pytest.raises(StoreError, match="not supported"):
+        open_store(small_store)
+    with pytest.raises(StoreError, match="no such store"):
+        open_store(tmp_path / "nothing.zarr")
+
+
+def test_info_summary(small_store):
+    s = open_store(small_store).summary()
+    adata = make_adata()
+    assert s["n_cells"] == 300 and len(s["experiments"]) == 3
+    counts = adata.obs.groupby("experiment", observed=True).size()
+    assert {e["name"]: e["n_cells"] for e in s["experiments"]} == counts.to_dict()
+    exp0 = adata.obs[adata.obs.experiment == "exp0"].cell_type.value_counts()
+    assert s["experiments"][0]["cell_types"] == {k: int(v) for k, v in exp0.items() if v}
+    assert s["nnz"] == ad.read_zarr(small_store).X.nnz

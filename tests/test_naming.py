@@ -1,0 +1,314 @@
+"""Cluster naming and novelty on constructed embeddings with known answers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import pdist
+
+import mars_scale.naming as naming
+from mars_scale.errors import InputError
+from mars_scale.naming import NamingResult, name_clusters
+
+
+def _blobs(centers, n_per, sd, rng):
+    """Gaussian clusters of n_per cells around each centre; cluster ids 10, 11, ..."""
+    centers = np.asarray(centers, dtype=np.float64)
+    x = np.vstack([rng.normal(c, sd, size=(n_per, centers.shape[1])) for c in centers])
+    clusters = np.repeat(np.arange(10, 10 + centers.shape[0]), n_per)
+    return x, clusters
+
+
+LANDMARKS = np.array(
+    [[0.0, 0.0, 0.0, 0.0], [10.0, 0.0, 0.0, 0.0], [0.0, 10.0, 0.0, 0.0], [0.0, 0.0, 10.0, 0.0]]
+)
+NAMES = ["B cell", "T cell", "NK cell", "monocyte"]
+
+
+def test_clusters_at_landmarks_get_their_names():
+    rng = np.random.default_rng(0)
+    # Clusters at landmarks 2, 0, 3 (in that order), sd 0.5: the next landmark is 20 sd away.
+    x, clusters = _blobs(LANDMARKS[[2, 0, 3]], 300, 0.5, rng)
+    res = name_clusters(x, clusters, LANDMARKS, NAMES, rng=1)
+    assert isinstance(res, NamingResult)
+    assert res.clusters.tolist() == [10, 11, 12]
+    assert res.best_name.tolist() == ["NK cell", "B cell", "monocyte"]
+    assert res.label.tolist() == ["NK cell", "B cell", "monocyte"]
+    np.testing.assert_allclose(res.best_probability, 1.0, atol=1e-9)
+    np.testing.assert_allclose(res.name_probabilities.sum(axis=1), 1.0)
+    assert res.top_names.shape == (3, 3)
+    assert res.names.tolist() == sorted(NAMES)
+    assert not res.is_novel.any()
+    assert (res.novelty < 0.05).all()
+    # Per cell: the cluster's name and probability.
+    assert res.cell_type.tolist() == ["NK cell"] * 300 + ["B cell"] * 300 + ["monocyte"] * 300
+    np.testing.assert_allclose(res.confidence, 1.0, atol=1e-9)
+    assert res.cell_novelty.shape == (900,)
+    assert ((res.cell_novelty >= 0) & (res.cell_novelty <= 1)).all()
+    # A typical cell lies about one radius from its landmark: novelty about 1/(1 + 2^4) = 0.06.
+    assert np.median(res.cell_novelty) < 0.15
+
+
+def test_two_landmark_1d_probability_by_hand():
+    # Cells 0, 1, 2 in 1-D: mu = 1. Pairwise distances 1, 2, 1: mean 4/3,
+    # variance ((1/3)^2 + (2/3)^2 + (1/3)^2)/3 = 2/9, so sigma^2 = 2/9.
+    # Landmarks A at 1 and B at 1.5: squared distances 0 and 0.25, logits 0 and
+    # -0.25 / (2 * 2/9) = -0.5625, so p(A) = 1 / (1 + exp(-0.5625)) = 0.637030...
+    x = np.array([[0.0], [1.0], [2.0]])
+    res = name_clusters(x, [0, 0, 0], [[1.0], [1.5]], ["A", "B"], rng=0)
+    assert res.sigma[0] == pytest.approx(math.sqrt(2 / 9))
+    expected = 1.0 / (1.0 + math.exp(-0.5625))
+    assert expected == pytest.approx(0.637030, abs=1e-6)
+    assert res.best_name[0] == "A"
+    assert res.best_probability[0] == pytest.approx(expected)
+    assert res.name_probabilities[0].tolist() == pytest.approx([expected, 1 - expected])
+    assert res.top_names[0].tolist() == ["A", "B"]  # top=3 but only 2 names exist
+
+
+def test_landmarks_sharing_a_name_are_summed():
+    # Same cells (sigma^2 = 2/9) with A at 1 and two B landmarks at 1.5 (two experiments):
+    # weights 1, e^-0.5625 = 0.569783, 0.569783, so p(A) = 1/(1 + 2 * 0.569783) = 0.467385 and
+    # p(B) = 2 * 0.569783 / 2.139566 = 0.532615: B wins only through the sum (alone 0.363 < 0.637).
+    x = np.array([[0.0], [1.0], [2.0]])
+    res = name_clusters(x, [0, 0, 0], [[1.0], [1.5], [1.5]], ["A", "B", "B"], rng=0)
+    w = math.exp(-0.5625)
+    p_a, p_b = 1 / (1 + 2 * w), 2 * w / (1 + 2 * w)
+    assert (p_a, p_b) == pytest.approx((0.467385, 0.532615), abs=1e-6)
+    assert res.names.tolist() == ["A", "B"]
+    assert res.name_probabilities[0].tolist() == pytest.approx([p_a, p_b])
+    assert res.best_name[0] == "B"
+    assert res.best_probability[0] == pytest.approx(p_b)
+
+
+def test_shared_name_in_higher_dimensions():
+    rng = np.random.default_rng(3)
+    # Two "T cell" landmarks close together, one "B cell" far away: the cluster between the two
+    # T landmarks is T with probability ~1, each T landmark contributing a part.
+    landmarks = np.array([[0.0, 0.0], [0.4, 0.0], [20.0, 0.0]])
+    x, clusters = _blobs([[0.2, 0.0]], 400, 0.5, rng)
+    res = name_clusters(x, clusters, landmarks, ["T cell", "T cell", "B cell"], rng=0)
+    assert res.best_name[0] == "T cell"
+    assert res.best_probability[0] == pytest.approx(1.0, abs=1e-9)
+    assert res.top_names[0].tolist() == ["T cell", "B cell"]
+
+
+def test_far_cluster_is_novel_and_near_ones_are_not():
+    rng = np.random.default_rng(4)
+    # Radius of an sd-0.5 cluster in 4-D: about 0.5 * sqrt(4) = 1. The new cluster sits at
+    # (0, 0, 0, 8): 8 from B cell (and sqrt(164) from the others), about 8 radii: novel.
+    centers = np.vstack([LANDMARKS[[0, 1]] + 0.3, [[0.0, 0.0, 0.0, 8.0]]])
+    x, clusters = _blobs(centers, 500, 0.5, rng)
+    res = name_clusters(x, clusters, LANDMARKS, NAMES, rng=0)
+    assert res.is_novel.tolist() == [False, False, True]
+    assert res.label.tolist() == ["B cell", "T cell", "novel"]
+    assert res.novelty[2] > 0.99 and (res.novelty[:2] < 0.1).all()
+    assert res.nearest_landmark[2] == 0
+    assert res.novelty_distance[2] == pytest.approx(8.0 / res.radius[2], rel=0.05)
+    # The paper would still name it: nearest name, reported as the best name and confidence.
+    assert res.best_name[2] == "B cell"
+    cells_new = clusters == 12
+    assert (res.cell_type[cells_new] == "novel").all()
+    assert (res.cell_type[~cells_new] != "novel").all()
+    assert res.cell_novelty[cells_new].min() > 0.8
+    assert np.median(res.cell_novelty[~cells_new]) < 0.2
+    # A different label and a higher threshold (t = 0.9999 means 2 * 9999**0.25 = 20 radii).
+    strict = name_clusters(x, clusters, LANDMARKS, NAMES, novelty_threshold=0.9999,
+                           novel_label="new type", rng=0)
+    assert not strict.is_novel.any()
+    loose = name_clusters(x, clusters, LANDMARKS, NAMES, novel_label="new type", rng=0)
+    assert loose.label[2] == "new type"
+
+
+def test_novelty_formula_by_hand_with_landmark_radius():
+    # Cluster cells at -1 and +1 in 1-D: mu = 0, radius r = 1 (RMS distance to mu).
+    # Landmark at 3. Without R: z = 3 / 1 = 3, novelty = 3^4 / (3^4 + 2^4) = 81/97 = 0.83505.
+    # (Two cells give one pairwise distance, so sigma = 0: the name is the nearest landmark's.)
+    x = np.array([[-1.0], [1.0]])
+    res = name_clusters(x, [0, 0], [[3.0]], ["A"], rng=0)
+    assert res.radius[0] == pytest.approx(1.0)
+    assert res.novelty_distance[0] == pytest.approx(3.0)
+    assert res.novelty[0] == pytest.approx(81 / 97)
+    # Cells at -1, 1: 4 and 2 from the landmark, z = 4 and 2, novelty 256/272 and 16/32 = 0.5.
+    assert res.cell_novelty.tolist() == pytest.approx([256 / 272, 0.5])
+    # With R = 1: s = sqrt((1 + 1)/2) = 1, the same. With R = 7: s = sqrt((1 + 49)/2) = 5,
+    # z = 0.6, novelty = 0.1296 / (0.1296 + 16) = 0.0080347: a loose class absorbs the cluster.
+    same = name_clusters(x, [0, 0], [[3.0]], ["A"], landmark_radius=[1.0], rng=0)
+    assert same.novelty[0] == pytest.approx(81 / 97)
+    loose = name_clusters(x, [0, 0], [[3.0]], ["A"], landmark_radius=[7.0], rng=0)
+    assert loose.novelty_distance[0] == pytest.approx(0.6)
+    assert loose.novelty[0] == pytest.approx(0.1296 / 16.1296)
+    # Per cell with R = 7: distances 4 and 2 over s = 5 -> z = 0.8, 0.4.
+    assert loose.cell_novelty.tolist() == pytest.approx(
+        [0.8**4 / (0.8**4 + 16), 0.4**4 / (0.4**4 + 16)]
+    )
+
+
+def test_scale_free():
+    rng = np.random.default_rng(5)
+    centers = np.vstack([LANDMARKS[[0, 1]], [[0.0, 0.0, 0.0, 6.0]]])
+    x, clusters = _blobs(centers, 200, 0.5, rng)
+    a = name_clusters(x, clusters, LANDMARKS, NAMES, rng=0)
+    b = name_clusters(x * 1000.0 + 7.0, clusters, LANDMARKS * 1000.0 + 7.0, NAMES, rng=0)
+    np.testing.assert_allclose(a.novelty, b.novelty, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(a.cell_novelty, b.cell_novelty, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(a.name_probabilities, b.name_probabilities, rtol=1e-6, atol=1e-12)
+
+
+def test_sigma_is_exact_when_the_sample_covers_the_cluster():
+    rng = np.random.default_rng(6)
+    x, clusters = _blobs([[0.0, 0.0, 0.0, 0.0], [10.0, 0.0, 0.0, 0.0]], 150, 1.0, rng)
+    res = name_clusters(x, clusters, LANDMARKS, NAMES, max_cells_per_cluster=150, rng=0)
+    assert res.n_sampled.tolist() == [150, 150]
+    for j in range(2):
+        assert res.sigma[j] == pytest.approx(np.std(pdist(x[clusters == 10 + j])), rel=1e-12)
+
+
+def test_sigma_sample_is_bounded_for_a_huge_cluster(monkeypatch):
+    rng = np.random.default_rng(7)
+    n_big = 100_000
+    x = np.vstack([rng.normal(0.0, 1.0, size=(n_big, 2)), rng.normal(10.0, 1.0, size=(50, 2))])
+    clusters = np.concatenate([np.zeros(n_big, dtype=int), np.ones(50, dtype=int)])
+    sizes = []
+    real_pdist = naming.pdist
+
+    def recording_pdist(points, *args, **kwargs):
+        sizes.append(points.shape[0])
+        return real_pdist(points, *args, **kwargs)
+
+    monkeypatch.setattr(naming, "pdist", recording_pdist)
+    res = name_clusters(
+        x, clusters, [[0.0, 0.0], [10.0, 10.0]], ["A", "B"], max_cells_per_cluster=500, rng=0
+    )
+    assert sizes == [500, 50]
+    assert res.n_sampled.tolist() == [500, 50]
+    assert res.n_cells.tolist() == [n_big, 50]
+    # For an isotropic 2-D Gaussian with sd 1, the distance between two cells is Rayleigh with
+    # scale sqrt(2), whose standard deviation is sqrt(2) * sqrt((4 - pi)/2) = sqrt(4 - pi) = 0.9265.
+    assert res.sigma[0] == pytest.approx(math.sqrt(4 - math.pi), abs=0.06)
+    # Means and radii still use every cell.
+    np.testing.assert_allclose(res.centers[0], x[:n_big].mean(axis=0))
+
+
+def test_exact_means_and_radius_over_blocks_and_memmap(tmp_path):
+    rng = np.random.default_rng(8)
+    x, clusters = _blobs(LANDMARKS[:3] + 1000.0, 97, 0.7, rng)
+    order = rng.permutation(x.shape[0])  # clusters interleaved across blocks
+    x, clusters = x[order], clusters[order]
+    path = tmp_path / "emb.f32"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    mm = np.memmap(path, dtype=np.float32, mode="r", shape=x.shape)
+    res = name_clusters(mm, clusters, LANDMARKS[:3] + 1000.0, NAMES[:3], block_size=10, rng=0)
+    xf = np.asarray(mm, dtype=np.float64)
+    for j in range(3):
+        cells = xf[clusters == 10 + j]
+        mu = cells.mean(axis=0)
+        np.testing.assert_allclose(res.centers[j], mu, rtol=0, atol=1e-9)
+        rms = np.sqrt(((cells - mu) ** 2).sum(axis=1).mean())
+        assert res.radius[j] == pytest.approx(rms, rel=1e-7)
+    whole = name_clusters(xf, clusters, LANDMARKS[:3] + 1000.0, NAMES[:3], rng=0)
+    np.testing.assert_allclose(res.cell_novelty, whole.cell_novelty, rtol=1e-6, atol=1e-9)
+    assert res.best_name.tolist() == ["B cell", "T cell", "NK cell"]
+
+
+def test_reproducible_with_seed_and_string_cluster_ids():
+    rng = np.random.default_rng(9)
+    x, clusters = _blobs(LANDMARKS[[0, 1]], 3000, 0.5, rng)
+    ids = np.where(clusters == 10, "c1", "c0")
+    a = name_clusters(x, ids, LANDMARKS, NAMES, max_cells_per_cluster=100, rng=42)
+    b = name_clusters(x, ids, LANDMARKS, NAMES, max_cells_per_cluster=100,
+                      rng=np.random.default_rng(42))
+    np.testing.assert_array_equal(a.sigma, b.sigma)
+    c = name_clusters(x, ids, LANDMARKS, NAMES, max_cells_per_cluster=100, rng=43)
+    assert not np.array_equal(a.sigma, c.sigma)
+    assert a.clusters.tolist() == ["c0", "c1"]
+    assert a.best_name.tolist() == ["T cell", "B cell"]
+
+
+def test_single_cell_cluster_takes_nearest_name(caplog):
+    x = np.array([[0.1, 0.0], [9.0, 0.0], [9.5, 0.0], [10.5, 0.0]])
+    with caplog.at_level(logging.WARNING, logger="mars_scale.naming"):
+        res = name_clusters(x, [1, 2, 2, 2], [[0.0, 0.0], [10.0, 0.0]], ["A", "B"], rng=0)
+    assert "kernel width sigma of 0" in caplog.text
+    assert res.sigma[0] == 0.0
+    assert res.best_name.tolist() == ["A", "B"]
+    assert res.best_probability[0] == 1.0
+    # Zero radius and a non-zero distance: infinitely many radii away, novelty 1.
+    assert res.novelty[0] == 1.0 and res.is_novel[0]
+
+
+def test_to_records_are_plain_python():
+    rng = np.random.default_rng(10)
+    x, clusters = _blobs(LANDMARKS[[0, 1]], 100, 0.5, rng)
+    res = name_clusters(x, clusters.astype(np.int32), LANDMARKS, NAMES, top=2, rng=0)
+    records = res.to_records()
+    assert len(records) == 2
+    rec = records[1]
+    assert rec["cluster"] == 11 and type(rec["cluster"]) is int
+    assert rec["label"] == "T cell" and rec["best_name"] == "T cell"
+    assert rec["top_names"][0] == "T cell" and len(rec["top_names"]) == 2
+    assert all(type(v) is float for v in rec["top_probabilities"])
+    assert type(rec["is_novel"]) is bool
+    json.dumps(records)  # only plain types
+    # The result is read-only.
+    with pytest.raises(ValueError):
+        res.novelty[0] = 1.0
+    with pytest.raises(AttributeError):
+        res.space = "umap"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"space": "tsne"}, "space must be"),
+        ({"top": 0}, "top must be"),
+        ({"max_cells_per_cluster": 1}, "max_cells_per_cluster must be"),
+        ({"novelty_threshold": 1.0}, "novelty_threshold must"),
+        ({"landmark_names": ["A", "B", "C"]}, "one name per landmark"),
+        ({"landmark_names": ["A", None, "C", "D"]}, "missing values"),
+        ({"landmark_names": ["A", "novel", "C", "D"]}, "novel_label"),
+        ({"landmarks": np.zeros((4, 3))}, "4 columns"),
+        ({"clusters": np.zeros(5)}, "one entry per embedding row"),
+        ({"landmark_radius": [1.0, 1.0, 1.0, -1.0]}, "non-negative"),
+        ({"landmark_radius": [1.0] * 4, "space": "umap"}, "cannot be used with space='umap'"),
+        ({"space": "umap", "umap_n_neighbors": 50}, "umap_n_neighbors"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    x = np.zeros((20, 4))
+    args = {"clusters": np.zeros(20, dtype=int), "landmarks": LANDMARKS, "landmark_names": NAMES}
+    args.update({k: kwargs.pop(k) for k in list(kwargs) if k in args})
+    with pytest.raises(InputError, match=match):
+        name_clusters(
+            x, args["clusters"], args["landmarks"], args["landmark_names"], rng=0, **kwargs
+        )
+
+
+def test_non_finite_embedding():
+    x = np.zeros((5, 4))
+    x[3, 1] = np.nan
+    with pytest.raises(InputError, match="non-finite values in rows"):
+        name_clusters(x, np.zeros(5, dtype=int), LANDMARKS, NAMES, rng=0)
+
+
+@pytest.mark.slow  # about 30 s, mostly numba compilation in umap-learn
+def test_umap_space():
+    pytest.importorskip("umap")
+    rng = np.random.default_rng(11)
+    landmarks = LANDMARKS[:3] * 3.0
+    centers = np.vstack([landmarks[[0, 1]], [[0.0, 0.0, 0.0, 30.0]]])
+    x, clusters = _blobs(centers, 150, 0.5, rng)
+    # Fit on 200 random cells (+ 3 landmarks); the other 250 go through transform in blocks.
+    res = name_clusters(
+        x, clusters, landmarks, NAMES[:3], space="umap", umap_max_cells=200, block_size=100, rng=0
+    )
+    assert res.space == "umap"
+    assert res.centers.shape == (3, 10)
+    assert res.best_name[:2].tolist() == ["B cell", "T cell"]
+    assert (res.best_probability[:2] > 0.9).all()
+    assert res.cell_novelty.shape == (450,)
