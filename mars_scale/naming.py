@@ -622,6 +622,8 @@ def _umap_embed(
     fit_data = np.vstack(
         [np.asarray(embedding[sample], dtype=np.float32), landmarks.astype(np.float32)]
     )
+    if not np.isfinite(fit_data).all():
+        raise InputError("embedding has non-finite values among the cells sampled for UMAP.")
     seed = int(rng.integers(2**31 - 1))
     start = time.perf_counter()
     reducer = umap.UMAP(

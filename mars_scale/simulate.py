@@ -13,7 +13,7 @@ For cell *i* of type *t* in experiment *e* and gene *g*::
     q_teg = softmax_g(b_g + f_tg + d_eg)
     log L_i ~ Normal(log L0 + s_e + a_t, library_size_sd)
 
-- ``b_g`` is a log-normal baseline (standard deviation ``1.8`` on the log scale), so that a
+- ``b_g`` is a log-normal baseline (standard deviation ``2.2`` on the log scale), so that a
   few genes take a large share of the counts and most are rarely detected, as in droplet data.
 - ``f_tg`` is the cell-type programme. A fraction ``programme_gene_fraction`` of the genes
   are programme genes. The types are grouped into about ``sqrt(n_cell_types)`` lineages; each
@@ -67,6 +67,7 @@ from typing import Any
 import h5py
 import numpy as np
 import scipy.optimize
+import scipy.special
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
@@ -84,7 +85,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Fixed constants of the generative model (changing one changes every simulated atlas).
-_GENE_LOG_SD = 1.8
+_GENE_LOG_SD = 2.2
 _DISPERSION_LOG_SD = 0.5
 _TYPE_LIBRARY_SD = 0.2
 _FOLD_CHANGE_LOG_SD = 0.3
@@ -312,7 +313,10 @@ class Simulator:
         self.experiment_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
         # Genes: baseline expression and dispersion.
-        self._log_base = rng.normal(0.0, _GENE_LOG_SD, n_g)
+        # Stratified normal quantiles in random order: a log-normal shape without outliers.
+        self._log_base = _GENE_LOG_SD * scipy.special.ndtri(
+            (rng.permutation(n_g) + rng.random(n_g)) / n_g
+        )
         self._theta = config.inverse_dispersion * np.exp(rng.normal(0.0, _DISPERSION_LOG_SD, n_g))
 
         # Cell-type programmes, grouped in lineages.
@@ -621,12 +625,15 @@ def _sample_counts(
 
     # Thin to the exact non-zero probability of each cell.
     theta_g = theta[gene]
-    mean = lib[cell] * profiles[types[cell], gene]
-    log_p0 = -theta_g * np.log1p(mean / theta_g)
-    p_nonzero = -np.expm1(log_p0)
-    top = bucket_lib[cell_bucket[cell]] * profiles[types[cell], gene]
-    p_proposed = np.where(is_dense, 1.0, -np.expm1(-theta_g * np.log1p(top / theta_g)))
+    q = profiles.ravel()[types[cell] * n_g + gene]
+    mean = lib[cell] * q
+    p_nonzero = -np.expm1(-theta_g * np.log1p(mean / theta_g))
+    p_proposed = np.ones(len(cell))
+    pois = np.flatnonzero(~is_dense)
+    top = bucket_lib[cell_bucket[cell[pois]]] * q[pois]
+    p_proposed[pois] = -np.expm1(-theta_g[pois] * np.log1p(top / theta_g[pois]))
     keep = rng.random(len(cell)) * p_proposed < p_nonzero
+    del q, p_nonzero, p_proposed, pois, top, is_dense
     cell, gene, mean, theta_g = cell[keep], gene[keep], mean[keep], theta_g[keep]
     values = _zero_truncated_nb(rng, mean, theta_g)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n))]).astype(np.int64)
@@ -651,21 +658,18 @@ def _zero_truncated_nb(rng: np.random.Generator, mean: np.ndarray, theta: np.nda
     ratio = m / (m + th)
     log_p0 = -th * np.log1p(m / th)
     u = rng.random(len(idx)) * -np.expm1(log_p0)
-    prob = np.exp(log_p0) * th * ratio  # P(X = 1)
-    cum = prob.copy()
-    k = 1
+    cum = np.exp(log_p0) * th * ratio  # P(X = 1)
     active = np.flatnonzero(u > cum)
-    idx, u, cum, prob, th, ratio = (a[active] for a in (idx, u, cum, prob, th, ratio))
+    idx, u, cum, th, ratio = (a[active] for a in (idx, u, cum, th, ratio))
+    prob = cum
+    k = 1
     while idx.size and k < 1000:
-        prob = prob * (k + th) / (k + 1) * ratio
+        prob = prob * ((k + th) / (k + 1) * ratio)
         cum = cum + prob
         k += 1
-        done = u <= cum
-        out[idx[done]] = k
-        left = ~done
-        idx, u, cum, prob, th, ratio = (a[left] for a in (idx, u, cum, prob, th, ratio))
-    if idx.size:  # rounding left a sliver of mass unassigned: give it the last value
+        left = u > cum
         out[idx] = k
+        idx, u, cum, prob, th, ratio = (a[left] for a in (idx, u, cum, prob, th, ratio))
     return out
 
 

@@ -14,34 +14,20 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from mars_scale.preprocess import normalize_log1p
+
 __all__ = [
     "GeneMoments",
     "MomentAccumulator",
     "block_moments",
     "merge_moments",
     "compute_stats",
-    "log1p_normalize",
     "TARGET_SUM",
 ]
 
 logger = logging.getLogger(__name__)
 
 TARGET_SUM = 1e4
-
-
-def log1p_normalize(block: sp.csr_matrix, *, kind: str, target_sum: float = TARGET_SUM) -> np.ndarray:
-    """The log1p-normalised non-zero values of a CSR block of raw values (float64).
-
-    ``kind="lognorm"`` returns the values unchanged.
-    """
-    data = block.data.astype(np.float64)
-    if kind == "lognorm":
-        return data
-    totals = np.add.reduceat(data, block.indptr[:-1]) if data.size else np.zeros(0)
-    lengths = np.diff(block.indptr)
-    totals = np.where(lengths > 0, totals[: len(lengths)] if totals.size else 0.0, 1.0)
-    scale = np.repeat(target_sum / np.where(totals > 0, totals, 1.0), lengths)
-    return np.log1p(data * scale)
 
 
 @dataclass(frozen=True)
@@ -65,16 +51,18 @@ class GeneMoments:
 
     @property
     def std(self) -> np.ndarray:
-        """Population standard deviation (ddof = 0), as scanpy's ``scale`` uses."""
-        if self.n_obs == 0:
+        """Sample standard deviation (ddof = 1), as scanpy's ``scale`` (and so MARS) uses."""
+        if self.n_obs < 2:
             return np.zeros_like(self.mean)
-        return np.sqrt(np.maximum(self.m2 / self.n_obs, 0.0))
+        return np.sqrt(np.maximum(self.m2 / (self.n_obs - 1), 0.0))
 
 
 def block_moments(block: sp.csr_matrix, *, kind: str, target_sum: float = TARGET_SUM) -> GeneMoments:
     """Per-gene moments of the log1p-normalised values of one CSR block of raw values."""
     n, g = block.shape
-    values = log1p_normalize(block, kind=kind, target_sum=target_sum)
+    values = normalize_log1p(
+        block.indptr, block.indices, block.data, target_sum=target_sum, kind=kind, dtype=np.float64
+    )
     s1 = np.bincount(block.indices, weights=values, minlength=g)
     s2 = np.bincount(block.indices, weights=values * values, minlength=g)
     nz = np.bincount(block.indices, minlength=g).astype(np.int64)

@@ -23,7 +23,7 @@ def dense_reference(adata: ad.AnnData, *, min_cells: int = 5):
     x = x[:, keep]
     totals = x.sum(axis=1, keepdims=True)
     y = np.log1p(x / np.where(totals > 0, totals, 1) * 1e4)
-    return keep, x, y.mean(axis=0), y.std(axis=0)
+    return keep, x, y.mean(axis=0), y.std(axis=0, ddof=1)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,181 @@
+"""Run configuration: frozen dataclasses per stage, read from TOML, overridden by CLI flags.
+
+Example ``mars.toml``::
+
+    [model]
+    hidden = [1000]
+    n_latent = 100
+
+    [train]
+    pretrain_epochs = 25
+    finetune_epochs = 30
+    batch_size = 256
+    lam = 0.2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mars_scale.errors import ConfigError
+from mars_scale.nn import ModelConfig
+
+__all__ = ["TrainConfig", "RunConfig", "load_config", "config_to_dict", "config_from_dict"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training options (defaults follow the paper's Methods).
+
+    Parameters
+    ----------
+    pretrain_epochs, finetune_epochs
+        Epochs of autoencoder pretraining and of MARS fine-tuning (paper: 25 and 30).
+    batch_size
+        Cells per minibatch per rank, for each of the annotated and unannotated streams.
+    lr, landmark_lr
+        Adam learning rates of the network and of the unannotated landmarks (paper: 1e-3).
+    lam
+        Weight of the landmark separation terms (lambda, paper: 0.2).
+    tau
+        Weight of the unannotated experiment (paper: 1).
+    pretrain_on
+        ``"unannotated"`` (the paper's default) or ``"all"`` experiments.
+    kmeans_n_init
+        K-means restarts for the unannotated landmarks, best by inertia (paper: 10).
+    kmeans_max_points
+        Cap on the embeddings kept in memory for K-means (a uniform subsample beyond it).
+    min_steps_per_epoch
+        Small experiments still get this many optimiser steps per epoch (the shorter stream
+        cycles); 1 reproduces plain epochs.
+    prune_unused
+        Drop unannotated landmarks that no cell chooses at the end of fine-tuning.
+    seed
+        Seeds the weights, the K-means restarts and the loader order.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    blocks_per_buffer
+        Row blocks shuffled together by the loader.
+    """
+
+    pretrain_epochs: int = 25
+    finetune_epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    landmark_lr: float = 1e-3
+    lam: float = 0.2
+    tau: float = 1.0
+    pretrain_on: str = "unannotated"
+    kmeans_n_init: int = 10
+    kmeans_max_points: int = 500_000
+    min_steps_per_epoch: int = 1
+    prune_unused: bool = False
+    seed: int = 0
+    device: str = "auto"
+    blocks_per_buffer: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("pretrain_epochs", "finetune_epochs", "kmeans_max_points"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "kmeans_n_init", "min_steps_per_epoch", "blocks_per_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.lam < 1:
+            raise ConfigError(f"train.lam must be in [0, 1), got {self.lam}")
+        if self.tau < 0 or self.lr <= 0 or self.landmark_lr <= 0:
+            raise ConfigError("train.tau must be >= 0 and train.lr, train.landmark_lr > 0")
+        if self.pretrain_on not in ("unannotated", "all"):
+            raise ConfigError(f"train.pretrain_on must be 'unannotated' or 'all', got {self.pretrain_on!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs besides the data: the model and the training options."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_check_type(v, inner, where) for v in value)
+    if hint in (int, float, str, bool):
+        ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "config") -> RunConfig:
+    """Build a :class:`RunConfig` from nested dicts, refusing unknown keys and wrong types."""
+    sections = {}
+    for name, values in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
+        cls = _SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        for key in values:
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {name}.{key} (known: {', '.join(sorted(known))})"
+                )
+        kwargs = {k: _check_type(v, hints[k], f"{source}: {name}.{k}") for k, v in values.items()}
+        try:
+            sections[name] = cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return RunConfig(**sections)
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    """Read a TOML file into a :class:`RunConfig`.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not TOML, or has an unknown key or a value of the wrong type.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return config_from_dict(data, source=str(path))
+
+
+def config_to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (lists for tuples), for checkpoints and the store's run record."""
+    out = {}
+    for name in _SECTIONS:
+        section = dataclasses.asdict(getattr(config, name))
+        out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+    return out
+
+
+def override(config: RunConfig, **train_overrides: Any) -> RunConfig:
+    """A copy with the given ``train`` fields replaced (``None`` values are ignored)."""
+    changes = {k: v for k, v in train_overrides.items() if v is not None}
+    if not changes:
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))

@@ -1,0 +1,80 @@
+"""The MARS objective (paper eq. 1-3) and its minibatch estimate.
+
+Notation: ``z`` embeddings, ``p`` landmarks, ``d`` squared Euclidean distance, ``lam`` the
+landmark-separation weight lambda (0.2) and ``tau`` the weight of the unannotated experiment (1).
+
+For an annotated experiment i with N_i cells and K_i landmarks (eq. 1)::
+
+    L_i = 1/N_i sum_j d(z_j, p_{y_j}) - lam / (K_i (K_i - 1)) sum_{k1,k2} d(p_k1, p_k2)
+
+For the unannotated experiment (eq. 2)::
+
+    L_u = 1/N sum_j min_k d(z_j, p_k) - lam / (K (K - 1)) sum_{k1,k2} d(p_k1, p_k2)
+
+and the objective is ``sum_i L_i + tau L_u`` (eq. 3). ``docs/algorithm.md`` explains why the
+minibatch form below is an unbiased estimate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "squared_distances",
+    "landmark_separation",
+    "closed_form_landmarks",
+    "annotated_cell_loss",
+    "unannotated_cell_loss",
+    "unannotated_landmark_loss",
+]
+
+
+def squared_distances(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """All squared Euclidean distances between rows of ``z`` (n, d) and ``p`` (k, d)."""
+    return (z.unsqueeze(1) - p.unsqueeze(0)).pow(2).sum(-1)
+
+
+def landmark_separation(p: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance over ordered pairs of distinct landmarks (0 for one landmark)."""
+    k = p.shape[0]
+    if k < 2:
+        return p.new_zeros(())
+    return squared_distances(p, p).sum() / (k * (k - 1))
+
+
+def closed_form_landmarks(
+    class_means: torch.Tensor, previous: torch.Tensor, *, lam: float
+) -> torch.Tensor:
+    """Annotated landmarks of one experiment in closed form (the reference implementation's).
+
+    ``p_k = (mu_k - lam / (K - 1) * sum_{j != k} p_j) / (1 - lam)`` with the previous
+    landmarks in the sum; with one class (or ``lam == 0``) the landmarks are the class means.
+    """
+    k = class_means.shape[0]
+    if k < 2 or lam == 0:
+        return class_means.clone()
+    others = previous.sum(0, keepdim=True) - previous
+    return (class_means - lam / (k - 1) * others) / (1.0 - lam)
+
+
+def annotated_cell_loss(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_j w_j d(z_j, p_{y_j})`` with the target landmark of each cell given row-wise.
+
+    With ``w_j = N_A / (B N_{e_j})`` for a batch of B cells drawn uniformly from the N_A
+    annotated cells, its expectation is ``sum_i 1/N_i sum_{j in i} d(z_j, p_{y_j})``: the cell
+    part of ``sum_i L_i``.
+    """
+    return (weights * (z - targets).pow(2).sum(-1)).sum()
+
+
+def unannotated_cell_loss(z: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the batch of the squared distance to the nearest landmark, and the assignment."""
+    dist = squared_distances(z, landmarks)
+    best, assign = dist.min(dim=1)
+    return best.mean(), assign
+
+
+def unannotated_landmark_loss(z: torch.Tensor, landmarks: torch.Tensor, *, lam: float) -> torch.Tensor:
+    """``L_u`` of eq. 2 on a batch, as a function of the landmarks (``z`` is held fixed)."""
+    cell, _ = unannotated_cell_loss(z, landmarks)
+    return cell - lam * landmark_separation(landmarks)
