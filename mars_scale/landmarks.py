@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import scipy.sparse
 import torch
 
 from mars_scale.device import faiss_gpu_count, resolve_device
@@ -160,7 +161,8 @@ def _choose_backend(device: torch.device, use_faiss_gpu: bool | None) -> _Backen
     usable = faiss_gpu_count() > 0
     if use_faiss_gpu and not usable:
         raise ConfigError(
-            "use_faiss_gpu=True but faiss cannot use a GPU here (pass use_faiss_gpu=None to fall back to torch)"
+            "use_faiss_gpu=True but faiss cannot use a GPU here "
+            "(pass use_faiss_gpu=None to fall back to torch)"
         )
     return "faiss-gpu" if usable else "torch"
 
@@ -288,7 +290,9 @@ def nearest(
     if k < 1:
         raise InputError("landmarks is empty (pass at least one landmark)")
     if d_landmarks != d:
-        raise InputError(f"landmarks have {d_landmarks} dimensions but x has {d} (embed both with the same model)")
+        raise InputError(
+            f"landmarks have {d_landmarks} dimensions but x has {d} (embed both with the same model)"
+        )
     _check_finite(landmarks, "landmarks", block_size)
     _check_finite(x, "x", block_size)
 
@@ -301,8 +305,12 @@ def nearest(
 
     started = time.perf_counter()
     if backend == "torch":
-        p = landmarks if isinstance(landmarks, torch.Tensor) else torch.from_numpy(np.asarray(landmarks))
-        assignment, distance = _nearest_torch(x, p.to(device=compute, dtype=torch.float32), block_size=block_size)
+        if isinstance(landmarks, torch.Tensor):
+            p = landmarks
+        else:
+            p = torch.from_numpy(np.ascontiguousarray(landmarks, dtype=np.float32))
+        p = p.to(device=compute, dtype=torch.float32)
+        assignment, distance = _nearest_torch(x, p, block_size=block_size)
         if not is_tensor:
             assignment, distance = assignment.numpy(), distance.numpy()
     else:
@@ -389,27 +397,42 @@ def _centroid_update(
     k: int,
     *,
     block_size: int,
+    sparse: bool,
 ) -> tuple[np.ndarray, int]:
     """Means of the assigned points; an empty cluster moves to a point far from its centroid.
 
-    Sums are taken per block in float32 and accumulated in float64. Returns float32 centroids and
-    the number of clusters that were empty.
+    Sums are taken per block in float32 and accumulated in float64: with ``sparse`` (CPU data
+    only) by a scipy one-hot product, which is single-threaded, deterministic and free of
+    contention between torch's and faiss's OpenMP runtimes; otherwise with ``index_add_`` on the
+    data's device. Returns float32 centroids and the number of clusters that were empty.
     """
     n, d = data.shape
-    sums = torch.zeros((k, d), dtype=torch.float64, device=data.device)
-    part = torch.empty((k, d), dtype=torch.float32, device=data.device)
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
-        part.zero_().index_add_(0, assignment[start:stop], data[start:stop])
-        sums += part
-    counts = torch.bincount(assignment, minlength=k)
-    centroids = sums / counts.clamp(min=1).to(torch.float64)[:, None]
-    empty = torch.nonzero(counts == 0).flatten()
-    n_empty = int(empty.numel())
-    if n_empty:
-        far = torch.topk(distance, n_empty).indices
-        centroids[empty] = data[far].to(torch.float64)
-    return centroids.to(torch.float32).cpu().numpy(), n_empty
+    if sparse:
+        values, labels = data.numpy(), assignment.numpy()
+        sums = np.zeros((k, d), dtype=np.float64)
+        for start in range(0, n, block_size):
+            stop = min(start + block_size, n)
+            one_hot = scipy.sparse.csr_matrix(
+                (np.ones(stop - start, dtype=np.float32), (labels[start:stop], np.arange(stop - start))),
+                shape=(k, stop - start),
+            )
+            sums += one_hot @ values[start:stop]
+        counts = np.bincount(labels, minlength=k)
+    else:
+        sums_t = torch.zeros((k, d), dtype=torch.float64, device=data.device)
+        part = torch.empty((k, d), dtype=torch.float32, device=data.device)
+        for start in range(0, n, block_size):
+            stop = min(start + block_size, n)
+            part.zero_().index_add_(0, assignment[start:stop], data[start:stop])
+            sums_t += part
+        sums = sums_t.cpu().numpy()
+        counts = torch.bincount(assignment, minlength=k).cpu().numpy()
+    centroids = sums / np.maximum(counts, 1)[:, None]
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        far = torch.topk(distance, int(empty.size)).indices
+        centroids[empty] = data[far].cpu().numpy()
+    return centroids.astype(np.float32), int(empty.size)
 
 
 def _lloyd(
@@ -420,6 +443,7 @@ def _lloyd(
     max_iter: int,
     tol_abs: float,
     block_size: int,
+    sparse: bool,
 ) -> tuple[np.ndarray, int, bool]:
     """Lloyd iterations from ``init`` until assignments stop changing or the centres move less
     than ``tol_abs`` (summed squared shift). Returns centroids, iterations and convergence."""
@@ -431,7 +455,9 @@ def _lloyd(
         assignment, distance = assign(data, centroids)
         if previous is not None and torch.equal(assignment, previous):
             return centroids, n_iter, True
-        updated, n_empty = _centroid_update(data, assignment, distance, k, block_size=block_size)
+        updated, n_empty = _centroid_update(
+            data, assignment, distance, k, block_size=block_size, sparse=sparse
+        )
         if n_empty:
             logger.debug("k-means iteration %d: %d empty cluster(s) moved to far points", iteration, n_empty)
         shift = float(np.sum((updated.astype(np.float64) - centroids.astype(np.float64)) ** 2))
@@ -560,7 +586,13 @@ def kmeans(
         seed_points = train[np.sort(rng.choice(n_train, size=n_seed, replace=False))].astype(np.float64)
         init = _kmeans_plusplus(seed_points, k, rng)
         centroids, n_iter, converged = _lloyd(
-            data, init, assign, max_iter=max_iter, tol_abs=tol_abs, block_size=block_size
+            data,
+            init,
+            assign,
+            max_iter=max_iter,
+            tol_abs=tol_abs,
+            block_size=block_size,
+            sparse=backend != "torch",
         )
         if train is points:
             _, distance = assign(data, centroids)

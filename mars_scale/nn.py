@@ -64,6 +64,11 @@ class ModelConfig:
         Dimension of the embedding (MARS: 100).
     dropout
         Dropout probability after each ELU (MARS: 0). ``0`` adds no dropout module.
+    decoder_output
+        ``"block"`` (default, as the MARS reference: the decoder's last layer is Linear ->
+        LayerNorm -> ELU like every other) or ``"linear"`` (a plain linear map). Measured on
+        the shipped data, ``"block"`` gives clearly better pretrained embeddings (K-means ARI
+        0.83 against 0.59 on mesc batch3; see docs/algorithm.md).
 
     Raises
     ------
@@ -74,8 +79,13 @@ class ModelConfig:
     hidden: tuple[int, ...] = (1000,)
     n_latent: int = 100
     dropout: float = 0.0
+    decoder_output: str = "block"
 
     def __post_init__(self) -> None:
+        if self.decoder_output not in ("block", "linear"):
+            raise ConfigError(
+                f"ModelConfig.decoder_output must be 'block' or 'linear', got {self.decoder_output!r}."
+            )
         if isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Sequence):
             raise ConfigError(
                 f"ModelConfig.hidden must be a sequence of positive integers, got {self.hidden!r}."
@@ -637,7 +647,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """MARS decoder: the encoder's mirror, ending in a plain linear map to the genes.
+    """MARS decoder: the encoder's mirror (``output="block"``) or ending in a plain linear map.
 
     Parameters
     ----------
@@ -650,6 +660,9 @@ class Decoder(nn.Module):
         them in reverse order (``n_latent -> hidden[-1] -> ... -> hidden[0] -> n_genes``).
     dropout
         Dropout probability after each ELU.
+    output
+        ``"block"``: the last layer is Linear -> LayerNorm -> ELU, as in the MARS reference;
+        ``"linear"``: a plain linear map.
     rng
         Source of the initial weights.
     dtype
@@ -668,17 +681,23 @@ class Decoder(nn.Module):
         *,
         hidden: Sequence[int] = (1000,),
         dropout: float = 0.0,
+        output: str = "block",
         rng: RNGLike = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.config = ModelConfig(hidden=tuple(hidden), n_latent=n_latent, dropout=dropout)
+        self.config = ModelConfig(
+            hidden=tuple(hidden), n_latent=n_latent, dropout=dropout, decoder_output=output
+        )
         self.n_genes = _positive_int(n_genes, "n_genes")
         self.n_latent = self.config.n_latent
         widths = (self.n_latent, *reversed(self.config.hidden))
         generator = _torch_generator(rng)
         self.hidden_blocks = MLP(widths, dropout=self.config.dropout, rng=generator, dtype=dtype)
-        self.output = _linear(widths[-1], self.n_genes, generator, dtype)
+        if output == "block":
+            self.output = FCBlock(widths[-1], self.n_genes, rng=generator, dtype=dtype)
+        else:
+            self.output = _linear(widths[-1], self.n_genes, generator, dtype)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstruct the scaled expression.
@@ -780,6 +799,7 @@ class Autoencoder(nn.Module):
             n_genes,
             hidden=config.hidden,
             dropout=config.dropout,
+            output=config.decoder_output,
             rng=generator,
             dtype=dtype,
         )

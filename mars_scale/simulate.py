@@ -15,11 +15,13 @@ For cell *i* of type *t* in experiment *e* and gene *g*::
 
 - ``b_g`` is a log-normal baseline (standard deviation ``2.2`` on the log scale), so that a
   few genes take a large share of the counts and most are rarely detected, as in droplet data.
-- ``f_tg`` is the cell-type programme. A fraction ``programme_gene_fraction`` of the genes
-  are programme genes. The types are grouped into about ``sqrt(n_cell_types)`` lineages; each
-  lineage up-regulates 10 % of the programme genes, and each type up-regulates another 10 %
-  and down-regulates 5 %, with log fold-changes drawn around ``log(fold_change)``. Types of one
-  lineage therefore share markers and are harder to tell apart than types of different lineages.
+- ``f_tg`` is the cell-type programme. A fraction ``programme_gene_fraction`` of the genes,
+  drawn from the more expressed half, are programme genes. The types are grouped into about
+  ``sqrt(n_cell_types)`` lineages; each lineage up-regulates 20 % of the programme genes, and
+  each type up-regulates another 20 % and down-regulates 10 %, with log fold-changes drawn
+  around ``log(fold_change)``. Types of one lineage share markers and are harder to tell apart.
+  With the defaults a graph-based clustering of one experiment reaches an ARI above 0.99 while
+  K-means on 30 principal components lands between about 0.6 and 0.98 depending on the seed.
 - ``d_eg ~ Normal(0, batch_effect_strength)`` is a per-experiment, per-gene batch factor and
   ``s_e ~ Normal(0, batch_effect_strength)`` a per-experiment library-size shift; ``a_t`` is a
   small per-type library-size offset (standard deviation ``0.2``).
@@ -53,12 +55,16 @@ therefore depends only on the :class:`SimulationConfig`: it is the same for any
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
+import multiprocessing
 import numbers
 import os
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -89,13 +95,15 @@ _GENE_LOG_SD = 2.2
 _DISPERSION_LOG_SD = 0.5
 _TYPE_LIBRARY_SD = 0.2
 _FOLD_CHANGE_LOG_SD = 0.3
-_LINEAGE_UP_FRACTION = 0.10
-_TYPE_UP_FRACTION = 0.10
-_TYPE_DOWN_FRACTION = 0.05
+_PROGRAMME_POOL = 0.5  # programme genes are drawn from this most-expressed fraction
+_LINEAGE_UP_FRACTION = 0.2
+_TYPE_UP_FRACTION = 0.2
+_TYPE_DOWN_FRACTION = 0.1
 _COMPOSITION_SD = 0.5
 _EXPERIMENT_COMPOSITION_SD = 0.3
 _REFERENCE_GENES = 20_000
 _REFERENCE_NNZ = 1_000.0
+_REFERENCE_PROGRAMME_FRACTION = 0.1
 # Sampling constants (they change the random stream, not the distribution).
 _BUCKET_WIDTH = 0.2  # width of a library-size bin on the natural-log scale
 _DENSE_RATE = 1.0  # above this proposal rate every cell of the bin is proposed
@@ -160,7 +168,10 @@ class SimulationConfig:
     inverse_dispersion
         Typical negative-binomial inverse dispersion ``theta`` (variance ``mu + mu**2/theta``).
     programme_gene_fraction
-        Fraction of the genes that cell-type programmes may up- or down-regulate.
+        Fraction of the genes that cell-type programmes may up- or down-regulate; ``None``
+        means ``0.1 * (20000 / n_genes) ** 0.25`` capped at 0.5 (0.1 at 20,000 genes, about
+        0.18 at 2,000), which keeps the default about equally hard across panel sizes (a
+        small panel behaves like a selection of variable genes).
     fold_change
         Typical fold change of a programme gene (at least 1).
     batch_effect_strength
@@ -183,8 +194,8 @@ class SimulationConfig:
     mean_nnz_per_cell: float | None = None
     library_size_sd: float = 0.5
     inverse_dispersion: float = 5.0
-    programme_gene_fraction: float = 0.1
-    fold_change: float = 4.0
+    programme_gene_fraction: float | None = None
+    fold_change: float = 3.0
     batch_effect_strength: float = 0.3
     restricted_type_fraction: float = 0.3
 
@@ -204,7 +215,8 @@ class SimulationConfig:
                            self.n_genes / 2, low_open=True)
         _require_float("library_size_sd", self.library_size_sd, 0.0, 2.0)
         _require_float("inverse_dispersion", self.inverse_dispersion, 0.0, 1e6, low_open=True)
-        _require_float("programme_gene_fraction", self.programme_gene_fraction, 0.0, 1.0)
+        if self.programme_gene_fraction is not None:
+            _require_float("programme_gene_fraction", self.programme_gene_fraction, 0.0, 1.0)
         _require_float("fold_change", self.fold_change, 1.0, 1e3)
         _require_float("batch_effect_strength", self.batch_effect_strength, 0.0, 3.0)
         _require_float("restricted_type_fraction", self.restricted_type_fraction, 0.0, 1.0,
@@ -217,10 +229,19 @@ class SimulationConfig:
             return float(self.mean_nnz_per_cell)
         return min(_REFERENCE_NNZ * math.sqrt(self.n_genes / _REFERENCE_GENES), self.n_genes / 2)
 
+    @property
+    def target_programme_gene_fraction(self) -> float:
+        """The fraction of programme genes used (``programme_gene_fraction`` resolved)."""
+        if self.programme_gene_fraction is not None:
+            return float(self.programme_gene_fraction)
+        scale = (_REFERENCE_GENES / self.n_genes) ** 0.25
+        return min(_REFERENCE_PROGRAMME_FRACTION * scale, 0.5)
+
     def to_dict(self) -> dict[str, Any]:
-        """Return the fields as a plain dict (``mean_nnz_per_cell`` resolved)."""
+        """Return the fields as a plain dict, with the ``None`` defaults resolved."""
         out = dataclasses.asdict(self)
         out["mean_nnz_per_cell"] = self.target_nnz_per_cell
+        out["programme_gene_fraction"] = self.target_programme_gene_fraction
         return out
 
 
@@ -320,8 +341,10 @@ class Simulator:
         self._theta = config.inverse_dispersion * np.exp(rng.normal(0.0, _DISPERSION_LOG_SD, n_g))
 
         # Cell-type programmes, grouped in lineages.
-        n_prog = int(round(config.programme_gene_fraction * n_g))
-        programme = np.sort(rng.choice(n_g, size=n_prog, replace=False))
+        n_prog = int(round(config.target_programme_gene_fraction * n_g))
+        # Programme genes come from the more expressed genes (markers are detectable genes).
+        eligible = np.argsort(-self._log_base, kind="stable")[: max(n_prog, int(_PROGRAMME_POOL * n_g))]
+        programme = np.sort(rng.choice(eligible, size=n_prog, replace=False))
         self.programme_genes = programme
         n_lineages = max(1, int(round(math.sqrt(n_t))))
         self.lineage = rng.permutation(np.arange(n_t) % n_lineages)
@@ -364,7 +387,6 @@ class Simulator:
         composition *= presence
         self.composition = composition / composition.sum(axis=1, keepdims=True)
 
-        self._profile_cache: tuple[int, np.ndarray] | None = None
         target = config.target_nnz_per_cell
         self.tile_cells = int(min(8192, max(256, 2 ** round(math.log2(_TILE_NNZ / target)))))
         self.library_scale = self._calibrate(target, rng)
@@ -378,13 +400,10 @@ class Simulator:
     # ------------------------------------------------------------------ model pieces
     def _profiles(self, experiment: int) -> np.ndarray:
         """Expression proportions ``q[t, g]`` of one experiment (rows sum to 1)."""
-        if self._profile_cache is not None and self._profile_cache[0] == experiment:
-            return self._profile_cache[1]
         log_q = self._log_base + self._logfc + self._batch[experiment]
         log_q -= log_q.max(axis=1, keepdims=True)
         q = np.exp(log_q)
         q /= q.sum(axis=1, keepdims=True)
-        self._profile_cache = (experiment, q)
         return q
 
     def _calibrate(self, target: float, rng: np.random.Generator) -> float:
@@ -402,11 +421,10 @@ class Simulator:
         node_weight = node_weight / node_weight.sum()
         sd = self.config.library_size_sd
         profiles = np.empty((len(combos), self.config.n_genes))
-        offsets = np.empty(len(combos))
-        for j, (e, t) in enumerate(combos):
-            profiles[j] = self._profiles(int(e))[t]
-            offsets[j] = self._library_shift[e] + self._type_library[t]
-        self._profile_cache = None
+        for e in np.unique(combos[:, 0]):
+            rows = np.flatnonzero(combos[:, 0] == e)
+            profiles[rows] = self._profiles(int(e))[combos[rows, 1]]
+        offsets = self._library_shift[combos[:, 0]] + self._type_library[combos[:, 1]]
         theta = self._theta
 
         def expected_nnz(log_l0: float) -> float:
@@ -489,77 +507,156 @@ class Simulator:
         }
 
     # ------------------------------------------------------------------ sampling
-    def _tile(self, experiment: int, tile: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-        """Generate tile ``tile`` of ``experiment``: counts, cell types, library sizes."""
-        n_rows_e = int(self.experiment_offsets[experiment + 1] - self.experiment_offsets[experiment])
-        start = tile * self.tile_cells
-        n = min(self.tile_cells, n_rows_e - start)
-        rng = np.random.default_rng(
-            np.random.SeedSequence(self.config.seed, spawn_key=(_STREAM_CELLS, experiment, tile))
+    def _tile_spec(self, experiment: int) -> _TileSpec:
+        """Everything a worker needs to generate the tiles of one experiment."""
+        return _TileSpec(
+            seed=self.config.seed,
+            experiment=experiment,
+            tile_cells=self.tile_cells,
+            n_rows=int(self.experiment_offsets[experiment + 1]
+                       - self.experiment_offsets[experiment]),
+            composition=self.composition[experiment],
+            log_scale=math.log(self.library_scale) + float(self._library_shift[experiment]),
+            type_library=self._type_library,
+            library_size_sd=self.config.library_size_sd,
+            theta=self._theta,
+            profiles=self._profiles(experiment),
         )
-        types = rng.choice(self.config.n_cell_types, size=n, p=self.composition[experiment])
-        log_lib = (math.log(self.library_scale) + self._library_shift[experiment]
-                   + self._type_library[types]
-                   + self.config.library_size_sd * rng.standard_normal(n))
-        counts = _sample_counts(rng, self._profiles(experiment), self._theta, types, log_lib)
-        return counts, types.astype(np.int32), np.exp(log_lib)
+
+    def _tiles(
+        self, experiments: Sequence[int], n_jobs: int
+    ) -> Iterator[tuple[sp.csr_matrix, np.ndarray, np.ndarray]]:
+        """Yield the tiles of ``experiments`` in order, computing up to ``2 * n_jobs`` ahead."""
+        def jobs() -> Iterator[tuple[_TileSpec, int]]:
+            for e in experiments:
+                spec = self._tile_spec(e)
+                for k in range(-(-spec.n_rows // spec.tile_cells)):
+                    yield spec, k
+
+        if n_jobs == 1:
+            for spec, k in jobs():
+                yield _generate_tile(spec, k)
+            return
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=n_jobs, mp_context=context)
+        try:
+            pending: deque[Future] = deque()
+            queue = jobs()
+            for spec, k in itertools.islice(queue, 2 * n_jobs):
+                pending.append(pool.submit(_generate_tile, spec, k))
+            while pending:
+                result = pending.popleft().result()
+                job = next(queue, None)
+                if job is not None:
+                    pending.append(pool.submit(_generate_tile, *job))
+                yield result
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def iter_blocks(
         self,
         *,
         rows_per_block: int = 4096,
         experiments: Sequence[int] | None = None,
+        n_jobs: int = 1,
     ) -> Iterator[SimulatedBlock]:
         """Yield the cells in blocks of at most ``rows_per_block`` rows.
 
-        Blocks never straddle experiments, come in row order, and hold at most one
-        generation tile besides the block itself, so memory does not grow with ``n_cells``.
+        Blocks never straddle experiments and come in row order. Memory is bounded by the
+        block plus ``2 * n_jobs + 1`` generation tiles, independent of ``n_cells``. The
+        content does not depend on ``rows_per_block`` or ``n_jobs``.
 
         Parameters
         ----------
         rows_per_block
             Maximum number of rows per block.
         experiments
-            Indices of the experiments to generate (default: all, in order).
+            Indices of the experiments to generate, in that order (default: all).
+        n_jobs
+            Worker processes generating tiles ahead of the consumer (``spawn`` start method;
+            ``1`` generates in the calling process).
 
         Yields
         ------
         SimulatedBlock
+
+        Raises
+        ------
+        InputError
+            If ``rows_per_block`` or ``n_jobs`` is not a positive integer, or an experiment
+            index is out of range.
         """
-        if isinstance(rows_per_block, bool) or not isinstance(rows_per_block, numbers.Integral) \
-                or rows_per_block < 1:
-            raise InputError(f"rows_per_block must be a positive integer, got {rows_per_block!r}.")
-        selected = range(self.config.n_experiments) if experiments is None else experiments
+        for name, value in (("rows_per_block", rows_per_block), ("n_jobs", n_jobs)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}.")
+        selected = list(range(self.config.n_experiments)) if experiments is None else [
+            int(e) for e in experiments
+        ]
         for e in selected:
-            if not 0 <= int(e) < self.config.n_experiments:
+            if not 0 <= e < self.config.n_experiments:
                 raise InputError(f"experiments: index {e} is out of range.")
         tile_n = self.tile_cells
-        for e in selected:
-            e = int(e)
-            base = int(self.experiment_offsets[e])
-            n_rows_e = int(self.experiment_offsets[e + 1]) - base
-            cached: tuple[int, tuple[sp.csr_matrix, np.ndarray, np.ndarray]] | None = None
-            for lo in range(0, n_rows_e, rows_per_block):
-                hi = min(lo + rows_per_block, n_rows_e)
-                parts = []
-                for k in range(lo // tile_n, (hi - 1) // tile_n + 1):
-                    if cached is None or cached[0] != k:
-                        cached = (k, self._tile(e, k))
-                    counts, types, libs = cached[1]
-                    a = max(lo, k * tile_n) - k * tile_n
-                    b = min(hi, (k + 1) * tile_n) - k * tile_n
-                    parts.append((counts[a:b], types[a:b], libs[a:b]))
-                if len(parts) == 1:
-                    block_counts = parts[0][0]
-                else:
-                    block_counts = sp.vstack([p[0] for p in parts], format="csr")
-                yield SimulatedBlock(
-                    start=base + lo,
-                    experiment=e,
-                    counts=block_counts,
-                    cell_type=np.concatenate([p[1] for p in parts]),
-                    library_size=np.concatenate([p[2] for p in parts]),
-                )
+        tiles = self._tiles(selected, int(n_jobs))
+        try:
+            for e in selected:
+                base = int(self.experiment_offsets[e])
+                n_rows_e = int(self.experiment_offsets[e + 1]) - base
+                current = -1
+                tile: tuple[sp.csr_matrix, np.ndarray, np.ndarray] | None = None
+                for lo in range(0, n_rows_e, rows_per_block):
+                    hi = min(lo + rows_per_block, n_rows_e)
+                    parts = []
+                    for k in range(lo // tile_n, (hi - 1) // tile_n + 1):
+                        while current < k:  # tiles arrive in order; each is used by
+                            tile = next(tiles)  # consecutive blocks only
+                            current += 1
+                        counts, types, libs = tile
+                        a = max(lo, k * tile_n) - k * tile_n
+                        b = min(hi, (k + 1) * tile_n) - k * tile_n
+                        parts.append((counts[a:b], types[a:b], libs[a:b]))
+                    if len(parts) == 1:
+                        block_counts = parts[0][0]
+                    else:
+                        block_counts = sp.vstack([p[0] for p in parts], format="csr")
+                    yield SimulatedBlock(
+                        start=base + lo,
+                        experiment=e,
+                        counts=block_counts,
+                        cell_type=np.concatenate([p[1] for p in parts]),
+                        library_size=np.concatenate([p[2] for p in parts]),
+                    )
+        finally:
+            tiles.close()
+
+
+@dataclass(frozen=True)
+class _TileSpec:
+    """The per-experiment model a tile needs (picklable, sent to worker processes)."""
+
+    seed: int
+    experiment: int
+    tile_cells: int
+    n_rows: int
+    composition: np.ndarray
+    log_scale: float
+    type_library: np.ndarray
+    library_size_sd: float
+    theta: np.ndarray
+    profiles: np.ndarray
+
+
+def _generate_tile(spec: _TileSpec, tile: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Generate tile ``tile`` of an experiment: counts, cell types and library sizes."""
+    start = tile * spec.tile_cells
+    n = min(spec.tile_cells, spec.n_rows - start)
+    rng = np.random.default_rng(
+        np.random.SeedSequence(spec.seed, spawn_key=(_STREAM_CELLS, spec.experiment, tile))
+    )
+    types = rng.choice(len(spec.composition), size=n, p=spec.composition)
+    log_lib = (spec.log_scale + spec.type_library[types]
+               + spec.library_size_sd * rng.standard_normal(n))
+    counts = _sample_counts(rng, spec.profiles, spec.theta, types, log_lib)
+    return counts, types.astype(np.int32), np.exp(log_lib)
 
 
 def _sample_counts(
@@ -729,7 +826,7 @@ def _create_categorical(group: h5py.Group, key: str, categories: np.ndarray, n: 
 
 
 def _check_write_args(path: str | os.PathLike, layout: str, dtype: Any, compression: Any,
-                      rows_per_block: Any, overwrite: bool) -> tuple[Path, np.dtype]:
+                      rows_per_block: Any, n_jobs: Any, overwrite: bool) -> tuple[Path, np.dtype]:
     if layout not in _LAYOUTS:
         raise InputError(f"layout must be one of {', '.join(_LAYOUTS)}, got {layout!r}.")
     try:
@@ -745,6 +842,8 @@ def _check_write_args(path: str | os.PathLike, layout: str, dtype: Any, compress
         or rows_per_block < 1
     ):
         raise InputError(f"rows_per_block must be a positive integer, got {rows_per_block!r}.")
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, numbers.Integral) or n_jobs < 1:
+        raise InputError(f"n_jobs must be a positive integer, got {n_jobs!r}.")
     out = Path(path)
     if out.exists() and not overwrite:
         raise InputError(f"{out}: the file exists (pass overwrite=True to replace it).")
@@ -768,6 +867,7 @@ def _write_file(
     layout: str,
     dtype: np.dtype,
     compression: str | None,
+    n_jobs: int,
 ) -> dict[str, Any]:
     """Stream the selected experiments of ``sim`` into a new h5ad file at ``path``."""
     n_rows = int(sum(sim.experiment_offsets[e + 1] - sim.experiment_offsets[e] for e in experiments))
@@ -818,7 +918,8 @@ def _write_file(
         row = 0
         exp_code = {e: i for i, e in enumerate(experiments)}
         with tqdm(total=n_rows, unit="cells", disable=None, desc=path.name) as bar:
-            for block in sim.iter_blocks(rows_per_block=rows_per_block, experiments=experiments):
+            for block in sim.iter_blocks(rows_per_block=rows_per_block, experiments=experiments,
+                                         n_jobs=n_jobs):
                 m = block.counts.shape[0]
                 end = row + m
                 index[row:end] = sim.cell_ids(block.start, block.stop)
@@ -881,6 +982,7 @@ def write_h5ad(
     layout: str = "csr",
     dtype: str | np.dtype = "float32",
     compression: str | None = None,
+    n_jobs: int = 1,
     overwrite: bool = False,
 ) -> Path:
     """Simulate an atlas and stream it into one AnnData ``.h5ad`` file.
@@ -905,6 +1007,9 @@ def write_h5ad(
         Dtype of ``X``: ``float32``, ``float64``, ``int32`` or ``int64``.
     compression
         h5py compression of ``X`` (``None``, ``"gzip"`` or ``"lzf"``); off by default for speed.
+    n_jobs
+        Worker processes generating cells ahead of the writer; the content does not depend
+        on it.
     overwrite
         Replace an existing file.
 
@@ -921,7 +1026,8 @@ def write_h5ad(
         If an option is invalid, the file exists without ``overwrite=True``, or a CSC atlas
         would be too large to build in memory.
     """
-    out, np_dtype = _check_write_args(path, layout, dtype, compression, rows_per_block, overwrite)
+    out, np_dtype = _check_write_args(path, layout, dtype, compression, rows_per_block, n_jobs,
+                                      overwrite)
     if layout == "csc" and config.n_cells * config.target_nnz_per_cell > _CSC_MAX_NNZ:
         raise InputError(
             f"{out}: layout='csc' builds the matrix in memory and is limited to "
@@ -933,7 +1039,7 @@ def write_h5ad(
     logger.info("writing %s (%s, %s, %d rows per block)", out, layout, np_dtype.name, rows)
     stats = _write_atomic(out, sim, experiments=list(range(config.n_experiments)),
                           rows_per_block=rows, layout=layout, dtype=np_dtype,
-                          compression=compression)
+                          compression=compression, n_jobs=n_jobs)
     elapsed = time.perf_counter() - started
     logger.info(
         "wrote %s: %d cells, %d non-zeros (%.0f per cell) in %.1f s (%.0f cells/s)",
@@ -951,6 +1057,7 @@ def write_h5ad_per_experiment(
     layout: str = "csr",
     dtype: str | np.dtype = "float32",
     compression: str | None = None,
+    n_jobs: int = 1,
     overwrite: bool = False,
 ) -> list[Path]:
     """Simulate an atlas and write one ``.h5ad`` file per experiment.
@@ -966,7 +1073,7 @@ def write_h5ad_per_experiment(
         Output directory (created if missing).
     config
         The atlas to simulate.
-    rows_per_block, layout, dtype, compression
+    rows_per_block, layout, dtype, compression, n_jobs
         As in :func:`write_h5ad`.
     overwrite
         Replace existing files.
@@ -991,7 +1098,7 @@ def write_h5ad_per_experiment(
     np_dtype = np.dtype("float32")
     for target in targets:
         _, np_dtype = _check_write_args(target, layout, dtype, compression, rows_per_block,
-                                        overwrite)
+                                        n_jobs, overwrite)
     if layout == "csc":
         biggest = int(np.diff(sim.experiment_offsets).max())
         if biggest * config.target_nnz_per_cell > _CSC_MAX_NNZ:
@@ -1003,7 +1110,7 @@ def write_h5ad_per_experiment(
     started = time.perf_counter()
     for e, target in enumerate(targets):
         stats = _write_atomic(target, sim, experiments=[e], rows_per_block=rows, layout=layout,
-                              dtype=np_dtype, compression=compression)
+                              dtype=np_dtype, compression=compression, n_jobs=n_jobs)
         logger.info("wrote %s: %d cells, %d non-zeros", target, stats["n_obs"], stats["nnz"])
     logger.info("wrote %d files to %s in %.1f s", len(targets), folder,
                 time.perf_counter() - started)

@@ -68,3 +68,42 @@ def small_store(tmp_path, small_h5ad) -> Path:
     out = tmp_path / "small.zarr"
     ingest([small_h5ad], out, config=IngestConfig(experiment_key="experiment", label_key="cell_type"))
     return out
+
+
+# ------------------------------------------------------------------------------- loader stores
+
+LOADER_ROWS_PER_CHUNK = 64
+
+
+def build_loader_store(
+    directory: Path, *, zarr_format: int = 3, n_cells: int = 1500, seed: int = 7
+) -> Path:
+    """A store of three experiments of unequal size (exp0 unannotated), about 64 cells per chunk.
+
+    Chunks are small (about 4,500 non-zeros) so that the store has a couple of dozen of them
+    and the loader has many blocks to permute.
+    """
+    from mars_scale.ingest import IngestConfig, ingest
+    from mars_scale.store import StoreLayout
+
+    adata = make_adata(n_cells, 200, n_experiments=3, seed=seed)
+    cell_type = adata.obs["cell_type"].astype(object)
+    cell_type[adata.obs["experiment"].astype(str) == "exp0"] = np.nan
+    adata.obs["cell_type"] = pd.Categorical(cell_type)
+    directory.mkdir(parents=True, exist_ok=True)
+    h5ad = directory / "cells.h5ad"
+    adata.write_h5ad(h5ad)
+    layout = StoreLayout(
+        rows_per_chunk=LOADER_ROWS_PER_CHUNK, zarr_format=zarr_format, chunks_per_shard=4
+    )
+    return ingest(
+        [h5ad],
+        directory / f"atlas-v{zarr_format}.zarr",
+        config=IngestConfig(experiment_key="experiment", label_key="cell_type", layout=layout),
+    )
+
+
+@pytest.fixture(scope="session")
+def loader_store(tmp_path_factory) -> Path:
+    """A read-only store for loader tests (do not modify it: it is shared by the session)."""
+    return build_loader_store(tmp_path_factory.mktemp("loader"))

@@ -1,0 +1,481 @@
+"""Loader throughput and memory against raw zarr reads and anndata's random access.
+
+One run, one synthetic atlas, several store layouts, every measurement in its own process
+(so each has its own peak RSS):
+
+(a) ``raw``: contiguous reads of ``X`` (indptr, data, indices) in store order, blocks of 1, 4
+    and 16 chunks, through a pool of threads: the ceiling on this machine;
+(b) ``loader``: :class:`mars_scale.loader.Loader` shuffling, a whole epoch, batches of
+    ``--batch-size`` (log1p-normalised sparse torch tensors);
+(c) ``anndata_zarr`` / ``anndata_h5ad``: the same shuffled batches (row ids saved by (b)) read
+    by ``anndata.io.sparse_dataset`` fancy indexing on the same zarr store, and from an
+    uncompressed h5ad copy opened with ``backed="r"``; also uniformly random batches. These are
+    slow, so they stop after ``--random-batches`` batches or ``--random-seconds``;
+(d) ``inmemory``: the whole AnnData read into memory, a map-style dataset and a plain torch
+    ``DataLoader`` with a shuffled ``BatchSampler``, normalising each batch as the loader does.
+
+Shuffle quality: distinct I/O blocks and experiments per loader batch, against batches drawn
+uniformly at random. Layouts: zarr v2 (one file per chunk) and v3 (shards of 32 chunks) at
+several ``rows_per_chunk``; each gets (a) and (b), and the main comparison runs on the layout
+whose loader is fastest (or ``--main-layout``).
+
+Examples (data go to a scratch directory outside the repository)::
+
+    python benchmarks/loader.py --n-cells 200000 --n-genes 20000 --scratch /work/scratch/bench
+    python benchmarks/loader.py --n-cells 1000000 --n-genes 2000 --scratch /work/scratch/bench \\
+        --layouts v2-256,v3-256
+
+Results go to ``benchmarks/results/loader.json`` under ``runs["<cells>x<genes>"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_average, measurement_main, run_measurement, write_result  # noqa: E402
+
+logger = logging.getLogger("benchmarks.loader")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements (each runs in a child process)
+
+
+def _chunk_aligned_blocks(store, chunks_per_block: int) -> list[tuple[int, int]]:
+    x = store.x_group
+    n = store.n_cells
+    chunk = int(x["data"].chunks[0])
+    indptr = np.asarray(x["indptr"][:], dtype=np.int64)
+    marks = np.arange(chunk * chunks_per_block, int(indptr[-1]), chunk * chunks_per_block)
+    bounds = np.unique(np.concatenate([[0], np.searchsorted(indptr, marks), [n]]))
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def measure_raw(p: dict) -> dict:
+    """Contiguous reads of X in store order: no decoding beyond zarr, no processing."""
+    from _common import cpu_seconds
+
+    from mars_scale.store import open_store
+
+    store = open_store(p["store"])
+    x = store.x_group
+    arrays = x["indptr"], x["data"], x["indices"]
+
+    def read(block):
+        a, b = block
+        ptr = np.asarray(arrays[0][a : b + 1])
+        data = np.asarray(arrays[1][ptr[0] : ptr[-1]])
+        indices = np.asarray(arrays[2][ptr[0] : ptr[-1]])
+        return b - a, indices.size
+
+    out = {}
+    for m in p["chunks_per_block"]:
+        for threads in p["threads"]:
+            blocks = _chunk_aligned_blocks(store, m)
+            wall, cpu = time.perf_counter(), cpu_seconds()
+            rows = nnz = 0
+            with ThreadPoolExecutor(threads) as pool:
+                for r, z in pool.map(read, blocks):
+                    rows += r
+                    nnz += z
+            wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+            out[f"{m}chunks_{threads}threads"] = {
+                "rows_per_block": round(rows / len(blocks)),
+                "threads": threads,
+                "cells_per_s": round(rows / wall),
+                "cells_per_cpu_s": round(rows / cpu),
+                "nnz_per_s": round(nnz / wall),
+            }
+    best = max(out.values(), key=lambda r: r["cells_per_s"])
+    return {"passes": out, "best_cells_per_s": best["cells_per_s"], "best": best}
+
+
+def measure_loader(p: dict) -> dict:
+    """A whole shuffled epoch (or ``max_batches``) of the Loader."""
+    from _common import cpu_seconds
+
+    import mars_scale.loader as loader_module
+    from mars_scale.loader import Loader
+
+    if p.get("what_if_reduceat_normalize"):
+        # What-if only (not used by the package): the same normalisation with the row totals
+        # from np.add.reduceat instead of np.bincount, to show what the loader gains from it.
+        def normalize(indptr, indices, data, *, target_sum=1e4, kind="counts"):
+            lengths = np.diff(indptr)
+            totals = np.zeros(lengths.shape[0])
+            rows = lengths > 0
+            if data.size:
+                totals[rows] = np.add.reduceat(data, indptr[:-1][rows], dtype=np.float64)
+            scale = np.zeros(lengths.shape[0], dtype=np.float32)
+            scale[totals > 0] = target_sum / totals[totals > 0]
+            out = data * np.repeat(scale, lengths)
+            return np.log1p(out, out=out)
+
+        loader_module.normalize_log1p = normalize
+
+    loader = Loader(
+        p["store"],
+        batch_size=p["batch_size"],
+        seed=p.get("seed", 0),
+        rows_per_block=p.get("rows_per_block"),
+        blocks_per_buffer=p.get("blocks_per_buffer", 16),
+        experiments=p.get("experiments"),
+        n_threads=p.get("n_threads"),
+    )
+    starts, _ = loader.block_bounds()
+    exp_starts = loader._exp_starts
+    max_batches = p.get("max_batches") or len(loader)
+    keep = p.get("save_batches", 0)
+    saved: list[np.ndarray] = []
+    blocks_per_batch, exps_per_batch = [], []
+    rows = nnz = n = 0
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    first = None
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter() - wall
+        index = batch.index.numpy()
+        rows += index.shape[0]
+        nnz += int(batch.x.values().shape[0])
+        if n < 400:  # shuffle quality on the first batches (cheap, outside the hot path)
+            blocks_per_batch.append(len(np.unique(np.searchsorted(starts, index, "right"))))
+            exps_per_batch.append(len(np.unique(batch.experiment.numpy())))
+        if len(saved) < keep:
+            saved.append(index.copy())
+        n += 1
+        if n >= max_batches:
+            break
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    if keep:
+        np.save(p["batches_file"], np.array(saved, dtype=object), allow_pickle=True)
+    # uniform sampling of the same batch size from the same rows, for comparison
+    rng = np.random.default_rng(1)
+    selected = np.concatenate([np.arange(a, b) for a, b in zip(*loader.block_bounds())])
+    uni_blocks, uni_exps = [], []
+    for _ in range(200):
+        index = np.sort(rng.choice(selected, size=min(p["batch_size"], len(selected)), replace=False))
+        uni_blocks.append(len(np.unique(np.searchsorted(starts, index, "right"))))
+        uni_exps.append(len(np.unique(np.searchsorted(exp_starts, index, "right"))))
+    return {
+        "batches": n,
+        "cells": rows,
+        "cells_per_s": round(rows / wall),
+        "cells_per_cpu_s": round(rows / cpu),
+        "nnz_per_s": round(nnz / wall),
+        "first_batch_s": round(first or 0.0, 3),
+        "n_blocks": loader.n_blocks,
+        "rows_per_block_mean": round(loader.n_rows / loader.n_blocks, 1),
+        "batches_per_buffer": loader.batches_per_buffer,
+        "shuffle_quality": {
+            "loader_blocks_per_batch_mean": round(float(np.mean(blocks_per_batch)), 2),
+            "loader_experiments_per_batch_mean": round(float(np.mean(exps_per_batch)), 2),
+            "uniform_blocks_per_batch_mean": round(float(np.mean(uni_blocks)), 2),
+            "uniform_experiments_per_batch_mean": round(float(np.mean(uni_exps)), 2),
+        },
+    }
+
+
+def _random_access(p: dict, read) -> dict:
+    from _common import cpu_seconds
+
+    if p["batches"] == "uniform":
+        rng = np.random.default_rng(2)
+        batches = [rng.choice(p["n_cells"], p["batch_size"], replace=False) for _ in range(p["max_batches"])]
+    else:
+        batches = list(np.load(p["batches_file"], allow_pickle=True))[: p["max_batches"]]
+    rows = n = 0
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    for index in batches:
+        block = read(np.sort(np.asarray(index, dtype=np.int64)))
+        rows += block.shape[0]
+        n += 1
+        if time.perf_counter() - wall > p["max_seconds"]:
+            break
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    return {"batches": n, "cells": rows, "cells_per_s": round(rows / wall, 1),
+            "cells_per_cpu_s": round(rows / cpu, 1)}
+
+
+def measure_anndata_zarr(p: dict) -> dict:
+    """``anndata.io.sparse_dataset`` fancy indexing on the zarr store."""
+    import anndata as ad
+    import zarr
+
+    x = ad.io.sparse_dataset(zarr.open_group(p["store"], mode="r")["X"])
+    return _random_access(p, lambda index: x[index])
+
+
+def measure_anndata_h5ad(p: dict) -> dict:
+    """Backed-mode AnnData on an uncompressed h5ad file."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(p["h5ad"], backed="r")
+    return _random_access(p, lambda index: adata.X[index])
+
+
+def measure_inmemory(p: dict) -> dict:
+    """Whole AnnData in memory, plain torch DataLoader over a map-style dataset."""
+    import anndata as ad
+    import scipy.sparse as sp
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    from _common import cpu_seconds
+    from mars_scale.preprocess import normalize_log1p
+
+    t0 = time.perf_counter()
+    adata = ad.read_h5ad(p["h5ad"])
+    x = sp.csr_matrix(adata.X)
+    load_s = time.perf_counter() - t0
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return x.shape[0]
+
+        def __getitem__(self, index):
+            sub = x[np.asarray(index)]
+            values = normalize_log1p(sub.indptr, sub.indices, sub.data)
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(sub.indptr.astype(np.int64)),
+                torch.from_numpy(sub.indices.astype(np.int64)),
+                torch.from_numpy(values), size=sub.shape, check_invariants=False,
+            )
+
+    sampler = BatchSampler(
+        RandomSampler(range(x.shape[0]), generator=torch.Generator().manual_seed(0)),
+        p["batch_size"], drop_last=False,
+    )
+    loader = DataLoader(Rows(), sampler=sampler, batch_size=None)
+    rows = n = 0
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    for batch in loader:
+        rows += batch.shape[0]
+        n += 1
+        if n >= p["max_batches"]:
+            break
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    return {"load_s": round(load_s, 1), "batches": n, "cells": rows,
+            "cells_per_s": round(rows / wall), "cells_per_cpu_s": round(rows / cpu)}
+
+
+def measure_ingest(p: dict) -> dict:
+    from mars_scale.ingest import IngestConfig, ingest
+    from mars_scale.store import StoreLayout, size_on_disk
+
+    fmt, rows = p["layout"]
+    t0 = time.perf_counter()
+    ingest(
+        [p["h5ad"]], p["store"],
+        config=IngestConfig(
+            experiment_key="experiment", label_key="cell_type",
+            layout=StoreLayout(rows_per_chunk=rows, zarr_format=fmt),
+        ),
+        overwrite=True,
+    )
+    return {"ingest_s": round(time.perf_counter() - t0, 1)}
+
+
+def measure_simulate(p: dict) -> dict:
+    from mars_scale.simulate import SimulationConfig, write_h5ad
+
+    config = SimulationConfig(
+        n_cells=p["n_cells"], n_genes=p["n_genes"], n_experiments=p["n_experiments"], seed=0
+    )
+    t0 = time.perf_counter()
+    write_h5ad(p["h5ad"], config, overwrite=True)  # uncompressed float32 CSR
+    return {"simulate_s": round(time.perf_counter() - t0, 1)}
+
+
+MEASUREMENTS = {
+    "raw": measure_raw,
+    "loader": measure_loader,
+    "anndata_zarr": measure_anndata_zarr,
+    "anndata_h5ad": measure_anndata_h5ad,
+    "inmemory": measure_inmemory,
+    "ingest": measure_ingest,
+    "simulate": measure_simulate,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def _parse_layout(text: str) -> tuple[int, int]:
+    fmt, rows = text.lower().lstrip("v").split("-")
+    return int(fmt), int(rows)
+
+
+def _files(path: Path) -> tuple[int, int]:
+    count = size = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            count += 1
+            size += os.path.getsize(os.path.join(dirpath, f))
+    return count, size
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3) if values else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-cells", type=int, default=200_000)
+    ap.add_argument("--n-genes", type=int, default=20_000)
+    ap.add_argument("--n-experiments", type=int, default=10)
+    ap.add_argument("--scratch", type=Path, default=Path("/work/scratch/bench"))
+    ap.add_argument("--layouts", default="v2-256,v3-256,v2-1024,v3-1024",
+                    help="store layouts to compare: v<zarr format>-<rows per chunk>")
+    ap.add_argument("--main-layout", default=None, help="layout of the main comparison (default: fastest loader)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=2, help="repeats of (a) and (b) per layout, interleaved")
+    ap.add_argument("--loader-variants", default="chunk,1024",
+                    help="rows_per_block of the loader runs: 'chunk' (the store's rows_per_chunk) or a number")
+    ap.add_argument("--random-batches", type=int, default=40)
+    ap.add_argument("--random-seconds", type=float, default=40.0)
+    ap.add_argument("--inmemory-batches", type=int, default=2000)
+    ap.add_argument("--name", default="loader")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    script = Path(__file__).resolve()
+    scratch = args.scratch.resolve()
+    if Path(__file__).resolve().parents[1] in [scratch, *scratch.parents]:
+        raise SystemExit(f"--scratch {scratch} is inside the repository; use a directory outside it")
+    scratch.mkdir(parents=True, exist_ok=True)
+    key = f"{args.n_cells}x{args.n_genes}"
+    started = time.perf_counter()
+    record: dict = {
+        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": "python " + " ".join([f"benchmarks/{script.name}", *sys.argv[1:]]),
+        "load_average_start": load_average(),
+    }
+
+    h5ad = scratch / f"sim_{key}.h5ad"
+    if not h5ad.exists():
+        logger.info("simulating %s", h5ad)
+        record["simulate"] = run_measurement(script, "simulate", {
+            "h5ad": h5ad, "n_cells": args.n_cells, "n_genes": args.n_genes,
+            "n_experiments": args.n_experiments,
+        })
+    layouts = [t.strip() for t in args.layouts.split(",") if t.strip()]
+    stores = {}
+    record["layouts"] = {}
+    for name in layouts:
+        fmt, rows = _parse_layout(name)
+        store = scratch / f"sim_{key}_{name}.zarr"
+        entry = record["layouts"].setdefault(name, {"zarr_format": fmt, "rows_per_chunk": rows})
+        if not store.exists():
+            logger.info("ingesting %s", store)
+            entry["ingest"] = run_measurement(script, "ingest", {"h5ad": h5ad, "store": store, "layout": [fmt, rows]})
+        entry["files"], entry["bytes"] = _files(store)
+        stores[name] = store
+
+    # (a) and (b) on every layout, interleaved so that load on a shared machine hits all alike
+    variants = [None if v == "chunk" else int(v) for v in args.loader_variants.split(",")]
+    for rep in range(args.repeats):
+        for name, store in stores.items():
+            entry = record["layouts"][name]
+            logger.info("layout %s, repeat %d", name, rep)
+            raw = run_measurement(script, "raw", {"store": store, "chunks_per_block": [1, 4, 16], "threads": [4]})
+            entry.setdefault("raw", []).append(raw)
+            for v in variants:
+                label = "chunk" if v is None else f"rows_per_block_{v}"
+                if v is not None and v == entry["rows_per_chunk"] and None in variants:
+                    continue  # same as "chunk"
+                v = entry["rows_per_chunk"] if v is None else v
+                res = run_measurement(script, "loader", {"store": store, "batch_size": args.batch_size, "rows_per_block": v})
+                res["ratio_to_raw_same_repeat"] = round(res["cells_per_s"] / raw["best_cells_per_s"], 3)
+                entry.setdefault("loader", {}).setdefault(label, []).append(res)
+    for name, entry in record["layouts"].items():
+        entry["raw_best_cells_per_s_median"] = _median([r["best_cells_per_s"] for r in entry["raw"]])
+        entry["loader_cells_per_s_median"] = {k: _median([r["cells_per_s"] for r in v]) for k, v in entry["loader"].items()}
+        entry["loader_ratio_median"] = {k: _median([r["ratio_to_raw_same_repeat"] for r in v]) for k, v in entry["loader"].items()}
+    best = max(
+        ((name, label) for name, e in record["layouts"].items() for label in e["loader_cells_per_s_median"]),
+        key=lambda nl: record["layouts"][nl[0]]["loader_cells_per_s_median"][nl[1]],
+    )
+    main_name = args.main_layout or best[0]
+    main_label = best[1] if main_name == best[0] else "chunk"
+    main_rows = (
+        record["layouts"][main_name]["rows_per_chunk"] if main_label == "chunk"
+        else int(main_label.rsplit("_", 1)[1])
+    )
+    record["layout_choice"] = {"fastest_loader": {"layout": best[0], "variant": best[1]},
+                               "main_layout": main_name, "main_variant": main_label}
+    store = stores[main_name]
+    logger.info("main comparison on %s (%s)", main_name, main_label)
+
+    # (b) again on the main layout, saving its batches for (c); memory against cells selected
+    batches_file = scratch / f"batches_{key}.npy"
+    main = {}
+    main["loader"] = run_measurement(script, "loader", {
+        "store": store, "batch_size": args.batch_size, "rows_per_block": main_rows,
+        "save_batches": args.random_batches, "batches_file": batches_file,
+    })
+    main["loader_what_if_reduceat_normalize"] = run_measurement(script, "loader", {
+        "store": store, "batch_size": args.batch_size, "rows_per_block": main_rows,
+        "what_if_reduceat_normalize": True,
+    })
+    from mars_scale.store import open_store
+
+    atlas = open_store(store)
+    first_exps = atlas.experiments[: max(1, len(atlas.experiments) // 5)]
+    main["loader_fifth_of_cells"] = run_measurement(script, "loader", {
+        "store": store, "batch_size": args.batch_size, "rows_per_block": main_rows,
+        "experiments": first_exps,
+    })
+    main["loader_fifth_of_cells"]["experiments"] = first_exps
+    # (c) random access, capped
+    common = {"batch_size": args.batch_size, "max_batches": args.random_batches,
+              "max_seconds": args.random_seconds, "n_cells": atlas.n_cells, "batches_file": batches_file}
+    main["anndata_zarr_loader_batches"] = run_measurement(script, "anndata_zarr", {**common, "store": store, "batches": "loader"})
+    main["anndata_zarr_uniform_batches"] = run_measurement(script, "anndata_zarr", {**common, "store": store, "batches": "uniform"})
+    main["anndata_h5ad_backed_loader_batches"] = run_measurement(script, "anndata_h5ad", {**common, "h5ad": h5ad, "batches": "loader"})
+    main["anndata_h5ad_backed_uniform_batches"] = run_measurement(script, "anndata_h5ad", {**common, "h5ad": h5ad, "batches": "uniform"})
+    # (d) in memory
+    main["inmemory_dataloader"] = run_measurement(script, "inmemory", {
+        "h5ad": h5ad, "batch_size": args.batch_size, "max_batches": args.inmemory_batches,
+    })
+    raw_main = record["layouts"][main_name]["raw_best_cells_per_s_median"]
+    loader_main = record["layouts"][main_name]["loader_cells_per_s_median"][main_label]
+    main["summary"] = {
+        "raw_contiguous_cells_per_s": raw_main,
+        "loader_cells_per_s": loader_main,
+        "loader_over_raw": record["layouts"][main_name]["loader_ratio_median"][main_label],
+        "loader_over_anndata_zarr_random": round(loader_main / main["anndata_zarr_uniform_batches"]["cells_per_s"], 1),
+        "loader_over_anndata_zarr_loader_batches": round(loader_main / main["anndata_zarr_loader_batches"]["cells_per_s"], 1),
+        "loader_over_h5ad_backed_random": round(loader_main / main["anndata_h5ad_backed_uniform_batches"]["cells_per_s"], 1),
+        "loader_over_h5ad_backed_loader_batches": round(loader_main / main["anndata_h5ad_backed_loader_batches"]["cells_per_s"], 1),
+        "what_if_reduceat_normalize_cells_per_s": main["loader_what_if_reduceat_normalize"]["cells_per_s"],
+        "loader_main_rerun_cells_per_s": main["loader"]["cells_per_s"],
+        "loader_peak_rss_mb": main["loader"]["peak_rss_mb"],
+        "loader_fifth_of_cells_peak_rss_mb": main["loader_fifth_of_cells"]["peak_rss_mb"],
+        "inmemory_peak_rss_mb": main["inmemory_dataloader"]["peak_rss_mb"],
+        "shuffle_quality": main["loader"]["shuffle_quality"],
+        "note": "medians over interleaved repeats; ratios from the same repeat",
+    }
+    record["main"] = main
+    record["load_average_end"] = load_average()
+    record["elapsed_s"] = round(time.perf_counter() - started, 1)
+    path = write_result(args.name, record, key=key)
+    print(json.dumps(main["summary"], indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    if not measurement_main(MEASUREMENTS):
+        main()

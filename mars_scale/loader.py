@@ -1,0 +1,862 @@
+"""Block-shuffled, rank- and worker-sharded streaming loader over an atlas store.
+
+How an epoch is drawn (all of it a function of ``(seed, epoch)``, nothing global):
+
+1. **Blocks.** The selected rows are cut into blocks of contiguous rows aligned with the
+   store's chunks of ``X/data`` (a zarr chunk is decompressed whole, so a block that covered
+   part of a chunk would pay for all of it). Blocks never cross an experiment boundary.
+2. **Permutation.** The blocks are permuted with ``np.random.default_rng([seed, epoch])`` and
+   laid end to end: a sequence of the ``N`` selected rows.
+3. **Ranks.** Rank ``r`` of ``world_size`` takes positions ``[r R, (r + 1) R)`` of that
+   sequence, ``R = ceil(N / world_size)``; positions past ``N`` wrap around to the start and are
+   flagged as padding (``Batch.is_padding``), fewer than ``world_size`` rows in all. Every rank
+   therefore yields the same number of batches of the same sizes, which DDP needs.
+   ``drop_last=True`` uses ``R = floor(N / world_size)`` and full batches only, without padding.
+4. **Buffers and workers.** A rank's batches are grouped into shuffle buffers of about
+   ``blocks_per_buffer`` blocks (a whole number of batches). Worker ``w`` of ``W`` takes every
+   ``W``-th buffer, and the final partial round of buffers is split batch-wise, so the worker
+   counts differ by at most one, the extra batches going to the lowest worker ids. A torch
+   ``DataLoader`` polls its workers round-robin, so the rank's ``i``-th batch is the
+   ``i // W``-th batch of worker ``i % W`` (``Batch.step == i``). The batches of an epoch are
+   the same for any ``W``; their order is not (it interleaves the workers' buffers).
+5. **Within a buffer.** Its blocks are read concurrently by a thread pool (zarr's decompression
+   releases the GIL), concatenated, normalised (log1p of counts scaled to ``target_sum``),
+   row-shuffled with a generator seeded by ``(seed, epoch, rank, first batch)`` and cut into
+   batches. A background thread reads the next buffer while the current one is consumed and
+   keeps at most ``prefetch`` batches ready.
+
+Memory is bounded by two buffers plus ``prefetch`` batches per worker, whatever the number of
+cells. The position in an epoch is part of :meth:`Loader.state_dict`; resuming yields exactly
+the remaining batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mars_scale.errors import ConfigError, StoreError
+from mars_scale.preprocess import normalize_log1p
+from mars_scale.store import Atlas, open_store
+
+__all__ = ["Batch", "Loader"]
+
+logger = logging.getLogger(__name__)
+
+# Emitted by torch for the first sparse CSR tensor of a process and when one crosses from a
+# DataLoader worker; nothing a user can act on.
+for _message in ("Sparse CSR tensor support is in beta", "Sparse invariant checks are implicitly"):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
+
+_STATE_VERSION = 1
+_INDPTR_WINDOW = 1 << 20  # rows of indptr read at a time while cutting blocks
+_LABEL_COLUMN = "obs/cell_type/codes"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch
+
+
+@dataclass
+class Batch:
+    """One minibatch of cells.
+
+    Attributes
+    ----------
+    x
+        ``torch.sparse_csr_tensor`` of shape ``(n_rows, n_genes)``, float32: the
+        log1p-normalised values (target sum 10,000), or the stored values of a ``lognorm``
+        store. Row pointer and column indices share one dtype: int32, or int64 for a batch of
+        2**31 values or more.
+    experiment
+        int64 experiment code of each row (position in ``Atlas.experiments``).
+    label
+        int64 cell-type code of each row (position in ``Atlas.cell_types``), -1 = unannotated.
+    index
+        int64 global row id of each row in the store.
+    is_padding
+        bool, true for rows repeated only to give every rank the same number of batches;
+        a loss can drop them with ``~batch.is_padding``.
+    epoch
+        The epoch the batch belongs to.
+    step
+        Position of the batch in its rank's epoch (0-based, ``len(loader)`` batches).
+    x_csc
+        The same values as a ``torch.sparse_csc_tensor`` (``Loader(csc=True)``), for the
+        column-wise weight gradient of :class:`mars_scale.nn.SparseScaledLinear`; else ``None``.
+    """
+
+    x: torch.Tensor
+    experiment: torch.Tensor
+    label: torch.Tensor
+    index: torch.Tensor
+    is_padding: torch.Tensor
+    epoch: int = 0
+    step: int = 0
+    x_csc: torch.Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        """Number of rows (cells), padding included."""
+        return int(self.index.shape[0])
+
+    @property
+    def n_padding(self) -> int:
+        """Number of padding rows."""
+        return int(self.is_padding.sum())
+
+    def _map(self, fn) -> "Batch":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                values[key] = fn(value)
+        return Batch(**values)
+
+    def to(self, device: str | torch.device, *, non_blocking: bool = False) -> "Batch":
+        """Copy every tensor to ``device``.
+
+        Parameters
+        ----------
+        device
+            Target device, e.g. ``"cuda"``.
+        non_blocking
+            Passed to :meth:`torch.Tensor.to` (asynchronous from pinned memory).
+
+        Returns
+        -------
+        Batch
+            A new batch; this one is unchanged.
+        """
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Page-lock every tensor (used by ``DataLoader(pin_memory=True)``).
+
+        Returns
+        -------
+        Batch
+            A new batch in pinned memory.
+        """
+        return self._map(lambda t: t.pin_memory())
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan of an epoch
+
+
+@dataclass(frozen=True)
+class _Buffer:
+    """A contiguous range of one rank's batches, read and shuffled together."""
+
+    first: int  # first batch (rank-local index)
+    stop: int  # one past the last batch
+
+
+@dataclass
+class _BufferData:
+    csr: sp.csr_matrix  # normalised values
+    experiment: np.ndarray
+    label: np.ndarray
+    index: np.ndarray
+    is_padding: np.ndarray
+
+
+def _to_torch(matrix: sp.csr_matrix | sp.csc_matrix, factory) -> torch.Tensor:
+    """A torch sparse CSR/CSC tensor sharing memory with a scipy matrix (one index dtype)."""
+    index_dtype = np.result_type(matrix.indptr.dtype, matrix.indices.dtype)
+    return factory(
+        torch.from_numpy(matrix.indptr.astype(index_dtype, copy=False)),
+        torch.from_numpy(matrix.indices.astype(index_dtype, copy=False)),
+        torch.from_numpy(np.ascontiguousarray(matrix.data, dtype=np.float32)),
+        size=matrix.shape,
+        check_invariants=False,
+    )
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None and world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ConfigError("rank and world_size must be given together (or both left out).")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank must lie in [0, world_size), got rank {rank} of {world_size}.")
+    return int(rank), int(world_size)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+class Loader(IterableDataset):
+    """Minibatches of sparse log1p-normalised cells streamed from an atlas store.
+
+    Iterate it directly (one process, one background reader thread) or wrap it in a torch
+    ``DataLoader(loader, batch_size=None, num_workers=W)``; :meth:`data_loader` does that and
+    keeps :meth:`state_dict` up to date. Call :meth:`set_epoch` before each epoch, as with
+    ``DistributedSampler``: the order is a function of ``(seed, epoch)`` only.
+
+    Parameters
+    ----------
+    store
+        An :class:`~mars_scale.store.Atlas` or the path of a store.
+    batch_size
+        Rows per batch. The last batch of an epoch may be smaller (same size on every rank)
+        unless ``drop_last``.
+    experiments
+        Names of the experiments to draw from (default: all).
+    shuffle
+        Permute blocks and rows (default). ``False`` yields rows in store order (with
+        ``W > 1`` workers, each batch is a contiguous range but batches from different workers
+        interleave; use ``Batch.index``).
+    seed
+        Seed of the permutations; the order depends on ``(seed, epoch)`` only.
+    rank, world_size
+        This process's rank and the number of ranks. By default from an initialised
+        ``torch.distributed`` process group, else 0 and 1.
+    rows_per_block
+        Target rows per I/O block (default: the store's ``rows_per_chunk``). Blocks are
+        aligned to whole chunks of ``X/data`` when at least one chunk long.
+    blocks_per_buffer
+        Blocks per shuffle buffer: rows are shuffled within a buffer. Memory grows with it.
+    drop_last
+        Drop the rows that do not fill a batch (and do not pad ranks) instead of yielding a
+        smaller last batch.
+    prefetch
+        Batches kept ready by the background thread.
+    n_threads
+        Concurrent block reads (default: ``min(blocks_per_buffer, 4)``).
+    target_sum
+        Total of each cell after normalisation (``counts`` stores).
+    csc
+        Also give each batch a CSC copy (``Batch.x_csc``).
+
+    Raises
+    ------
+    ConfigError
+        For an invalid option, an unknown experiment or a selection with no rows.
+    StoreError
+        If the store cannot be opened or its ``X/indptr`` cannot be read.
+    """
+
+    def __init__(
+        self,
+        store: Atlas | str | os.PathLike,
+        *,
+        batch_size: int,
+        experiments: Sequence[str] | str | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        rows_per_block: int | None = None,
+        blocks_per_buffer: int = 16,
+        drop_last: bool = False,
+        prefetch: int = 2,
+        n_threads: int | None = None,
+        target_sum: float = 1e4,
+        csc: bool = False,
+    ) -> None:
+        super().__init__()
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.blocks_per_buffer = _positive_int("blocks_per_buffer", blocks_per_buffer)
+        self.prefetch = _positive_int("prefetch", prefetch)
+        self.n_threads = _positive_int(
+            "n_threads", min(self.blocks_per_buffer, 4) if n_threads is None else n_threads
+        )
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
+        if not (np.isfinite(target_sum) and target_sum > 0):
+            raise ConfigError(f"target_sum must be a positive number, got {target_sum!r}.")
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.csc = bool(csc)
+        self.target_sum = float(target_sum)
+        self.rank, self.world_size = _resolve_rank(rank, world_size)
+
+        self._store: Atlas | None = store if isinstance(store, Atlas) else open_store(store)
+        self._handles: dict | None = None
+        self.path = Path(self._store.path)
+        self.n_genes = self._store.n_genes
+        self.input_kind = self._store.input_kind
+        self.rows_per_block = _positive_int(
+            "rows_per_block",
+            self._store.rows_per_chunk if rows_per_block is None else rows_per_block,
+        )
+        self.experiments = self._select(experiments)
+        names = self._store.experiments
+        self._exp_starts = np.array(
+            [self._store.experiment_ranges[n][0] for n in names], dtype=np.int64
+        )
+        self._starts, self._stops = self._cut_blocks()
+        self.n_rows = int((self._stops - self._starts).sum())
+        if self.n_rows == 0:
+            raise ConfigError(f"{self.path}: the selected experiments hold no cells.")
+        per_rank = (
+            self.n_rows // self.world_size
+            if self.drop_last
+            else -(-self.n_rows // self.world_size)
+        )
+        self.rows_per_rank = per_rank
+        self._n_batches = (
+            per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        )
+        if self._n_batches == 0:
+            raise ConfigError(
+                f"{self.path}: {self.n_rows} selected cells over {self.world_size} ranks do not "
+                f"fill one batch of {self.batch_size} with drop_last=True."
+            )
+        mean_rows = self.n_rows / len(self._starts)
+        self.batches_per_buffer = max(
+            1, int(round(self.blocks_per_buffer * mean_rows / self.batch_size))
+        )
+        self._epoch = 0
+        self._consumed = 0
+        self._num_workers: int | None = None  # worker count the position was counted with
+        logger.info(
+            "loader over %s: %d cells in %d blocks (%.0f rows each), %d batches of %d per rank "
+            "(rank %d of %d), %d batches per buffer",
+            self.path, self.n_rows, len(self._starts), mean_rows, self._n_batches,
+            self.batch_size, self.rank, self.world_size, self.batches_per_buffer,
+        )
+
+    # -- setup ----------------------------------------------------------------------------
+    def _select(self, experiments) -> list[str]:
+        names = self._store.experiments
+        if experiments is None:
+            return list(names)
+        if isinstance(experiments, str):
+            experiments = [experiments]
+        chosen = list(dict.fromkeys(str(e) for e in experiments))
+        unknown = [e for e in chosen if e not in self._store.experiment_ranges]
+        if unknown:
+            raise ConfigError(
+                f"{self.path}: experiment {unknown[0]!r} is not in the store "
+                f"(experiments: {', '.join(names)})."
+            )
+        if not chosen:
+            raise ConfigError(f"{self.path}: experiments is empty; name at least one.")
+        return [n for n in names if n in chosen]  # store order
+
+    def _cut_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row blocks of about ``rows_per_block`` rows, aligned with chunks of ``X/data``."""
+        store = self._store
+        n = store.n_cells
+        x = store.x_group
+        try:
+            indptr = x["indptr"]
+            nnz = int(indptr[n])
+            chunk = int(x["data"].chunks[0])
+        except Exception as exc:
+            raise StoreError(
+                f"{self.path}: X/indptr cannot be read ({type(exc).__name__}: {exc}); "
+                "the store is damaged, re-run \"mars-scale ingest\"."
+            ) from exc
+        target = self.rows_per_block * nnz / max(n, 1)
+        if target >= chunk:  # whole chunks per block
+            step = chunk * max(1, int(round(target / chunk)))
+        else:
+            step = max(1, int(round(target)))
+        cuts = [np.array([0, n], dtype=np.int64)]
+        marks = np.arange(step, nnz, step, dtype=np.int64)
+        for w0 in range(0, n, _INDPTR_WINDOW):
+            w1 = min(n, w0 + _INDPTR_WINDOW)
+            try:
+                ptr = np.asarray(indptr[w0 : w1 + 1], dtype=np.int64)
+            except Exception as exc:
+                raise StoreError(
+                    f"{self.path}: X/indptr rows {w0}:{w1} cannot be read "
+                    f"({type(exc).__name__}); the store is damaged, re-run \"mars-scale ingest\"."
+                ) from exc
+            lo, hi = np.searchsorted(marks, [ptr[0], ptr[-1]], side="right")
+            if hi > lo:  # first row whose data starts at or after each mark
+                cuts.append(w0 + np.searchsorted(ptr, marks[lo:hi], side="left"))
+        cuts.append(self._exp_starts)
+        bounds = np.unique(np.concatenate(cuts))
+        starts, stops = bounds[:-1], bounds[1:]
+        keep = np.zeros(len(starts), dtype=bool)
+        for name in self.experiments:
+            a, b = self._store.experiment_ranges[name]
+            keep |= (starts >= a) & (stops <= b)
+        return starts[keep].copy(), stops[keep].copy()
+
+    @property
+    def store(self) -> Atlas:
+        """The opened store (reopened lazily in a worker process)."""
+        if self._store is None:
+            self._store = open_store(self.path)
+        return self._store
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_store"] = state["_handles"] = None  # zarr handles are reopened in the worker
+        return state
+
+    # -- public state ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Batches per rank in one epoch."""
+        return self._n_batches
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch."""
+        return self._epoch
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of I/O blocks over the selected experiments."""
+        return int(len(self._starts))
+
+    def block_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Start and stop rows of the I/O blocks (copies), in store order."""
+        return self._starts.copy(), self._stops.copy()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (its order) and rewind to its start.
+
+        Parameters
+        ----------
+        epoch
+            Non-negative epoch number.
+
+        Raises
+        ------
+        ConfigError
+            If ``epoch`` is negative.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ConfigError(f"epoch must be a non-negative integer, got {epoch!r}.")
+        self._epoch = int(epoch)
+        self._consumed = 0
+        self._num_workers = None
+
+    def state_dict(self) -> dict:
+        """The position of the loader, as plain values for a checkpoint.
+
+        Returns
+        -------
+        dict
+            ``epoch``, ``batches_consumed`` (of this rank's epoch), ``seed``, ``num_workers``
+            (the worker count the position was counted with, ``None`` if unknown) and the
+            options that fix the order (``batch_size``, ``world_size``, ``shuffle``,
+            ``drop_last``, ``blocks_per_buffer``, ``n_rows``, ``n_blocks``, ``experiments``).
+        """
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self._epoch,
+            "batches_consumed": self._consumed,
+            "seed": self.seed,
+            "num_workers": self._num_workers,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "blocks_per_buffer": self.blocks_per_buffer,
+            "n_rows": self.n_rows,
+            "n_blocks": self.n_blocks,
+            "experiments": list(self.experiments),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by :meth:`state_dict`; the next iteration resumes there.
+
+        The seed is taken from ``state``; every other option that fixes the order must match.
+
+        Parameters
+        ----------
+        state
+            A dictionary from :meth:`state_dict` (possibly of another rank).
+
+        Raises
+        ------
+        ConfigError
+            If a key is missing or an option differs from this loader's.
+        """
+        required = ("epoch", "batches_consumed", "seed")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ConfigError(f"loader state lacks {missing[0]!r}; it is not from Loader.state_dict.")
+        ours = self.state_dict()
+        for key in (
+            "batch_size", "world_size", "shuffle", "drop_last", "blocks_per_buffer",
+            "n_rows", "n_blocks", "experiments",
+        ):
+            if key in state and state[key] != ours[key]:
+                raise ConfigError(
+                    f"{self.path}: loader state has {key}={state[key]!r} but this loader has "
+                    f"{ours[key]!r}; build the loader with the options it was saved with."
+                )
+        consumed = int(state["batches_consumed"])
+        if not 0 <= consumed <= self._n_batches:
+            raise ConfigError(
+                f"loader state has batches_consumed={consumed}, outside 0..{self._n_batches}."
+            )
+        self.seed = int(state["seed"])
+        self._epoch = int(state["epoch"])
+        self._consumed = consumed
+        nw = state.get("num_workers")
+        self._num_workers = None if nw is None else int(nw)
+
+    def data_loader(self, *, num_workers: int = 0, **kwargs: Any) -> "_TrackedDataLoader":
+        """Wrap this loader in a torch ``DataLoader`` that keeps :meth:`state_dict` current.
+
+        Parameters
+        ----------
+        num_workers
+            Worker processes (0: read in this process).
+        **kwargs
+            Other ``DataLoader`` options (``pin_memory``, ``multiprocessing_context``, ...).
+            ``batch_size`` is fixed to ``None``; ``persistent_workers`` must stay false so
+            each epoch's workers see :meth:`set_epoch`.
+
+        Returns
+        -------
+        iterable
+            Yields :class:`Batch` objects; ``len()`` is batches per rank per epoch.
+
+        Raises
+        ------
+        ConfigError
+            If ``persistent_workers``, ``batch_size`` or ``sampler`` is passed.
+        """
+        for key in ("batch_size", "sampler", "batch_sampler", "collate_fn"):
+            if key in kwargs:
+                raise ConfigError(f"data_loader sets {key} itself; do not pass it.")
+        if kwargs.get("persistent_workers"):
+            raise ConfigError(
+                "persistent_workers=True would keep each worker's first epoch; leave it false."
+            )
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
+        return _TrackedDataLoader(self, num_workers, kwargs)
+
+    # -- the epoch plan -------------------------------------------------------------------
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block order of an epoch and the cumulative row offsets along it."""
+        n = len(self._starts)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        else:
+            order = np.arange(n)
+        cum = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum((self._stops - self._starts)[order], out=cum[1:])
+        return order, cum
+
+    def _spans(self, order, cum, p0: int, p1: int) -> list[tuple[int, int, bool]]:
+        """Store row ranges of the epoch sequence positions ``[p0, p1)``; past ``N`` wraps."""
+        n = self.n_rows
+        spans: list[tuple[int, int, bool]] = []
+        while p0 < p1:
+            lap, q0 = divmod(p0, n)
+            q1 = min(n, q0 + (p1 - p0))
+            i = int(np.searchsorted(cum, q0, side="right")) - 1
+            q = q0
+            while q < q1:
+                blk = order[i]
+                take = min(q1, int(cum[i + 1])) - q
+                a = int(self._starts[blk] + (q - cum[i]))
+                spans.append((a, a + take, lap > 0))
+                q += take
+                i += 1
+            p0 += q1 - q0
+        return spans
+
+    def _batch_rows(self, b: int) -> tuple[int, int]:
+        """Rank-local positions of batch ``b``."""
+        return b * self.batch_size, min((b + 1) * self.batch_size, self.rows_per_rank)
+
+    def _worker_buffers(self, n_workers: int, worker: int) -> list[_Buffer]:
+        """The buffers of one worker, in the order it yields them."""
+        nb, per, w_n = self._n_batches, self.batches_per_buffer, n_workers
+        rounds = nb // (per * w_n)
+        out = [_Buffer(r * per * w_n + worker * per, r * per * w_n + (worker + 1) * per)
+               for r in range(rounds)]
+        rest = nb - rounds * per * w_n
+        base, extra = divmod(rest, w_n)
+        count = base + (worker < extra)
+        first = rounds * per * w_n + worker * base + min(worker, extra)
+        for b in range(first, first + count, per):
+            out.append(_Buffer(b, min(b + per, first + count)))
+        return out
+
+    # -- reading --------------------------------------------------------------------------
+    def _arrays(self) -> dict:
+        """zarr handles of X and the labels, opened once per process (opening reads metadata)."""
+        if self._handles is None:
+            root = self.store.root
+            try:
+                x = root["X"]
+                self._handles = {
+                    "indptr": x["indptr"], "data": x["data"], "indices": x["indices"],
+                    "label": root[_LABEL_COLUMN],
+                }
+            except KeyError as exc:
+                raise StoreError(
+                    f"{self.path}: {exc.args[0] if exc.args else 'X'} is missing "
+                    "(re-run \"mars-scale ingest\")."
+                ) from None
+        return self._handles
+
+    def _read_span(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``a:b``: local indptr, indices, log1p-normalised values and label codes."""
+        arrays = self._arrays()
+        try:
+            indptr = np.asarray(arrays["indptr"][a : b + 1], dtype=np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            data = np.asarray(arrays["data"][lo:hi])
+            indices = np.asarray(arrays["indices"][lo:hi])
+        except Exception as exc:
+            raise StoreError(
+                f"{self.path}: X rows {a}:{b} cannot be read ({type(exc).__name__}: {exc}); "
+                "the store is damaged, re-run \"mars-scale ingest\"."
+            ) from exc
+        indptr -= lo
+        # Ingest stores only positive values and sorted, unique indices per row. A missing
+        # chunk reads back as zeros (zarr's fill value), which these checks catch.
+        n_zero_idx = indices.size - np.count_nonzero(indices)
+        if (
+            data.shape[0] != hi - lo
+            or indices.shape[0] != hi - lo
+            or (data.size and not data.min() > 0)
+            or n_zero_idx > b - a
+        ):
+            raise StoreError(
+                f"{self.path}: X rows {a}:{b} read back zeros or too few values "
+                "(a chunk of X/data or X/indices is missing); the store is damaged, "
+                "re-run \"mars-scale ingest\"."
+            )
+        values = normalize_log1p(
+            indptr, indices, data, target_sum=self.target_sum, kind=self.input_kind
+        )
+        try:
+            labels = np.asarray(arrays["label"][a:b], dtype=np.int64)
+        except Exception as exc:
+            raise StoreError(
+                f"{self.path}: obs/cell_type rows {a}:{b} cannot be read "
+                f"({type(exc).__name__}: {exc}); the store is damaged, re-run \"mars-scale ingest\"."
+            ) from exc
+        return indptr, indices, values, labels
+
+    def _assemble(self, spans, parts, scratch: dict) -> _BufferData:
+        """Concatenate the spans of a buffer into one CSR matrix.
+
+        The values and indices go into arrays kept in ``scratch`` and reused from buffer to
+        buffer: a fresh array of this size would be mapped anew from the system each time,
+        and its page faults cost as much as the copy.
+        """
+        nnz = np.array([p[0][-1] for p in parts], dtype=np.int64)
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(nnz, out=offsets[1:])
+        total = int(offsets[-1])
+        index_dtype = np.int32 if total < np.iinfo(np.int32).max else np.int64
+        if scratch.get("capacity", -1) < total:
+            capacity = int(total * 1.25) + 1
+            scratch.update(
+                capacity=capacity,
+                values=np.empty(capacity, dtype=np.float32),
+                indices=np.empty(capacity, dtype=np.int32),
+            )
+        values, indices = scratch["values"][:total], scratch["indices"][:total]
+        for (ip, ix, v, _), a, b in zip(parts, offsets[:-1], offsets[1:]):
+            values[a:b] = v
+            indices[a:b] = ix
+        indptr = np.concatenate(
+            [np.zeros(1, dtype=index_dtype)]
+            + [(p[0][1:] + off).astype(index_dtype) for p, off in zip(parts, offsets[:-1])]
+        )
+        n = int(indptr.shape[0] - 1)
+        csr = sp.csr_matrix((values, indices, indptr), shape=(n, self.n_genes), copy=False)
+        label = np.concatenate([p[3] for p in parts])
+        index = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b, _ in spans])
+        pad = np.concatenate([np.full(b - a, p, dtype=bool) for a, b, p in spans])
+        experiment = np.searchsorted(self._exp_starts, index, side="right") - 1
+        return _BufferData(csr, experiment.astype(np.int64), label, index, pad)
+
+    def _make_batch(self, data: _BufferData, rows: np.ndarray | slice, epoch: int, step: int):
+        sub = data.csr[rows]
+        x = _to_torch(sub, torch.sparse_csr_tensor)
+        x_csc = _to_torch(sub.tocsc(), torch.sparse_csc_tensor) if self.csc else None
+        return Batch(
+            x=x,
+            experiment=torch.from_numpy(np.ascontiguousarray(data.experiment[rows])),
+            label=torch.from_numpy(np.ascontiguousarray(data.label[rows])),
+            index=torch.from_numpy(np.ascontiguousarray(data.index[rows])),
+            is_padding=torch.from_numpy(np.ascontiguousarray(data.is_padding[rows])),
+            epoch=epoch,
+            step=step,
+            x_csc=x_csc,
+        )
+
+    # -- iteration ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        n_workers, worker = (1, 0) if info is None else (max(1, info.num_workers), info.id)
+        consumed = self._consumed if self._consumed < self._n_batches else 0
+        if consumed and self._num_workers is not None and self._num_workers != n_workers:
+            raise ConfigError(
+                f"{self.path}: the loader position was counted with {self._num_workers} "
+                f"worker(s) but is resumed with {n_workers}; resume with the same num_workers."
+            )
+        if info is None:
+            self._num_workers = 1
+        # Worker role w yields batches i = j * W + w. The DataLoader polls its workers from
+        # id 0, so on resuming at batch k worker d takes role (d + k) % W: the next batch
+        # polled is then batch k, and the order stays that of an uninterrupted epoch.
+        role = (worker + consumed) % n_workers
+        skip = max(0, -(-(consumed - role) // n_workers))  # batches i < consumed of role
+        return self._iterate(self._epoch, n_workers, role, skip)
+
+    def _iterate(self, epoch: int, n_workers: int, worker: int, skip: int) -> Iterator[Batch]:
+        buffers = self._worker_buffers(n_workers, worker)
+        # Drop the buffers that were consumed whole; skip inside the first remaining one.
+        local = 0
+        todo: list[tuple[_Buffer, int]] = []
+        for buf in buffers:
+            size = buf.stop - buf.first
+            if local + size <= skip:
+                local += size
+                continue
+            todo.append((buf, max(0, skip - local)))
+            local += size
+        first_step = skip
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=self._produce,
+            args=(epoch, todo, n_workers, worker, first_step, out, stop),
+            name="mars-scale-loader",
+            daemon=True,
+        )
+        in_process = get_worker_info() is None
+        return self._consume(producer, out, stop, in_process)
+
+    def _consume(self, producer, out: queue.Queue, stop: threading.Event, in_process: bool):
+        producer.start()
+        try:
+            while True:
+                kind, item = out.get()
+                if kind == "batch":
+                    if in_process:
+                        self._consumed = item.step + 1
+                    yield item
+                elif kind == "error":
+                    raise item
+                else:
+                    return
+        finally:
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    out.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+                producer.join(timeout=0.05)
+
+    def _produce(self, epoch, todo, n_workers, worker, first_step, out, stop) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="mars-scale-read")
+        scratch: dict = {}  # reused concatenation arrays
+        try:
+            order, cum = self._order(epoch)
+            base = self.rank * self.rows_per_rank
+
+            def submit(buf: _Buffer):
+                p0 = self._batch_rows(buf.first)[0]
+                p1 = self._batch_rows(buf.stop - 1)[1]
+                spans = self._spans(order, cum, base + p0, base + p1)
+                return spans, [pool.submit(self._read_span, a, b) for a, b, _ in spans]
+
+            pending: list[tuple[list, list[Future]]] = []
+            if todo:
+                pending.append(submit(todo[0][0]))
+            j = first_step  # worker-local batch counter
+            for k, (buf, skip_in) in enumerate(todo):
+                if k + 1 < len(todo):  # read the next buffer while this one is consumed
+                    pending.append(submit(todo[k + 1][0]))
+                spans, futures = pending.pop(0)
+                parts = [f.result() for f in futures]
+                if stop.is_set():
+                    return
+                data = self._assemble(spans, parts, scratch)
+                del parts
+                n = data.index.shape[0]
+                if self.shuffle:
+                    rng = np.random.default_rng([self.seed, epoch, self.rank, buf.first, 1])
+                    perm = rng.permutation(n)
+                p_first = self._batch_rows(buf.first)[0]
+                for b in range(buf.first + skip_in, buf.stop):
+                    r0, r1 = (p - p_first for p in self._batch_rows(b))
+                    rows = perm[r0:r1] if self.shuffle else slice(r0, r1)
+                    batch = self._make_batch(data, rows, epoch, j * n_workers + worker)
+                    j += 1
+                    if not put(("batch", batch)):
+                        return
+                del data
+            put(("done", None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(("error", exc))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"Loader({str(self.path)!r}, n_rows={self.n_rows}, batch_size={self.batch_size}, "
+            f"rank={self.rank}/{self.world_size}, blocks={self.n_blocks}, epoch={self._epoch})"
+        )
+
+
+class _TrackedDataLoader:
+    """A torch ``DataLoader`` over a :class:`Loader` that records the position consumed."""
+
+    def __init__(self, loader: Loader, num_workers: int, kwargs: dict) -> None:
+        self.loader = loader
+        self.num_workers = num_workers
+        self.kwargs = kwargs
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = self.loader
+        n_workers = max(1, self.num_workers)
+        if loader._consumed >= len(loader):
+            loader._consumed = 0
+        if loader._consumed and loader._num_workers not in (None, n_workers):
+            raise ConfigError(
+                f"{loader.path}: the loader position was counted with {loader._num_workers} "
+                f"worker(s) but is resumed with {n_workers}; resume with the same num_workers."
+            )
+        loader._num_workers = n_workers
+        dl = torch.utils.data.DataLoader(
+            loader, batch_size=None, num_workers=self.num_workers, **self.kwargs
+        )
+        for batch in dl:
+            loader._consumed = batch.step + 1
+            yield batch

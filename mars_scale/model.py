@@ -1,0 +1,228 @@
+"""The user-facing model: ``Mars(store, unannotated=..., n_clusters=...).train()``.
+
+It wraps the torch modules (:mod:`mars_scale.nn`) and the training loop
+(:mod:`mars_scale.train`), in the manner of scvi-tools' model classes: ``save`` writes one run
+directory that knows its genes, and ``load`` refuses a store whose genes differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mars_scale.checkpoint import check_genes, load_checkpoint, save_checkpoint
+from mars_scale.config import RunConfig, config_from_dict
+from mars_scale.device import resolve_device
+from mars_scale.distributed import DistInfo
+from mars_scale.errors import CheckpointMismatchError, InputError
+from mars_scale.nn import Autoencoder
+from mars_scale.store import Atlas, open_store
+from mars_scale.train import CHECKPOINT_NAME, embed, fit, plan_training
+
+__all__ = ["Mars", "MODEL_NAME"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "model.pt"
+
+
+def _as_store(store: Atlas | str | os.PathLike) -> Atlas:
+    return store if isinstance(store, Atlas) else open_store(store)
+
+
+class Mars:
+    """MARS on an atlas store.
+
+    Parameters
+    ----------
+    store
+        An opened store or its path.
+    unannotated
+        The experiment whose cell types are to be discovered (its labels are never used).
+    n_clusters
+        Number of unannotated landmarks K.
+    config
+        Model and training options (:class:`~mars_scale.config.RunConfig`).
+
+    Examples
+    --------
+    >>> model = Mars("atlas.zarr", unannotated="donor3", n_clusters=12)  # doctest: +SKIP
+    >>> model.train(run_dir="run")  # doctest: +SKIP
+    >>> model.save("run")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        store: Atlas | str | os.PathLike,
+        *,
+        unannotated: str,
+        n_clusters: int,
+        config: RunConfig | None = None,
+    ) -> None:
+        self.store = _as_store(store)
+        self.config = config or RunConfig()
+        self.plan = plan_training(self.store, unannotated=unannotated, n_clusters=n_clusters)
+        self.state: dict[str, Any] | None = None
+        self._encoder: torch.nn.Module | None = None
+
+    # -- training -----------------------------------------------------------------------------
+    def train(
+        self,
+        *,
+        run_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        info: DistInfo | None = None,
+        stop_after_epoch: int | None = None,
+    ) -> "Mars":
+        """Pretrain, initialise landmarks and fine-tune (see :func:`mars_scale.train.fit`).
+
+        Parameters
+        ----------
+        run_dir
+            Checkpoints go to ``run_dir/checkpoint.pt`` after every epoch.
+        resume
+            Continue from the checkpoint in ``run_dir``.
+        info
+            Rank and world size under torchrun (default: one process).
+        stop_after_epoch
+            Stop after this many epochs in total (for resume tests).
+        """
+        info = info or DistInfo()
+        device = resolve_device(self.config.train.device)
+        run_path = Path(run_dir) if run_dir is not None else None
+        if resume and run_path is not None:
+            saved = load_checkpoint(run_path / CHECKPOINT_NAME)
+            check_genes(saved["gene_ids"], list(self.store.gene_ids), where=str(self.store.path))
+        self.state = fit(
+            self.store, self.plan, self.config, device=device, info=info, run_dir=run_path,
+            resume=resume, stop_after_epoch=stop_after_epoch,
+        )
+        self._encoder = None
+        return self
+
+    @property
+    def is_trained(self) -> bool:
+        return self.state is not None and self.state.get("phase") == "done"
+
+    def _require_trained(self) -> dict[str, Any]:
+        if not self.is_trained:
+            raise InputError("the model is not trained yet (call train() or Mars.load())")
+        return self.state  # type: ignore[return-value]
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        state = self._require_trained()
+        if self._encoder is None:
+            g = len(state["gene_ids"])
+            model = Autoencoder.from_config(
+                g, self.config.model, mean=np.zeros(g), std=np.ones(g), rng=0
+            )
+            model.load_state_dict(state["model"])
+            self._encoder = model.encoder.eval()
+        return self._encoder
+
+    @property
+    def unannotated_landmarks(self) -> np.ndarray:
+        return self._require_trained()["unannotated_landmarks"].numpy()
+
+    @property
+    def annotated_landmarks(self) -> tuple[np.ndarray, list[str], list[str]]:
+        """Annotated landmarks with the experiment and cell type of each."""
+        state = self._require_trained()
+        pairs = state["annotated_pairs"].numpy()
+        exps = [state["experiments"][e] for e in pairs[:, 0]]
+        types = [state["cell_types"][t] for t in pairs[:, 1]]
+        return state["annotated_landmarks"].numpy(), exps, types
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self._require_trained()["history"])
+
+    # -- inference ---------------------------------------------------------------------------
+    def embed(
+        self,
+        store: Atlas | str | os.PathLike | None = None,
+        *,
+        experiments: list[str] | None = None,
+        batch_size: int = 4096,
+        device: str = "auto",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embed cells in memory: ``(row indices, embeddings)``; for atlases use ``annotate``."""
+        store = self._check_store(store)
+        dev = resolve_device(device)
+        encoder = self.encoder.to(dev)
+        idx, zs = [], []
+        for index, _, _, z in embed(encoder, store, experiments=experiments, batch_size=batch_size, device=dev, info=DistInfo()):
+            idx.append(index.cpu().numpy())
+            zs.append(z.cpu().numpy())
+        return np.concatenate(idx), np.concatenate(zs)
+
+    def _check_store(self, store: Atlas | str | os.PathLike | None) -> Atlas:
+        store = self.store if store is None else _as_store(store)
+        check_genes(self._require_trained()["gene_ids"], list(store.gene_ids), where=str(store.path))
+        return store
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, run_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``run_dir/model.pt`` (weights, landmarks, genes, config) and ``summary.json``.
+
+        Raises
+        ------
+        InputError
+            If ``run_dir/model.pt`` exists and ``overwrite`` is false.
+        """
+        state = self._require_trained()
+        run_dir = Path(run_dir)
+        target = run_dir / MODEL_NAME
+        if target.exists() and not overwrite:
+            raise InputError(f"{target}: already exists (pass overwrite=True / --overwrite)")
+        keep = {k: v for k, v in state.items() if k not in ("optimizer", "landmark_optimizer")}
+        save_checkpoint(target, keep)
+        summary = {
+            "unannotated": state["unannotated"],
+            "annotated": state["annotated"],
+            "n_clusters": state["n_clusters"],
+            "n_landmarks_kept": int(len(state["unannotated_landmarks"])),
+            "landmark_usage": [int(v) for v in state.get("landmark_usage", [])],
+            "n_genes": len(state["gene_ids"]),
+            "history": state["history"],
+            "train_seconds": state.get("train_seconds"),
+            "config": state["config"],
+        }
+        tmp = run_dir / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, run_dir / "summary.json")
+        return target
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, store: Atlas | str | os.PathLike) -> "Mars":
+        """Load a saved model and attach it to ``store``.
+
+        Raises
+        ------
+        CheckpointMismatchError
+            If the file is missing or not a model, or the store's genes differ from the model's.
+        """
+        path = Path(run_dir)
+        path = path / MODEL_NAME if path.is_dir() else path
+        state = load_checkpoint(path)
+        if state.get("phase") != "done":
+            raise CheckpointMismatchError(f"{path}: training did not finish (resume it with --resume)")
+        store = _as_store(store)
+        check_genes(state["gene_ids"], list(store.gene_ids), where=str(store.path))
+        config = config_from_dict(state["config"], source=str(path))
+        obj = cls.__new__(cls)
+        obj.store, obj.config, obj.state, obj._encoder = store, config, state, None
+        obj.plan = plan_training(store, unannotated=state["unannotated"], n_clusters=state["n_clusters"])
+        return obj
+
+    def __repr__(self) -> str:
+        status = "trained" if self.is_trained else "untrained"
+        return f"Mars(unannotated={self.plan.unannotated!r}, n_clusters={self.plan.n_clusters}, {status})"

@@ -1,0 +1,493 @@
+"""MARS training: autoencoder pretraining, landmark initialisation, fine-tuning.
+
+One function, :func:`fit`, reads top to bottom:
+
+1. pretrain the autoencoder (MSE on the scaled input) on the unannotated experiment;
+2. initialise: unannotated landmarks by K-means on the embedded unannotated cells, annotated
+   landmarks from class means;
+3. fine-tune for ``finetune_epochs``; each epoch
+   a. recomputes the annotated landmarks in closed form from class means (sums and counts
+      all-reduced over ranks),
+   b. then, per minibatch pair (annotated, unannotated), takes an Adam step on the unannotated
+      landmarks with the encoder fixed, then an Adam step on the encoder with all landmarks fixed;
+4. rank 0 writes a checkpoint after every epoch (and at the end), atomically.
+
+Under ``torchrun`` every rank runs the same code on its shard of the data; the encoder is wrapped
+in DistributedDataParallel and the landmark gradients are averaged by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from mars_scale.checkpoint import load_checkpoint, save_checkpoint
+from mars_scale.config import RunConfig, config_to_dict
+from mars_scale.distributed import DistInfo, all_reduce_sum, broadcast
+from mars_scale.errors import InputError, TrainingError
+from mars_scale.landmarks import kmeans, nearest
+from mars_scale.loader import Loader
+from mars_scale.losses import (
+    annotated_cell_loss,
+    closed_form_landmarks,
+    unannotated_cell_loss,
+    unannotated_landmark_loss,
+)
+from mars_scale.nn import Autoencoder
+from mars_scale.store import SPEC_VERSION, Atlas
+
+__all__ = ["TrainPlan", "plan_training", "fit", "embed", "CHECKPOINT_NAME"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What to train on, checked against the store before any work starts."""
+
+    unannotated: str
+    annotated: tuple[str, ...]
+    n_clusters: int
+    n_unannotated: int
+    n_labelled: dict[str, int]  # labelled cells per annotated experiment
+    cell_types: tuple[str, ...]
+    experiments: tuple[str, ...]
+
+
+def plan_training(store: Atlas, *, unannotated: str, n_clusters: int) -> TrainPlan:
+    """Validate the experiment choice and K against the store.
+
+    Raises
+    ------
+    InputError
+        For an unknown or empty unannotated experiment, no annotated experiment, or
+        ``n_clusters`` outside ``1..n_cells``.
+    """
+    if unannotated not in store.experiment_ranges:
+        raise InputError(
+            f"{store.path}: unknown experiment {unannotated!r} "
+            f"(known: {', '.join(store.experiments)})"
+        )
+    a, b = store.experiment_ranges[unannotated]
+    if b - a == 0:
+        raise InputError(f"{store.path}: experiment {unannotated!r} has no cells")
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1:
+        raise InputError(f"--n-clusters must be a positive integer, got {n_clusters!r}")
+    if n_clusters > b - a:
+        raise InputError(
+            f"--n-clusters {n_clusters} is larger than the {b - a} cells of experiment {unannotated!r}"
+        )
+    labelled: dict[str, int] = {}
+    for name, (lo, hi) in store.experiment_ranges.items():
+        if name == unannotated or hi == lo:
+            continue
+        codes, _ = store.categorical_codes("cell_type", lo, hi)
+        n = int((codes >= 0).sum())
+        if n:
+            labelled[name] = n
+    if not labelled:
+        raise InputError(
+            f"{store.path}: no annotated experiment besides {unannotated!r} "
+            "(ingest with --label-key, and at least one other experiment with cell types)"
+        )
+    return TrainPlan(
+        unannotated=unannotated,
+        annotated=tuple(labelled),
+        n_clusters=int(n_clusters),
+        n_unannotated=b - a,
+        n_labelled=labelled,
+        cell_types=tuple(store.cell_types),
+        experiments=tuple(store.experiments),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# small pieces
+
+
+def _cat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Stack two sparse CSR batches row-wise (one forward pass through DDP per step)."""
+    crow = torch.cat([a.crow_indices(), b.crow_indices()[1:] + a.crow_indices()[-1]])
+    col = torch.cat([a.col_indices(), b.col_indices()])
+    val = torch.cat([a.values(), b.values()])
+    return torch.sparse_csr_tensor(crow, col, val, size=(a.shape[0] + b.shape[0], a.shape[1]))
+
+
+def _forever(loader: Loader, start_epoch: int) -> Iterator:
+    """Cycle a loader through successive epochs (for the shorter of two streams)."""
+    epoch = start_epoch
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _check_finite(loss: torch.Tensor, *, phase: str, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise TrainingError(
+            f"the {phase} loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+            "the last good checkpoint is kept (lower the learning rate or check the input)"
+        )
+
+
+def _generator(seed: int, *parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0]))
+    return g
+
+
+@torch.no_grad()
+def embed(
+    encoder: torch.nn.Module,
+    store: Atlas,
+    *,
+    experiments: list[str] | None,
+    batch_size: int,
+    device: torch.device,
+    info: DistInfo,
+    progress: str | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Embed this rank's share of the cells, in store order: yields (index, experiment, label, z)."""
+    loader = Loader(
+        store, batch_size=batch_size, experiments=experiments, shuffle=False,
+        rank=info.rank, world_size=info.world_size,
+    )
+    was_training = encoder.training
+    encoder.eval()
+    for batch in tqdm(loader, desc=progress, disable=None if (progress and info.is_main) else True, leave=False):
+        batch = batch.to(device)
+        z = encoder(batch.x)
+        if batch.n_padding:  # ranks are padded to equal batch counts: drop the repeats
+            real = ~batch.is_padding
+            yield batch.index[real], batch.experiment[real], batch.label[real], z[real]
+        else:
+            yield batch.index, batch.experiment, batch.label, z
+    encoder.train(was_training)
+
+
+def _class_means(encoder, store, plan: TrainPlan, *, batch_size, device, info, n_latent) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean embedding per (annotated experiment, cell type): sums and counts over all ranks."""
+    n_exp, n_types = len(plan.experiments), len(plan.cell_types)
+    sums = torch.zeros(n_exp * n_types, n_latent, dtype=torch.float64, device=device)
+    counts = torch.zeros(n_exp * n_types, dtype=torch.float64, device=device)
+    for _, exp, lab, z in embed(encoder, store, experiments=list(plan.annotated), batch_size=batch_size, device=device, info=info):
+        keep = lab >= 0
+        key = exp[keep] * n_types + lab[keep]
+        sums.index_add_(0, key, z[keep].double())
+        counts.index_add_(0, key, torch.ones_like(key, dtype=torch.float64))
+    all_reduce_sum(sums, info)
+    all_reduce_sum(counts, info)
+    return sums, counts
+
+
+class _AnnotatedLandmarks:
+    """The annotated landmarks: one per (experiment, cell type) present, with a lookup table."""
+
+    def __init__(self, plan: TrainPlan, counts: torch.Tensor, device: torch.device) -> None:
+        n_exp, n_types = len(plan.experiments), len(plan.cell_types)
+        present = (counts.reshape(n_exp, n_types) > 0).cpu()
+        self.pairs = present.nonzero()  # (L, 2): experiment code, cell-type code
+        lookup = torch.full((n_exp, n_types), -1, dtype=torch.long)
+        lookup[self.pairs[:, 0], self.pairs[:, 1]] = torch.arange(len(self.pairs))
+        self.lookup = lookup.to(device)
+        self.flat = (self.pairs[:, 0] * n_types + self.pairs[:, 1]).to(device)
+        self.values: torch.Tensor | None = None
+
+    def update(self, sums: torch.Tensor, counts: torch.Tensor, *, lam: float) -> None:
+        means = (sums[self.flat] / counts[self.flat].unsqueeze(1)).float()
+        new = torch.empty_like(means)
+        for e in self.pairs[:, 0].unique():
+            rows = (self.pairs[:, 0] == e).nonzero().squeeze(1).to(means.device)
+            prev = means[rows] if self.values is None else self.values[rows]
+            new[rows] = closed_form_landmarks(means[rows], prev, lam=lam)
+        self.values = new
+
+
+# ---------------------------------------------------------------------------------------------
+# the training function
+
+
+def _checkpoint_payload(state: dict[str, Any]) -> dict[str, Any]:
+    return {"format": "mars-scale-checkpoint", "format_version": 1, **state}
+
+
+def fit(
+    store: Atlas,
+    plan: TrainPlan,
+    config: RunConfig,
+    *,
+    device: torch.device,
+    info: DistInfo,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Train MARS and return the final checkpoint dict (also written to ``run_dir``).
+
+    Parameters
+    ----------
+    store, plan
+        The data and the checked choice of experiments (:func:`plan_training`).
+    config
+        Model and training options.
+    device, info
+        Where this rank computes, and its place in the process group.
+    run_dir
+        Where rank 0 writes ``checkpoint.pt`` after every epoch (``None``: no checkpoints).
+    resume
+        Continue from ``run_dir/checkpoint.pt``.
+    stop_after_epoch
+        Stop (as if interrupted) after this many epochs in total, pretraining included; for
+        tests of resume.
+
+    Returns
+    -------
+    dict
+        The checkpoint: ``model`` (state dict), ``unannotated_landmarks`` (K x d),
+        ``annotated_landmarks`` (L x d) with ``annotated_pairs`` (experiment and cell-type
+        codes), ``history``, ``config``, ``gene_ids`` and provenance.
+    """
+    tc = config.train
+    t0 = time.perf_counter()
+    mean = torch.as_tensor(store.var_column("mean"))
+    std = torch.as_tensor(store.var_column("std"))
+    model = Autoencoder.from_config(
+        store.n_genes, config.model, mean=mean, std=std, rng=_generator(tc.seed, 0)
+    ).to(device)
+    state: dict[str, Any] = {
+        "phase": "pretrain",
+        "epoch": 0,
+        "history": [],
+        "unannotated_landmarks": None,
+        "annotated_landmarks": None,
+        "annotated_pairs": None,
+        "landmark_optimizer": None,
+    }
+    ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    saved = None
+    if resume:
+        if ckpt_path is None or not ckpt_path.exists():
+            raise InputError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINT_NAME} missing)")
+        saved = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(saved["model"])
+        state.update({k: saved[k] for k in state})
+        logger.info("resuming from %s (phase %s, epoch %d)", ckpt_path, state["phase"], state["epoch"])
+
+    def make_optimizer(params, phase: str) -> torch.optim.Adam:
+        opt = torch.optim.Adam(params, lr=tc.lr)
+        if saved is not None and saved["phase"] == phase and saved.get("optimizer"):
+            opt.load_state_dict(saved["optimizer"])
+        return opt
+
+    optimizer: torch.optim.Adam | None = None
+
+    def save() -> None:
+        if ckpt_path is None or not info.is_main:
+            return
+        payload = _checkpoint_payload(
+            {
+                **state,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "config": config_to_dict(config),
+                "gene_ids": [str(g) for g in store.gene_ids],
+                "store_spec": SPEC_VERSION,
+                "unannotated": plan.unannotated,
+                "annotated": list(plan.annotated),
+                "experiments": list(plan.experiments),
+                "cell_types": list(plan.cell_types),
+                "n_clusters": plan.n_clusters,
+                "versions": {"torch": torch.__version__},
+            }
+        )
+        save_checkpoint(ckpt_path, payload)
+
+    epochs_done = lambda: (state["epoch"] if state["phase"] == "pretrain" else tc.pretrain_epochs + state["epoch"])  # noqa: E731
+    ddp = (lambda m: DistributedDataParallel(m)) if info.initialized else (lambda m: m)
+    bs = tc.batch_size
+    main = info.is_main
+
+    # ---- 1. pretraining -------------------------------------------------------------------
+    if state["phase"] == "pretrain":
+        pre_exps = [plan.unannotated] if tc.pretrain_on == "unannotated" else [plan.unannotated, *plan.annotated]
+        loader = Loader(store, batch_size=bs, experiments=pre_exps, shuffle=True, seed=tc.seed,
+                        rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer)
+        net = ddp(model)
+        optimizer = make_optimizer(model.parameters(), "pretrain")
+        steps = max(len(loader), tc.min_steps_per_epoch)
+        for epoch in range(state["epoch"], tc.pretrain_epochs):
+            stream = _forever(loader, epoch * 1000)
+            total = 0.0
+            for step in tqdm(range(steps), desc=f"pretrain {epoch + 1}/{tc.pretrain_epochs}", disable=None if main else True, leave=False):
+                batch = next(stream).to(device)
+                _, recon = net(batch.x)
+                loss = torch.nn.functional.mse_loss(recon, model.scaled_target(batch.x))
+                _check_finite(loss, phase="pretraining", epoch=epoch, step=step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+            state["epoch"] = epoch + 1
+            state["history"].append({"phase": "pretrain", "epoch": epoch + 1, "loss": total / steps})
+            if main:
+                logger.info("pretrain epoch %d/%d: mse %.4f", epoch + 1, tc.pretrain_epochs, total / steps)
+            save()
+            if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
+                return state
+        del net
+        state["phase"], state["epoch"] = "init", 0
+
+    encoder = model.encoder
+    # ---- 2. landmark initialisation ---------------------------------------------------------
+    if state["phase"] == "init":
+        state["unannotated_landmarks"] = _init_unannotated(encoder, store, plan, tc, device, info)
+        state["phase"], state["epoch"] = "finetune", 0
+        state["landmark_optimizer"] = None
+
+    # ---- 3. fine-tuning -------------------------------------------------------------------
+    p_u = torch.nn.Parameter(state["unannotated_landmarks"].to(device).float())
+    landmark_opt = torch.optim.Adam([p_u], lr=tc.landmark_lr)
+    if state["landmark_optimizer"] is not None:
+        landmark_opt.load_state_dict(state["landmark_optimizer"])
+    optimizer = make_optimizer(encoder.parameters(), "finetune")
+    net = ddp(encoder)
+    loader_a = Loader(store, batch_size=bs, experiments=list(plan.annotated), shuffle=True, seed=tc.seed + 1,
+                      rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer)
+    loader_u = Loader(store, batch_size=bs, experiments=[plan.unannotated], shuffle=True, seed=tc.seed + 2,
+                      rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer)
+    n_types = len(plan.cell_types)
+    n_labelled = torch.zeros(len(plan.experiments), dtype=torch.float32, device=device)
+    for name, n in plan.n_labelled.items():
+        n_labelled[plan.experiments.index(name)] = n
+    n_rows_a = float(sum(store.experiment_ranges[e][1] - store.experiment_ranges[e][0] for e in plan.annotated))
+    steps = max(len(loader_a), len(loader_u), tc.min_steps_per_epoch)
+    annotated = None
+    for epoch in range(state["epoch"], tc.finetune_epochs):
+        # a. annotated landmarks in closed form from the current class means
+        sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info, n_latent=config.model.n_latent)
+        annotated = _AnnotatedLandmarks(plan, counts, device)
+        if state["annotated_landmarks"] is not None and len(state["annotated_landmarks"]) == len(annotated.pairs):
+            annotated.values = state["annotated_landmarks"].to(device)
+        annotated.update(sums, counts, lam=tc.lam)
+        state["annotated_landmarks"] = annotated.values.detach().cpu()
+        state["annotated_pairs"] = annotated.pairs.clone()
+        p_a = annotated.values
+        # b. alternating steps over minibatch pairs
+        stream_a, stream_u = _forever(loader_a, epoch * 1000), _forever(loader_u, epoch * 1000)
+        totals = np.zeros(3)
+        for step in tqdm(range(steps), desc=f"fine-tune {epoch + 1}/{tc.finetune_epochs}", disable=None if main else True, leave=False):
+            ba, bu = next(stream_a).to(device), next(stream_u).to(device)
+            z = net(_cat_rows(ba.x, bu.x))
+            za, zu = z[: ba.x.shape[0]], z[ba.x.shape[0]:]
+            # landmarks step, encoder fixed
+            landmark_opt.zero_grad(set_to_none=True)
+            loss_p = unannotated_landmark_loss(zu.detach(), p_u, lam=tc.lam)
+            loss_p.backward()
+            if info.initialized:
+                all_reduce_sum(p_u.grad, info).div_(info.world_size)
+            landmark_opt.step()
+            # encoder step, landmarks fixed
+            idx = annotated.lookup[ba.experiment, ba.label.clamp(min=0)]
+            valid = ((ba.label >= 0) & (idx >= 0) & ~ba.is_padding).float()
+            w = valid * n_rows_a / (ba.x.shape[0] * n_labelled[ba.experiment].clamp(min=1))
+            loss_a = annotated_cell_loss(za, p_a[idx.clamp(min=0)], w)
+            loss_u, _ = unannotated_cell_loss(zu, p_u.detach())
+            loss = loss_a + tc.tau * loss_u
+            _check_finite(loss, phase="fine-tuning", epoch=epoch, step=step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            totals += (loss.item(), loss_a.item(), loss_u.item())
+        state["epoch"] = epoch + 1
+        state["unannotated_landmarks"] = p_u.detach().cpu().clone()
+        state["landmark_optimizer"] = landmark_opt.state_dict()
+        record = {"phase": "finetune", "epoch": epoch + 1, "loss": totals[0] / steps,
+                  "annotated": totals[1] / steps, "unannotated": totals[2] / steps}
+        state["history"].append(record)
+        if main:
+            logger.info("fine-tune epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f)",
+                        epoch + 1, tc.finetune_epochs, *totals / steps)
+        save()
+        if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
+            return state
+
+    # ---- 4. final landmarks, usage, pruning ---------------------------------------------------
+    if state["phase"] == "finetune":
+        if annotated is None or tc.finetune_epochs == 0:
+            sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info, n_latent=config.model.n_latent)
+            annotated = _AnnotatedLandmarks(plan, counts, device)
+            annotated.values = (sums[annotated.flat] / counts[annotated.flat].unsqueeze(1)).float()
+            state["annotated_landmarks"] = annotated.values.cpu()
+            state["annotated_pairs"] = annotated.pairs.clone()
+        usage = _landmark_usage(encoder, store, plan, p_u.detach(), device=device, info=info, batch_size=max(bs, 1024))
+        unused = (usage == 0).nonzero().flatten().tolist()
+        if unused and main:
+            logger.warning("%d of %d unannotated landmarks have no cells: %s%s", len(unused), len(usage),
+                           unused, " (pruned)" if tc.prune_unused else " (pass prune_unused to drop them)")
+        landmarks = p_u.detach().cpu()
+        if tc.prune_unused and unused:
+            landmarks = landmarks[usage.cpu() > 0]
+            usage = usage[usage > 0]
+        state["unannotated_landmarks"] = landmarks
+        state["landmark_usage"] = usage.cpu().long()
+        state["phase"] = "done"
+        state["train_seconds"] = time.perf_counter() - t0
+        save()
+    return _checkpoint_payload({**state, "model": model.state_dict(), "config": config_to_dict(config),
+                                "gene_ids": [str(g) for g in store.gene_ids], "unannotated": plan.unannotated,
+                                "annotated": list(plan.annotated), "experiments": list(plan.experiments),
+                                "cell_types": list(plan.cell_types), "n_clusters": plan.n_clusters,
+                                "store_spec": SPEC_VERSION, "versions": {"torch": torch.__version__}})
+
+
+def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
+    """K-means (faiss, k-means++ seeding, best of n_init) on the embedded unannotated cells.
+
+    Each rank keeps a uniform subsample of at most ``kmeans_max_points / world_size`` of its
+    embeddings; rank 0 clusters the gathered points and broadcasts the centroids.
+    """
+    cap = max(1, tc.kmeans_max_points // info.world_size)
+    chunks = [z.float().cpu() for _, _, _, z in embed(encoder, store, experiments=[plan.unannotated],
+                                                     batch_size=max(tc.batch_size, 1024), device=device,
+                                                     info=info, progress="embed for K-means")]
+    points = torch.cat(chunks)
+    if len(points) > cap:
+        g = _generator(tc.seed, 3, info.rank)
+        points = points[torch.randperm(len(points), generator=g)[:cap]]
+    if info.initialized:
+        import torch.distributed as dist
+
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, points)
+        points = torch.cat(gathered)
+    centroids = torch.zeros(plan.n_clusters, points.shape[1])
+    if info.is_main:
+        t = time.perf_counter()
+        result = kmeans(points.numpy(), plan.n_clusters, seed=tc.seed, n_init=tc.kmeans_n_init)
+        centroids = torch.as_tensor(result.centroids)
+        logger.info("K-means on %d embeddings, k=%d: inertia %.4g in %.1f s", len(points), plan.n_clusters,
+                    result.inertia, time.perf_counter() - t)
+    centroids = centroids.to(device)
+    broadcast(centroids, info)
+    return centroids.cpu()
+
+
+@torch.no_grad()
+def _landmark_usage(encoder, store, plan, landmarks, *, device, info, batch_size) -> torch.Tensor:
+    usage = torch.zeros(len(landmarks), dtype=torch.float64, device=device)
+    for _, _, _, z in embed(encoder, store, experiments=[plan.unannotated], batch_size=batch_size, device=device, info=info):
+        assign, _ = nearest(z, landmarks.to(z.device))
+        usage += torch.bincount(assign, minlength=len(landmarks)).double()
+    all_reduce_sum(usage, info)
+    return usage
