@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mars_scale.errors import CheckpointMismatchError
@@ -22,9 +23,23 @@ __all__ = ["save_checkpoint", "load_checkpoint", "check_genes"]
 logger = logging.getLogger(__name__)
 
 
+def _plain(value: Any) -> Any:
+    """Numpy scalars and arrays become Python numbers and tensors (loadable with weights_only)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    return value
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
+    payload = _plain(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:

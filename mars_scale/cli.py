@@ -111,5 +111,54 @@ def info(store, as_json) -> None:
         )
 
 
+@main.command()
+@click.argument("store", type=click.Path(path_type=str))
+@click.option("--unannotated", required=True, help="Experiment whose cell types are discovered.")
+@click.option("--n-clusters", required=True, type=int, help="Number of unannotated landmarks K.")
+@click.option("-o", "--output", "run_dir", required=True, type=click.Path(path_type=str), help="Run directory (checkpoints, model.pt).")
+@click.option("--config", "config_file", type=click.Path(path_type=str), default=None, help="TOML file with [model] and [train] tables.")
+@click.option("--pretrain-epochs", type=int, default=None)
+@click.option("--finetune-epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=None)
+@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint.pt.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model in RUN_DIR.")
+@_user_errors
+def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs, finetune_epochs,
+          batch_size, device, seed, resume, overwrite) -> None:
+    """Train MARS on STORE with one experiment held out as unannotated.
+
+    Runs as one process, or on several GPUs or nodes under torchrun:
+    torchrun --nproc_per_node 8 -m mars_scale train STORE ...
+    """
+    from pathlib import Path
+
+    from mars_scale.config import RunConfig, load_config, override
+    from mars_scale.device import resolve_device
+    from mars_scale.distributed import init_distributed, shutdown
+    from mars_scale.errors import InputError
+    from mars_scale.model import MODEL_NAME, Mars
+
+    config = load_config(config_file) if config_file else RunConfig()
+    config = override(config, pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
+                      batch_size=batch_size, device=device, seed=seed)
+    if (Path(run_dir) / MODEL_NAME).exists() and not (overwrite or resume):
+        raise InputError(f"{run_dir}: already holds a trained model (pass --overwrite to replace it)")
+    info = init_distributed(resolve_device(config.train.device))
+    if not info.is_main:
+        logging.getLogger("mars_scale").setLevel(logging.WARNING)
+    try:
+        model = Mars(store, unannotated=unannotated, n_clusters=n_clusters, config=config)
+        model.train(run_dir=run_dir, resume=resume, info=info)
+        if info.is_main:
+            path = model.save(run_dir, overwrite=True)
+            usage = model.state.get("landmark_usage")
+            unused = int((usage == 0).sum()) if usage is not None else 0
+            click.echo(f"wrote {path} ({unused} unused landmarks)")
+    finally:
+        shutdown(info)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

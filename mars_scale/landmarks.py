@@ -320,7 +320,7 @@ def nearest(
         if is_tensor:
             assignment = torch.from_numpy(assignment).to(x.device)
             distance = torch.from_numpy(distance).to(x.device)
-    logger.info(
+    logger.debug(
         "nearest: %d points x %d dims to %d landmarks on %s with %s in %.2f s",
         n,
         d,

@@ -332,7 +332,7 @@ class Loader(IterableDataset):
         self._epoch = 0
         self._consumed = 0
         self._num_workers: int | None = None  # worker count the position was counted with
-        logger.info(
+        logger.debug(
             "loader over %s: %d cells in %d blocks (%.0f rows each), %d batches of %d per rank "
             "(rank %d of %d), %d batches per buffer",
             self.path, self.n_rows, len(self._starts), mean_rows, self._n_batches,

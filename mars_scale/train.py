@@ -308,7 +308,7 @@ def fit(
                 "experiments": list(plan.experiments),
                 "cell_types": list(plan.cell_types),
                 "n_clusters": plan.n_clusters,
-                "versions": {"torch": torch.__version__},
+                "versions": {"torch": str(torch.__version__)},
             }
         )
         save_checkpoint(ckpt_path, payload)
@@ -448,7 +448,7 @@ def fit(
                                 "gene_ids": [str(g) for g in store.gene_ids], "unannotated": plan.unannotated,
                                 "annotated": list(plan.annotated), "experiments": list(plan.experiments),
                                 "cell_types": list(plan.cell_types), "n_clusters": plan.n_clusters,
-                                "store_spec": SPEC_VERSION, "versions": {"torch": torch.__version__}})
+                                "store_spec": SPEC_VERSION, "versions": {"torch": str(torch.__version__)}})
 
 
 def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
@@ -458,19 +458,24 @@ def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
     embeddings; rank 0 clusters the gathered points and broadcasts the centroids.
     """
     cap = max(1, tc.kmeans_max_points // info.world_size)
-    chunks = [z.float().cpu() for _, _, _, z in embed(encoder, store, experiments=[plan.unannotated],
-                                                     batch_size=max(tc.batch_size, 1024), device=device,
-                                                     info=info, progress="embed for K-means")]
-    points = torch.cat(chunks)
+    index, chunks = [], []
+    for idx, _, _, z in embed(encoder, store, experiments=[plan.unannotated], batch_size=max(tc.batch_size, 1024),
+                              device=device, info=info, progress="embed for K-means"):
+        index.append(idx.cpu())
+        chunks.append(z.float().cpu())
+    index, points = torch.cat(index), torch.cat(chunks)
     if len(points) > cap:
-        g = _generator(tc.seed, 3, info.rank)
-        points = points[torch.randperm(len(points), generator=g)[:cap]]
+        keep = torch.randperm(len(points), generator=_generator(tc.seed, 3, info.rank))[:cap]
+        index, points = index[keep], points[keep]
     if info.initialized:
         import torch.distributed as dist
 
         gathered = [None] * info.world_size
-        dist.all_gather_object(gathered, points)
-        points = torch.cat(gathered)
+        dist.all_gather_object(gathered, (index, points))
+        index = torch.cat([g[0] for g in gathered])
+        points = torch.cat([g[1] for g in gathered])
+    # Store order, whatever the number of ranks: K-means sees the same points in the same order.
+    points = points[torch.argsort(index)]
     centroids = torch.zeros(plan.n_clusters, points.shape[1])
     if info.is_main:
         t = time.perf_counter()

@@ -1,0 +1,211 @@
+"""Training: losses against full-batch forms, closed form, resume, DDP over gloo, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from click.testing import CliRunner
+
+from conftest import make_adata
+from mars_scale.cli import main
+from mars_scale.config import ConfigError, RunConfig, TrainConfig, config_from_dict, load_config
+from mars_scale.errors import CheckpointMismatchError, InputError
+from mars_scale.ingest import IngestConfig, ingest
+from mars_scale.losses import closed_form_landmarks, landmark_separation, unannotated_landmark_loss
+from mars_scale.model import Mars
+from mars_scale.nn import ModelConfig
+from mars_scale.store import open_store
+
+TINY = RunConfig(
+    model=ModelConfig(hidden=(32,), n_latent=8),
+    train=TrainConfig(pretrain_epochs=2, finetune_epochs=3, batch_size=512, min_steps_per_epoch=2, seed=3, device="cpu"),
+)
+
+
+def _balanced_store(tmp_path: Path, sizes=(100, 120, 80), n_genes=60, name="atlas.zarr") -> Path:
+    adata = make_adata(sum(sizes), n_genes, n_experiments=len(sizes), seed=11)
+    adata.obs["experiment"] = pd.Categorical(np.repeat([f"exp{i}" for i in range(len(sizes))], sizes))
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    return ingest([path], tmp_path / name, config=IngestConfig(experiment_key="experiment", label_key="cell_type", min_cells=1))
+
+
+# -- losses -----------------------------------------------------------------------------------
+
+
+def test_closed_form_is_the_reference_update():
+    means = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]])
+    prev = torch.tensor([[1.0, 1.0], [3.0, 0.0], [0.0, 3.0]])
+    lam = 0.2
+    got = closed_form_landmarks(means, prev, lam=lam)
+    # p_k = (mu_k - lam/(K-1) * sum_{j != k} p_j) / (1 - lam), by hand for k = 0:
+    # others = (3, 0) + (0, 3) = (3, 3); (0 - 0.1 * 3) / 0.8 = -0.375
+    np.testing.assert_allclose(got[0].numpy(), [-0.375, -0.375])
+    np.testing.assert_allclose(got[1].numpy(), [(2 - 0.1 * 1) / 0.8, (0 - 0.1 * 4) / 0.8])
+    # one class: the mean
+    np.testing.assert_allclose(closed_form_landmarks(means[:1], prev[:1], lam=lam).numpy(), means[:1].numpy())
+
+
+def test_unannotated_loss_matches_eq2_by_hand():
+    z = torch.tensor([[0.0], [1.0], [10.0]])
+    p = torch.tensor([[0.0], [9.0]])
+    # min distances 0, 1, 1 -> mean 2/3; separation: d(p0,p1) = 81 over K(K-1) = 2 ordered pairs
+    # sum over ordered pairs = 162 -> 162 / 2 = 81
+    assert landmark_separation(p).item() == pytest.approx(81.0)
+    assert unannotated_landmark_loss(z, p, lam=0.2).item() == pytest.approx(2 / 3 - 0.2 * 81.0)
+
+
+def test_minibatch_annotated_loss_sums_to_full_batch():
+    """The Horvitz-Thompson weights make an epoch of batches add up to sum_i L_i (cell part)."""
+    from mars_scale.losses import annotated_cell_loss
+
+    rng = np.random.default_rng(0)
+    n = 60
+    exp = np.repeat([0, 1, 2], [10, 20, 30])
+    z = torch.tensor(rng.normal(size=(n, 4)))
+    t = torch.tensor(rng.normal(size=(n, 4)))
+    sizes = np.bincount(exp)
+    full = sum(((z[exp == e] - t[exp == e]) ** 2).sum(-1).mean() for e in range(3))
+    perm = rng.permutation(n)
+    total = 0.0
+    for batch in np.array_split(perm, 6):  # 6 batches of 10
+        w = torch.tensor(n / (len(batch) * sizes[exp[batch]]))
+        total += annotated_cell_loss(z[batch], t[batch], w) * len(batch) / n
+    assert float(total) == pytest.approx(float(full), rel=1e-12)
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_config_file_is_validated(tmp_path):
+    good = tmp_path / "a.toml"
+    good.write_text("[model]\nhidden = [64]\nn_latent = 10\n[train]\nlam = 0.3\nbatch_size = 64\n")
+    cfg = load_config(good)
+    assert cfg.model.hidden == (64,) and cfg.train.lam == 0.3 and cfg.train.batch_size == 64
+    bad = tmp_path / "b.toml"
+    bad.write_text("[train]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match=r"b.toml: unknown key train.learning_rate"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="must be of type int"):
+        config_from_dict({"train": {"batch_size": "64"}})
+    with pytest.raises(ConfigError, match="lam must be in"):
+        config_from_dict({"train": {"lam": 1.5}})
+    with pytest.raises(ConfigError, match="unknown section"):
+        config_from_dict({"optimizer": {}})
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def test_bad_training_input(tmp_path):
+    store = _balanced_store(tmp_path)
+    with pytest.raises(InputError, match=r"unknown experiment 'nope' \(known: exp0, exp1, exp2\)"):
+        Mars(store, unannotated="nope", n_clusters=2)
+    with pytest.raises(InputError, match="positive integer"):
+        Mars(store, unannotated="exp0", n_clusters=0)
+    with pytest.raises(InputError, match="larger than the 100 cells"):
+        Mars(store, unannotated="exp0", n_clusters=101)
+    # a store with no labels has no annotated experiment
+    adata = make_adata(80, 30, n_experiments=2, seed=5)
+    del adata.obs["cell_type"]
+    adata.write_h5ad(tmp_path / "nolab.h5ad")
+    nolab = ingest([tmp_path / "nolab.h5ad"], tmp_path / "nolab.zarr", config=IngestConfig(experiment_key="experiment", min_cells=1))
+    with pytest.raises(InputError, match="no annotated experiment"):
+        Mars(nolab, unannotated="exp0", n_clusters=2)
+
+
+def test_train_save_load_and_gene_check(tmp_path):
+    store = _balanced_store(tmp_path)
+    model = Mars(store, unannotated="exp0", n_clusters=4, config=TINY).train(run_dir=tmp_path / "run")
+    assert model.is_trained
+    assert model.unannotated_landmarks.shape == (4, 8)
+    emb, exps, types = model.annotated_landmarks
+    # one landmark per (annotated experiment, cell type) present
+    adata = ad.read_zarr(store)
+    present = adata.obs[adata.obs.experiment != "exp0"].groupby(["experiment", "cell_type"], observed=True).size()
+    assert len(emb) == len(present) and set(zip(exps, types)) == set(present.index)
+    assert [h["phase"] for h in model.history] == ["pretrain"] * 2 + ["finetune"] * 3
+    model.save(tmp_path / "run")
+    with pytest.raises(InputError, match="already exists"):
+        model.save(tmp_path / "run")
+    loaded = Mars.load(tmp_path / "run", store)
+    idx0, z0 = model.embed(experiments=["exp0"])
+    idx1, z1 = loaded.embed(experiments=["exp0"])
+    np.testing.assert_array_equal(idx0, idx1)
+    np.testing.assert_allclose(z0, z1, rtol=1e-6)
+    # a store with other genes is refused
+    adata = make_adata(300, 61, n_experiments=3, seed=11)
+    adata.write_h5ad(tmp_path / "other.h5ad")
+    other = ingest([tmp_path / "other.h5ad"], tmp_path / "other.zarr", config=IngestConfig(experiment_key="experiment", label_key="cell_type", min_cells=1))
+    with pytest.raises(CheckpointMismatchError, match="genes do not match"):
+        Mars.load(tmp_path / "run", other)
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path):
+    store = _balanced_store(tmp_path)
+    full = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "full")
+    part = Mars(store, unannotated="exp0", n_clusters=3, config=TINY)
+    part.train(run_dir=tmp_path / "part", stop_after_epoch=3)  # pretraining + 1 fine-tuning epoch
+    assert not part.is_trained
+    resumed = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "part", resume=True)
+    np.testing.assert_array_equal(resumed.unannotated_landmarks, full.unannotated_landmarks)
+    for key, value in full.state["model"].items():
+        torch.testing.assert_close(resumed.state["model"][key], value, rtol=0, atol=0)
+
+
+def test_resume_after_pretraining_only(tmp_path):
+    store = _balanced_store(tmp_path)
+    full = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "full")
+    Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "p", stop_after_epoch=1)
+    resumed = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "p", resume=True)
+    np.testing.assert_array_equal(resumed.unannotated_landmarks, full.unannotated_landmarks)
+
+
+def test_train_cli(tmp_path):
+    store = _balanced_store(tmp_path)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("[model]\nhidden = [32]\nn_latent = 8\n[train]\npretrain_epochs = 1\nfinetune_epochs = 1\n")
+    r = CliRunner().invoke(main, ["train", str(store), "--unannotated", "exp1", "--n-clusters", "3", "-o", str(tmp_path / "run"), "--config", str(cfg), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "model.pt").exists()
+    r = CliRunner().invoke(main, ["train", str(store), "--unannotated", "exp1", "--n-clusters", "3", "-o", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "already holds a trained model" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochs = 3\n")
+    r = CliRunner().invoke(main, ["train", str(store), "--unannotated", "exp1", "--n-clusters", "3", "-o", str(tmp_path / "r2"), "--config", str(bad)])
+    assert r.exit_code == 2 and "unknown key train.epochs" in r.stderr
+
+
+def _torchrun(args, nproc, env_extra=None, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29500 + os.getpid() % 1000 + nproc), "-m", "mars_scale", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    """2 ranks x half the batch = 1 process x the whole batch (every step sees all rows)."""
+    store = _balanced_store(tmp_path, sizes=(100, 120, 80))
+    common = ["train", str(store), "--unannotated", "exp0", "--n-clusters", "3", "--device", "cpu"]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nhidden = [32]\nn_latent = 8\n[train]\npretrain_epochs = 2\nfinetune_epochs = 3\nseed = 1\n")
+    one = _torchrun([*common, "-o", str(tmp_path / "one"), "--config", str(cfg), "--batch-size", "512"], nproc=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _torchrun([*common, "-o", str(tmp_path / "two"), "--config", str(cfg), "--batch-size", "256"], nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = Mars.load(tmp_path / "one", store)
+    b = Mars.load(tmp_path / "two", store)
+    np.testing.assert_allclose(b.unannotated_landmarks, a.unannotated_landmarks, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b.annotated_landmarks[0], a.annotated_landmarks[0], rtol=1e-4, atol=1e-4)
+    _, za = a.embed(experiments=["exp0"])
+    _, zb = b.embed(experiments=["exp0"])
+    np.testing.assert_allclose(zb, za, rtol=1e-3, atol=1e-4)
