@@ -160,5 +160,75 @@ def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs,
         shutdown(info)
 
 
+@main.command()
+@click.argument("store", type=click.Path(path_type=str))
+@click.option("--model", "run_dir", required=True, type=click.Path(path_type=str), help="Run directory (or model.pt) of a trained model.")
+@click.option("--space", type=click.Choice(["latent", "umap"]), default="latent", show_default=True, help="Where clusters are named.")
+@click.option("--key", "key_added", default="mars", show_default=True, help="Prefix of the results (obs/<key>_*, obsm/X_<key>, uns/<key>).")
+@click.option("--overwrite", is_flag=True, help="Replace earlier results (and an existing --export file).")
+@click.option("--export", type=click.Path(path_type=str), default=None, help="Also write the results alone to this .h5ad file.")
+@click.option("--batch-size", type=int, default=4096, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the per-cluster samples (and UMAP).")
+@_user_errors
+def annotate(store, run_dir, space, key_added, overwrite, export, batch_size, device, seed) -> None:
+    """Embed every cell of STORE, then cluster and name the model's unannotated experiment."""
+    from mars_scale.annotate import annotate as run_annotate
+
+    result = run_annotate(store, run_dir, key_added=key_added, space=space, overwrite=overwrite,
+                          batch_size=batch_size, device=device, seed=seed, export=export)
+    click.echo(f"{result.unannotated}: {result.n_unannotated:,} cells in {result.naming.n_clusters} clusters "
+               f"({len(result.unused_landmarks)} unused landmarks)")
+    rows = result.cluster_table()
+    width = max([len("name")] + [len(r["name"]) for r in rows])
+    click.echo(f"{'cluster':>7}  {'cells':>9}  {'name':<{width}}  {'probability':>11}  {'novelty':>7}")
+    for r in rows:
+        click.echo(f"{r['cluster']:>7}  {r['n_cells']:>9,}  {r['name']:<{width}}  {r['probability']:>11.3f}  {r['novelty']:>7.3f}")
+    click.echo(f"wrote {', '.join(result.written)} into {result.store}")
+    if result.export is not None:
+        click.echo(f"wrote {result.export}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=str))
+@click.option("--leave-one-out", "leave_one_out", is_flag=True, help="Hold out every annotated experiment in turn (the only protocol so far).")
+@click.option("--seeds", type=int, default=5, show_default=True, help="Number of seeds (0, 1, ..., N-1).")
+@click.option("--config", "config_file", type=click.Path(path_type=str), default=None, help="TOML file with [model] and [train] tables.")
+@click.option("--experiment", "experiments", multiple=True, help="Hold out only this experiment (repeatable).")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("-o", "--output", "output_dir", default="mars-evaluation", show_default=True, type=click.Path(path_type=str), help="Directory for evaluation.json, evaluation.md and assignments.npz.")
+@_user_errors
+def evaluate(store, leave_one_out, seeds, config_file, experiments, device, output_dir) -> None:
+    """Score MARS and the K-means baselines on STORE, each experiment held out in turn."""
+    from mars_scale.config import RunConfig, load_config, override
+    from mars_scale.evaluate import leave_one_out as run_loo, markdown_table, write_report
+
+    if not leave_one_out:
+        raise click.UsageError("pass --leave-one-out (the only evaluation protocol so far)")
+    if seeds < 1:
+        raise click.BadParameter(f"must be at least 1, got {seeds}", param_hint="--seeds")
+    config = load_config(config_file) if config_file else RunConfig()
+    config = override(config, device=device)
+    result = run_loo(store, seeds=tuple(range(seeds)), config=config, experiments=list(experiments) or None)
+    paths = write_report(result, output_dir)
+    click.echo(markdown_table(result), nl=False)
+    click.echo(f"wrote {paths['json']}, {paths['markdown']}, {paths['assignments']}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=str))
+@click.option("-o", "--output", "output_dir", default="mars-figures", show_default=True, type=click.Path(path_type=str), help="Directory for the PNG files.")
+@click.option("--key", "key_added", default="mars", show_default=True, help="Prefix the results were written under.")
+@click.option("--max-cells", type=int, default=50_000, show_default=True, help="Most cells in the UMAP (random subsample).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the subsample and UMAP.")
+@_user_errors
+def plot(store, output_dir, key_added, max_cells, seed) -> None:
+    """Draw UMAPs (clusters, names, experiments, ground truth) and confusion heatmaps of STORE."""
+    from mars_scale.plotting import plot as run_plot
+
+    for path in run_plot(store, output_dir=output_dir, key_added=key_added, max_cells=max_cells, seed=seed):
+        click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -39,8 +39,16 @@ class TrainConfig:
         Epochs of autoencoder pretraining and of MARS fine-tuning (paper: 25 and 30).
     batch_size
         Cells per minibatch per rank, for each of the annotated and unannotated streams.
-    lr, landmark_lr
-        Adam learning rates of the network and of the unannotated landmarks (paper: 1e-3).
+    lr
+        Adam learning rate of pretraining (paper: 1e-3).
+    finetune_lr
+        Adam learning rate of the encoder during fine-tuning. The paper uses 1e-3 after 25
+        full-batch pretraining steps; after the longer minibatch pretraining done here, 1e-3
+        lets the unannotated term collapse similar cell types onto one landmark (mesc batch3:
+        ARI 0.97 after initialisation, 0.53 after fine-tuning), so the default is lower. See
+        docs/algorithm.md for the measurements.
+    landmark_lr
+        Adam learning rate of the unannotated landmarks (paper: 1e-3).
     lam
         Weight of the landmark separation terms (lambda, paper: 0.2).
     tau
@@ -52,8 +60,10 @@ class TrainConfig:
     kmeans_max_points
         Cap on the embeddings kept in memory for K-means (a uniform subsample beyond it).
     min_steps_per_epoch
-        Small experiments still get this many optimiser steps per epoch (the shorter stream
-        cycles); 1 reproduces plain epochs.
+        Pretraining on a small experiment still takes this many optimiser steps per epoch
+        (the loader cycles); 1 gives plain epochs. Measured on mesc batch3, K-means on the
+        pretrained embedding reaches ARI 0.97 with 4 full-batch steps per epoch against 0.83
+        with 1.
     prune_unused
         Drop unannotated landmarks that no cell chooses at the end of fine-tuning.
     seed
@@ -66,15 +76,16 @@ class TrainConfig:
 
     pretrain_epochs: int = 25
     finetune_epochs: int = 30
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 1e-3
+    finetune_lr: float = 1e-4
     landmark_lr: float = 1e-3
     lam: float = 0.2
     tau: float = 1.0
     pretrain_on: str = "unannotated"
     kmeans_n_init: int = 10
     kmeans_max_points: int = 500_000
-    min_steps_per_epoch: int = 1
+    min_steps_per_epoch: int = 4
     prune_unused: bool = False
     seed: int = 0
     device: str = "auto"
@@ -89,8 +100,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.lam < 1:
             raise ConfigError(f"train.lam must be in [0, 1), got {self.lam}")
-        if self.tau < 0 or self.lr <= 0 or self.landmark_lr <= 0:
-            raise ConfigError("train.tau must be >= 0 and train.lr, train.landmark_lr > 0")
+        if self.tau < 0 or min(self.lr, self.finetune_lr, self.landmark_lr) <= 0:
+            raise ConfigError("train.tau must be >= 0 and the learning rates > 0")
         if self.pretrain_on not in ("unannotated", "all"):
             raise ConfigError(f"train.pretrain_on must be 'unannotated' or 'all', got {self.pretrain_on!r}")
 

@@ -273,6 +273,7 @@ def fit(
         "annotated_landmarks": None,
         "annotated_pairs": None,
         "landmark_optimizer": None,
+        "kmeans_init": None,
     }
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     saved = None
@@ -285,7 +286,7 @@ def fit(
         logger.info("resuming from %s (phase %s, epoch %d)", ckpt_path, state["phase"], state["epoch"])
 
     def make_optimizer(params, phase: str) -> torch.optim.Adam:
-        opt = torch.optim.Adam(params, lr=tc.lr)
+        opt = torch.optim.Adam(params, lr=tc.lr if phase == "pretrain" else tc.finetune_lr)
         if saved is not None and saved["phase"] == phase and saved.get("optimizer"):
             opt.load_state_dict(saved["optimizer"])
         return opt
@@ -351,7 +352,7 @@ def fit(
     encoder = model.encoder
     # ---- 2. landmark initialisation ---------------------------------------------------------
     if state["phase"] == "init":
-        state["unannotated_landmarks"] = _init_unannotated(encoder, store, plan, tc, device, info)
+        state["unannotated_landmarks"], state["kmeans_init"] = _init_unannotated(encoder, store, plan, tc, device, info)
         state["phase"], state["epoch"] = "finetune", 0
         state["landmark_optimizer"] = None
 
@@ -371,7 +372,7 @@ def fit(
     for name, n in plan.n_labelled.items():
         n_labelled[plan.experiments.index(name)] = n
     n_rows_a = float(sum(store.experiment_ranges[e][1] - store.experiment_ranges[e][0] for e in plan.annotated))
-    steps = max(len(loader_a), len(loader_u), tc.min_steps_per_epoch)
+    steps = max(len(loader_a), len(loader_u))
     annotated = None
     for epoch in range(state["epoch"], tc.finetune_epochs):
         # a. annotated landmarks in closed form from the current class means
@@ -454,6 +455,9 @@ def fit(
 def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
     """K-means (faiss, k-means++ seeding, best of n_init) on the embedded unannotated cells.
 
+    Returns the centroids and, on rank 0, the K-means assignment of the clustered points
+    (``{"index", "cluster"}``): the "K-means on the pretrained embedding" baseline.
+
     Each rank keeps a uniform subsample of at most ``kmeans_max_points / world_size`` of its
     embeddings; rank 0 clusters the gathered points and broadcasts the centroids.
     """
@@ -475,17 +479,21 @@ def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
         index = torch.cat([g[0] for g in gathered])
         points = torch.cat([g[1] for g in gathered])
     # Store order, whatever the number of ranks: K-means sees the same points in the same order.
-    points = points[torch.argsort(index)]
+    order = torch.argsort(index)
+    index, points = index[order], points[order]
     centroids = torch.zeros(plan.n_clusters, points.shape[1])
+    init = None
     if info.is_main:
         t = time.perf_counter()
         result = kmeans(points.numpy(), plan.n_clusters, seed=tc.seed, n_init=tc.kmeans_n_init)
         centroids = torch.as_tensor(result.centroids)
+        assignment, _ = nearest(points.numpy(), result.centroids)
+        init = {"index": index, "cluster": torch.as_tensor(assignment, dtype=torch.long)}
         logger.info("K-means on %d embeddings, k=%d: inertia %.4g in %.1f s", len(points), plan.n_clusters,
                     result.inertia, time.perf_counter() - t)
     centroids = centroids.to(device)
     broadcast(centroids, info)
-    return centroids.cpu()
+    return centroids.cpu(), init
 
 
 @torch.no_grad()

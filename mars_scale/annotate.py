@@ -1,0 +1,706 @@
+"""Annotate an atlas: embed every cell, assign the unannotated experiment to landmarks, name.
+
+:func:`annotate` streams all cells of a store through a trained encoder once. In that pass it
+
+- appends the embeddings to ``obsm['X_<key>']`` (a chunked float32 zarr array; memory is one
+  shard of rows, whatever the number of cells),
+- accumulates, for every annotated landmark, the squared distances of its own annotated cells
+  (the root mean square is the landmark radius that the novelty score uses),
+- keeps the embeddings of the unannotated experiment in a memory-mapped scratch file.
+
+It then assigns each unannotated cell to its nearest unannotated landmark (faiss), names the
+clusters with :func:`mars_scale.naming.name_clusters` and writes the results into the store.
+
+Writing into the store
+----------------------
+Every new element is first written in full under a staging directory inside the store
+(``.mars-scale-staging-<id>/``, which zarr and anndata do not see), then renamed into place:
+obs columns, ``obsm['X_<key>']``, ``uns[<key>]``. The obs columns become visible to anndata
+only when their names enter the ``column-order`` attribute of ``obs``, which is replaced last,
+as one atomic JSON file replace: that is the commit point. When results are replaced
+(``overwrite=True``), the old columns are first taken out of ``column-order``, and each old
+element is moved into the staging directory, not deleted, until the commit. Any error before
+the commit (an exception or an interrupt) moves everything back, so the store is as it was.
+A process killed outright between the renames leaves a store that opens and holds the earlier
+results (or none), never obs columns of two different runs. The whole operation holds the
+store's writer lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from mars_scale.device import resolve_device
+from mars_scale.distributed import DistInfo
+from mars_scale.errors import InputError, StoreError
+from mars_scale.landmarks import nearest
+from mars_scale.model import Mars
+from mars_scale.naming import NamingResult, name_clusters
+from mars_scale.store import Atlas, open_store, store_lock, write_json_atomic
+from mars_scale.train import embed
+
+__all__ = ["AnnotationResult", "annotate", "result_keys"]
+
+logger = logging.getLogger(__name__)
+
+_STAGING_PREFIX = ".mars-scale-staging-"
+_KEY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_RESERVED_KEYS = {"mars_scale"}  # uns/mars_scale is the store's own metadata
+_OBS_SUFFIXES = ("cluster", "cell_type", "confidence", "novelty")
+_TARGET_CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk of obsm/X_<key>
+_SHARD_CHUNKS = 16  # chunks per shard file of obsm/X_<key> (zarr v3)
+_COLUMN_CHUNK = 1 << 18  # cells per chunk of the obs result columns
+
+
+def result_keys(key_added: str = "mars") -> dict[str, Any]:
+    """Names of the store elements that :func:`annotate` writes for ``key_added``.
+
+    Parameters
+    ----------
+    key_added
+        The prefix of the result elements.
+
+    Returns
+    -------
+    dict
+        ``obs`` (the four obs columns ``<key>_cluster``, ``<key>_cell_type``,
+        ``<key>_confidence``, ``<key>_novelty``), ``obsm`` (``X_<key>``) and ``uns``
+        (``<key>``).
+    """
+    return {
+        "obs": [f"{key_added}_{suffix}" for suffix in _OBS_SUFFIXES],
+        "obsm": f"X_{key_added}",
+        "uns": key_added,
+    }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AnnotationResult:
+    """What :func:`annotate` wrote, with the naming of every discovered cluster.
+
+    Attributes
+    ----------
+    store
+        The store written to.
+    key_added
+        Prefix of the result elements (see :func:`result_keys`).
+    unannotated
+        The experiment whose cells were clustered and named.
+    n_cells
+        Cells embedded (all cells of the store).
+    n_unannotated
+        Cells of the unannotated experiment.
+    naming
+        Per-cluster and per-cell naming (:class:`~mars_scale.naming.NamingResult`); per-cell
+        arrays follow the rows of the unannotated experiment.
+    unused_landmarks
+        Unannotated landmarks that no cell chose.
+    landmark_radius
+        Root-mean-square distance of each annotated landmark's annotated cells to it.
+    written
+        Store elements written, e.g. ``"obs/mars_cluster"``.
+    export
+        The h5ad file written with ``export=``, else ``None``.
+    seconds
+        Wall time.
+    """
+
+    store: Path
+    key_added: str
+    unannotated: str
+    n_cells: int
+    n_unannotated: int
+    naming: NamingResult
+    unused_landmarks: tuple[int, ...]
+    landmark_radius: np.ndarray
+    written: tuple[str, ...]
+    export: Path | None
+    seconds: float
+
+    def cluster_table(self) -> list[dict[str, Any]]:
+        """One row per discovered cluster: cluster, cells, name, probability, novelty.
+
+        Returns
+        -------
+        list of dict
+            Keys ``cluster`` (landmark index), ``n_cells``, ``name`` (the cluster's cell type,
+            or ``"novel"``), ``best_name`` (most probable annotated name), ``probability`` (of
+            ``best_name``), ``novelty`` and ``is_novel``.
+        """
+        nr = self.naming
+        return [
+            {
+                "cluster": int(nr.clusters[j]),
+                "n_cells": int(nr.n_cells[j]),
+                "name": str(nr.label[j]),
+                "best_name": str(nr.best_name[j]),
+                "probability": float(nr.best_probability[j]),
+                "novelty": float(nr.novelty[j]),
+                "is_novel": bool(nr.is_novel[j]),
+            }
+            for j in range(nr.n_clusters)
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# the public function
+
+
+def annotate(
+    store_path: str | os.PathLike,
+    model_or_run_dir: Mars | str | os.PathLike,
+    *,
+    key_added: str = "mars",
+    space: str = "latent",
+    overwrite: bool = False,
+    batch_size: int = 4096,
+    device: str = "auto",
+    seed: int | None = 0,
+    export: str | os.PathLike | None = None,
+    novelty_threshold: float = 0.5,
+    max_cells_per_cluster: int = 2000,
+) -> AnnotationResult:
+    """Embed all cells, cluster and name the unannotated experiment, write results to the store.
+
+    Parameters
+    ----------
+    store_path
+        The atlas store (written in place).
+    model_or_run_dir
+        A trained :class:`~mars_scale.model.Mars`, or the run directory (or ``model.pt``) of
+        one. Its genes must match the store's.
+    key_added
+        Prefix of the elements written (see Returns). Letters, digits and underscores, starting
+        with a letter; not ``mars_scale``.
+    space
+        Where clusters are named: ``"latent"`` (the embedding) or ``"umap"`` (10 UMAP
+        components fitted on a subsample, as in the paper).
+    overwrite
+        Replace earlier results under the same ``key_added`` (and an existing ``export`` file).
+    batch_size
+        Cells per encoder batch.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+    seed
+        Seeds the per-cluster samples used for the kernel width (and UMAP). ``None`` draws
+        fresh entropy.
+    export
+        Also write the results alone (obs columns, ``obsm['X_<key>']`` and ``uns[<key>]``, no
+        X) to this ``.h5ad`` file, atomically.
+    novelty_threshold
+        A cluster whose novelty score reaches it is called ``"novel"``
+        (see :mod:`mars_scale.naming`).
+    max_cells_per_cluster
+        Cells sampled per cluster to estimate the kernel width.
+
+    Returns
+    -------
+    AnnotationResult
+        What was written. The store gains:
+
+        - ``obsm['X_<key>']``: float32 embedding of every cell (chunked along rows);
+        - ``obs['<key>_cluster']``: categorical landmark index of the cells of the unannotated
+          experiment (missing elsewhere);
+        - ``obs['<key>_cell_type']``: categorical name of the cell's cluster, or ``"novel"``;
+        - ``obs['<key>_confidence']``: float, probability of the cluster's most probable name;
+        - ``obs['<key>_novelty']``: float, the cell's novelty score in [0, 1] (both NaN
+          outside the unannotated experiment);
+        - ``uns['<key>']``: run record with, per cluster, ``clusters``, ``n_cells``, ``label``,
+          ``top_names`` and ``top_probabilities`` (top 3), ``novelty``, ``is_novel``; and
+          ``unused_landmarks``, ``landmark_radius``, ``model``, ``config`` (JSON), ``date``,
+          ``space``, ``seed``, ``unannotated`` and the mars-scale version.
+
+    Raises
+    ------
+    InputError
+        For an invalid option, an untrained model, or an export path that exists.
+    StoreError
+        If the store cannot be opened, another process is writing to it, results under
+        ``key_added`` exist and ``overwrite`` is false, or the model's unannotated experiment
+        is not in the store.
+    CheckpointMismatchError
+        If the model's genes differ from the store's.
+    """
+    started = time.perf_counter()
+    _check_options(key_added=key_added, space=space, batch_size=batch_size)
+    export_path = _check_export(export, overwrite=overwrite)
+    store = open_store(store_path)
+    model = _load_model(model_or_run_dir, store)
+    unannotated = str(model.state["unannotated"])
+    if unannotated not in store.experiment_ranges:
+        raise StoreError(
+            f"{store.path}: the model's unannotated experiment {unannotated!r} is not in this "
+            f"store (experiments: {', '.join(store.experiments)})"
+        )
+    keys = result_keys(key_added)
+    dev = resolve_device(device)
+    root_dir = Path(store.path)
+    fmt = int(store.root.metadata.zarr_format)
+
+    with store_lock(root_dir):
+        _remove_stale_staging(root_dir)
+        _check_existing(store, keys, overwrite=overwrite)
+        staging = root_dir / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
+        try:
+            computed = _compute(store, model, staging, fmt, keys, device=dev, batch_size=batch_size,
+                                space=space, seed=seed, novelty_threshold=novelty_threshold,
+                                max_cells_per_cluster=max_cells_per_cluster)
+            naming, unused, radius = computed
+            record = _run_record(model, model_or_run_dir, naming, unused, radius, keys=keys,
+                                 space=space, seed=seed, unannotated=unannotated)
+            _stage_obs_and_uns(store, staging, fmt, keys, naming, record, unannotated)
+            elements = [("obs", name) for name in keys["obs"]] + [("obsm", keys["obsm"]), ("uns", keys["uns"])]
+            _commit(root_dir, fmt, staging, elements, keys["obs"])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    written = tuple(f"{group}/{name}" for group, name in elements)
+    logger.info("wrote %s into %s", ", ".join(written), root_dir)
+
+    if export_path is not None:
+        _export_h5ad(root_dir, keys, export_path)
+        logger.info("exported the results to %s", export_path)
+    a, b = store.experiment_ranges[unannotated]
+    seconds = time.perf_counter() - started
+    logger.info("annotated %d cells (%d of experiment %r) in %.1f s", store.n_cells, b - a, unannotated, seconds)
+    return AnnotationResult(
+        store=root_dir, key_added=key_added, unannotated=unannotated, n_cells=store.n_cells,
+        n_unannotated=b - a, naming=naming, unused_landmarks=tuple(int(u) for u in unused),
+        landmark_radius=radius, written=written, export=export_path, seconds=seconds,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def _check_options(*, key_added: str, space: str, batch_size: int) -> None:
+    if not isinstance(key_added, str) or not _KEY_PATTERN.match(key_added):
+        raise InputError(
+            f"key_added must start with a letter and hold only letters, digits and underscores "
+            f"(got {key_added!r})"
+        )
+    if key_added in _RESERVED_KEYS:
+        raise InputError(f"key_added {key_added!r} is reserved for the store's own metadata (pick another)")
+    if space not in ("latent", "umap"):
+        raise InputError(f"space must be 'latent' or 'umap' (got {space!r})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer (got {batch_size!r})")
+
+
+def _check_export(export: str | os.PathLike | None, *, overwrite: bool) -> Path | None:
+    if export is None:
+        return None
+    path = Path(export)
+    if path.suffix != ".h5ad":
+        raise InputError(f"{path}: the export file must end in .h5ad")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: already exists (pass --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: the directory {path.parent} does not exist")
+    return path
+
+
+def _load_model(model_or_run_dir: Mars | str | os.PathLike, store: Atlas) -> Mars:
+    if isinstance(model_or_run_dir, Mars):
+        model_or_run_dir._check_store(store)  # trained, and the same genes
+        return model_or_run_dir
+    return Mars.load(model_or_run_dir, store)
+
+
+def _existing_keys(store: Atlas, keys: dict[str, Any]) -> list[str]:
+    root_dir = Path(store.path)
+    found = []
+    order = set(store.obs_columns)
+    for name in keys["obs"]:
+        if name in order or (root_dir / "obs" / name).exists():
+            found.append(f"obs/{name}")
+    if (root_dir / "obsm" / keys["obsm"]).exists():
+        found.append(f"obsm/{keys['obsm']}")
+    if (root_dir / "uns" / keys["uns"]).exists():
+        found.append(f"uns/{keys['uns']}")
+    return found
+
+
+def _check_existing(store: Atlas, keys: dict[str, Any], *, overwrite: bool) -> None:
+    found = _existing_keys(store, keys)
+    if found and not overwrite:
+        raise StoreError(
+            f"{store.path}: {found[0]} already exists from an earlier annotation "
+            f"(pass --overwrite to replace it, or choose another key)"
+        )
+    if found:
+        logger.info("replacing earlier results: %s", ", ".join(found))
+
+
+def _remove_stale_staging(root_dir: Path) -> None:
+    """Remove staging directories left by a killed writer (we hold the lock: none is live)."""
+    for path in root_dir.glob(f"{_STAGING_PREFIX}*"):
+        logger.warning("removing %s, left behind by an interrupted annotation", path.name)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass over the cells
+
+
+class _RowWriter:
+    """Append rows to a 2-D zarr array in whole shards (each written once)."""
+
+    def __init__(self, array: zarr.Array, unit_rows: int) -> None:
+        self.array = array
+        self.unit = unit_rows
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+        self.size = 0  # rows written
+        self.next_row = 0  # rows received
+
+    def append(self, index: np.ndarray, rows: np.ndarray) -> None:
+        if index.size == 0:
+            return
+        if index[0] != self.next_row or index[-1] != self.next_row + index.size - 1:
+            raise RuntimeError(
+                f"embedding stream out of order: expected row {self.next_row}, got {index[0]}"
+            )
+        self.next_row += index.size
+        self.pending.append(rows)
+        self.n_pending += rows.shape[0]
+        if self.n_pending >= self.unit:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        if not self.n_pending:
+            return
+        buf = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        n = buf.shape[0] if final else (buf.shape[0] // self.unit) * self.unit
+        if n:
+            self.array[self.size : self.size + n] = buf[:n]
+            self.size += n
+        rest = buf[n:]
+        self.pending = [rest] if rest.shape[0] else []
+        self.n_pending = rest.shape[0]
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+
+def _staging_group(staging: Path, group: str, fmt: int) -> zarr.Group:
+    path = staging / group
+    if path.exists():
+        return zarr.open_group(path, mode="r+", zarr_format=fmt)
+    return zarr.open_group(path, mode="w", zarr_format=fmt)
+
+
+def _create_embedding_array(group: zarr.Group, name: str, n_cells: int, dim: int, fmt: int) -> tuple[zarr.Array, int]:
+    chunk_rows = int(max(256, min(65536, _TARGET_CHUNK_BYTES // (4 * max(dim, 1)))))
+    kwargs: dict[str, Any] = {"chunks": (chunk_rows, dim)}
+    unit = chunk_rows
+    if fmt == 3:
+        unit = chunk_rows * _SHARD_CHUNKS
+        kwargs["shards"] = (unit, dim)
+    array = group.create_array(name, shape=(n_cells, dim), dtype=np.float32, fill_value=np.nan, **kwargs)
+    array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    return array, unit
+
+
+def _landmark_lookup(model: Mars, store: Atlas) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Annotated landmarks and a (store experiment, store cell type) -> landmark table."""
+    values, exps, types = model.annotated_landmarks
+    index = {(e, t): i for i, (e, t) in enumerate(zip(exps, types))}
+    store_types = store.cell_types
+    lookup = np.full((len(store.experiments), max(len(store_types), 1)), -1, dtype=np.int64)
+    for ei, e in enumerate(store.experiments):
+        for ti, t in enumerate(store_types):
+            lookup[ei, ti] = index.get((e, t), -1)
+    return np.asarray(values, dtype=np.float32), lookup, list(types)
+
+
+@torch.no_grad()
+def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str, Any], *,
+             device: torch.device, batch_size: int, space: str, seed: int | None,
+             novelty_threshold: float, max_cells_per_cluster: int) -> tuple[NamingResult, np.ndarray, np.ndarray]:
+    """Embed every cell into the staging obsm array; assign and name the unannotated cells."""
+    unannotated = str(model.state["unannotated"])
+    a, b = store.experiment_ranges[unannotated]
+    u_code = store.experiments.index(unannotated)
+    landmarks_u = np.asarray(model.unannotated_landmarks, dtype=np.float32)
+    landmarks_a, lookup, landmark_names = _landmark_lookup(model, store)
+    dim = landmarks_u.shape[1]
+    encoder = model.encoder.to(device)
+
+    obsm = _staging_group(staging, "obsm", fmt)
+    array, unit = _create_embedding_array(obsm, keys["obsm"], store.n_cells, dim, fmt)
+    writer = _RowWriter(array, unit)
+    held_out = np.lib.format.open_memmap(staging / "unannotated.npy", mode="w+", dtype=np.float32, shape=(b - a, dim))
+    sum_sq = np.zeros(len(landmarks_a))
+    count = np.zeros(len(landmarks_a))
+    lookup_t = torch.as_tensor(lookup, device=device)
+    landmarks_a_t = torch.as_tensor(landmarks_a, device=device)
+
+    t0 = time.perf_counter()
+    for index, exp, lab, z in embed(encoder, store, experiments=None, batch_size=batch_size, device=device,
+                                    info=DistInfo(), progress="annotate: embed"):
+        z = z.float()
+        # squared distance of annotated cells to their own landmark (radius of each landmark)
+        lm = lookup_t[exp, lab.clamp(min=0)]
+        ok = (lab >= 0) & (lm >= 0) & (exp != u_code)
+        if bool(ok.any()):
+            d2 = ((z[ok] - landmarks_a_t[lm[ok]]) ** 2).sum(1).double().cpu().numpy()
+            ids = lm[ok].cpu().numpy()
+            sum_sq += np.bincount(ids, weights=d2, minlength=len(landmarks_a))
+            count += np.bincount(ids, minlength=len(landmarks_a))
+        idx = index.cpu().numpy()
+        z_np = z.cpu().numpy()
+        writer.append(idx, z_np)
+        mine = (idx >= a) & (idx < b)
+        if mine.any():
+            held_out[idx[mine] - a] = z_np[mine]
+    writer.close()
+    if writer.size != store.n_cells:
+        raise RuntimeError(f"embedded {writer.size} of {store.n_cells} cells")
+    held_out.flush()
+    logger.info("embedded %d cells in %.1f s (%s)", store.n_cells, time.perf_counter() - t0, device)
+
+    radius = np.zeros(len(landmarks_a))
+    seen = count > 0
+    radius[seen] = np.sqrt(sum_sq[seen] / count[seen])
+    if not seen.all():
+        fill = float(np.median(radius[seen])) if seen.any() else 0.0
+        logger.warning("%d annotated landmarks have no annotated cells in this store; their radius is "
+                       "taken as the median of the others (%.4g)", int((~seen).sum()), fill)
+        radius[~seen] = fill
+
+    assignment, _ = nearest(held_out, landmarks_u)
+    usage = np.bincount(assignment, minlength=len(landmarks_u))
+    unused = np.flatnonzero(usage == 0)
+    if unused.size:
+        logger.warning("%d of %d unannotated landmarks have no cells: %s", unused.size, len(landmarks_u),
+                       unused.tolist())
+    np.save(staging / "assignment.npy", assignment)
+    naming = name_clusters(
+        held_out, assignment, landmarks_a, landmark_names,
+        landmark_radius=radius if space == "latent" else None,
+        max_cells_per_cluster=max_cells_per_cluster, top=3, novelty_threshold=novelty_threshold,
+        space=space, rng=np.random.default_rng(seed),
+    )
+    del held_out
+    return naming, unused, radius
+
+
+# ---------------------------------------------------------------------------------------------
+# staging the obs columns and the run record
+
+
+def _stamp(array: zarr.Array) -> None:
+    array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+
+
+def _column(group: zarr.Group, name: str, n_cells: int, dtype, fill) -> zarr.Array:
+    chunk = max(1, min(n_cells, _COLUMN_CHUNK))
+    return group.create_array(name, shape=(n_cells,), dtype=dtype, chunks=(chunk,), fill_value=fill)
+
+
+def _write_categorical(group: zarr.Group, name: str, n_cells: int, rows: tuple[int, int],
+                       codes: np.ndarray, categories: list[str]) -> None:
+    """An anndata categorical whose codes are -1 (missing) outside ``rows``."""
+    from anndata.io import write_elem
+
+    cat = group.create_group(name)
+    cat.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
+    write_elem(cat, "categories", np.asarray(categories, dtype=object))
+    dtype = np.int16 if len(categories) < 2**15 else np.int32
+    arr = _column(cat, "codes", n_cells, dtype, -1)
+    if rows[1] > rows[0]:
+        arr[rows[0] : rows[1]] = codes.astype(dtype)
+    _stamp(arr)
+
+
+def _write_float(group: zarr.Group, name: str, n_cells: int, rows: tuple[int, int], values: np.ndarray) -> None:
+    arr = _column(group, name, n_cells, np.float32, np.nan)
+    if rows[1] > rows[0]:
+        arr[rows[0] : rows[1]] = values.astype(np.float32)
+    _stamp(arr)
+
+
+def _stage_obs_and_uns(store: Atlas, staging: Path, fmt: int, keys: dict[str, Any], naming: NamingResult,
+                       record: dict[str, Any], unannotated: str) -> None:
+    from anndata.io import write_elem
+
+    rows = store.experiment_ranges[unannotated]
+    n = store.n_cells
+    assignment = np.load(staging / "assignment.npy")
+    obs = _staging_group(staging, "obs", fmt)
+    cluster_col, type_col, conf_col, nov_col = keys["obs"]
+    # clusters: categories are the used landmark indices, in numeric order
+    cluster_codes = np.searchsorted(naming.clusters, assignment)
+    _write_categorical(obs, cluster_col, n, rows, cluster_codes, [str(int(c)) for c in naming.clusters])
+    type_names = sorted({str(v) for v in naming.label})
+    type_codes = np.searchsorted(np.asarray(type_names, dtype=object), naming.cell_type.astype(object))
+    _write_categorical(obs, type_col, n, rows, type_codes, type_names)
+    _write_float(obs, conf_col, n, rows, naming.confidence)
+    _write_float(obs, nov_col, n, rows, naming.cell_novelty)
+    uns = _staging_group(staging, "uns", fmt)
+    write_elem(uns, keys["uns"], record)
+
+
+def _run_record(model: Mars, source: Any, naming: NamingResult, unused: np.ndarray, radius: np.ndarray, *,
+                keys: dict[str, Any], space: str, seed: int | None, unannotated: str) -> dict[str, Any]:
+    from mars_scale import __version__
+
+    model_path = "(in-memory model)" if isinstance(source, Mars) else str(Path(source).resolve())
+    _, exps, types = model.annotated_landmarks
+    return {
+        "unannotated": unannotated,
+        "space": space,
+        "clusters": naming.clusters.astype(np.int64),
+        "n_cells": naming.n_cells.astype(np.int64),
+        "label": np.asarray(naming.label, dtype=object),
+        "top_names": np.asarray(naming.top_names, dtype=object),
+        "top_probabilities": np.asarray(naming.top_probabilities, dtype=np.float64),
+        "novelty": np.asarray(naming.novelty, dtype=np.float64),
+        "is_novel": np.asarray(naming.is_novel, dtype=bool),
+        "sigma": np.asarray(naming.sigma, dtype=np.float64),
+        "radius": np.asarray(naming.radius, dtype=np.float64),
+        "novelty_threshold": float(naming.novelty_threshold),
+        "unused_landmarks": np.asarray(unused, dtype=np.int64),
+        "n_landmarks": int(len(model.unannotated_landmarks)),
+        "landmark_radius": np.asarray(radius, dtype=np.float64),
+        "landmark_experiments": np.asarray(exps, dtype=object),
+        "landmark_names": np.asarray(types, dtype=object),
+        "obs_keys": np.asarray(keys["obs"], dtype=object),
+        "obsm_key": keys["obsm"],
+        "model": model_path,
+        "config": json.dumps(model.state["config"], sort_keys=True),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seed": -1 if seed is None else int(seed),
+        "mars_scale_version": __version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# committing: renames, then the column-order attribute
+
+
+def _attrs_file(group_dir: Path, fmt: int) -> Path:
+    return group_dir / ("zarr.json" if fmt == 3 else ".zattrs")
+
+
+def _read_column_order(obs_dir: Path, fmt: int) -> list[str]:
+    payload = json.loads(_attrs_file(obs_dir, fmt).read_text())
+    attrs = payload.get("attributes", {}) if fmt == 3 else payload
+    return [str(c) for c in attrs.get("column-order", [])]
+
+
+def _write_column_order(obs_dir: Path, fmt: int, order: list[str]) -> None:
+    """Replace the ``column-order`` attribute of obs with one atomic file replace."""
+    path = _attrs_file(obs_dir, fmt)
+    payload = json.loads(path.read_text())
+    attrs = payload.setdefault("attributes", {}) if fmt == 3 else payload
+    attrs["column-order"] = list(order)
+    write_json_atomic(path, payload)
+
+
+def _move(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+
+
+def _restore_file(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.restore-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def _commit(root_dir: Path, fmt: int, staging: Path, elements: list[tuple[str, str]], obs_columns: list[str]) -> None:
+    """Move staged elements into place and publish the obs columns; undo everything on error."""
+    obs_dir = root_dir / "obs"
+    attrs_path = _attrs_file(obs_dir, fmt)
+    original = attrs_path.read_bytes()
+    order = _read_column_order(obs_dir, fmt)
+    kept = [c for c in order if c not in obs_columns]
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        if kept != order:  # hide the earlier result columns before their elements move
+            _write_column_order(obs_dir, fmt, kept)
+        for group, name in elements:
+            src, dst = staging / group / name, root_dir / group / name
+            if not (root_dir / group).is_dir():
+                raise StoreError(f"{root_dir}: {group} is missing (re-run \"mars-scale ingest\")")
+            backup = None
+            if dst.exists():
+                backup = staging / "replaced" / group / name
+                backup.parent.mkdir(parents=True, exist_ok=True)
+                _move(dst, backup)
+            done.append((dst, backup))
+            _move(src, dst)
+        _write_column_order(obs_dir, fmt, kept + list(obs_columns))
+    except BaseException:
+        logger.error("writing the results failed; restoring the store as it was")
+        for dst, backup in reversed(done):
+            if dst.exists():
+                shutil.rmtree(dst, ignore_errors=True)
+            if backup is not None and backup.exists():
+                os.replace(backup, dst)
+        _restore_file(attrs_path, original)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _object_strings(value: Any) -> Any:
+    """numpy StringDType arrays (as zarr v3 returns strings) as object arrays, recursively."""
+    if isinstance(value, dict):
+        return {k: _object_strings(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray) and value.dtype.kind in "TUS":
+        return np.array([str(v) for v in value.ravel()], dtype=object).reshape(value.shape)
+    return value
+
+
+def _export_h5ad(root_dir: Path, keys: dict[str, Any], target: Path) -> None:
+    """Write obs (ids, experiment, cell type, results), obsm and the run record to an h5ad."""
+    import anndata as ad
+    import h5py
+    from anndata.io import read_elem
+
+    store = open_store(root_dir)
+    obs = pd.DataFrame(index=pd.Index(_object_strings(store.obs_column("_index")), name=None))
+    for column in ("experiment", "cell_type", *keys["obs"]):
+        if column in store.obs_columns:
+            obs[column] = store.obs_column(column)
+    record = _object_strings(read_elem(store.root["uns"][keys["uns"]]))
+    adata = ad.AnnData(obs=obs, uns={keys["uns"]: record})
+    source = store.root["obsm"][keys["obsm"]]
+    n, d = source.shape
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        adata.write_h5ad(tmp)
+        with h5py.File(tmp, "a") as fh:
+            rows = max(1, min(n, 65536))
+            ds = fh["obsm"].create_dataset(keys["obsm"], shape=(n, d), dtype="f4",
+                                           chunks=(max(1, min(n, 4096)), d) if n else None,
+                                           compression="gzip" if n else None)
+            ds.attrs["encoding-type"] = "array"
+            ds.attrs["encoding-version"] = "0.2.0"
+            for lo in range(0, n, rows):
+                hi = min(n, lo + rows)
+                ds[lo:hi] = np.asarray(source[lo:hi], dtype=np.float32)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

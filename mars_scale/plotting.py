@@ -1,0 +1,243 @@
+"""Figures of an annotated store: UMAP of the embedding and confusion heatmaps (PNG, matplotlib).
+
+:func:`plot` reads what :func:`mars_scale.annotate.annotate` wrote. The UMAP (umap-learn,
+``n_neighbors=30``) is fitted on a uniform random subsample of at most ``max_cells`` rows of
+``obsm['X_<key>']`` (read with orthogonal indexing, chunk by chunk), so time and memory do not
+grow with the atlas. Figures are bare :class:`matplotlib.figure.Figure` objects rendered by the
+Agg canvas, so no pyplot state or display backend is touched. The confusion heatmaps cover every cell of the unannotated experiment
+(they need only its label codes) and are drawn only when that experiment has ground truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mars_scale.errors import InputError, StoreError
+from mars_scale.store import Atlas, open_store
+
+__all__ = ["plot"]
+
+logger = logging.getLogger(__name__)
+
+_MISSING_COLOUR = (0.85, 0.85, 0.85, 1.0)
+_MAX_LEGEND = 40  # categories listed in a legend; more are drawn without one
+
+
+def _palette(n: int) -> list[tuple[float, ...]]:
+    import matplotlib
+
+    if n <= 10:
+        cmap = matplotlib.colormaps["tab10"]
+        return [cmap(i) for i in range(n)]
+    if n <= 20:
+        cmap = matplotlib.colormaps["tab20"]
+        return [cmap(i) for i in range(n)]
+    colours = [matplotlib.colormaps[name](i) for name in ("tab20", "tab20b", "tab20c") for i in range(20)]
+    if n <= len(colours):
+        return colours[:n]
+    cmap = matplotlib.colormaps["turbo"]
+    return [cmap(x) for x in np.linspace(0, 1, n)]
+
+
+def _codes(store: Atlas, name: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    """Codes of a categorical obs column (all rows, or the given sorted rows) and its categories."""
+    group = store.root[f"obs/{name}"]
+    _, categories = store.categorical_codes(name, 0, 0)
+    codes = group["codes"]
+    values = np.asarray(codes[:]) if rows is None else np.asarray(codes.get_orthogonal_selection(rows))
+    return values.astype(np.int64), categories
+
+
+def _scatter(coords: np.ndarray, codes: np.ndarray, categories: list[str], *, title: str, path: Path,
+             missing: str = "other", order: list[int] | None = None, dpi: int = 150) -> Path:
+    from matplotlib.figure import Figure
+
+    n_cat = len(categories)
+    colours = _palette(n_cat)
+    fig = Figure(figsize=(8.5, 6.5))
+    ax = fig.subplots()
+    size = float(np.clip(40000 / max(len(coords), 1), 0.5, 20))
+    miss = codes < 0
+    if miss.any():
+        ax.scatter(coords[miss, 0], coords[miss, 1], s=size, color=_MISSING_COLOUR, linewidths=0,
+                   label=f"{missing} ({int(miss.sum())})", rasterized=True)
+    # draw in a random order so no category hides another
+    rng = np.random.default_rng(0)
+    shown = np.flatnonzero(~miss)
+    shown = shown[rng.permutation(shown.size)]
+    colour_array = np.array(colours)[codes[shown]] if shown.size else np.empty((0, 4))
+    ax.scatter(coords[shown, 0], coords[shown, 1], s=size, c=colour_array, linewidths=0, rasterized=True)
+    if n_cat <= _MAX_LEGEND:
+        counts = np.bincount(codes[~miss], minlength=n_cat)
+        for i in order if order is not None else range(n_cat):
+            if counts[i]:
+                ax.scatter([], [], s=30, color=colours[i], label=f"{categories[i]} ({counts[i]})")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8,
+                  markerscale=1.0, ncol=1 if n_cat <= 20 else 2)
+    ax.set_title(title)
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    _save(fig, path, dpi)
+    return path
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")  # a bare Figure renders with Agg
+    os.replace(tmp, path)
+
+
+def _heatmap(truth: np.ndarray, truth_cats: list[str], pred: np.ndarray, pred_cats: list[str], *,
+             title: str, xlabel: str, path: Path, dpi: int = 150) -> Path:
+    """Row-normalised confusion matrix (true types by predicted columns), counts in the cells."""
+    from matplotlib.figure import Figure
+
+    keep = (truth >= 0) & (pred >= 0)
+    table = np.zeros((len(truth_cats), len(pred_cats)), dtype=np.int64)
+    np.add.at(table, (truth[keep], pred[keep]), 1)
+    rows = np.flatnonzero(table.sum(1))
+    cols = np.flatnonzero(table.sum(0))
+    table = table[np.ix_(rows, cols)]
+    row_names = [truth_cats[i] for i in rows]
+    col_names = [pred_cats[j] for j in cols]
+    # columns in the order of the rows they best match, so a good result is a diagonal
+    col_order = sorted(range(len(cols)), key=lambda j: (int(np.argmax(table[:, j])), -table[:, j].max()))
+    table = table[:, col_order]
+    col_names = [col_names[j] for j in col_order]
+    frac = table / np.maximum(table.sum(1, keepdims=True), 1)
+    width = min(4.0 + 0.55 * len(col_names), 30)
+    height = min(2.0 + 0.45 * len(row_names), 30)
+    fig = Figure(figsize=(width, height))
+    ax = fig.subplots()
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(col_names)), col_names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_names)), row_names, fontsize=8)
+    if table.size <= 900:
+        for i in range(table.shape[0]):
+            for j in range(table.shape[1]):
+                if table[i, j]:
+                    ax.text(j, i, str(table[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("ground truth")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true type")
+    fig.tight_layout()
+    _save(fig, path, dpi)
+    return path
+
+
+def plot(
+    store: Atlas | str | os.PathLike,
+    *,
+    output_dir: str | os.PathLike,
+    key_added: str = "mars",
+    max_cells: int = 50_000,
+    seed: int = 0,
+    n_neighbors: int = 30,
+    dpi: int = 150,
+) -> list[Path]:
+    """Draw the UMAP and confusion figures of an annotated store.
+
+    Parameters
+    ----------
+    store
+        An annotated store (opened or a path).
+    output_dir
+        Where the PNG files go (created if missing; files are replaced).
+    key_added
+        The prefix the results were written under.
+    max_cells
+        Most cells in the UMAP (a uniform random subsample beyond).
+    seed
+        Seeds the subsample and UMAP.
+    n_neighbors
+        UMAP neighbourhood size (capped below the number of cells drawn).
+    dpi
+        Resolution of the PNG files.
+
+    Returns
+    -------
+    list of pathlib.Path
+        ``umap_cluster.png``, ``umap_name.png``, ``umap_experiment.png``, and when ground truth
+        exists ``umap_truth.png``; when the unannotated experiment has ground truth,
+        ``confusion_cluster.png`` and ``confusion_name.png`` (true types against discovered
+        clusters and against predicted names).
+
+    Raises
+    ------
+    StoreError
+        If the store holds no results under ``key_added`` (run ``mars-scale annotate``).
+    InputError
+        For an invalid option.
+    """
+    for name, value, low in (("max_cells", max_cells, 3), ("n_neighbors", n_neighbors, 2), ("dpi", dpi, 10)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise InputError(f"{name} must be an integer of at least {low} (got {value!r})")
+    store = store if isinstance(store, Atlas) else open_store(store)
+    obsm_key, cluster_key, name_key = f"X_{key_added}", f"{key_added}_cluster", f"{key_added}_cell_type"
+    if obsm_key not in store.root["obsm"] or cluster_key not in store.obs_columns or key_added not in store.root["uns"]:
+        raise StoreError(
+            f"{store.path}: no results under key {key_added!r} (obsm/{obsm_key}, obs/{cluster_key}); "
+            "run \"mars-scale annotate\" first"
+        )
+    from anndata.io import read_elem
+
+    record: dict[str, Any] = read_elem(store.root["uns"][key_added])
+    unannotated = str(record["unannotated"])
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n = store.n_cells
+    rows = np.arange(n) if n <= max_cells else np.sort(rng.choice(n, size=max_cells, replace=False))
+    t0 = time.perf_counter()
+    x = np.asarray(store.root["obsm"][obsm_key].get_orthogonal_selection((rows, slice(None))), dtype=np.float32)
+    coords = _umap(x, n_neighbors=n_neighbors, seed=int(rng.integers(2**31 - 1)))
+    logger.info("UMAP of %d of %d cells in %.1f s", len(rows), n, time.perf_counter() - t0)
+
+    paths = []
+    suffix = f" ({len(rows):,} of {n:,} cells)" if len(rows) < n else f" ({n:,} cells)"
+    codes, cats = _codes(store, cluster_key, rows)
+    order = sorted(range(len(cats)), key=lambda i: int(cats[i]) if cats[i].lstrip("-").isdigit() else i)
+    paths.append(_scatter(coords, codes, cats, title=f"MARS clusters of {unannotated}{suffix}",
+                          path=out / "umap_cluster.png", missing="other experiments", order=order, dpi=dpi))
+    codes, cats = _codes(store, name_key, rows)
+    paths.append(_scatter(coords, codes, cats, title=f"MARS names of {unannotated}{suffix}",
+                          path=out / "umap_name.png", missing="other experiments", dpi=dpi))
+    exp_codes = store.experiment_codes()[rows]
+    paths.append(_scatter(coords, exp_codes.astype(np.int64), list(store.experiments), title=f"experiments{suffix}",
+                          path=out / "umap_experiment.png", dpi=dpi))
+    truth, truth_cats = _codes(store, "cell_type", rows)
+    if (truth >= 0).any():
+        paths.append(_scatter(coords, truth, truth_cats, title=f"ground truth{suffix}",
+                              path=out / "umap_truth.png", missing="unannotated", dpi=dpi))
+    a, b = store.experiment_ranges[unannotated]
+    truth_u, truth_cats = store.categorical_codes("cell_type", a, b)
+    if (np.asarray(truth_u) >= 0).any():
+        cl, cl_cats = store.categorical_codes(cluster_key, a, b)
+        nm, nm_cats = store.categorical_codes(name_key, a, b)
+        paths.append(_heatmap(np.asarray(truth_u, dtype=np.int64), truth_cats, np.asarray(cl, dtype=np.int64), cl_cats,
+                              title=f"{unannotated}: ground truth against MARS clusters", xlabel="MARS cluster",
+                              path=out / "confusion_cluster.png", dpi=dpi))
+        paths.append(_heatmap(np.asarray(truth_u, dtype=np.int64), truth_cats, np.asarray(nm, dtype=np.int64), nm_cats,
+                              title=f"{unannotated}: ground truth against MARS names", xlabel="MARS name",
+                              path=out / "confusion_name.png", dpi=dpi))
+    logger.info("wrote %d figures to %s", len(paths), out)
+    return paths
+
+
+def _umap(x: np.ndarray, *, n_neighbors: int, seed: int) -> np.ndarray:
+    import umap  # slow import (numba): only when plotting
+
+    k = int(min(n_neighbors, max(2, x.shape[0] - 1)))
+    reducer = umap.UMAP(n_components=2, n_neighbors=k, random_state=seed, n_jobs=1)
+    return np.asarray(reducer.fit_transform(x), dtype=np.float32)
