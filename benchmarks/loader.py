@@ -275,7 +275,7 @@ def measure_inmemory(p: dict) -> dict:
 
 def measure_ingest(p: dict) -> dict:
     from mars_scale.ingest import IngestConfig, ingest
-    from mars_scale.store import StoreLayout, size_on_disk
+    from mars_scale.store import StoreLayout
 
     fmt, rows = p["layout"]
     t0 = time.perf_counter()
@@ -342,11 +342,13 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, default=Path("/work/scratch/bench"))
     ap.add_argument("--layouts", default="v2-256,v3-256,v2-1024,v3-1024",
                     help="store layouts to compare: v<zarr format>-<rows per chunk>")
-    ap.add_argument("--main-layout", default=None, help="layout of the main comparison (default: fastest loader)")
+    ap.add_argument("--main-layout", default=None,
+                    help="layout of the main comparison (default: the one whose default loader is fastest)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2, help="repeats of (a) and (b) per layout, interleaved")
-    ap.add_argument("--loader-variants", default="chunk,1024",
-                    help="rows_per_block of the loader runs: 'chunk' (the store's rows_per_chunk) or a number")
+    ap.add_argument("--loader-variants", default="chunk,4096x4",
+                    help="loader runs per layout: 'chunk' (rows_per_block = the store's rows_per_chunk, "
+                         "16 blocks per buffer: the defaults) or ROWSxBLOCKS (rows_per_block x blocks_per_buffer)")
     ap.add_argument("--random-batches", type=int, default=40)
     ap.add_argument("--random-seconds", type=float, default=40.0)
     ap.add_argument("--inmemory-batches", type=int, default=2000)
@@ -389,7 +391,7 @@ def main() -> None:
         stores[name] = store
 
     # (a) and (b) on every layout, interleaved so that load on a shared machine hits all alike
-    variants = [None if v == "chunk" else int(v) for v in args.loader_variants.split(",")]
+    variants = [None if v == "chunk" else tuple(int(t) for t in v.split("x")) for v in args.loader_variants.split(",")]
     for rep in range(args.repeats):
         for name, store in stores.items():
             entry = record["layouts"][name]
@@ -397,11 +399,14 @@ def main() -> None:
             raw = run_measurement(script, "raw", {"store": store, "chunks_per_block": [1, 4, 16], "threads": [4]})
             entry.setdefault("raw", []).append(raw)
             for v in variants:
-                label = "chunk" if v is None else f"rows_per_block_{v}"
-                if v is not None and v == entry["rows_per_chunk"] and None in variants:
+                label = "chunk" if v is None else f"{v[0]}x{v[1]}"
+                rows, per_buffer = (entry["rows_per_chunk"], 16) if v is None else v
+                if v is not None and (rows, per_buffer) == (entry["rows_per_chunk"], 16) and None in variants:
                     continue  # same as "chunk"
-                v = entry["rows_per_chunk"] if v is None else v
-                res = run_measurement(script, "loader", {"store": store, "batch_size": args.batch_size, "rows_per_block": v})
+                res = run_measurement(script, "loader", {
+                    "store": store, "batch_size": args.batch_size, "rows_per_block": rows,
+                    "blocks_per_buffer": per_buffer,
+                })
                 res["ratio_to_raw_same_repeat"] = round(res["cells_per_s"] / raw["best_cells_per_s"], 3)
                 entry.setdefault("loader", {}).setdefault(label, []).append(res)
     for name, entry in record["layouts"].items():
@@ -412,14 +417,16 @@ def main() -> None:
         ((name, label) for name, e in record["layouts"].items() for label in e["loader_cells_per_s_median"]),
         key=lambda nl: record["layouts"][nl[0]]["loader_cells_per_s_median"][nl[1]],
     )
-    main_name = args.main_layout or best[0]
-    main_label = best[1] if main_name == best[0] else "chunk"
-    main_rows = (
-        record["layouts"][main_name]["rows_per_chunk"] if main_label == "chunk"
-        else int(main_label.rsplit("_", 1)[1])
+    main_name = args.main_layout or max(
+        record["layouts"], key=lambda n: record["layouts"][n]["loader_cells_per_s_median"].get("chunk", 0)
     )
+    # the main comparison uses the loader's defaults (rows_per_block = rows_per_chunk)
+    main_label = "chunk"
+    main_rows, main_per_buffer = record["layouts"][main_name]["rows_per_chunk"], 16
     record["layout_choice"] = {"fastest_loader": {"layout": best[0], "variant": best[1]},
                                "main_layout": main_name, "main_variant": main_label}
+    if "chunk" not in record["layouts"][main_name]["loader_cells_per_s_median"]:
+        raise SystemExit("--loader-variants must include 'chunk' (the defaults) for the main comparison")
     store = stores[main_name]
     logger.info("main comparison on %s (%s)", main_name, main_label)
 
@@ -428,6 +435,7 @@ def main() -> None:
     main = {}
     main["loader"] = run_measurement(script, "loader", {
         "store": store, "batch_size": args.batch_size, "rows_per_block": main_rows,
+        "blocks_per_buffer": main_per_buffer,
         "save_batches": args.random_batches, "batches_file": batches_file,
     })
     main["loader_what_if_reduceat_normalize"] = run_measurement(script, "loader", {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 
 import click
@@ -32,7 +33,7 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MarsScaleError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo("error: " + " ".join(str(exc).split()), err=True)  # always one line
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -131,6 +132,8 @@ def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs,
 
     Runs as one process, or on several GPUs or nodes under torchrun:
     torchrun --nproc_per_node 8 -m mars_scale train STORE ...
+    Under torchrun, --resume without a checkpoint yet starts from the beginning, so that
+    torchrun --max-restarts N ... train --resume restarts from the last checkpoint.
     """
     from pathlib import Path
 
@@ -139,12 +142,18 @@ def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs,
     from mars_scale.distributed import init_distributed, shutdown
     from mars_scale.errors import InputError
     from mars_scale.model import MODEL_NAME, Mars
+    from mars_scale.train import CHECKPOINT_NAME
 
     config = load_config(config_file) if config_file else RunConfig()
     config = override(config, pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
                       batch_size=batch_size, device=device, seed=seed)
     if (Path(run_dir) / MODEL_NAME).exists() and not (overwrite or resume):
         raise InputError(f"{run_dir}: already holds a trained model (pass --overwrite to replace it)")
+    if resume and "TORCHELASTIC_RESTART_COUNT" in os.environ and not (Path(run_dir) / CHECKPOINT_NAME).exists():
+        # torchrun --max-restarts reruns the same command: the first attempt starts fresh.
+        logger.warning("%s: no checkpoint yet (attempt %s under torchrun); starting from the beginning",
+                       run_dir, os.environ["TORCHELASTIC_RESTART_COUNT"])
+        resume = False
     info = init_distributed(resolve_device(config.train.device))
     if not info.is_main:
         logging.getLogger("mars_scale").setLevel(logging.WARNING)
@@ -228,6 +237,54 @@ def plot(store, output_dir, key_added, max_cells, seed) -> None:
 
     for path in run_plot(store, output_dir=output_dir, key_added=key_added, max_cells=max_cells, seed=seed):
         click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="Store to create (.zarr), .h5ad file, or directory of .h5ad files with --per-experiment.")
+@click.option("--cells", type=int, default=10_000, show_default=True, help="Number of cells.")
+@click.option("--genes", type=int, default=20_000, show_default=True, help="Number of genes.")
+@click.option("--experiments", type=int, default=4, show_default=True, help="Number of experiments (batches).")
+@click.option("--cell-types", type=int, default=10, show_default=True, help="Number of cell types.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The atlas is a function of the options and the seed.")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "h5ad"]), default=None,
+              help="zarr: an atlas store, streamed without an intermediate file; h5ad: input for "
+                   "\"mars-scale ingest\". Default: h5ad if OUTPUT ends in .h5ad or with --per-experiment, else zarr.")
+@click.option("--per-experiment", is_flag=True, help="Write one .h5ad file per experiment into the directory OUTPUT (h5ad only).")
+@click.option("--rows-per-chunk", type=int, default=1024, show_default=True, help="Cells per chunk of X (zarr).")
+@click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True)
+@click.option("--jobs", type=int, default=1, show_default=True, help="Worker processes generating cells (same output for any value).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@_user_errors
+def simulate(output, cells, genes, experiments, cell_types, seed, fmt, per_experiment, rows_per_chunk,
+             zarr_format, jobs, overwrite) -> None:
+    """Simulate an atlas with known cell types and batch effects, streaming with bounded memory.
+
+    Counts are negative binomial with varying library sizes, cell-type programmes and
+    experiment effects; some cell types occur in only some experiments.
+    """
+    from mars_scale.simulate import SimulationConfig, write_h5ad, write_h5ad_per_experiment, write_store
+    from mars_scale.store import StoreLayout
+
+    if fmt is None:
+        fmt = "h5ad" if per_experiment or output.endswith(".h5ad") else "zarr"
+    if per_experiment and fmt != "h5ad":
+        raise click.UsageError("--per-experiment writes .h5ad files; use it with --format h5ad")
+    config = SimulationConfig(n_cells=cells, n_genes=genes, n_experiments=experiments,
+                              n_cell_types=cell_types, seed=seed)
+    if fmt == "zarr":
+        try:
+            layout = StoreLayout(rows_per_chunk=rows_per_chunk, zarr_format=int(zarr_format))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        path = write_store(output, config, layout=layout, n_jobs=jobs, overwrite=overwrite)
+    elif per_experiment:
+        files = write_h5ad_per_experiment(output, config, n_jobs=jobs, overwrite=overwrite)
+        click.echo(f"wrote {len(files)} files to {output}")
+        return
+    else:
+        path = write_h5ad(output, config, n_jobs=jobs, overwrite=overwrite)
+    click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,17 +11,22 @@ loaded whole):
 Cells are stored grouped by experiment. When the inputs already list each experiment's cells
 contiguously (the usual case: one experiment per file) rows go straight to the store; otherwise
 they are spooled per experiment and then concatenated.
+
+:func:`ingest_blocks` writes the same store in one pass from blocks already in memory (such as
+the simulator's), without a gene filter.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -29,7 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from mars_scale.errors import InputError
+from mars_scale.errors import ConfigError, InputError
 from mars_scale.stats import MomentAccumulator, block_moments
 from mars_scale.store import (
     SPEC_TYPE,
@@ -39,17 +44,20 @@ from mars_scale.store import (
     StoreLayout,
     StringAppendArray,
     atomic_directory,
+    check_replaceable,
     init_anndata_root,
     stamp_spec,
 )
 
-__all__ = ["IngestConfig", "ingest"]
+__all__ = ["CellBlock", "IngestConfig", "ingest", "ingest_blocks"]
 
 logger = logging.getLogger(__name__)
 
 # Log-normalised values stay far below this; non-integer inputs with larger values are
 # (expected) counts, such as RSEM output.
 _LOGNORM_MAX = 30.0
+# float32 (the store's dtype of X) holds every integer up to 2^24 exactly, and no more.
+_FLOAT32_EXACT = 1 << 24
 _READ_NNZ = 1 << 22  # non-zeros per read block (about 50 MB of working memory)
 
 
@@ -101,13 +109,22 @@ class IngestConfig:
 # Reading one h5ad file with h5py
 
 
-def _decode(values: np.ndarray) -> np.ndarray:
-    if values.dtype.kind in ("S", "O"):
-        return np.array(
-            [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v for v in values],
-            dtype=object,
-        )
-    return values
+def _decode(values: np.ndarray, where: str) -> np.ndarray:
+    """Strings stored as bytes, decoded as UTF-8; ``where`` names the element in errors."""
+    if values.dtype.kind not in ("S", "O"):
+        return values
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        if isinstance(v, bytes):
+            try:
+                v = v.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(
+                    f"{where} holds a value that is not valid UTF-8 ({v[:40]!r}); "
+                    "re-encode the names as UTF-8"
+                ) from None
+        out[i] = v
+    return out
 
 
 class _H5adSource:
@@ -158,6 +175,9 @@ class _H5adSource:
                 if part not in x:
                     raise InputError(f"{self.path}: {xkey}/{part} is missing")
         self.x = x
+        dtype = x.dtype if isinstance(x, h5py.Dataset) else x["data"].dtype
+        if dtype.kind not in "biuf":
+            raise InputError(f"{self.path}: {xkey} has non-numeric dtype {dtype} (numbers expected)")
         if "obs" not in f or "var" not in f:
             raise InputError(f"{self.path}: obs or var is missing")
         self.obs_names_key = self._index_key("obs")
@@ -186,7 +206,7 @@ class _H5adSource:
                 )
             genes = self._column("var", config.gene_key)(0, n_var)
         else:
-            genes = _decode(f["var"][self.var_names_key][:])
+            genes = _decode(f["var"][self.var_names_key][:], f"{self.path}: var/{self.var_names_key}")
         self.genes = pd.Index([str(g) for g in genes])
         dup = self.genes[self.genes.duplicated()]
         if len(dup):
@@ -212,7 +232,7 @@ class _H5adSource:
         enc = elem.attrs.get("encoding-type", "")
         enc = enc.decode() if isinstance(enc, bytes) else str(enc)
         if isinstance(elem, h5py.Group) and enc == "categorical":
-            categories = _decode(elem["categories"][:])
+            categories = _decode(elem["categories"][:], f"{self.path}: {group}/{name}/categories")
             cats = np.array(list(categories) + [None], dtype=object)
             codes = elem["codes"]
             return lambda a, b: cats[np.where(codes[a:b] < 0, len(categories), codes[a:b])]
@@ -220,15 +240,17 @@ class _H5adSource:
             values, mask = elem["values"], elem["mask"]
 
             def read_nullable(a: int, b: int) -> np.ndarray:
-                out = _decode(values[a:b]).astype(object)
+                out = _decode(values[a:b], f"{self.path}: {group}/{name}").astype(object)
                 out[mask[a:b]] = None
                 return out
 
             return read_nullable
         if isinstance(elem, h5py.Dataset):
+            if elem.dtype.kind not in "biufSOU":
+                raise InputError(f"{self.path}: {group}/{name} has unsupported dtype {elem.dtype}")
 
             def read_plain(a: int, b: int) -> np.ndarray:
-                out = _decode(elem[a:b]).astype(object)
+                out = _decode(elem[a:b], f"{self.path}: {group}/{name}").astype(object)
                 if elem.dtype.kind == "f":
                     out[np.isnan(elem[a:b])] = None
                 return out
@@ -240,7 +262,7 @@ class _H5adSource:
         return self._column("obs", name)
 
     def obs_names(self, a: int, b: int) -> np.ndarray:
-        return _decode(self.file["obs"][self.obs_names_key][a:b])
+        return _decode(self.file["obs"][self.obs_names_key][a:b], f"{self.path}: obs/{self.obs_names_key}")
 
     def row_blocks(self) -> list[tuple[int, int]]:
         n, g = self.shape
@@ -321,6 +343,7 @@ class _FilePlan:
     kind: str = "counts"
     non_integer: int = 0
     n_kept: int = 0
+    increasing: bool = False  # gene_map keeps the order of the genes it keeps
 
 
 def _check_values(src: _H5adSource, block: sp.csr_matrix, a: int, b: int) -> None:
@@ -333,14 +356,49 @@ def _check_values(src: _H5adSource, block: sp.csr_matrix, a: int, b: int) -> Non
     if data.size and data.min() < 0:
         row = a + int(np.searchsorted(block.indptr, int(np.argmin(data)), "right") - 1)
         raise InputError(f"{src.path}: X contains negative values (first in row {row}); raw counts expected")
+    if data.size and data.max() > _FLOAT32_EXACT:
+        first = int(np.flatnonzero(data > _FLOAT32_EXACT)[0])
+        row = a + int(np.searchsorted(block.indptr, first, "right") - 1)
+        raise InputError(
+            f"{src.path}: X holds {data[first]:.0f} in row {row}, above 2^24 = {_FLOAT32_EXACT}, "
+            "which the store's float32 cannot hold exactly; check the input"
+        )
 
 
 def _cell_mask(block: sp.csr_matrix, config: IngestConfig) -> np.ndarray:
-    n = block.shape[0]
     totals = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
-    rows = np.repeat(np.arange(n), np.diff(block.indptr))
-    n_genes = np.bincount(rows[block.data > 0], minlength=n)
+    positive = block.data > 0
+    if positive.all():
+        n_genes = np.diff(block.indptr)
+    else:  # positive entries per row, from a running count (no per-entry row ids)
+        seen = np.zeros(positive.size + 1, dtype=np.int64)
+        np.cumsum(positive, out=seen[1:])
+        n_genes = seen[block.indptr[1:]] - seen[block.indptr[:-1]]
     return (totals >= config.min_counts) & (n_genes >= config.min_genes) & (totals > 0)
+
+
+def _align_block(x: sp.csr_matrix, plan: _FilePlan, n_out: int) -> sp.csr_matrix:
+    """Rows of ``x`` in the output gene space: canonical float32 CSR without zeros."""
+    cols = plan.gene_map[x.indices]
+    ok = (cols >= 0) & (x.data != 0)
+    if plan.increasing and x.has_canonical_format:
+        # An increasing gene map keeps each row's indices sorted and unique: drop the entries
+        # of removed genes and zeros, and recount the rows from a running count.
+        kept = np.zeros(ok.size + 1, dtype=np.int64)
+        np.cumsum(ok, out=kept[1:])
+        indptr = kept[x.indptr]
+        index_dtype = np.int32 if indptr[-1] < 2**31 else np.int64
+        return sp.csr_matrix(
+            (x.data[ok].astype(np.float32), cols[ok].astype(np.int32), indptr.astype(index_dtype)),
+            shape=(x.shape[0], n_out),
+        )
+    coo = x.tocoo()
+    block = sp.csr_matrix(
+        (coo.data[ok].astype(np.float32), (coo.row[ok], cols[ok])), shape=(x.shape[0], n_out)
+    )
+    block.sum_duplicates()
+    block.sort_indices()
+    return block
 
 
 def _align_genes(sources: Sequence[_H5adSource], how: str) -> pd.Index:
@@ -477,6 +535,8 @@ def ingest(
         raise InputError("no input files given")
     if output.exists() and not overwrite:
         raise InputError(f"{output}: already exists (pass --overwrite to replace it)")
+    if overwrite:
+        check_replaceable(output)  # before the work: --overwrite only ever replaces a store
     paths = [Path(p) for p in inputs]
     if len(set(p.resolve() for p in paths)) != len(paths):
         raise InputError("the same input file is given twice")
@@ -570,7 +630,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
                     for lab in pd.unique(plan.label(a, b)[keep]):
                         if lab is not None and str(lab) not in ("", "nan"):
                             cell_types[str(lab)] = None
-                kept = block[keep]
+                kept = block if keep.all() else block[keep]
                 cols = plan.gene_map[kept.indices[kept.data > 0]]
                 n_cells_per_gene += np.bincount(cols[cols >= 0], minlength=n_out)
                 bar.update(1)
@@ -605,6 +665,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
         ok = mapped >= 0
         mapped[ok] = np.where(gene_keep[mapped[ok]], new_index[mapped[ok]], -1)
         p.gene_map = mapped
+        p.increasing = bool(np.all(np.diff(mapped[mapped >= 0]) > 0))
     exp_names = list(experiments)
     exp_code = {e: i for i, e in enumerate(exp_names)}
     type_names = sorted(cell_types)
@@ -637,15 +698,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
                     for a, b in src.row_blocks():
                         raw = src.read(a, b)
                         keep = _cell_mask(raw, config)
-                        block = raw[keep].tocoo()
-                        cols = plan.gene_map[block.col]
-                        ok = (cols >= 0) & (block.data != 0)
-                        block = sp.csr_matrix(
-                            (block.data[ok].astype(np.float32), (block.row[ok], cols[ok])),
-                            shape=(int(keep.sum()), len(out_genes)),
-                        )
-                        block.sum_duplicates()
-                        block.sort_indices()
+                        block = _align_block(raw if keep.all() else raw[keep], plan, len(out_genes))
                         if block.shape[0] == 0:
                             bar.update(1)
                             continue
@@ -687,15 +740,22 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
         sink.close()
         sink.finish_obs({"experiment": exp_names, "cell_type": type_names})
         stats = moments.result()
+        sources = {
+            "name": np.asarray([p.source.name for p in plans], dtype=object),
+            "size": np.asarray([p.source.path.stat().st_size for p in plans], dtype=np.int64),
+            "sha256": np.asarray([_sha256(p.source.path) for p in plans], dtype=object),
+            "kind": np.asarray([p.kind for p in plans], dtype=object),
+        }
         _write_var_and_uns(
-            root, out_genes, stats, plans, exp_names, experiments, input_kind, config
+            root, out_genes, stats, sources, exp_names, experiments, input_kind, config
         )
         stamp_spec(root)
     logger.info("wrote %s", output)
     return output
 
 
-def _write_var_and_uns(root, genes, stats, plans, exp_names, experiments, input_kind, config) -> None:
+def _write_var_and_uns(root, genes, stats, sources, exp_names, experiments, input_kind, config,
+                       extra_uns=None) -> None:
     from anndata.io import write_elem
 
     var = pd.DataFrame(
@@ -713,12 +773,7 @@ def _write_var_and_uns(root, genes, stats, plans, exp_names, experiments, input_
         "experiment_ranges": ranges,
         "input_kind": input_kind,
         "rows_per_chunk": int(config.layout.rows_per_chunk),
-        "sources": {
-            "name": np.asarray([p.source.name for p in plans], dtype=object),
-            "size": np.asarray([p.source.path.stat().st_size for p in plans], dtype=np.int64),
-            "sha256": np.asarray([_sha256(p.source.path) for p in plans], dtype=object),
-            "kind": np.asarray([p.kind for p in plans], dtype=object),
-        },
+        "sources": sources,
         "preprocessing": {
             "target_sum": 1e4,
             "log1p": True,
@@ -733,4 +788,227 @@ def _write_var_and_uns(root, genes, stats, plans, exp_names, experiments, input_
             "layer": config.layer or "",
         },
     }
-    write_elem(root, "uns", {"mars_scale": meta})
+    write_elem(root, "uns", {"mars_scale": meta, **(extra_uns or {})})
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming blocks that are already in memory (a generator, another reader)
+
+
+@dataclass(frozen=True)
+class CellBlock:
+    """Consecutive cells of one experiment, as :func:`ingest_blocks` takes them.
+
+    Attributes
+    ----------
+    counts
+        Raw values, ``(n_rows, n_genes)``, CSR (other scipy sparse formats are converted).
+    experiment
+        Index of the cells' experiment in the ``experiments`` given to :func:`ingest_blocks`.
+    cell_type
+        Cell-type code of each row: an index into ``cell_types``, ``-1`` for unannotated.
+    obs_names
+        Cell ids.
+    """
+
+    counts: sp.spmatrix
+    experiment: int
+    cell_type: np.ndarray
+    obs_names: np.ndarray
+
+
+def ingest_blocks(
+    blocks: Iterable[CellBlock],
+    output: str | os.PathLike,
+    *,
+    genes: Sequence[str],
+    experiments: Sequence[str],
+    cell_types: Sequence[str],
+    config: IngestConfig | None = None,
+    input_kind: str = "counts",
+    nnz_per_cell: float | None = None,
+    n_cells: int | None = None,
+    uns: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a new atlas store from a stream of cell blocks, in one pass.
+
+    The store is the one :func:`ingest` writes from the same cells, except that no gene
+    filter is applied (it would need a pass over every cell before the first write) and the
+    ``sources`` record is empty. Memory is bounded by one block plus one write unit of the
+    store, whatever the number of cells.
+
+    Parameters
+    ----------
+    blocks
+        The cells, grouped by experiment in the order of ``experiments``: the experiment index
+        of successive blocks never decreases.
+    output
+        The store directory to create (``.zarr``).
+    genes
+        Gene ids, one per column of the blocks (unique).
+    experiments
+        Experiment names (unique); every experiment must receive at least one cell.
+    cell_types
+        Cell-type names (unique), the categories of ``obs['cell_type']``.
+    config
+        Cell filters (``min_counts``, ``min_genes``) and ``layout``. ``min_cells`` must be 0;
+        the options about reading h5ad files are not used. Default:
+        ``IngestConfig(min_cells=0)``.
+    input_kind
+        ``"counts"`` (values must be non-negative integers) or ``"lognorm"``.
+    nnz_per_cell
+        Expected non-zeros per cell, which sets the chunk length of ``X``. Default: the mean
+        of the first block.
+    n_cells
+        Expected number of cells, for the progress bar only.
+    uns
+        Extra entries of ``uns`` (for example the parameters of a simulation).
+    overwrite
+        Replace an existing store.
+
+    Returns
+    -------
+    Path
+        The store. It holds ``X`` (raw values, CSR), ``obs['experiment']``,
+        ``obs['cell_type']``, ``obs['n_counts']``, ``obs['n_genes']``, ``var['n_cells']``,
+        ``var['mean']``, ``var['std']``, ``uns['mars_scale']`` and the entries of ``uns``.
+
+    Raises
+    ------
+    ConfigError
+        If ``config.min_cells`` is not 0 or ``input_kind`` is unknown.
+    InputError
+        If ``output`` exists and ``overwrite`` is false, a name list is empty or has
+        duplicates, a block has the wrong number of columns, invalid values or codes, comes
+        out of experiment order, or an experiment ends up without cells.
+    """
+    config = config or IngestConfig(min_cells=0)
+    output = Path(output)
+    if config.min_cells != 0:
+        raise ConfigError(
+            f"ingest_blocks writes in one pass and cannot filter genes (min_cells="
+            f"{config.min_cells}); pass an IngestConfig with min_cells=0"
+        )
+    if input_kind not in ("counts", "lognorm"):
+        raise ConfigError(f"input_kind must be 'counts' or 'lognorm', got {input_kind!r}")
+    names = {"genes": genes, "experiments": experiments, "cell_types": cell_types}
+    for what, values in names.items():
+        index = pd.Index([str(v) for v in values])
+        if what != "cell_types" and len(index) == 0:
+            raise InputError(f"{output}: no {what} given")
+        if index.has_duplicates:
+            raise InputError(f"{output}: duplicate {what} ({', '.join(index[index.duplicated()][:3])})")
+    if uns and "mars_scale" in uns:
+        raise InputError(f"{output}: uns['mars_scale'] is the store's own record; choose another key")
+    if output.exists() and not overwrite:
+        raise InputError(f"{output}: already exists (pass --overwrite to replace it)")
+    gene_index = pd.Index([str(g) for g in genes])
+    exp_names = [str(e) for e in experiments]
+    type_names = [str(t) for t in cell_types]
+    n_genes = len(gene_index)
+
+    stream = iter(blocks)
+    first = next(stream, None)
+    if first is None:
+        raise InputError(f"{output}: no cells given")
+    if nnz_per_cell is None:
+        nnz_per_cell = first.counts.nnz / max(first.counts.shape[0], 1)
+    layout = config.layout
+    nnz_per_chunk = int(max(4096, round(layout.rows_per_chunk * max(nnz_per_cell, 1.0))))
+    counts = dict.fromkeys(exp_names, 0)
+    started = time.perf_counter()
+    current = 0
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        root = init_anndata_root(tmp, zarr_format=layout.zarr_format)
+        sink = _RowSink(root, n_genes=n_genes, nnz_per_chunk=nnz_per_chunk, layout=layout)
+        moments = MomentAccumulator()
+        with tqdm(total=n_cells, desc="write store", unit="cells", disable=None) as bar:
+            for block in itertools.chain([first], stream):
+                e = int(block.experiment)
+                if not 0 <= e < len(exp_names):
+                    raise InputError(f"{output}: block experiment index {e} is out of range")
+                if e < current:
+                    raise InputError(
+                        f"{output}: a block of experiment {exp_names[e]!r} comes after "
+                        f"experiment {exp_names[current]!r}; blocks must be grouped by experiment, in order"
+                    )
+                current = e
+                x, codes, obs_names = _checked_block(block, output, n_genes, len(type_names), input_kind)
+                keep = _cell_mask(x, config)
+                if not keep.all():
+                    x, codes, obs_names = x[keep], codes[keep], obs_names[keep]
+                if x.shape[0]:
+                    obs = {
+                        "experiment": np.full(x.shape[0], e, dtype=np.int32),
+                        "cell_type": codes,
+                        "n_counts": np.asarray(x.sum(axis=1), dtype=np.float64).ravel(),
+                        "n_genes": np.diff(x.indptr).astype(np.int32),
+                    }
+                    moments.add(block_moments(x, kind=input_kind))
+                    sink.append(x, obs_names, obs)
+                    counts[exp_names[e]] += x.shape[0]
+                bar.update(block.counts.shape[0])
+        empty = [name for name, n in counts.items() if n == 0]
+        if empty:
+            raise InputError(
+                f"{output}: experiment {empty[0]!r} has no cells passing the filters "
+                f"(min_counts={config.min_counts}, min_genes={config.min_genes})"
+            )
+        sink.close()
+        sink.finish_obs({"experiment": exp_names, "cell_type": type_names})
+        sources = {
+            "name": np.asarray([], dtype=object),
+            "size": np.asarray([], dtype=np.int64),
+            "sha256": np.asarray([], dtype=object),
+            "kind": np.asarray([], dtype=object),
+        }
+        _write_var_and_uns(root, gene_index, moments.result(), sources, exp_names, counts,
+                           input_kind, config, extra_uns=dict(uns or {}))
+        stamp_spec(root)
+    total = sum(counts.values())
+    seconds = time.perf_counter() - started
+    logger.info(
+        "wrote %s: %d cells x %d genes, %d experiments, in %.1f s (%.0f cells/s)",
+        output, total, n_genes, len(exp_names), seconds, total / max(seconds, 1e-9),
+    )
+    return output
+
+
+def _checked_block(
+    block: CellBlock, output: Path, n_genes: int, n_types: int, input_kind: str
+) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """The block as canonical float32 CSR, with its codes and names, after checking values."""
+    x = block.counts
+    n = x.shape[0]
+    if x.shape[1] != n_genes:
+        raise InputError(f"{output}: a block has {x.shape[1]} columns, expected {n_genes} (one per gene)")
+    codes = np.asarray(block.cell_type)
+    obs_names = np.asarray(block.obs_names, dtype=object)
+    if codes.shape != (n,) or obs_names.shape != (n,):
+        raise InputError(
+            f"{output}: a block of {n} cells has {codes.shape} cell-type codes and "
+            f"{obs_names.shape} names"
+        )
+    if codes.dtype.kind not in "iu" or (n and (codes.min() < -1 or codes.max() >= n_types)):
+        raise InputError(f"{output}: cell-type codes must be integers in -1..{n_types - 1}")
+    data = x.data
+    if data.dtype.kind not in "fiub":
+        raise InputError(f"{output}: values have non-numeric dtype {data.dtype}")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise InputError(f"{output}: a block contains NaN or infinite values")
+    if data.size and data.min() < 0:
+        raise InputError(f"{output}: a block contains negative values; raw counts expected")
+    if data.size and data.max() > _FLOAT32_EXACT:
+        raise InputError(
+            f"{output}: a block holds values above 2^24, which the store's float32 cannot hold exactly"
+        )
+    if input_kind == "counts" and data.dtype.kind == "f" and (data != np.floor(data)).any():
+        raise InputError(
+            f"{output}: a block holds non-integer values; pass input_kind='lognorm' if they are "
+            "log-normalised"
+        )
+    x = sp.csr_matrix(x, dtype=np.float32, copy=True)  # never modify the caller's arrays
+    x.eliminate_zeros()
+    x.sum_duplicates()  # also sorts the indices
+    return x, codes.astype(np.int32), obs_names

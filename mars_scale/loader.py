@@ -33,7 +33,6 @@ the remaining batches.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import threading
@@ -362,13 +361,16 @@ class Loader(IterableDataset):
         store = self._store
         n = store.n_cells
         x = store.x_group
+        key = "X/indptr"
         try:
             indptr = x["indptr"]
             nnz = int(indptr[n])
+            key = "X/data"
             chunk = int(x["data"].chunks[0])
+            n_data = int(x["data"].shape[0])
         except Exception as exc:
             raise StoreError(
-                f"{self.path}: X/indptr cannot be read ({type(exc).__name__}: {exc}); "
+                f"{self.path}: {key} cannot be read ({type(exc).__name__}: {exc}); "
                 "the store is damaged, re-run \"mars-scale ingest\"."
             ) from exc
         target = self.rows_per_block * nnz / max(n, 1)
@@ -376,8 +378,14 @@ class Loader(IterableDataset):
             step = chunk * max(1, int(round(target / chunk)))
         else:
             step = max(1, int(round(target)))
+        if nnz != n_data:
+            raise StoreError(
+                f"{self.path}: X/indptr ends at {nnz} but X/data holds {n_data} values; "
+                "the store is damaged, re-run \"mars-scale ingest\"."
+            )
         cuts = [np.array([0, n], dtype=np.int64)]
         marks = np.arange(step, nnz, step, dtype=np.int64)
+        prev = 0
         for w0 in range(0, n, _INDPTR_WINDOW):
             w1 = min(n, w0 + _INDPTR_WINDOW)
             try:
@@ -387,6 +395,13 @@ class Loader(IterableDataset):
                     f"{self.path}: X/indptr rows {w0}:{w1} cannot be read "
                     f"({type(exc).__name__}); the store is damaged, re-run \"mars-scale ingest\"."
                 ) from exc
+            # indptr starts at 0 and never decreases; a missing chunk reads back as zeros.
+            if ptr[0] != prev or (np.diff(ptr) < 0).any():
+                raise StoreError(
+                    f"{self.path}: X/indptr rows {w0}:{w1} decrease (a chunk is missing or "
+                    "corrupt); the store is damaged, re-run \"mars-scale ingest\"."
+                )
+            prev = int(ptr[-1])
             lo, hi = np.searchsorted(marks, [ptr[0], ptr[-1]], side="right")
             if hi > lo:  # first row whose data starts at or after each mark
                 cuts.append(w0 + np.searchsorted(ptr, marks[lo:hi], side="left"))
@@ -603,17 +618,26 @@ class Loader(IterableDataset):
         """zarr handles of X and the labels, opened once per process (opening reads metadata)."""
         if self._handles is None:
             root = self.store.root
+            key = "X"
             try:
                 x = root["X"]
-                self._handles = {
-                    "indptr": x["indptr"], "data": x["data"], "indices": x["indices"],
-                    "label": root[_LABEL_COLUMN],
-                }
+                handles = {}
+                for name in ("indptr", "data", "indices"):
+                    key = f"X/{name}"
+                    handles[name] = x[name]
+                key = _LABEL_COLUMN
+                handles["label"] = root[_LABEL_COLUMN]
+                self._handles = handles
             except KeyError as exc:
                 raise StoreError(
                     f"{self.path}: {exc.args[0] if exc.args else 'X'} is missing "
                     "(re-run \"mars-scale ingest\")."
                 ) from None
+            except Exception as exc:  # unreadable metadata
+                raise StoreError(
+                    f"{self.path}: {key} cannot be opened ({type(exc).__name__}: {exc}); "
+                    "the store is damaged, re-run \"mars-scale ingest\"."
+                ) from exc
         return self._handles
 
     def _read_span(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
 """Streaming synthetic single-cell atlases with known cell types and batch effects.
 
 The generator draws raw UMI-like counts for millions of cells without ever holding more than
-one block of cells in memory, and writes them as valid AnnData ``.h5ad`` files with h5py.
+one block of cells in memory, and writes them as valid AnnData ``.h5ad`` files with h5py, or
+streams them straight into an atlas store (:func:`write_store`).
 It is shared by ``mars-scale simulate``, ``tools/make_synthetic.py``, the tests and the
 benchmarks.
 
@@ -86,6 +87,7 @@ __all__ = [
     "simulate_anndata",
     "write_h5ad",
     "write_h5ad_per_experiment",
+    "write_store",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1141,6 +1143,74 @@ def write_h5ad_per_experiment(
     logger.info("wrote %d files to %s in %.1f s", len(targets), folder,
                 time.perf_counter() - started)
     return targets
+
+
+def write_store(
+    path: str | os.PathLike,
+    config: SimulationConfig,
+    *,
+    layout: Any = None,
+    n_jobs: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Simulate an atlas and stream it straight into a new atlas store (no h5ad in between).
+
+    The cells go from the generator to the store writer
+    (:func:`mars_scale.ingest.ingest_blocks`) block by block, so memory stays bounded whatever
+    ``n_cells`` is. The store holds the cells, counts and ids of :func:`write_h5ad` for the same
+    configuration, and equals what ``mars-scale ingest FILE --experiment-key experiment
+    --label-key cell_type --min-cells 0`` makes of that file, except for ``uns``. Cells with no
+    counts are dropped, as ingest does; no gene is dropped.
+
+    Parameters
+    ----------
+    path
+        The store directory to create (``.zarr``).
+    config
+        The atlas to simulate.
+    layout
+        A :class:`mars_scale.store.StoreLayout` (default: ``StoreLayout()``).
+    n_jobs
+        Worker processes generating cells ahead of the writer; the content does not depend
+        on it.
+    overwrite
+        Replace an existing store.
+
+    Returns
+    -------
+    pathlib.Path
+        The store, holding ``X`` (raw counts), ``obs['experiment']``, ``obs['cell_type']``
+        (every simulated type is a category), ``obs['n_counts']``, ``obs['n_genes']``,
+        ``var['n_cells']``, ``var['mean']``, ``var['std']``, ``uns['mars_scale']`` and
+        ``uns['simulation']`` (see :meth:`Simulator.describe`).
+
+    Raises
+    ------
+    InputError
+        If ``path`` exists without ``overwrite=True`` or ``n_jobs`` is invalid.
+    """
+    from mars_scale.ingest import CellBlock, IngestConfig, ingest_blocks
+    from mars_scale.store import StoreLayout
+
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, numbers.Integral) or n_jobs < 1:
+        raise InputError(f"n_jobs must be a positive integer, got {n_jobs!r}.")
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists (pass --overwrite to replace it)")
+    sim = Simulator(config)
+    layout = layout if layout is not None else StoreLayout()
+    rows = _default_rows(sim, "csr", 4)
+    blocks = (
+        CellBlock(counts=b.counts, experiment=b.experiment, cell_type=b.cell_type,
+                  obs_names=sim.cell_ids(b.start, b.stop))
+        for b in sim.iter_blocks(rows_per_block=rows, n_jobs=n_jobs)
+    )
+    return ingest_blocks(
+        blocks, out, genes=sim.gene_ids, experiments=sim.experiments, cell_types=sim.cell_types,
+        config=IngestConfig(min_cells=0, layout=layout), input_kind="counts",
+        nnz_per_cell=config.target_nnz_per_cell, n_cells=config.n_cells,
+        uns={"simulation": sim.describe()}, overwrite=overwrite,
+    )
 
 
 def simulate_anndata(config: SimulationConfig, *, dtype: str | np.dtype = "float32") -> Any:

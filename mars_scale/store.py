@@ -20,6 +20,7 @@ This module imports nothing else from mars_scale except the errors.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ __all__ = [
     "Atlas",
     "open_store",
     "atomic_directory",
+    "check_replaceable",
     "store_lock",
 ]
 
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 SPEC_TYPE = "mars-scale-atlas"
 SPEC_VERSION = "0.1.0"
 _SPEC_ATTR = "mars-scale"
+_LOCK_NAME = ".mars-scale.lock"
 _ANNDATA_GROUPS = ("obsm", "varm", "obsp", "varp", "layers")
 
 
@@ -113,7 +116,16 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     target = Path(target)
     if target.exists() and not overwrite:
         raise StoreError(f"{target}: already exists (pass --overwrite to replace it)")
+    if overwrite:
+        check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    prefixes = (f".{target.name}.tmp-", f".{target.name}.old-")
+    leftovers = sorted(p.name for p in target.parent.iterdir() if p.name.startswith(prefixes))
+    if leftovers:
+        logger.warning(
+            "%s: %s left by an interrupted run (delete them once no other run writes %s)",
+            target.parent, ", ".join(leftovers), target.name,
+        )
     tmp = _sibling(target, "tmp")
     try:
         yield tmp
@@ -121,42 +133,111 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if target.exists():
-        if not overwrite:
+    try:
+        if target.exists():
+            if not overwrite:
+                raise StoreError(f"{target}: appeared while writing (pass --overwrite to replace it)")
+            check_replaceable(target)
+            old = _sibling(target, "old")
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except OSError as exc:  # another writer put a directory there in between
+        raise StoreError(f"{target}: appeared while writing ({exc.strerror}); nothing was replaced") from None
+    finally:
+        if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(f"{target}: appeared while writing (pass --overwrite to replace it)")
-        old = _sibling(target, "old")
-        os.replace(target, old)
-    os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def store_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive writer lock on a store (a lock file created with ``O_EXCL``).
+def check_replaceable(target: str | os.PathLike) -> None:
+    """Refuse to let ``--overwrite`` replace anything but a mars-scale store or an empty directory.
 
     Raises
     ------
     StoreError
-        If another process holds the lock.
+        If ``target`` exists and is a file, or a directory that holds something other than a
+        mars-scale store.
     """
-    lock = Path(path) / ".mars-scale.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        owner = lock.read_text(errors="replace").strip() if lock.exists() else "?"
+    target = Path(target)
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    spec = None
+    if target.is_dir():
+        try:
+            spec = zarr.open_group(target, mode="r").attrs.get(_SPEC_ATTR)
+        except Exception:
+            spec = None
+    if not (isinstance(spec, dict) and spec.get("encoding-type") == SPEC_TYPE):
         raise StoreError(
-            f"{path}: another process (pid {owner}) is writing to this store; wait for it, "
-            f"or remove {lock.name} if that process is gone"
-        ) from None
+            f"{target}: exists and is not a mars-scale store; --overwrite only replaces a store "
+            "(remove it yourself or choose another output)"
+        )
+
+
+@contextlib.contextmanager
+def store_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive writer lock on a store (the file ``.mars-scale.lock`` in it).
+
+    The holder keeps an ``flock`` on the file, which the kernel releases when the process
+    ends, however it ends. A lock file left by a killed writer is therefore recognised as
+    stale and taken over (with a warning). On a filesystem without ``flock`` the file alone is
+    the lock (created with ``O_EXCL``), and a stale one must be removed by hand.
+
+    Raises
+    ------
+    StoreError
+        If another live process holds the lock.
+    """
+    lock = Path(path) / _LOCK_NAME
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            created = True
+        except FileExistsError:
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:  # released in between: try again
+                continue
+            created = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _locked_error(path, lock) from None
+        except OSError:  # no flock on this filesystem: the O_EXCL file is the lock
+            if not created:
+                os.close(fd)
+                raise _locked_error(path, lock) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file we locked was removed by its holder in between: try again
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+        if not created:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            logger.warning("%s: taking over the lock of writer pid %s, which is gone", path, owner)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()
+        os.close(fd)
+
+
+def _locked_error(path, lock: Path) -> StoreError:
+    try:
+        owner = lock.read_text(errors="replace").strip() or "?"
+    except OSError:
+        owner = "?"
+    return StoreError(
+        f"{path}: another process (pid {owner}) is writing to this store; wait for it, "
+        f"or remove {lock.name} if that process is gone"
+    )
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -439,6 +520,8 @@ class Atlas:
             codes = np.asarray(grp["codes"][start:stop])
         except KeyError:
             raise StoreError(f"{self.path}: obs/{name} is missing") from None
+        except Exception as exc:  # corrupt chunk or metadata
+            raise _damaged(self.path, f"obs/{name}/codes", exc) from exc
         categories = [str(c) for c in self._read(f"obs/{name}/categories")]
         return codes, categories
 
@@ -467,23 +550,34 @@ class Atlas:
             If a chunk is missing or corrupt; the message names the store and the rows.
         """
         x = self.root["X"]
+        key = "X/indptr"
         try:
             indptr = np.asarray(x["indptr"][start : stop + 1], dtype=np.int64)
             lo, hi = int(indptr[0]), int(indptr[-1])
+            key = "X/data"
             data = np.asarray(x["data"][lo:hi])
+            key = "X/indices"
             indices = np.asarray(x["indices"][lo:hi])
         except Exception as exc:
-            raise StoreError(
-                f"{self.path}: X rows {start}:{stop} cannot be read "
-                f"({type(exc).__name__}: {exc}); the store is damaged, re-run \"mars-scale ingest\""
-            ) from exc
-        if data.shape[0] != hi - lo or indices.shape[0] != hi - lo:
+            raise _damaged(self.path, f"{key} (rows {start}:{stop})", exc) from exc
+        # Ingest writes positive values only and a non-decreasing indptr; a missing chunk reads
+        # back as zarr's fill value (0), which breaks one or the other.
+        if data.shape[0] != hi - lo or indices.shape[0] != hi - lo or (np.diff(indptr) < 0).any():
             raise StoreError(f"{self.path}: X rows {start}:{stop} are truncated; the store is damaged")
+        # Each row holds a gene index at most once: more zeros than rows is a missing chunk.
+        if (data.size and not data.min() > 0) or indices.size - np.count_nonzero(indices) > stop - start:
+            raise StoreError(
+                f"{self.path}: X rows {start}:{stop} read back zeros (a chunk of X/data or "
+                "X/indices is missing); the store is damaged, re-run \"mars-scale ingest\""
+            )
         return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_genes))
 
     @property
     def nnz(self) -> int:
-        return int(self.root["X"]["indptr"][self.n_cells])
+        try:
+            return int(self.root["X"]["indptr"][self.n_cells])
+        except Exception as exc:
+            raise _damaged(self.path, "X/indptr", exc) from exc
 
     def row_blocks(self, *, rows_per_block: int | None = None) -> list[tuple[int, int]]:
         """Row ranges of about ``rows_per_block`` rows (default: one chunk) covering the store."""
@@ -492,13 +586,12 @@ class Atlas:
 
     def summary(self) -> dict:
         """Sizes, experiments (cells, annotated fraction, cell types) and storage facts."""
-        codes_all = self.root["obs/cell_type/codes"]
         types = self.cell_types
         experiments = []
         for name, (a, b) in self.experiment_ranges.items():
             counts = np.zeros(len(types) + 1, dtype=np.int64)
             for lo in range(a, b, 1 << 20):
-                c = np.asarray(codes_all[lo : min(b, lo + (1 << 20))])
+                c, _ = self.categorical_codes("cell_type", lo, min(b, lo + (1 << 20)))
                 counts += np.bincount(c + 1, minlength=len(types) + 1)
             n = b - a
             experiments.append(
@@ -529,6 +622,13 @@ class Atlas:
             f"Atlas({str(self.path)!r}, n_cells={self.n_cells}, n_genes={self.n_genes}, "
             f"experiments={len(self.experiments)}, spec={self.spec_version})"
         )
+
+
+def _damaged(path, key: str, exc: BaseException) -> StoreError:
+    return StoreError(
+        f"{path}: {key} cannot be read ({type(exc).__name__}: {exc}); "
+        "the store is damaged, re-run \"mars-scale ingest\""
+    )
 
 
 def _read_meta(path: Path, root: zarr.Group) -> dict:

@@ -96,7 +96,7 @@ def test_nearest_single_landmark_and_self():
 
 def test_nearest_logs_backend(random_points, caplog):
     x, p = random_points
-    with caplog.at_level(logging.INFO, logger="mars_scale.landmarks"):
+    with caplog.at_level(logging.DEBUG, logger="mars_scale.landmarks"):
         nearest(x[:100], p)
     assert "faiss-cpu" in caplog.text
 

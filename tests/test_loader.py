@@ -3,7 +3,6 @@ values against a dense reference, and damaged stores."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import anndata as ad

@@ -98,29 +98,46 @@ def test_shared_name_in_higher_dimensions():
 
 def test_far_cluster_is_novel_and_near_ones_are_not():
     rng = np.random.default_rng(4)
-    # Radius of an sd-0.5 cluster in 4-D: about 0.5 * sqrt(4) = 1. The new cluster sits at
-    # (0, 0, 0, 8): 8 from B cell (and sqrt(164) from the others), about 8 radii: novel.
-    centers = np.vstack([LANDMARKS[[0, 1]] + 0.3, [[0.0, 0.0, 0.0, 8.0]]])
+    # Known clusters sit 0.3 per axis (0.6) from B cell and T cell, 10 from the other names:
+    # margin ratio about 0.06. The new cluster at (5, 5, 5, 8) is sqrt(139) = 11.79 from B cell
+    # and from T cell, 12.7 from NK cell and monocyte: margin ratio 1, novel.
+    centers = np.vstack([LANDMARKS[[0, 1]] + 0.3, [[5.0, 5.0, 5.0, 8.0]]])
     x, clusters = _blobs(centers, 500, 0.5, rng)
     res = name_clusters(x, clusters, LANDMARKS, NAMES, rng=0)
     assert res.is_novel.tolist() == [False, False, True]
     assert res.label.tolist() == ["B cell", "T cell", "novel"]
-    assert res.novelty[2] > 0.99 and (res.novelty[:2] < 0.1).all()
-    assert res.nearest_landmark[2] == 0
-    assert res.novelty_distance[2] == pytest.approx(8.0 / res.radius[2], rel=0.05)
-    # The paper would still name it: nearest name, reported as the best name and confidence.
-    assert res.best_name[2] == "B cell"
+    assert res.novelty[2] > 0.8 and (res.novelty[:2] < 0.01).all()
+    assert res.novelty_distance[2] == pytest.approx(1.0, abs=0.05)
+    assert res.novelty_distance[0] == pytest.approx(0.6 / np.sqrt(9.7**2 + 3 * 0.3**2), rel=0.1)
     cells_new = clusters == 12
     assert (res.cell_type[cells_new] == "novel").all()
     assert (res.cell_type[~cells_new] != "novel").all()
-    assert res.cell_novelty[cells_new].min() > 0.8
-    assert np.median(res.cell_novelty[~cells_new]) < 0.2
-    # A different label and a higher threshold (t = 0.9999 means 2 * 9999**0.25 = 20 radii).
-    strict = name_clusters(x, clusters, LANDMARKS, NAMES, novelty_threshold=0.9999,
+    assert np.median(res.cell_novelty[cells_new]) > 0.6
+    assert np.median(res.cell_novelty[~cells_new]) < 0.01
+    # A different label, and a threshold above every score.
+    strict = name_clusters(x, clusters, LANDMARKS, NAMES, novelty_threshold=0.99,
                            novel_label="new type", rng=0)
     assert not strict.is_novel.any()
     loose = name_clusters(x, clusters, LANDMARKS, NAMES, novel_label="new type", rng=0)
     assert loose.label[2] == "new type"
+
+
+def test_margin_ratio_by_hand():
+    # 1-D: landmarks A at 0, B at 10. A cluster of cells 3 and 5 has mu = 4: 4 from A and 6
+    # from B, ratio 2/3, novelty (2/3)^8 / ((2/3)^8 + 0.8^8) = 0.1889.
+    x = np.array([[3.0], [5.0]])
+    res = name_clusters(x, [0, 0], [[0.0], [10.0]], ["A", "B"], rng=0)
+    assert res.novelty_distance[0] == pytest.approx(2 / 3)
+    r = (2 / 3) ** 8
+    assert res.novelty[0] == pytest.approx(r / (r + 0.8**8))
+    # Per cell: 3/7 and 5/5 = 1.
+    assert res.cell_novelty.tolist() == pytest.approx(
+        [(3 / 7) ** 8 / ((3 / 7) ** 8 + 0.8**8), 1 / (1 + 0.8**8)]
+    )
+    # Two landmarks of one name at 0 and 10 and a third name far away: the margin is taken
+    # against the other name only.
+    res = name_clusters(x, [0, 0], [[0.0], [10.0], [40.0]], ["A", "A", "C"], rng=0)
+    assert res.novelty_distance[0] == pytest.approx(4 / 36)
 
 
 def test_novelty_formula_by_hand_with_landmark_radius():
@@ -238,8 +255,8 @@ def test_single_cell_cluster_takes_nearest_name(caplog):
     assert res.sigma[0] == 0.0
     assert res.best_name.tolist() == ["A", "B"]
     assert res.best_probability[0] == 1.0
-    # Zero radius and a non-zero distance: infinitely many radii away, novelty 1.
-    assert res.novelty[0] == 1.0 and res.is_novel[0]
+    # Margin ratio 0.1 / 9.9: clearly A.
+    assert res.novelty_distance[0] == pytest.approx(0.1 / 9.9) and not res.is_novel[0]
 
 
 def test_to_records_are_plain_python():

@@ -48,7 +48,10 @@ def test_plot_writes_non_empty_pngs(small_store, tmp_path):
 
     arr = zarr.open_array(codes, mode="r+")
     values = np.asarray(arr[:])
-    values[:98] = -1  # exp0 occupies rows 0..97 of small_store
+    from mars_scale.store import open_store
+
+    a, b = open_store(copy).experiment_ranges["exp0"]
+    values[a:b] = -1  # the unannotated experiment loses its ground truth
     arr[:] = values
     result = CliRunner().invoke(main, ["plot", str(copy), "-o", str(tmp_path / "cli"), "--max-cells", "150"])
     assert result.exit_code == 0, result.output
