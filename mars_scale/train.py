@@ -61,6 +61,7 @@ class TrainPlan:
     n_clusters: int
     n_unannotated: int
     n_labelled: dict[str, int]  # labelled cells per annotated experiment
+    pairs: tuple[tuple[int, int], ...]  # (experiment code, cell-type code) with labelled cells
     cell_types: tuple[str, ...]
     experiments: tuple[str, ...]
 
@@ -89,13 +90,15 @@ def plan_training(store: Atlas, *, unannotated: str, n_clusters: int) -> TrainPl
             f"--n-clusters {n_clusters} is larger than the {b - a} cells of experiment {unannotated!r}"
         )
     labelled: dict[str, int] = {}
-    for name, (lo, hi) in store.experiment_ranges.items():
+    pairs: list[tuple[int, int]] = []
+    for e, (name, (lo, hi)) in enumerate(store.experiment_ranges.items()):
         if name == unannotated or hi == lo:
             continue
         codes, _ = store.categorical_codes("cell_type", lo, hi)
         n = int((codes >= 0).sum())
         if n:
             labelled[name] = n
+            pairs.extend((e, int(t)) for t in np.unique(codes[codes >= 0]))
     if not labelled:
         raise InputError(
             f"{store.path}: no annotated experiment besides {unannotated!r} "
@@ -107,6 +110,7 @@ def plan_training(store: Atlas, *, unannotated: str, n_clusters: int) -> TrainPl
         n_clusters=int(n_clusters),
         n_unannotated=b - a,
         n_labelled=labelled,
+        pairs=tuple(pairs),
         cell_types=tuple(store.cell_types),
         experiments=tuple(store.experiments),
     )
@@ -157,15 +161,25 @@ def embed(
     device: torch.device,
     info: DistInfo,
     progress: str | None = None,
+    max_rows: int | None = None,
+    seed: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Embed this rank's share of the cells, in store order: yields (index, experiment, label, z)."""
+    """Embed this rank's share of the cells: yields (index, experiment, label, z).
+
+    In store order; with ``max_rows``, a uniform random subset of about that many rows per rank
+    (whole shuffled blocks, seeded by ``seed``).
+    """
     loader = Loader(
-        store, batch_size=batch_size, experiments=experiments, shuffle=False,
-        rank=info.rank, world_size=info.world_size,
+        store, batch_size=batch_size, experiments=experiments, shuffle=max_rows is not None,
+        seed=seed, rank=info.rank, world_size=info.world_size,
     )
     was_training = encoder.training
     encoder.eval()
+    seen = 0
     for batch in tqdm(loader, desc=progress, disable=None if (progress and info.is_main) else True, leave=False):
+        if max_rows is not None and seen >= max_rows:
+            break
+        seen += batch.n_rows
         batch = batch.to(device)
         z = encoder(batch.x)
         if batch.n_padding:  # ranks are padded to equal batch counts: drop the repeats
@@ -176,12 +190,18 @@ def embed(
     encoder.train(was_training)
 
 
-def _class_means(encoder, store, plan: TrainPlan, *, batch_size, device, info, n_latent) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean embedding per (annotated experiment, cell type): sums and counts over all ranks."""
+def _class_means(encoder, store, plan: TrainPlan, *, batch_size, device, info, n_latent,
+                 max_cells: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and counts of the embeddings per (annotated experiment, cell type), over all ranks.
+
+    With ``max_cells``, over a uniform random subset of about that many annotated cells.
+    """
     n_exp, n_types = len(plan.experiments), len(plan.cell_types)
     sums = torch.zeros(n_exp * n_types, n_latent, dtype=torch.float64, device=device)
     counts = torch.zeros(n_exp * n_types, dtype=torch.float64, device=device)
-    for _, exp, lab, z in embed(encoder, store, experiments=list(plan.annotated), batch_size=batch_size, device=device, info=info):
+    per_rank = None if max_cells is None else max(1, max_cells // info.world_size)
+    for _, exp, lab, z in embed(encoder, store, experiments=list(plan.annotated), batch_size=batch_size,
+                                device=device, info=info, max_rows=per_rank, seed=seed):
         keep = lab >= 0
         key = exp[keep] * n_types + lab[keep]
         sums.index_add_(0, key, z[keep].double())
@@ -194,10 +214,9 @@ def _class_means(encoder, store, plan: TrainPlan, *, batch_size, device, info, n
 class _AnnotatedLandmarks:
     """The annotated landmarks: one per (experiment, cell type) present, with a lookup table."""
 
-    def __init__(self, plan: TrainPlan, counts: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, plan: TrainPlan, device: torch.device) -> None:
         n_exp, n_types = len(plan.experiments), len(plan.cell_types)
-        present = (counts.reshape(n_exp, n_types) > 0).cpu()
-        self.pairs = present.nonzero()  # (L, 2): experiment code, cell-type code
+        self.pairs = torch.tensor(plan.pairs, dtype=torch.long).reshape(-1, 2)  # experiment, type
         lookup = torch.full((n_exp, n_types), -1, dtype=torch.long)
         lookup[self.pairs[:, 0], self.pairs[:, 1]] = torch.arange(len(self.pairs))
         self.lookup = lookup.to(device)
@@ -205,7 +224,10 @@ class _AnnotatedLandmarks:
         self.values: torch.Tensor | None = None
 
     def update(self, sums: torch.Tensor, counts: torch.Tensor, *, lam: float) -> None:
-        means = (sums[self.flat] / counts[self.flat].unsqueeze(1)).float()
+        n = counts[self.flat].unsqueeze(1)
+        means = (sums[self.flat] / n.clamp(min=1)).float()
+        if self.values is not None:  # a class absent from a capped sample keeps its landmark
+            means = torch.where(n > 0, means, self.values)
         new = torch.empty_like(means)
         for e in self.pairs[:, 0].unique():
             rows = (self.pairs[:, 0] == e).nonzero().squeeze(1).to(means.device)
@@ -372,12 +394,17 @@ def fit(
     for name, n in plan.n_labelled.items():
         n_labelled[plan.experiments.index(name)] = n
     n_rows_a = float(sum(store.experiment_ranges[e][1] - store.experiment_ranges[e][0] for e in plan.annotated))
-    steps = max(len(loader_a), len(loader_u))
+    steps_a = len(loader_a)
+    if tc.annotated_cells_per_epoch is not None:
+        steps_a = min(steps_a, -(-tc.annotated_cells_per_epoch // (bs * info.world_size)))
+    steps = max(steps_a, len(loader_u))
     annotated = None
     for epoch in range(state["epoch"], tc.finetune_epochs):
         # a. annotated landmarks in closed form from the current class means
-        sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info, n_latent=config.model.n_latent)
-        annotated = _AnnotatedLandmarks(plan, counts, device)
+        sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info,
+                                    n_latent=config.model.n_latent, max_cells=tc.annotated_cells_per_epoch,
+                                    seed=tc.seed + 1000 + epoch)
+        annotated = _AnnotatedLandmarks(plan, device)
         if state["annotated_landmarks"] is not None and len(state["annotated_landmarks"]) == len(annotated.pairs):
             annotated.values = state["annotated_landmarks"].to(device)
         annotated.update(sums, counts, lam=tc.lam)
@@ -426,9 +453,11 @@ def fit(
     # ---- 4. final landmarks, usage, pruning ---------------------------------------------------
     if state["phase"] == "finetune":
         if annotated is None or tc.finetune_epochs == 0:
-            sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info, n_latent=config.model.n_latent)
-            annotated = _AnnotatedLandmarks(plan, counts, device)
-            annotated.values = (sums[annotated.flat] / counts[annotated.flat].unsqueeze(1)).float()
+            sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info,
+                                        n_latent=config.model.n_latent, max_cells=tc.annotated_cells_per_epoch,
+                                        seed=tc.seed)
+            annotated = _AnnotatedLandmarks(plan, device)
+            annotated.values = (sums[annotated.flat] / counts[annotated.flat].clamp(min=1).unsqueeze(1)).float()
             state["annotated_landmarks"] = annotated.values.cpu()
             state["annotated_pairs"] = annotated.pairs.clone()
         usage = _landmark_usage(encoder, store, plan, p_u.detach(), device=device, info=info, batch_size=max(bs, 1024))
