@@ -287,5 +287,25 @@ def simulate(output, cells, genes, experiments, cell_types, seed, fmt, per_exper
     click.echo(f"wrote {path}")
 
 
+@main.command()
+@click.option("--dir", "directory", type=click.Path(path_type=str), default="mars-scale-demo", show_default=True,
+              help="Where the simulated data, store, model and figures go.")
+@click.option("--cells", type=int, default=4000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-plots", is_flag=True, help="Skip the UMAP and confusion figures.")
+@_user_errors
+def demo(directory, cells, seed, no_plots) -> None:
+    """Run the whole pipeline on a small simulated atlas and print what it found.
+
+    Simulate four experiments (one with a cell type no other has), ingest them from h5ad, hold
+    that experiment out unannotated, train, annotate, evaluate against the simulated truth and
+    plot.
+    """
+    from mars_scale.demo import run_demo
+
+    result = run_demo(directory, n_cells=cells, seed=seed, plots=not no_plots)
+    click.echo(result.summary())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -47,13 +47,14 @@ def init_distributed(device: torch.device, *, timeout_s: float = 600.0) -> DistI
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
     Uses nccl on CUDA and gloo otherwise. The timeout turns a dead rank into an error in the
-    surviving ranks instead of a hang. Without ``WORLD_SIZE`` > 1 this is a single process and
-    no group is created.
+    surviving ranks instead of a hang. Outside torchrun (no ``RANK`` and ``MASTER_ADDR`` in the
+    environment) this is a single process and no group is created; under torchrun a group is
+    created even for one rank, so one GPU runs the same code path as eight.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
-    if world <= 1:
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         return DistInfo()
     backend = "nccl" if device.type == "cuda" else "gloo"
     rank = int(os.environ["RANK"])

@@ -88,7 +88,8 @@ class Mars:
         run_dir
             Checkpoints go to ``run_dir/checkpoint.pt`` after every epoch.
         resume
-            Continue from the checkpoint in ``run_dir``.
+            Continue from the checkpoint in ``run_dir`` (start from the beginning if there is
+            none yet).
         info
             Rank and world size under torchrun (default: one process).
         stop_after_epoch
@@ -97,7 +98,11 @@ class Mars:
         info = info or DistInfo()
         device = resolve_device(self.config.train.device)
         run_path = Path(run_dir) if run_dir is not None else None
-        if resume and run_path is not None:
+        if resume and (run_path is None or not (run_path / CHECKPOINT_NAME).exists()):
+            # the same command line serves the first start and every elastic restart
+            logger.info("no checkpoint in %s yet: starting from the beginning", run_path)
+            resume = False
+        if resume:
             saved = load_checkpoint(run_path / CHECKPOINT_NAME)
             check_genes(saved["gene_ids"], list(self.store.gene_ids), where=str(self.store.path))
         self.state = fit(

@@ -394,6 +394,7 @@ def fit(
     for name, n in plan.n_labelled.items():
         n_labelled[plan.experiments.index(name)] = n
     n_rows_a = float(sum(store.experiment_ranges[e][1] - store.experiment_ranges[e][0] for e in plan.annotated))
+    tau = float(len(plan.annotated)) if tc.tau is None else tc.tau
     steps_a = len(loader_a)
     if tc.annotated_cells_per_epoch is not None:
         steps_a = min(steps_a, -(-tc.annotated_cells_per_epoch // (bs * info.world_size)))
@@ -431,7 +432,7 @@ def fit(
             w = valid * n_rows_a / (ba.x.shape[0] * n_labelled[ba.experiment].clamp(min=1))
             loss_a = annotated_cell_loss(za, p_a[idx.clamp(min=0)], w)
             loss_u, _ = unannotated_cell_loss(zu, p_u.detach())
-            loss = loss_a + tc.tau * loss_u
+            loss = loss_a + tau * loss_u
             _check_finite(loss, phase="fine-tuning", epoch=epoch, step=step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -184,10 +184,12 @@ def pickled_column(directory: Path, marker: Path, *, protocol: int, opaque: bool
     with h5py.File(path, "r+") as f:
         if opaque:
             values = np.array([np.void(blob)] * 60)
-            ds = f["obs"].create_dataset("payload", data=values)
+        elif b"\0" in blob:  # fixed-length bytes (variable-length strings cannot hold NUL)
+            values = np.array([blob] * 60, dtype=f"S{len(blob)}")
         else:
-            ds = f["obs"].create_dataset("payload", data=np.array([blob] * 60, dtype=object),
-                                         dtype=h5py.string_dtype("utf-8"))
+            values = np.array([blob] * 60, dtype=object)
+        ds = f["obs"].create_dataset("payload", data=values, dtype=None if opaque or values.dtype.kind == "S"
+                                     else h5py.string_dtype("utf-8"))
         ds.attrs["encoding-type"] = "string-array"
         ds.attrs["encoding-version"] = "0.2.0"
         order = [c.decode() if isinstance(c, bytes) else str(c) for c in f["obs"].attrs["column-order"]]

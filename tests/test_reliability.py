@@ -43,9 +43,10 @@ from mars_scale.model import Mars
 from mars_scale.nn import ModelConfig
 from mars_scale.store import StoreLayout, open_store, store_lock
 
-# Readers running beside a writer see its staging directory inside the store, which zarr
-# reports as not part of the hierarchy.
-pytestmark = pytest.mark.filterwarnings(r"ignore:Object at \.mars-scale-staging-")
+# Readers running beside a writer see its staging directory and lock file inside the store,
+# which zarr reports as not part of the hierarchy.
+pytestmark = [pytest.mark.filterwarnings(r"ignore:Object at \.mars-scale-staging-"),
+              pytest.mark.filterwarnings(r"ignore:Object at \.mars-scale\.lock")]
 
 TESTS = Path(__file__).resolve().parent
 RESULT_COLUMNS = ["mars_cluster", "mars_cell_type", "mars_confidence", "mars_novelty"]
