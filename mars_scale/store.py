@@ -289,35 +289,36 @@ class AppendArray:
             fill_value=0,
             **kwargs,
         )
-        self._pending: list[np.ndarray] = []
+        self.dtype = np.dtype(dtype)
+        # One preallocated write unit, filled in place: no list of pieces, no concatenation.
+        self._buffer = np.empty(0, dtype=self.dtype)
         self._n_pending = 0
         self.size = 0  # elements written to disk
-        self.dtype = np.dtype(dtype)
 
     def append(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=self.dtype)
-        if values.size == 0:
-            return
-        self._pending.append(values)
-        self._n_pending += values.size
-        if self._n_pending >= self._unit:
-            self._flush(final=False)
+        values = np.asarray(values, dtype=self.dtype).reshape(-1)
+        while values.size:
+            if self._buffer.size == 0:
+                self._buffer = np.empty(self._unit, dtype=self.dtype)
+            take = min(values.size, self._unit - self._n_pending)
+            self._buffer[self._n_pending : self._n_pending + take] = values[:take]
+            self._n_pending += take
+            values = values[take:]
+            if self._n_pending == self._unit:
+                self._flush()
 
-    def _flush(self, *, final: bool) -> None:
+    def _flush(self) -> None:
         if self._n_pending == 0:
             return
-        buf = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        n_write = buf.size if final else (buf.size // self._unit) * self._unit
-        if n_write:
-            self.array.resize((self.size + n_write,))
-            self.array[self.size : self.size + n_write] = buf[:n_write]
-            self.size += n_write
-        rest = buf[n_write:]
-        self._pending = [rest] if rest.size else []
-        self._n_pending = rest.size
+        n = self._n_pending
+        self.array.resize((self.size + n,))
+        self.array[self.size : self.size + n] = self._buffer[:n]
+        self.size += n
+        self._n_pending = 0
 
     def close(self) -> None:
-        self._flush(final=True)
+        self._flush()
+        self._buffer = np.empty(0, dtype=self.dtype)
 
 
 class StringAppendArray:

@@ -324,12 +324,15 @@ def test_encoder_decoder_shapes_and_blocks():
         assert isinstance(block.norm, nn.LayerNorm)
         assert isinstance(block.activation, nn.ELU)
     assert [b.norm.normalized_shape[0] for b in blocks] == [16, 8, 4]
-    # the decoder mirrors the widths and ends in a plain Linear
+    # the decoder mirrors the widths; by default its last layer is a full block, as in the
+    # MARS reference, and output="linear" gives a plain Linear
     assert [b.linear.out_features for b in decoder.hidden_blocks] == [8, 16]
     assert all(isinstance(b.norm, nn.LayerNorm) for b in decoder.hidden_blocks)
-    assert isinstance(decoder.output, nn.Linear)
-    assert (decoder.output.in_features, decoder.output.out_features) == (16, 40)
+    assert isinstance(decoder.output, FCBlock) and isinstance(decoder.output.norm, nn.LayerNorm)
+    assert (decoder.output.linear.in_features, decoder.output.linear.out_features) == (16, 40)
     assert list(decoder.children())[-1] is decoder.output
+    plain = Decoder(4, 40, hidden=(16, 8), output="linear", rng=0)
+    assert isinstance(plain.output, nn.Linear) and plain.output.out_features == 40
 
     x = sp.random(7, 40, density=0.2, random_state=0, format="csr")
     z = encoder(_csr(x))
