@@ -589,6 +589,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
     experiments: dict[str, int] = {}
     cell_types: dict[str, None] = {}
     finished: set[str] = set()
+    experiment_nonint: dict[str, int] = {}
     current: str | None = None
     grouped = True
     total_blocks = sum(len(p.source.row_blocks()) for p in plans)
@@ -598,6 +599,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
             for a, b in src.row_blocks():
                 block = src.read(a, b)
                 _check_values(src, block, a, b)
+                frac = None
                 if block.data.dtype.kind == "f":
                     frac = block.data != np.floor(block.data)
                     plan.non_integer += int(frac.sum())
@@ -626,6 +628,14 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
                     uniq, counts = np.unique(exps.astype(str), return_counts=True)
                     for e, c in zip(uniq, counts):
                         experiments[str(e)] += int(c)
+                    if frac is not None and frac.any():
+                        # non-integer values per experiment, so a mixed file is recorded per
+                        # experiment (e.g. one study of expected counts among UMI counts)
+                        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+                        per_row = np.bincount(rows[frac], minlength=block.shape[0])[keep]
+                        for e in np.unique(exps[per_row > 0].astype(str)):
+                            experiment_nonint[str(e)] = experiment_nonint.get(str(e), 0) + int(
+                                per_row[exps.astype(str) == e].sum())
                 if plan.label is not None:
                     for lab in pd.unique(plan.label(a, b)[keep]):
                         if lab is not None and str(lab) not in ("", "nan"):
@@ -746,8 +756,17 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
             "sha256": np.asarray([_sha256(p.source.path) for p in plans], dtype=object),
             "kind": np.asarray([p.kind for p in plans], dtype=object),
         }
+        kind = "lognorm" if input_kind == "lognorm" else "noninteger_counts"
+        experiment_kinds = [kind if experiment_nonint.get(e) else "counts" for e in exp_names]
+        mixed = sorted({k for k in experiment_kinds})
+        if len(mixed) > 1:
+            logger.warning(
+                "experiments hold different kinds of values: %s",
+                ", ".join(f"{e} {k}" for e, k in zip(exp_names, experiment_kinds) if k != "counts"),
+            )
         _write_var_and_uns(
-            root, out_genes, stats, sources, exp_names, experiments, input_kind, config
+            root, out_genes, stats, sources, exp_names, experiments, input_kind, config,
+            experiment_kinds=experiment_kinds,
         )
         stamp_spec(root)
     logger.info("wrote %s", output)
@@ -755,7 +774,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
 
 
 def _write_var_and_uns(root, genes, stats, sources, exp_names, experiments, input_kind, config,
-                       extra_uns=None) -> None:
+                       extra_uns=None, experiment_kinds=None) -> None:
     from anndata.io import write_elem
 
     var = pd.DataFrame(
@@ -772,6 +791,10 @@ def _write_var_and_uns(root, genes, stats, sources, exp_names, experiments, inpu
         "experiment_names": np.asarray(exp_names, dtype=object),
         "experiment_ranges": ranges,
         "input_kind": input_kind,
+        "experiment_kinds": np.asarray(
+            experiment_kinds if experiment_kinds is not None else [input_kind] * len(exp_names),
+            dtype=object,
+        ),
         "rows_per_chunk": int(config.layout.rows_per_chunk),
         "sources": sources,
         "preprocessing": {

@@ -27,7 +27,13 @@ def dense_reference(adata: ad.AnnData, *, min_cells: int = 5):
 
 
 @pytest.mark.parametrize(
-    "name", ["mesc_kolodziejczyk2015_mini.h5ad", "pancreas_3studies_beta_ductal_mini.h5ad"]
+    "name",
+    [
+        "mesc_kolodziejczyk2015_mini.h5ad",
+        "pancreas_3studies_beta_ductal_mini.h5ad",
+        "cellbench_3cl_3protocols_panel.h5ad",
+        "cellbench_celseq2_dropseq.h5ad",
+    ],
 )
 def test_real_data_roundtrip_and_stats(tmp_path, name):
     src = shared_file(name)
@@ -40,7 +46,7 @@ def test_real_data_roundtrip_and_stats(tmp_path, name):
     keep, x, mean, std = dense_reference(adata)
     assert list(store.var_names) == list(adata.var_names[keep])
     ref = adata[store.obs_names, store.var_names]
-    np.testing.assert_array_equal(store.X.toarray(), ref.X.toarray())
+    assert (store.X != ref.X).nnz == 0  # the counts read back exactly
     assert sp.issparse(store.X) and store.X.format == "csr"
     np.testing.assert_array_equal(
         store.obs["cell_type"].astype(str).values, ref.obs["cell_type"].astype(str).values
@@ -55,6 +61,13 @@ def test_real_data_roundtrip_and_stats(tmp_path, name):
     for exp, (a, b) in atlas.experiment_ranges.items():
         assert (store.obs["experiment"].iloc[a:b] == exp).all()
         assert b - a == (adata.obs["experiment"] == exp).sum()
+    # the kind of values is recorded per experiment: pancreas batch_5 holds expected counts
+    kinds = dict(zip(atlas.experiments, atlas.meta["experiment_kinds"]))
+    for exp in atlas.experiments:
+        x = ref[(ref.obs["experiment"] == exp).to_numpy()].X.data
+        assert kinds[exp] == ("counts" if np.all(x == np.floor(x)) else "noninteger_counts")
+    if name.startswith("pancreas"):
+        assert kinds == {"batch_1": "counts", "batch_4": "counts", "batch_5": "noninteger_counts"}
 
 
 def test_interleaved_experiments_are_grouped(tmp_path):
