@@ -209,3 +209,20 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     _, za = a.embed(experiments=["exp0"])
     _, zb = b.embed(experiments=["exp0"])
     np.testing.assert_allclose(zb, za, rtol=1e-3, atol=1e-4)
+
+
+def test_unused_landmarks_are_reported_and_pruned(tmp_path):
+    store = _balanced_store(tmp_path)
+    config = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "prune_unused": True}))
+    model = Mars(store, unannotated="exp0", n_clusters=30, config=config).train()
+    usage = model.state["landmark_usage"].numpy()
+    # every kept landmark has cells, and the usage adds up to the experiment's cells
+    assert (usage > 0).all() and usage.sum() == 100
+    assert len(model.unannotated_landmarks) == len(usage) <= 30
+    kept = Mars(store, unannotated="exp0", n_clusters=30, config=TINY).train()
+    full_usage = kept.state["landmark_usage"].numpy()
+    assert len(full_usage) == 30 and full_usage.sum() == 100
+    # the same run without pruning: the pruned model kept exactly the landmarks with cells
+    assert (full_usage == 0).any()
+    assert len(usage) == int((full_usage > 0).sum())
+    np.testing.assert_array_equal(model.unannotated_landmarks, kept.unannotated_landmarks[full_usage > 0])
