@@ -212,17 +212,20 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
 
 def test_unused_landmarks_are_reported_and_pruned(tmp_path):
-    store = _balanced_store(tmp_path)
-    config = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "prune_unused": True}))
-    model = Mars(store, unannotated="exp0", n_clusters=30, config=config).train()
-    usage = model.state["landmark_usage"].numpy()
-    # every kept landmark has cells, and the usage adds up to the experiment's cells
-    assert (usage > 0).all() and usage.sum() == 100
-    assert len(model.unannotated_landmarks) == len(usage) <= 30
-    kept = Mars(store, unannotated="exp0", n_clusters=30, config=TINY).train()
+    # the unannotated experiment holds 100 copies of one cell: K-means puts the 3 landmarks at
+    # the same place, every cell chooses the first, and the other two stay unused
+    adata = make_adata(300, 60, n_experiments=3, seed=11)
+    adata.obs["experiment"] = pd.Categorical(np.repeat(["exp0", "exp1", "exp2"], [100, 120, 80]))
+    x = adata.X.toarray()
+    x[:100] = x[0]
+    adata.X = sp.csr_matrix(x)
+    adata.write_h5ad(tmp_path / "dup.h5ad")
+    store = ingest([tmp_path / "dup.h5ad"], tmp_path / "dup.zarr",
+                   config=IngestConfig(experiment_key="experiment", label_key="cell_type", min_cells=1))
+    kept = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train()
     full_usage = kept.state["landmark_usage"].numpy()
-    assert len(full_usage) == 30 and full_usage.sum() == 100
-    # the same run without pruning: the pruned model kept exactly the landmarks with cells
-    assert (full_usage == 0).any()
-    assert len(usage) == int((full_usage > 0).sum())
-    np.testing.assert_array_equal(model.unannotated_landmarks, kept.unannotated_landmarks[full_usage > 0])
+    assert len(full_usage) == 3 and full_usage.sum() == 100 and (full_usage == 0).sum() == 2
+    config = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "prune_unused": True}))
+    pruned = Mars(store, unannotated="exp0", n_clusters=3, config=config).train()
+    assert pruned.state["landmark_usage"].tolist() == [100]
+    np.testing.assert_array_equal(pruned.unannotated_landmarks, kept.unannotated_landmarks[full_usage > 0])
