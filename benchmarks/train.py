@@ -32,10 +32,9 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
-
-import warnings
 
 import numpy as np
 
