@@ -127,7 +127,7 @@ class MomentAccumulator:
         return out
 
 
-def compute_stats(store, *, rows_per_block: int | None = None, client=None, write: bool = False):
+def compute_stats(store, *, rows_per_block: int | None = None, client=None):
     """Recompute the per-gene statistics of a store over dask blocks.
 
     Parameters
@@ -139,8 +139,6 @@ def compute_stats(store, *, rows_per_block: int | None = None, client=None, writ
     client
         A ``dask.distributed.Client`` to run on; the default runs on the local threaded
         scheduler. Results are identical either way.
-    write
-        Not supported yet for existing stores (statistics are written by ingest).
 
     Returns
     -------
@@ -149,8 +147,6 @@ def compute_stats(store, *, rows_per_block: int | None = None, client=None, writ
     """
     import dask
 
-    if write:
-        raise NotImplementedError("statistics are written by ingest")
     path, kind = str(store.path), store.input_kind
     blocks = store.row_blocks(rows_per_block=rows_per_block)
 

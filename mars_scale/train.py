@@ -315,26 +315,30 @@ def fit(
 
     optimizer: torch.optim.Adam | None = None
 
+    # What every checkpoint carries besides the training state (the gene ids are read once).
+    provenance = {
+        "config": config_to_dict(config),
+        "gene_ids": [str(g) for g in store.gene_ids],
+        "store_spec": SPEC_VERSION,
+        "unannotated": plan.unannotated,
+        "annotated": list(plan.annotated),
+        "experiments": list(plan.experiments),
+        "cell_types": list(plan.cell_types),
+        "n_clusters": plan.n_clusters,
+        "versions": {"torch": str(torch.__version__)},
+    }
+
+    def payload() -> dict[str, Any]:
+        return _checkpoint_payload({
+            **state,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            **provenance,
+        })
+
     def save() -> None:
-        if ckpt_path is None or not info.is_main:
-            return
-        payload = _checkpoint_payload(
-            {
-                **state,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "config": config_to_dict(config),
-                "gene_ids": [str(g) for g in store.gene_ids],
-                "store_spec": SPEC_VERSION,
-                "unannotated": plan.unannotated,
-                "annotated": list(plan.annotated),
-                "experiments": list(plan.experiments),
-                "cell_types": list(plan.cell_types),
-                "n_clusters": plan.n_clusters,
-                "versions": {"torch": str(torch.__version__)},
-            }
-        )
-        save_checkpoint(ckpt_path, payload)
+        if ckpt_path is not None and info.is_main:
+            save_checkpoint(ckpt_path, payload())
 
     epochs_done = lambda: (state["epoch"] if state["phase"] == "pretrain" else tc.pretrain_epochs + state["epoch"])  # noqa: E731
     ddp = (lambda m: DistributedDataParallel(m)) if info.initialized else (lambda m: m)
@@ -475,11 +479,7 @@ def fit(
         state["phase"] = "done"
         state["train_seconds"] = time.perf_counter() - t0
         save()
-    return _checkpoint_payload({**state, "model": model.state_dict(), "config": config_to_dict(config),
-                                "gene_ids": [str(g) for g in store.gene_ids], "unannotated": plan.unannotated,
-                                "annotated": list(plan.annotated), "experiments": list(plan.experiments),
-                                "cell_types": list(plan.cell_types), "n_clusters": plan.n_clusters,
-                                "store_spec": SPEC_VERSION, "versions": {"torch": str(torch.__version__)}})
+    return payload()
 
 
 def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
