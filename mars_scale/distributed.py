@@ -59,8 +59,11 @@ def init_distributed(device: torch.device, *, timeout_s: float = 600.0) -> DistI
     backend = "nccl" if device.type == "cuda" else "gloo"
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # device_id binds nccl to this rank's GPU up front (barriers then need no guess).
     dist.init_process_group(
-        backend=backend, timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world
+        backend=backend, timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world,
+        device_id=torch.device("cuda", local_rank if device.index is None else device.index)
+        if device.type == "cuda" else None,
     )
     logger.info("rank %d of %d joined the %s process group", rank, world, backend)
     return DistInfo(rank, world, local_rank, True)

@@ -19,6 +19,7 @@ All randomness comes from an explicit ``seed``; nothing touches global random st
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -150,6 +151,12 @@ def _as_float32(x: Any, name: str, block_size: int) -> np.ndarray:
     return x
 
 
+@functools.cache
+def _faiss_gpu_usable() -> bool:
+    # Probed once per process: the smoke test costs a GPU round trip and logs its fallback.
+    return faiss_gpu_count() > 0
+
+
 def _choose_backend(device: torch.device, use_faiss_gpu: bool | None) -> _Backend:
     """Pick the assignment backend for ``device`` (faiss CPU, faiss GPU or torch)."""
     if device.type != "cuda":
@@ -158,7 +165,7 @@ def _choose_backend(device: torch.device, use_faiss_gpu: bool | None) -> _Backen
         return "faiss-cpu" if device.type == "cpu" else "torch"
     if use_faiss_gpu is False:
         return "torch"
-    usable = faiss_gpu_count() > 0
+    usable = _faiss_gpu_usable()
     if use_faiss_gpu and not usable:
         raise ConfigError(
             "use_faiss_gpu=True but faiss cannot use a GPU here "

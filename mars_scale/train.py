@@ -355,7 +355,7 @@ def fit(
         steps = max(len(loader), tc.min_steps_per_epoch)
         for epoch in range(state["epoch"], tc.pretrain_epochs):
             stream = _forever(loader, epoch * 1000)
-            total = 0.0
+            total, n_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
             for step in tqdm(range(steps), desc=f"pretrain {epoch + 1}/{tc.pretrain_epochs}", disable=None if main else True, leave=False):
                 batch = next(stream).to(device)
                 _, recon = net(batch.x)
@@ -364,11 +364,14 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.item()
+                total += loss.detach()  # summed on the device: no host sync per step
+                n_seen += batch.n_rows
+            mean_loss, seconds = total.item() / steps, time.perf_counter() - started
             state["epoch"] = epoch + 1
-            state["history"].append({"phase": "pretrain", "epoch": epoch + 1, "loss": total / steps})
+            state["history"].append({"phase": "pretrain", "epoch": epoch + 1, "loss": mean_loss})
             if main:
-                logger.info("pretrain epoch %d/%d: mse %.4f", epoch + 1, tc.pretrain_epochs, total / steps)
+                logger.info("pretrain epoch %d/%d: mse %.4f (%.1f s, %.0f cells/s per rank)",
+                            epoch + 1, tc.pretrain_epochs, mean_loss, seconds, n_seen / seconds)
             save()
             if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
                 return state
@@ -418,7 +421,7 @@ def fit(
         p_a = annotated.values
         # b. alternating steps over minibatch pairs
         stream_a, stream_u = _forever(loader_a, epoch * 1000), _forever(loader_u, epoch * 1000)
-        totals = np.zeros(3)
+        totals, n_seen, started = torch.zeros(3, device=device), 0, time.perf_counter()
         for step in tqdm(range(steps), desc=f"fine-tune {epoch + 1}/{tc.finetune_epochs}", disable=None if main else True, leave=False):
             ba, bu = next(stream_a).to(device), next(stream_u).to(device)
             z = net(_cat_rows(ba.x, bu.x))
@@ -441,16 +444,18 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals += (loss.item(), loss_a.item(), loss_u.item())
+            totals += torch.stack((loss, loss_a, loss_u)).detach()
+            n_seen += ba.n_rows + bu.n_rows
+        totals, seconds = totals.cpu().numpy() / steps, time.perf_counter() - started
         state["epoch"] = epoch + 1
         state["unannotated_landmarks"] = p_u.detach().cpu().clone()
         state["landmark_optimizer"] = landmark_opt.state_dict()
-        record = {"phase": "finetune", "epoch": epoch + 1, "loss": totals[0] / steps,
-                  "annotated": totals[1] / steps, "unannotated": totals[2] / steps}
+        record = {"phase": "finetune", "epoch": epoch + 1, "loss": float(totals[0]),
+                  "annotated": float(totals[1]), "unannotated": float(totals[2])}
         state["history"].append(record)
         if main:
-            logger.info("fine-tune epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f)",
-                        epoch + 1, tc.finetune_epochs, *totals / steps)
+            logger.info("fine-tune epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f; %.1f s, %.0f cells/s per rank)",
+                        epoch + 1, tc.finetune_epochs, *totals, seconds, n_seen / seconds)
         save()
         if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
             return state
