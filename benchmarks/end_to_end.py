@@ -79,6 +79,7 @@ def run_size(n_cells: int, args, scratch: Path) -> dict:
         f"batch_size = {args.batch_size}\n"
         f"annotated_cells_per_epoch = {args.annotated_cells_per_epoch}\n"
         f"pretrain_epochs = {args.pretrain_epochs}\n"
+        f"warmup_epochs = {args.warmup_epochs}\n"
         f"finetune_epochs = {args.finetune_epochs}\n"
         "device = \"cpu\"\n"
     )
@@ -117,9 +118,10 @@ def main() -> None:
     p.add_argument("--cell-types", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--annotated-cells-per-epoch", type=int, default=20_000)
+    p.add_argument("--annotated-cells-per-epoch", type=int, default=100_000)
     p.add_argument("--pretrain-epochs", type=int, default=10)
-    p.add_argument("--finetune-epochs", type=int, default=10)
+    p.add_argument("--warmup-epochs", type=int, default=5)
+    p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--scratch", type=Path, default=Path("/work/scratch/e2e"))
     p.add_argument("--key", default=None)
     args = p.parse_args()

@@ -50,6 +50,12 @@ class TrainConfig:
         docs/algorithm.md for the measurements.
     landmark_lr
         Adam learning rate of the unannotated landmarks (paper: 1e-3).
+    warmup_epochs, warmup_lr
+        Epochs (and the encoder's Adam learning rate) of a supervised warm-up between
+        pretraining and the landmark initialisation: the annotated term of eq. 3 alone, so that
+        K-means initialises the unannotated landmarks on an embedding already shaped by the
+        reference annotations rather than on the autoencoder's. Not in the paper; 0 skips it.
+        See docs/algorithm.md for the measurements.
     lam
         Weight of the landmark separation terms (lambda, paper: 0.2).
     tau
@@ -91,6 +97,8 @@ class TrainConfig:
     lr: float = 1e-3
     finetune_lr: float = 1e-4
     landmark_lr: float = 1e-3
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-3
     lam: float = 0.2
     tau: float | None = None
     pretrain_on: str = "unannotated"
@@ -104,7 +112,7 @@ class TrainConfig:
     blocks_per_buffer: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("pretrain_epochs", "finetune_epochs", "kmeans_max_points"):
+        for name in ("pretrain_epochs", "warmup_epochs", "finetune_epochs", "kmeans_max_points"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.annotated_cells_per_epoch is not None and self.annotated_cells_per_epoch < 1:
@@ -114,7 +122,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.lam < 1:
             raise ConfigError(f"train.lam must be in [0, 1), got {self.lam}")
-        if (self.tau is not None and self.tau < 0) or min(self.lr, self.finetune_lr, self.landmark_lr) <= 0:
+        if (self.tau is not None and self.tau < 0) or min(self.lr, self.finetune_lr, self.landmark_lr, self.warmup_lr) <= 0:
             raise ConfigError("train.tau must be >= 0 and the learning rates > 0")
         if self.pretrain_on not in ("unannotated", "all"):
             raise ConfigError(f"train.pretrain_on must be 'unannotated' or 'all', got {self.pretrain_on!r}")

@@ -308,7 +308,8 @@ def fit(
         logger.info("resuming from %s (phase %s, epoch %d)", ckpt_path, state["phase"], state["epoch"])
 
     def make_optimizer(params, phase: str) -> torch.optim.Adam:
-        opt = torch.optim.Adam(params, lr=tc.lr if phase == "pretrain" else tc.finetune_lr)
+        lr = {"pretrain": tc.lr, "warmup": tc.warmup_lr, "finetune": tc.finetune_lr}[phase]
+        opt = torch.optim.Adam(params, lr=lr)
         if saved is not None and saved["phase"] == phase and saved.get("optimizer"):
             opt.load_state_dict(saved["optimizer"])
         return opt
@@ -340,7 +341,10 @@ def fit(
         if ckpt_path is not None and info.is_main:
             save_checkpoint(ckpt_path, payload())
 
-    epochs_done = lambda: (state["epoch"] if state["phase"] == "pretrain" else tc.pretrain_epochs + state["epoch"])  # noqa: E731
+    def epochs_done() -> int:
+        before = {"pretrain": 0, "warmup": tc.pretrain_epochs, "init": tc.pretrain_epochs + tc.warmup_epochs,
+                  "finetune": tc.pretrain_epochs + tc.warmup_epochs}
+        return before.get(state["phase"], 0) + state["epoch"]
     ddp = (lambda m: DistributedDataParallel(m)) if info.initialized else (lambda m: m)
     bs = tc.batch_size
     main = info.is_main
@@ -376,27 +380,14 @@ def fit(
             if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
                 return state
         del net
-        state["phase"], state["epoch"] = "init", 0
+        state["phase"], state["epoch"] = ("warmup" if tc.warmup_epochs else "init"), 0
 
     encoder = model.encoder
-    # ---- 2. landmark initialisation ---------------------------------------------------------
-    if state["phase"] == "init":
-        state["unannotated_landmarks"], state["kmeans_init"] = _init_unannotated(encoder, store, plan, tc, device, info)
-        state["phase"], state["epoch"] = "finetune", 0
-        state["landmark_optimizer"] = None
-
-    # ---- 3. fine-tuning -------------------------------------------------------------------
-    p_u = torch.nn.Parameter(state["unannotated_landmarks"].to(device).float())
-    landmark_opt = torch.optim.Adam([p_u], lr=tc.landmark_lr)
-    if state["landmark_optimizer"] is not None:
-        landmark_opt.load_state_dict(state["landmark_optimizer"])
-    optimizer = make_optimizer(encoder.parameters(), "finetune")
     net = ddp(encoder)
     loader_a = Loader(store, batch_size=bs, experiments=list(plan.annotated), shuffle=True, seed=tc.seed + 1,
                       rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer)
     loader_u = Loader(store, batch_size=bs, experiments=[plan.unannotated], shuffle=True, seed=tc.seed + 2,
                       rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer)
-    n_types = len(plan.cell_types)
     n_labelled = torch.zeros(len(plan.experiments), dtype=torch.float32, device=device)
     for name, n in plan.n_labelled.items():
         n_labelled[plan.experiments.index(name)] = n
@@ -405,62 +396,97 @@ def fit(
     steps_a = len(loader_a)
     if tc.annotated_cells_per_epoch is not None:
         steps_a = min(steps_a, -(-tc.annotated_cells_per_epoch // (bs * info.world_size)))
-    steps = max(steps_a, len(loader_u))
     annotated = None
-    for epoch in range(state["epoch"], tc.finetune_epochs):
-        # a. annotated landmarks in closed form from the current class means
-        sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info,
-                                    n_latent=config.model.n_latent, max_cells=tc.annotated_cells_per_epoch,
-                                    seed=tc.seed + 1000 + epoch)
-        annotated = _AnnotatedLandmarks(plan, device)
-        if state["annotated_landmarks"] is not None and len(state["annotated_landmarks"]) == len(annotated.pairs):
-            annotated.values = state["annotated_landmarks"].to(device)
-        annotated.update(sums, counts, lam=tc.lam)
-        state["annotated_landmarks"] = annotated.values.detach().cpu()
-        state["annotated_pairs"] = annotated.pairs.clone()
-        p_a = annotated.values
-        # b. alternating steps over minibatch pairs
-        stream_a, stream_u = _forever(loader_a, epoch * 1000), _forever(loader_u, epoch * 1000)
-        totals, n_seen, started = torch.zeros(3, device=device), 0, time.perf_counter()
-        for step in tqdm(range(steps), desc=f"fine-tune {epoch + 1}/{tc.finetune_epochs}", disable=None if main else True, leave=False):
-            ba, bu = next(stream_a).to(device), next(stream_u).to(device)
-            z = net(_cat_rows(ba.x, bu.x))
-            za, zu = z[: ba.x.shape[0]], z[ba.x.shape[0]:]
-            # landmarks step, encoder fixed
-            landmark_opt.zero_grad(set_to_none=True)
-            loss_p = unannotated_landmark_loss(zu.detach(), p_u, lam=tc.lam)
-            loss_p.backward()
-            if info.initialized:
-                all_reduce_sum(p_u.grad, info).div_(info.world_size)
-            landmark_opt.step()
-            # encoder step, landmarks fixed
-            idx = annotated.lookup[ba.experiment, ba.label.clamp(min=0)]
-            valid = ((ba.label >= 0) & (idx >= 0) & ~ba.is_padding).float()
-            w = valid * n_rows_a / (ba.x.shape[0] * n_labelled[ba.experiment].clamp(min=1))
-            loss_a = annotated_cell_loss(za, p_a[idx.clamp(min=0)], w)
-            loss_u, _ = unannotated_cell_loss(zu, p_u.detach())
-            loss = loss_a + tau * loss_u
-            _check_finite(loss, phase="fine-tuning", epoch=epoch, step=step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            totals += torch.stack((loss, loss_a, loss_u)).detach()
-            n_seen += ba.n_rows + bu.n_rows
-        totals, seconds = totals.cpu().numpy() / steps, time.perf_counter() - started
-        state["epoch"] = epoch + 1
-        state["unannotated_landmarks"] = p_u.detach().cpu().clone()
-        state["landmark_optimizer"] = landmark_opt.state_dict()
-        record = {"phase": "finetune", "epoch": epoch + 1, "loss": float(totals[0]),
-                  "annotated": float(totals[1]), "unannotated": float(totals[2])}
-        state["history"].append(record)
-        if main:
-            logger.info("fine-tune epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f; %.1f s, %.0f cells/s per rank)",
-                        epoch + 1, tc.finetune_epochs, *totals, seconds, n_seen / seconds)
-        save()
-        if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
+
+    def run_epochs(phase: str, n_epochs: int, p_u: torch.nn.Parameter | None, landmark_opt) -> bool:
+        """Epochs of the MARS objective (eq. 3); without ``p_u`` only its annotated part.
+
+        Returns True when ``stop_after_epoch`` asks to stop.
+        """
+        nonlocal annotated
+        label = "warm-up" if p_u is None else "fine-tune"
+        steps = steps_a if p_u is None else max(steps_a, len(loader_u))
+        for epoch in range(state["epoch"], n_epochs):
+            # a. annotated landmarks in closed form from the current class means
+            sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info,
+                                        n_latent=config.model.n_latent, max_cells=tc.annotated_cells_per_epoch,
+                                        seed=tc.seed + 1000 + epoch + (0 if p_u is None else 500))
+            annotated = _AnnotatedLandmarks(plan, device)
+            if state["annotated_landmarks"] is not None and len(state["annotated_landmarks"]) == len(annotated.pairs):
+                annotated.values = state["annotated_landmarks"].to(device)
+            annotated.update(sums, counts, lam=tc.lam)
+            state["annotated_landmarks"] = annotated.values.detach().cpu()
+            state["annotated_pairs"] = annotated.pairs.clone()
+            p_a = annotated.values
+            # b. alternating steps over minibatch pairs (annotated batches alone in the warm-up)
+            stream_a = _forever(loader_a, epoch * 1000 + (0 if p_u is None else 500))
+            stream_u = _forever(loader_u, epoch * 1000) if p_u is not None else None
+            totals, n_seen, started = torch.zeros(3, device=device), 0, time.perf_counter()
+            for step in tqdm(range(steps), desc=f"{label} {epoch + 1}/{n_epochs}", disable=None if main else True, leave=False):
+                ba = next(stream_a).to(device)
+                bu = next(stream_u).to(device) if p_u is not None else None
+                z = net(ba.x if bu is None else _cat_rows(ba.x, bu.x))
+                za, zu = z[: ba.x.shape[0]], z[ba.x.shape[0]:]
+                if p_u is not None:  # landmarks step, encoder fixed
+                    landmark_opt.zero_grad(set_to_none=True)
+                    loss_p = unannotated_landmark_loss(zu.detach(), p_u, lam=tc.lam)
+                    loss_p.backward()
+                    if info.initialized:
+                        all_reduce_sum(p_u.grad, info).div_(info.world_size)
+                    landmark_opt.step()
+                # encoder step, landmarks fixed
+                idx = annotated.lookup[ba.experiment, ba.label.clamp(min=0)]
+                valid = ((ba.label >= 0) & (idx >= 0) & ~ba.is_padding).float()
+                w = valid * n_rows_a / (ba.x.shape[0] * n_labelled[ba.experiment].clamp(min=1))
+                loss_a = annotated_cell_loss(za, p_a[idx.clamp(min=0)], w)
+                loss_u = unannotated_cell_loss(zu, p_u.detach())[0] if p_u is not None else torch.zeros((), device=device)
+                loss = loss_a + tau * loss_u
+                _check_finite(loss, phase=label, epoch=epoch, step=step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                totals += torch.stack((loss, loss_a, loss_u)).detach()
+                n_seen += ba.n_rows + (bu.n_rows if bu is not None else 0)
+            totals_mean, seconds = totals.cpu().numpy() / steps, time.perf_counter() - started
+            state["epoch"] = epoch + 1
+            if p_u is not None:
+                state["unannotated_landmarks"] = p_u.detach().cpu().clone()
+                state["landmark_optimizer"] = landmark_opt.state_dict()
+            record = {"phase": phase, "epoch": epoch + 1, "loss": float(totals_mean[0]),
+                      "annotated": float(totals_mean[1]), "unannotated": float(totals_mean[2])}
+            state["history"].append(record)
+            if main:
+                logger.info("%s epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f; %.1f s, %.0f cells/s per rank)",
+                            label, epoch + 1, n_epochs, *totals_mean, seconds, n_seen / seconds)
+            save()
+            if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
+                return True
+        return False
+
+    # ---- 2. supervised warm-up (annotated term only), so K-means sees an informed embedding ----
+    if state["phase"] == "warmup":
+        optimizer = make_optimizer(encoder.parameters(), "warmup")
+        if run_epochs("warmup", tc.warmup_epochs, None, None):
+            return state
+        state["phase"], state["epoch"] = "init", 0
+
+    # ---- 3. landmark initialisation ---------------------------------------------------------
+    if state["phase"] == "init":
+        state["unannotated_landmarks"], state["kmeans_init"] = _init_unannotated(encoder, store, plan, tc, device, info)
+        state["phase"], state["epoch"] = "finetune", 0
+        state["landmark_optimizer"] = None
+
+    # ---- 4. fine-tuning -------------------------------------------------------------------
+    p_u = torch.nn.Parameter(state["unannotated_landmarks"].to(device).float())
+    landmark_opt = torch.optim.Adam([p_u], lr=tc.landmark_lr)
+    if state["landmark_optimizer"] is not None:
+        landmark_opt.load_state_dict(state["landmark_optimizer"])
+    if state["phase"] == "finetune":
+        optimizer = make_optimizer(encoder.parameters(), "finetune")
+        if run_epochs("finetune", tc.finetune_epochs, p_u, landmark_opt):
             return state
 
-    # ---- 4. final landmarks, usage, pruning ---------------------------------------------------
+    # ---- 5. final landmarks, usage, pruning ---------------------------------------------------
     if state["phase"] == "finetune":
         if annotated is None or tc.finetune_epochs == 0:
             sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info,

@@ -229,3 +229,21 @@ def test_unused_landmarks_are_reported_and_pruned(tmp_path):
     pruned = Mars(store, unannotated="exp0", n_clusters=3, config=config).train()
     assert pruned.state["landmark_usage"].tolist() == [100]
     np.testing.assert_array_equal(pruned.unannotated_landmarks, kept.unannotated_landmarks[full_usage > 0])
+
+
+def test_warmup_resumes_exactly_and_uses_only_the_annotated_term(tmp_path):
+    store = _balanced_store(tmp_path)
+    config = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "warmup_epochs": 2}))
+    full = Mars(store, unannotated="exp0", n_clusters=3, config=config).train(run_dir=tmp_path / "full")
+    phases = [h["phase"] for h in full.history]
+    assert phases == ["pretrain"] * 2 + ["warmup"] * 2 + ["finetune"] * 3
+    warmup = [h for h in full.history if h["phase"] == "warmup"]
+    assert all(h["unannotated"] == 0 and h["annotated"] > 0 for h in warmup)
+    # the landmarks are initialised after the warm-up, so they differ from a run without it
+    plain = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "plain")
+    assert not np.allclose(plain.unannotated_landmarks, full.unannotated_landmarks)
+    # interrupted inside the warm-up (2 pretraining + 1 warm-up epoch), then resumed
+    Mars(store, unannotated="exp0", n_clusters=3, config=config).train(run_dir=tmp_path / "part", stop_after_epoch=3)
+    resumed = Mars(store, unannotated="exp0", n_clusters=3, config=config).train(run_dir=tmp_path / "part", resume=True)
+    np.testing.assert_array_equal(resumed.unannotated_landmarks, full.unannotated_landmarks)
+    assert [h["phase"] for h in resumed.history] == phases
