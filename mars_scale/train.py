@@ -240,6 +240,19 @@ class _AnnotatedLandmarks:
 # the training function
 
 
+AUTO_WARMUP_EPOCHS = 10
+AUTO_WARMUP_MIN_EXPERIMENTS = 3
+
+
+def resolve_warmup_epochs(warmup_epochs: int | None, *, n_annotated: int) -> int:
+    """The supervised warm-up epochs to run: ``warmup_epochs``, or for ``None`` (auto)
+    ``AUTO_WARMUP_EPOCHS`` when the reference has at least ``AUTO_WARMUP_MIN_EXPERIMENTS``
+    annotated experiments and none otherwise (docs/algorithm.md)."""
+    if warmup_epochs is not None:
+        return warmup_epochs
+    return AUTO_WARMUP_EPOCHS if n_annotated >= AUTO_WARMUP_MIN_EXPERIMENTS else 0
+
+
 def _checkpoint_payload(state: dict[str, Any]) -> dict[str, Any]:
     return {"format": "mars-scale-checkpoint", "format_version": 1, **state}
 
@@ -315,6 +328,7 @@ def fit(
         return opt
 
     optimizer: torch.optim.Adam | None = None
+    warmup_epochs = resolve_warmup_epochs(tc.warmup_epochs, n_annotated=len(plan.annotated))
 
     # What every checkpoint carries besides the training state (the gene ids are read once).
     provenance = {
@@ -342,8 +356,8 @@ def fit(
             save_checkpoint(ckpt_path, payload())
 
     def epochs_done() -> int:
-        before = {"pretrain": 0, "warmup": tc.pretrain_epochs, "init": tc.pretrain_epochs + tc.warmup_epochs,
-                  "finetune": tc.pretrain_epochs + tc.warmup_epochs}
+        before = {"pretrain": 0, "warmup": tc.pretrain_epochs, "init": tc.pretrain_epochs + warmup_epochs,
+                  "finetune": tc.pretrain_epochs + warmup_epochs}
         return before.get(state["phase"], 0) + state["epoch"]
     ddp = (lambda m: DistributedDataParallel(m)) if info.initialized else (lambda m: m)
     bs = tc.batch_size
@@ -380,7 +394,7 @@ def fit(
             if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
                 return state
         del net
-        state["phase"], state["epoch"] = ("warmup" if tc.warmup_epochs else "init"), 0
+        state["phase"], state["epoch"] = ("warmup" if warmup_epochs else "init"), 0
 
     encoder = model.encoder
     net = ddp(encoder)
@@ -410,7 +424,7 @@ def fit(
             # a. annotated landmarks in closed form from the current class means
             sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info,
                                         n_latent=config.model.n_latent, max_cells=tc.annotated_cells_per_epoch,
-                                        seed=tc.seed + 1000 + epoch + (0 if p_u is None else 500))
+                                        seed=tc.seed + 1000 + epoch + (500 if p_u is None else 0))
             annotated = _AnnotatedLandmarks(plan, device)
             if state["annotated_landmarks"] is not None and len(state["annotated_landmarks"]) == len(annotated.pairs):
                 annotated.values = state["annotated_landmarks"].to(device)
@@ -419,7 +433,7 @@ def fit(
             state["annotated_pairs"] = annotated.pairs.clone()
             p_a = annotated.values
             # b. alternating steps over minibatch pairs (annotated batches alone in the warm-up)
-            stream_a = _forever(loader_a, epoch * 1000 + (0 if p_u is None else 500))
+            stream_a = _forever(loader_a, epoch * 1000 + (500 if p_u is None else 0))
             stream_u = _forever(loader_u, epoch * 1000) if p_u is not None else None
             totals, n_seen, started = torch.zeros(3, device=device), 0, time.perf_counter()
             for step in tqdm(range(steps), desc=f"{label} {epoch + 1}/{n_epochs}", disable=None if main else True, leave=False):
@@ -466,7 +480,7 @@ def fit(
     # ---- 2. supervised warm-up (annotated term only), so K-means sees an informed embedding ----
     if state["phase"] == "warmup":
         optimizer = make_optimizer(encoder.parameters(), "warmup")
-        if run_epochs("warmup", tc.warmup_epochs, None, None):
+        if run_epochs("warmup", warmup_epochs, None, None):
             return state
         state["phase"], state["epoch"] = "init", 0
 

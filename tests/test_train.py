@@ -247,3 +247,16 @@ def test_warmup_resumes_exactly_and_uses_only_the_annotated_term(tmp_path):
     resumed = Mars(store, unannotated="exp0", n_clusters=3, config=config).train(run_dir=tmp_path / "part", resume=True)
     np.testing.assert_array_equal(resumed.unannotated_landmarks, full.unannotated_landmarks)
     assert [h["phase"] for h in resumed.history] == phases
+
+
+@pytest.mark.parametrize(("configured", "n_annotated", "expected"),
+                         [(None, 1, 0), (None, 2, 0), (None, 3, 10), (None, 19, 10), (0, 19, 0), (4, 1, 4)])
+def test_auto_warmup_needs_three_annotated_experiments(configured, n_annotated, expected):
+    from mars_scale.train import resolve_warmup_epochs
+
+    assert resolve_warmup_epochs(configured, n_annotated=n_annotated) == expected
+
+
+def test_negative_warmup_is_refused():
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        TrainConfig(warmup_epochs=-1)
