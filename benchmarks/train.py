@@ -11,8 +11,8 @@ Three measurements, side by side in one run, written to ``benchmarks/results/tra
 2. ``sparse_first_layer``: :class:`mars_scale.nn.SparseScaledLinear` on a CSR batch (with and
    without its CSC copy) against ``torch.nn.Linear`` on the densified batch, 20,000 genes,
    about 1,000 non-zeros per cell, batch 512; and the whole :class:`mars_scale.nn.Encoder` step
-   (forward, backward, Adam step) with sparse and dense input. Medians of ``--repeats`` runs;
-   ratios are dense time / sparse time.
+   (forward, backward, Adam step) with sparse and dense input. Medians of ``--repeats`` runs,
+   the variants timed round robin; ratios are dense time / sparse time.
 3. ``kmeans``: :func:`mars_scale.landmarks.kmeans` against scikit-learn's k-means++
    (``n_init=10``) on the same 100,000 x 100 blobs, k=50: time and inertia (both inertias are
    recomputed in float64 from the returned centroids).
@@ -21,6 +21,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/train.py                 # everything
     python benchmarks/train.py --sizes 10000 100000 --skip-1m-reason "..."
+    OMP_NUM_THREADS=1 python benchmarks/train.py --only sparse   # one section; keeps the others
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import numpy as np
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_average, measurement_main, run_measurement, write_result  # noqa: E402
+from _common import RESULTS, load_average, measurement_main, run_measurement, write_result  # noqa: E402
 
 logger = logging.getLogger("benchmarks.train")
 
@@ -149,15 +150,20 @@ def measure_epochs(params: dict) -> dict:
 # ---- 2. sparse first layer ------------------------------------------------------------------
 
 
-def _median_time(fn, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
+def _median_times(fns: dict[str, Any], repeats: int, warmup: int = 2) -> dict[str, dict]:
+    """Time each of ``fns`` ``repeats`` times, round robin (a burst of load from other jobs then
+    slows every variant alike, not only the one running); median and all times per name."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), [round(t, 5) for t in times]
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": round(statistics.median(t), 5), "times_s": [round(v, 5) for v in t]}
+            for name, t in times.items()}
 
 
 def _adam(params, lr: float = 1e-3):
@@ -224,12 +230,10 @@ def measure_sparse(params: dict) -> dict:
         dense(x_dense).sum().backward()
 
     out: dict[str, Any] = {"max_abs_difference_sparse_vs_dense": check}
-    times = {}
-    for name, fn in (("forward_sparse", fwd_sparse), ("forward_dense", fwd_dense),
-                     ("forward_backward_sparse", fb_sparse), ("forward_backward_sparse_csc", fb_sparse_csc),
-                     ("forward_backward_dense", fb_dense)):
-        med, all_t = _median_time(fn, repeats)
-        times[name] = {"median_s": round(med, 5), "times_s": all_t}
+    times = _median_times({"forward_sparse": fwd_sparse, "forward_dense": fwd_dense,
+                           "forward_backward_sparse": fb_sparse,
+                           "forward_backward_sparse_csc": fb_sparse_csc,
+                           "forward_backward_dense": fb_dense}, repeats)
     out["layer"] = times
 
     # Whole encoder step: the same Encoder, fed the sparse batch (with or without the CSC copy)
@@ -246,11 +250,8 @@ def measure_sparse(params: dict) -> dict:
             opt.step()
         return run
 
-    enc = {}
-    for name, fn in (("step_sparse", step(x)), ("step_sparse_csc", step(x, x_csc)),
-                     ("step_dense", step(x_raw_dense))):
-        med, all_t = _median_time(fn, repeats)
-        enc[name] = {"median_s": round(med, 5), "times_s": all_t}
+    enc = _median_times({"step_sparse": step(x), "step_sparse_csc": step(x, x_csc),
+                         "step_dense": step(x_raw_dense)}, repeats)
     out["encoder"] = enc
     out["adam_fused"] = fused
     out["torch_threads"] = torch.get_num_threads()
@@ -318,6 +319,28 @@ def measure_kmeans(params: dict) -> dict:
 MEASUREMENTS = {"epochs": measure_epochs, "sparse": measure_sparse, "kmeans": measure_kmeans}
 
 
+SECTIONS = {"epochs": "epochs", "sparse": "sparse_first_layer", "kmeans": "kmeans"}
+"""``--only`` choice -> key of its section in the results file."""
+
+
+def _keep_other_sections(payload: dict[str, Any], only: list[str]) -> None:
+    """Copy the sections not rerun from the existing results file into ``payload``.
+
+    A kept section gets a ``run`` entry with the command, environment and load averages of
+    the run that measured it (unless it already has one), since the file's top-level ones
+    describe this run.
+    """
+    path = RESULTS / "train.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    for choice, section in SECTIONS.items():
+        if choice in only or section not in previous:
+            continue
+        kept = previous[section]
+        kept.setdefault("run", {k: previous.get(k) for k in
+                                ("command", "environment", "load_average_start", "load_average_end")})
+        payload[section] = kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
@@ -326,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not train at 1M cells (build the store only) and record this reason")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=None,
+                        help="run only these sections; the others are kept from the existing "
+                             "results file")
     args = parser.parse_args(argv)
+    only = args.only or list(SECTIONS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     payload: dict[str, Any] = {
@@ -334,7 +361,29 @@ def main(argv: list[str] | None = None) -> int:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "load_average_start": load_average(),
     }
+    if "epochs" in only:
+        payload["epochs"] = run_epochs(args)
+    if "sparse" in only:
+        logger.info("sparse first layer")
+        params = {"n_genes": 20000, "batch": 512, "nnz_per_cell": 1000, "hidden": 1000, "n_latent": 100,
+                  "repeats": args.repeats}
+        payload["sparse_first_layer"] = {"params": params,
+                                         **run_measurement(__file__, "sparse", params, timeout=args.timeout)}
+    if "kmeans" in only:
+        logger.info("k-means")
+        payload["kmeans"] = run_measurement(
+            __file__, "kmeans", {"n_points": 100_000, "dim": 100, "k": 50, "n_init": 10, "cluster_std": 4.0},
+            timeout=args.timeout)
+    payload["load_average_end"] = load_average()
+    if args.only:
+        _keep_other_sections(payload, args.only)
+    path = write_result("train", payload)
+    print(json.dumps({"written": str(path)}))
+    return 0
 
+
+def run_epochs(args: argparse.Namespace) -> dict[str, Any]:
+    """Section 1: train at each of ``args.sizes`` in a child process."""
     epochs: dict[str, Any] = {}
     for n in args.sizes:
         path, build_s = build_store(args.scratch, n)
@@ -350,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs[str(n)] = {"skipped": args.skip_1m_reason or "not requested (--sizes)"}
     measured = {k: v for k, v in epochs.items() if "train_s" in v}
     smallest = min(measured, key=int) if measured else None
-    payload["epochs"] = {
+    return {
         "config": {"n_genes": N_GENES, "n_experiments": 10, "n_cell_types": 10, "unannotated": "exp00",
                    "n_clusters": 10, "pretrain_epochs": 1, "finetune_epochs": 1, "batch_size": 512,
                    "annotated_cells_per_epoch": None, "device": "cpu"},
@@ -362,24 +411,6 @@ def main(argv: list[str] | None = None) -> int:
             {k: round(v["seconds_per_cell"] / measured[smallest]["seconds_per_cell"], 3) for k, v in measured.items()}
             if smallest else {}),
     }
-
-    logger.info("sparse first layer")
-    payload["sparse_first_layer"] = {
-        "params": {"n_genes": 20000, "batch": 512, "nnz_per_cell": 1000, "hidden": 1000, "n_latent": 100,
-                   "repeats": args.repeats},
-        **run_measurement(__file__, "sparse", {"n_genes": 20000, "batch": 512, "nnz_per_cell": 1000,
-                                               "hidden": 1000, "n_latent": 100, "repeats": args.repeats},
-                          timeout=args.timeout),
-    }
-
-    logger.info("k-means")
-    payload["kmeans"] = run_measurement(
-        __file__, "kmeans", {"n_points": 100_000, "dim": 100, "k": 50, "n_init": 10, "cluster_std": 4.0},
-        timeout=args.timeout)
-    payload["load_average_end"] = load_average()
-    path = write_result("train", payload)
-    print(json.dumps({"written": str(path)}))
-    return 0
 
 
 if __name__ == "__main__":

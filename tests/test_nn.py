@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from mars_scale import nn as nn_module
 from mars_scale.errors import ConfigError, InputError
 from mars_scale.nn import (
     MLP,
@@ -210,6 +211,87 @@ def test_sparse_scaled_linear_rejects_mismatched_csc_copy():
         layer(_csr(x, torch.float64), x_csc=_csc(x[:4]))
     with pytest.raises(InputError, match="sparse_csc_tensor"):
         layer(_csr(x, torch.float64), x_csc=_csr(x, torch.float64))
+
+
+@pytest.mark.parametrize("with_csc", [False, True])
+def test_sparse_scaled_linear_blocked_gather_matches_dense(case, monkeypatch, with_csc):
+    """The forward gathers in gene blocks on CPU when the weight exceeds a block."""
+    monkeypatch.setattr(nn_module, "_GATHER_BLOCK_BYTES", 7 * N_OUT * 8)  # 7 genes per block
+    layer = _layer(case, torch.float64)
+    assert nn_module._gather_block(layer.weight) == 7
+    x = case["x"]
+    cotangent = torch.from_numpy(np.random.default_rng(3).normal(size=(x.shape[0], N_OUT)))
+    out = layer(_csr(x, torch.float64), x_csc=_csc(x) if with_csc else None)
+    (out * cotangent).sum().backward()
+
+    w = torch.from_numpy(case["w"]).requires_grad_()
+    b = torch.from_numpy(case["b"]).requires_grad_()
+    reference = torch.from_numpy(case["scaled"]) @ w.T + b
+    (reference * cotangent).sum().backward()
+
+    np.testing.assert_allclose(out.detach().numpy(), reference.detach().numpy(), atol=1e-10)
+    np.testing.assert_allclose(layer.weight.grad.numpy(), w.grad.numpy().T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layer.bias.grad.numpy(), b.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("block", [1, 3, 8, 64])
+def test_blocked_embedding_bag_matches_embedding_bag(index_dtype, block):
+    rng = np.random.default_rng(block)
+    dense = rng.random((9, 20)) * (rng.random((9, 20)) < 0.3)
+    dense[4] = 0  # an empty row
+    x = sp.csr_matrix(dense)
+    crow = torch.from_numpy(x.indptr).to(index_dtype)
+    col = torch.from_numpy(x.indices).to(index_dtype)
+    row = torch.repeat_interleave(torch.arange(9, dtype=index_dtype), crow.diff())
+    values = torch.from_numpy(x.data)
+    weight = torch.from_numpy(rng.normal(size=(20, 5)))
+    got = nn_module._blocked_embedding_bag(weight, col, row, values, 9, block)
+    expected = torch.from_numpy(x.toarray()) @ weight
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    empty = nn_module._blocked_embedding_bag(
+        weight, col[:0], row[:0], values[:0], 3, block
+    )
+    torch.testing.assert_close(empty, torch.zeros(3, 5, dtype=torch.float64))
+
+
+def test_sparse_scaled_linear_gradcheck():
+    """Weight and bias gradients of the sparse path, by finite differences in float64."""
+    rng = np.random.default_rng(4)
+    dense = 30 * rng.random((6, 8)) * (rng.random((6, 8)) < 0.4)  # some values clip at 10
+    dense[2] = 0  # an empty row: only the constant term
+    x = sp.csr_matrix(dense)
+    mean = np.linspace(0.1, 1.0, 8)
+    std = np.linspace(0.5, 2.0, 8)
+    layer = SparseScaledLinear(8, 3, mean=mean, std=std, rng=1, dtype=torch.float64)
+    assert (layer.scale(torch.from_numpy(dense)).abs() == 10).any()
+    batch = _csr(x, torch.float64)
+
+    def apply(weight, bias):
+        return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (batch,))
+
+    weight = layer.weight.detach().clone().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(apply, (weight, bias))
+
+
+def test_sparse_scaled_linear_gradient_reaches_input_values(case):
+    """Values that require a gradient go through plain autograd and get the dense gradient."""
+    layer = _layer(case, torch.float64)
+    x = case["x"][:40]
+    batch = _csr(x, torch.float64)
+    values = batch.values().clone().requires_grad_()
+    batch = torch.sparse_csr_tensor(batch.crow_indices(), batch.col_indices(), values, x.shape)
+    cotangent = torch.from_numpy(np.random.default_rng(5).normal(size=(x.shape[0], N_OUT)))
+    (layer(batch) * cotangent).sum().backward()
+
+    dense = torch.from_numpy(x.toarray()).requires_grad_()
+    (layer(dense) * cotangent).sum().backward()
+    coo = x.tocoo()
+    np.testing.assert_allclose(
+        values.grad.numpy(), dense.grad.numpy()[coo.row, coo.col], rtol=1e-10, atol=1e-10
+    )
+    assert values.grad.abs().sum() > 0
 
 
 def test_sparse_scaled_linear_dense_and_coo_input_agree(case):
