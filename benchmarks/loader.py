@@ -4,7 +4,9 @@ One run, one synthetic atlas, several store layouts, every measurement in its ow
 (so each has its own peak RSS):
 
 (a) ``raw``: contiguous reads of ``X`` (indptr, data, indices) in store order, blocks of 1, 4
-    and 16 chunks, through a pool of threads: the ceiling on this machine;
+    and 16 chunks, through a pool of threads: the ceiling through zarr on this machine; the
+    same blocks read with :class:`mars_scale.store.RangeReader` (the loader's chunk reader)
+    are reported beside it as ``direct_*``;
 (b) ``loader``: :class:`mars_scale.loader.Loader` shuffling, a whole epoch, batches of
     ``--batch-size`` (log1p-normalised sparse torch tensors);
 (c) ``anndata_zarr`` / ``anndata_h5ad``: the same shuffled batches (row ids saved by (b)) read
@@ -63,66 +65,62 @@ def _chunk_aligned_blocks(store, chunks_per_block: int) -> list[tuple[int, int]]
 
 
 def measure_raw(p: dict) -> dict:
-    """Contiguous reads of X in store order: no decoding beyond zarr, no processing."""
+    """Contiguous reads of X in store order: no decoding beyond zarr, no processing.
+
+    The same blocks are then read with :class:`mars_scale.store.RangeReader` (the loader's
+    chunk reader, which bypasses zarr's per-call machinery): ``direct_*`` passes.
+    """
     from _common import cpu_seconds
 
-    from mars_scale.store import open_store
+    from mars_scale.store import RangeReader, open_store
 
     store = open_store(p["store"])
     x = store.x_group
-    arrays = x["indptr"], x["data"], x["indices"]
+    routes = {
+        "": [lambda a, b, arr=x[k]: np.asarray(arr[a:b]) for k in ("indptr", "data", "indices")],
+        "direct_": [RangeReader(x[k]).read for k in ("indptr", "data", "indices")],
+    }
 
-    def read(block):
+    def read(block, readers):
         a, b = block
-        ptr = np.asarray(arrays[0][a : b + 1])
-        data = np.asarray(arrays[1][ptr[0] : ptr[-1]])
-        indices = np.asarray(arrays[2][ptr[0] : ptr[-1]])
+        ptr = readers[0](a, b + 1)
+        readers[1](int(ptr[0]), int(ptr[-1]))
+        indices = readers[2](int(ptr[0]), int(ptr[-1]))
         return b - a, indices.size
 
     out = {}
-    for m in p["chunks_per_block"]:
-        for threads in p["threads"]:
-            blocks = _chunk_aligned_blocks(store, m)
-            wall, cpu = time.perf_counter(), cpu_seconds()
-            rows = nnz = 0
-            with ThreadPoolExecutor(threads) as pool:
-                for r, z in pool.map(read, blocks):
-                    rows += r
-                    nnz += z
-            wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-            out[f"{m}chunks_{threads}threads"] = {
-                "rows_per_block": round(rows / len(blocks)),
-                "threads": threads,
-                "cells_per_s": round(rows / wall),
-                "cells_per_cpu_s": round(rows / cpu),
-                "nnz_per_s": round(nnz / wall),
-            }
-    best = max(out.values(), key=lambda r: r["cells_per_s"])
-    return {"passes": out, "best_cells_per_s": best["cells_per_s"], "best": best}
+    for prefix, readers in routes.items():
+        for m in p["chunks_per_block"]:
+            for threads in p["threads"]:
+                blocks = _chunk_aligned_blocks(store, m)
+                wall, cpu = time.perf_counter(), cpu_seconds()
+                rows = nnz = 0
+                with ThreadPoolExecutor(threads) as pool:
+                    for r, z in pool.map(lambda block: read(block, readers), blocks):
+                        rows += r
+                        nnz += z
+                wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+                out[f"{prefix}{m}chunks_{threads}threads"] = {
+                    "rows_per_block": round(rows / len(blocks)),
+                    "threads": threads,
+                    "cells_per_s": round(rows / wall),
+                    "cells_per_cpu_s": round(rows / cpu),
+                    "nnz_per_s": round(nnz / wall),
+                }
+    def fastest(direct: bool) -> dict:
+        passes = [v for k, v in out.items() if k.startswith("direct_") == direct]
+        return max(passes, key=lambda r: r["cells_per_s"])
+
+    best, direct = fastest(False), fastest(True)
+    return {"passes": out, "best_cells_per_s": best["cells_per_s"], "best": best,
+            "direct_best_cells_per_s": direct["cells_per_s"], "direct_best": direct}
 
 
 def measure_loader(p: dict) -> dict:
     """A whole shuffled epoch (or ``max_batches``) of the Loader."""
     from _common import cpu_seconds
 
-    import mars_scale.loader as loader_module
     from mars_scale.loader import Loader
-
-    if p.get("what_if_reduceat_normalize"):
-        # What-if only (not used by the package): the same normalisation with the row totals
-        # from np.add.reduceat instead of np.bincount, to show what the loader gains from it.
-        def normalize(indptr, indices, data, *, target_sum=1e4, kind="counts"):
-            lengths = np.diff(indptr)
-            totals = np.zeros(lengths.shape[0])
-            rows = lengths > 0
-            if data.size:
-                totals[rows] = np.add.reduceat(data, indptr[:-1][rows], dtype=np.float64)
-            scale = np.zeros(lengths.shape[0], dtype=np.float32)
-            scale[totals > 0] = target_sum / totals[totals > 0]
-            out = data * np.repeat(scale, lengths)
-            return np.log1p(out, out=out)
-
-        loader_module.normalize_log1p = normalize
 
     loader = Loader(
         p["store"],
@@ -411,6 +409,9 @@ def main() -> None:
                 entry.setdefault("loader", {}).setdefault(label, []).append(res)
     for name, entry in record["layouts"].items():
         entry["raw_best_cells_per_s_median"] = _median([r["best_cells_per_s"] for r in entry["raw"]])
+        entry["raw_direct_best_cells_per_s_median"] = _median(
+            [r["direct_best_cells_per_s"] for r in entry["raw"]]
+        )
         entry["loader_cells_per_s_median"] = {k: _median([r["cells_per_s"] for r in v]) for k, v in entry["loader"].items()}
         entry["loader_ratio_median"] = {k: _median([r["ratio_to_raw_same_repeat"] for r in v]) for k, v in entry["loader"].items()}
     best = max(
@@ -438,10 +439,6 @@ def main() -> None:
         "blocks_per_buffer": main_per_buffer,
         "save_batches": args.random_batches, "batches_file": batches_file,
     })
-    main["loader_what_if_reduceat_normalize"] = run_measurement(script, "loader", {
-        "store": store, "batch_size": args.batch_size, "rows_per_block": main_rows,
-        "what_if_reduceat_normalize": True,
-    })
     from mars_scale.store import open_store
 
     atlas = open_store(store)
@@ -468,11 +465,13 @@ def main() -> None:
         "raw_contiguous_cells_per_s": raw_main,
         "loader_cells_per_s": loader_main,
         "loader_over_raw": record["layouts"][main_name]["loader_ratio_median"][main_label],
+        "raw_direct_cells_per_s": (
+            record["layouts"][main_name]["raw_direct_best_cells_per_s_median"]
+        ),
         "loader_over_anndata_zarr_random": round(loader_main / main["anndata_zarr_uniform_batches"]["cells_per_s"], 1),
         "loader_over_anndata_zarr_loader_batches": round(loader_main / main["anndata_zarr_loader_batches"]["cells_per_s"], 1),
         "loader_over_h5ad_backed_random": round(loader_main / main["anndata_h5ad_backed_uniform_batches"]["cells_per_s"], 1),
         "loader_over_h5ad_backed_loader_batches": round(loader_main / main["anndata_h5ad_backed_loader_batches"]["cells_per_s"], 1),
-        "what_if_reduceat_normalize_cells_per_s": main["loader_what_if_reduceat_normalize"]["cells_per_s"],
         "loader_main_rerun_cells_per_s": main["loader"]["cells_per_s"],
         "loader_peak_rss_mb": main["loader"]["peak_rss_mb"],
         "loader_fifth_of_cells_peak_rss_mb": main["loader_fifth_of_cells"]["peak_rss_mb"],

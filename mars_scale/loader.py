@@ -19,11 +19,14 @@ How an epoch is drawn (all of it a function of ``(seed, epoch)``, nothing global
    ``DataLoader`` polls its workers round-robin, so the rank's ``i``-th batch is the
    ``i // W``-th batch of worker ``i % W`` (``Batch.step == i``). The batches of an epoch are
    the same for any ``W``; their order is not (it interleaves the workers' buffers).
-5. **Within a buffer.** Its blocks are read concurrently by a thread pool (zarr's decompression
-   releases the GIL), concatenated, normalised (log1p of counts scaled to ``target_sum``),
-   row-shuffled with a generator seeded by ``(seed, epoch, rank, first batch)`` and cut into
-   batches. A background thread reads the next buffer while the current one is consumed and
-   keeps at most ``prefetch`` batches ready.
+5. **Within a buffer.** The row pointers of its blocks are read first; then a thread pool
+   decompresses each block straight into its place in the buffer's values and indices
+   (:class:`~mars_scale.store.RangeReader`, which bypasses zarr's per-call machinery; blosc
+   releases the GIL) and normalises it there while it is still in cache (log1p of counts
+   scaled to ``target_sum``). The buffer's rows are shuffled with a generator seeded by
+   ``(seed, epoch, rank, first batch)`` and gathered into batches. A background thread reads
+   the next buffer (into a second set of arrays) while the current one is consumed and keeps
+   at most ``prefetch`` batches ready.
 
 Memory is bounded by two buffers plus ``prefetch`` batches per worker, whatever the number of
 cells. The position in an epoch is part of :meth:`Loader.state_dict`; resuming yields exactly
@@ -49,7 +52,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mars_scale.errors import ConfigError, StoreError
 from mars_scale.preprocess import normalize_log1p
-from mars_scale.store import Atlas, open_store
+from mars_scale.store import Atlas, RangeReader, open_store
 
 __all__ = ["Batch", "Loader"]
 
@@ -171,6 +174,34 @@ class _BufferData:
     label: np.ndarray
     index: np.ndarray
     is_padding: np.ndarray
+
+
+class _Scratch:
+    """Values and indices arrays of a buffer, kept and reused from buffer to buffer."""
+
+    def __init__(self) -> None:
+        self.values = np.empty(0, dtype=np.float32)
+        self.indices = np.empty(0, dtype=np.int32)
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` slots of each array, grown by a quarter more when too small."""
+        if self.values.shape[0] < n:
+            capacity = int(n * 1.25) + 1
+            self.values = np.empty(capacity, dtype=np.float32)
+            self.indices = np.empty(capacity, dtype=np.int32)
+        return self.values[:n], self.indices[:n]
+
+
+@dataclass
+class _Pending:
+    """A buffer whose values and indices are being read by the pool."""
+
+    spans: list[tuple[int, int, bool]]
+    ptrs: list[np.ndarray]  # X/indptr of each span
+    offsets: np.ndarray  # where each span starts in values and indices
+    values: np.ndarray
+    indices: np.ndarray
+    futures: list[Future]  # label codes of each span
 
 
 def _to_torch(matrix: sp.csr_matrix | sp.csc_matrix, factory) -> torch.Tensor:
@@ -423,7 +454,7 @@ class Loader(IterableDataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_store"] = state["_handles"] = None  # zarr handles are reopened in the worker
+        state["_store"] = state["_handles"] = None  # readers are reopened in the worker
         return state
 
     # -- public state ---------------------------------------------------------------------
@@ -614,24 +645,21 @@ class Loader(IterableDataset):
         return out
 
     # -- reading --------------------------------------------------------------------------
-    def _arrays(self) -> dict:
-        """zarr handles of X and the labels, opened once per process (opening reads metadata)."""
+    def _readers(self) -> dict[str, RangeReader]:
+        """Readers of X and the labels, opened once per process (opening reads metadata)."""
         if self._handles is None:
             root = self.store.root
-            key = "X"
             try:
-                x = root["X"]
                 handles = {}
-                for name in ("indptr", "data", "indices"):
-                    key = f"X/{name}"
-                    handles[name] = x[name]
-                key = _LABEL_COLUMN
-                handles["label"] = root[_LABEL_COLUMN]
+                for name, key in (
+                    ("indptr", "X/indptr"), ("data", "X/data"), ("indices", "X/indices"),
+                    ("label", _LABEL_COLUMN),
+                ):
+                    handles[name] = RangeReader(root[key])
                 self._handles = handles
-            except KeyError as exc:
+            except KeyError:
                 raise StoreError(
-                    f"{self.path}: {exc.args[0] if exc.args else 'X'} is missing "
-                    "(re-run \"mars-scale ingest\")."
+                    f"{self.path}: {key} is missing (re-run \"mars-scale ingest\")."
                 ) from None
             except Exception as exc:  # unreadable metadata
                 raise StoreError(
@@ -640,76 +668,88 @@ class Loader(IterableDataset):
                 ) from exc
         return self._handles
 
-    def _read_span(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Rows ``a:b``: local indptr, indices, log1p-normalised values and label codes."""
-        arrays = self._arrays()
+    def _damaged(self, what: str, exc: BaseException | None = None) -> StoreError:
+        cause = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+        return StoreError(
+            f"{self.path}: {what}{cause}; the store is damaged, re-run \"mars-scale ingest\"."
+        )
+
+    def _read_indptr(self, a: int, b: int) -> np.ndarray:
+        """``X/indptr[a : b + 1]`` (int64), checked to be non-decreasing."""
         try:
-            indptr = np.asarray(arrays["indptr"][a : b + 1], dtype=np.int64)
-            lo, hi = int(indptr[0]), int(indptr[-1])
-            data = np.asarray(arrays["data"][lo:hi])
-            indices = np.asarray(arrays["indices"][lo:hi])
+            ptr = self._readers()["indptr"].read(a, b + 1).astype(np.int64, copy=False)
         except Exception as exc:
-            raise StoreError(
-                f"{self.path}: X rows {a}:{b} cannot be read ({type(exc).__name__}: {exc}); "
-                "the store is damaged, re-run \"mars-scale ingest\"."
-            ) from exc
-        indptr -= lo
+            raise self._damaged(f"X rows {a}:{b} cannot be read", exc) from exc
+        if (np.diff(ptr) < 0).any():  # a missing chunk reads back as zeros
+            raise self._damaged(f"X rows {a}:{b} have a decreasing X/indptr")
+        return ptr
+
+    def _read_span(
+        self, a: int, b: int, ptr: np.ndarray, values: np.ndarray, indices: np.ndarray
+    ) -> np.ndarray:
+        """Read rows ``a:b`` into ``values`` (normalised in place) and ``indices``.
+
+        ``ptr`` is ``X/indptr[a : b + 1]``; ``values`` and ``indices`` are its
+        ``ptr[-1] - ptr[0]`` slots of the buffer. Runs in the reader pool: decompression and
+        the numpy passes release the GIL, and the block is normalised while still in cache.
+        Returns the label codes of the rows.
+        """
+        readers = self._readers()
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        try:
+            readers["data"].read(lo, hi, out=values)
+            readers["indices"].read(lo, hi, out=indices)
+        except Exception as exc:
+            raise self._damaged(f"X rows {a}:{b} cannot be read", exc) from exc
         # Ingest stores only positive values and sorted, unique indices per row. A missing
         # chunk reads back as zeros (zarr's fill value), which these checks catch.
-        n_zero_idx = indices.size - np.count_nonzero(indices)
-        if (
-            data.shape[0] != hi - lo
-            or indices.shape[0] != hi - lo
-            or (data.size and not data.min() > 0)
-            or n_zero_idx > b - a
+        if (values.size and not values.min() > 0) or (
+            indices.size - np.count_nonzero(indices) > b - a
         ):
-            raise StoreError(
-                f"{self.path}: X rows {a}:{b} read back zeros or too few values "
-                "(a chunk of X/data or X/indices is missing); the store is damaged, "
-                "re-run \"mars-scale ingest\"."
+            raise self._damaged(
+                f"X rows {a}:{b} read back zeros (a chunk of X/data or X/indices is missing)"
             )
-        values = normalize_log1p(
-            indptr, indices, data, target_sum=self.target_sum, kind=self.input_kind
+        normalize_log1p(
+            ptr - lo, indices, values, target_sum=self.target_sum, kind=self.input_kind,
+            out=values,
         )
         try:
-            labels = np.asarray(arrays["label"][a:b], dtype=np.int64)
+            return readers["label"].read(a, b).astype(np.int64, copy=False)
         except Exception as exc:
-            raise StoreError(
-                f"{self.path}: obs/cell_type rows {a}:{b} cannot be read "
-                f"({type(exc).__name__}: {exc}); the store is damaged, re-run \"mars-scale ingest\"."
-            ) from exc
-        return indptr, indices, values, labels
+            raise self._damaged(f"obs/cell_type rows {a}:{b} cannot be read", exc) from exc
 
-    def _assemble(self, spans, parts, scratch: dict) -> _BufferData:
-        """Concatenate the spans of a buffer into one CSR matrix.
+    def _submit(self, spans, pool: ThreadPoolExecutor, scratch: _Scratch) -> _Pending:
+        """Start reading a buffer: row pointers here, values and indices in the pool.
 
-        The values and indices go into arrays kept in ``scratch`` and reused from buffer to
-        buffer: a fresh array of this size would be mapped anew from the system each time,
-        and its page faults cost as much as the copy.
+        Each span is decompressed straight into its place in the buffer's arrays, which are
+        kept in ``scratch`` and reused (a fresh array this size would be mapped anew from the
+        system each time, and its page faults cost as much as a copy).
         """
-        nnz = np.array([p[0][-1] for p in parts], dtype=np.int64)
-        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum(nnz, out=offsets[1:])
-        total = int(offsets[-1])
+        ptrs = [self._read_indptr(a, b) for a, b, _ in spans]
+        offsets = np.zeros(len(spans) + 1, dtype=np.int64)
+        np.cumsum([int(p[-1] - p[0]) for p in ptrs], out=offsets[1:])
+        values, indices = scratch.take(int(offsets[-1]))
+        futures = [
+            pool.submit(self._read_span, a, b, ptr, values[o0:o1], indices[o0:o1])
+            for (a, b, _), ptr, o0, o1 in zip(spans, ptrs, offsets[:-1], offsets[1:])
+        ]
+        return _Pending(spans, ptrs, offsets, values, indices, futures)
+
+    def _collect(self, pending: _Pending) -> _BufferData:
+        """Wait for a buffer's reads and describe it as one CSR matrix with its row data."""
+        label = np.concatenate([f.result() for f in pending.futures])
+        total = int(pending.offsets[-1])
         index_dtype = np.int32 if total < np.iinfo(np.int32).max else np.int64
-        if scratch.get("capacity", -1) < total:
-            capacity = int(total * 1.25) + 1
-            scratch.update(
-                capacity=capacity,
-                values=np.empty(capacity, dtype=np.float32),
-                indices=np.empty(capacity, dtype=np.int32),
-            )
-        values, indices = scratch["values"][:total], scratch["indices"][:total]
-        for (ip, ix, v, _), a, b in zip(parts, offsets[:-1], offsets[1:]):
-            values[a:b] = v
-            indices[a:b] = ix
         indptr = np.concatenate(
             [np.zeros(1, dtype=index_dtype)]
-            + [(p[0][1:] + off).astype(index_dtype) for p, off in zip(parts, offsets[:-1])]
+            + [(p[1:] - p[0] + off).astype(index_dtype)
+               for p, off in zip(pending.ptrs, pending.offsets[:-1])]
         )
         n = int(indptr.shape[0] - 1)
-        csr = sp.csr_matrix((values, indices, indptr), shape=(n, self.n_genes), copy=False)
-        label = np.concatenate([p[3] for p in parts])
+        csr = sp.csr_matrix(
+            (pending.values, pending.indices, indptr), shape=(n, self.n_genes), copy=False
+        )
+        spans = pending.spans
         index = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b, _ in spans])
         pad = np.concatenate([np.full(b - a, p, dtype=bool) for a, b, p in spans])
         experiment = np.searchsorted(self._exp_starts, index, side="right") - 1
@@ -806,30 +846,28 @@ class Loader(IterableDataset):
             return False
 
         pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="mars-scale-read")
-        scratch: dict = {}  # reused concatenation arrays
+        scratch = (_Scratch(), _Scratch())  # buffer k reads into scratch[k % 2]
         try:
             order, cum = self._order(epoch)
             base = self.rank * self.rows_per_rank
 
-            def submit(buf: _Buffer):
+            def submit(k: int) -> _Pending:
+                buf = todo[k][0]
                 p0 = self._batch_rows(buf.first)[0]
                 p1 = self._batch_rows(buf.stop - 1)[1]
                 spans = self._spans(order, cum, base + p0, base + p1)
-                return spans, [pool.submit(self._read_span, a, b) for a, b, _ in spans]
+                return self._submit(spans, pool, scratch[k % 2])
 
-            pending: list[tuple[list, list[Future]]] = []
-            if todo:
-                pending.append(submit(todo[0][0]))
+            pending = submit(0) if todo else None
             j = first_step  # worker-local batch counter
             for k, (buf, skip_in) in enumerate(todo):
+                current = pending
                 if k + 1 < len(todo):  # read the next buffer while this one is consumed
-                    pending.append(submit(todo[k + 1][0]))
-                spans, futures = pending.pop(0)
-                parts = [f.result() for f in futures]
+                    pending = submit(k + 1)
+                data = self._collect(current)
+                del current
                 if stop.is_set():
                     return
-                data = self._assemble(spans, parts, scratch)
-                del parts
                 n = data.index.shape[0]
                 if self.shuffle:
                     rng = np.random.default_rng([self.seed, epoch, self.rank, buf.first, 1])

@@ -25,10 +25,11 @@ import json
 import logging
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,7 @@ __all__ = [
     "atomic_directory",
     "check_replaceable",
     "store_lock",
+    "RangeReader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -623,6 +625,224 @@ class Atlas:
             f"Atlas({str(self.path)!r}, n_cells={self.n_cells}, n_genes={self.n_genes}, "
             f"experiments={len(self.experiments)}, spec={self.spec_version})"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Contiguous reads straight from the chunk files
+
+_EMPTY_CHUNK = 2**64 - 1  # a shard index entry for a chunk that was never written
+
+
+@dataclass(frozen=True)
+class _ChunkFiles:
+    """Where the chunks of a 1-D array lie and how they are encoded."""
+
+    directory: Path  # the array's directory
+    key: Callable[[tuple[int, ...]], str]  # file of a chunk (of a shard when sharded)
+    dtype: np.dtype
+    chunk: int  # elements per chunk
+    per_shard: int  # chunks per shard file; 0 when every chunk is its own file
+    index_at_end: bool  # where a shard keeps its index
+    blosc: bool  # blosc-compressed, else raw little-endian bytes
+
+
+def _chunk_files(array: zarr.Array) -> _ChunkFiles | None:
+    """The chunk files of ``array`` if they are a layout that ingest writes, else ``None``.
+
+    That is a 1-D array in a local directory whose chunks are little-endian bytes, optionally
+    blosc-compressed: zarr format 2 without filters, or format 3 with a ``bytes`` codec,
+    optionally ``blosc``, optionally inside shards indexed with ``bytes`` + ``crc32c``.
+    """
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.codecs.bytes import Endian
+    from zarr.codecs.sharding import ShardingCodecIndexLocation
+    from zarr.storage import LocalStore
+
+    store = array.store_path.store
+    meta = array.metadata
+    if not isinstance(store, LocalStore) or array.ndim != 1 or sys.byteorder != "little":
+        return None
+
+    def plain(codecs) -> bool | None:  # True: blosc, False: raw, None: anything else
+        codecs = tuple(codecs)
+        if not codecs or not isinstance(codecs[0], BytesCodec) or codecs[0].endian == Endian.big:
+            return None
+        if len(codecs) == 1:
+            return False
+        return True if len(codecs) == 2 and isinstance(codecs[1], BloscCodec) else None
+
+    per_shard, at_end = 0, True
+    if meta.zarr_format == 2:
+        if meta.filters or getattr(meta.dtype, "endianness", None) == "big":
+            return None
+        if meta.compressor is None:
+            blosc = False
+        elif getattr(meta.compressor, "codec_id", None) == "blosc":
+            blosc = True
+        else:
+            return None
+        chunk = int(meta.chunks[0])
+    else:
+        codecs = meta.codecs
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            shard = codecs[0]
+            index = tuple(shard.index_codecs)
+            if not (
+                len(index) == 2
+                and isinstance(index[0], BytesCodec)
+                and index[0].endian != Endian.big
+                and isinstance(index[1], Crc32cCodec)
+            ):
+                return None
+            chunk = int(shard.chunk_shape[0])
+            per_shard = int(array.shards[0]) // chunk
+            at_end = shard.index_location == ShardingCodecIndexLocation.end
+            codecs = shard.codecs
+        else:
+            chunk = int(array.chunks[0])
+        blosc = plain(codecs)
+        if blosc is None:
+            return None
+    return _ChunkFiles(
+        directory=Path(store.root) / array.path,
+        key=meta.encode_chunk_key,
+        dtype=np.dtype(array.dtype),
+        chunk=chunk,
+        per_shard=per_shard,
+        index_at_end=at_end,
+        blosc=blosc,
+    )
+
+
+class RangeReader:
+    """Contiguous ranges of a 1-D zarr array, decoded straight from its chunk files.
+
+    zarr 3 spends more CPU per chunk on its asynchronous machinery than on decompression: the
+    same contiguous reads ran 3.3x to 3.9x faster through this reader (docs/store.md, "Reading
+    X"). For the layouts that ingest writes (zarr format 2 or 3, sharded or not, blosc or
+    uncompressed, in a local directory) it takes the chunk bytes with ``os.pread``, checks the
+    shard index checksum and the blosc header, and decompresses with numcodecs' blosc (which
+    releases the GIL) straight into the result wherever a chunk is covered whole. Any other
+    layout is read through zarr. As with zarr, a chunk that was never written reads as the
+    fill value.
+
+    Parameters
+    ----------
+    array
+        A one-dimensional zarr array.
+    """
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+        self.size = int(array.shape[0])
+        self.dtype = np.dtype(array.dtype)
+        self._fill = array.fill_value
+        self._files = _chunk_files(array)
+
+    @property
+    def direct(self) -> bool:
+        """Whether chunks are decoded here rather than by zarr."""
+        return self._files is not None
+
+    def read(self, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements ``start:stop``.
+
+        Parameters
+        ----------
+        start, stop
+            The range, ``0 <= start <= stop <= size``.
+        out
+            Array of ``stop - start`` elements to fill (e.g. a slice of a larger buffer).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``out``, or a new array of the array's dtype.
+
+        Raises
+        ------
+        ValueError
+            If the range is out of bounds, or a chunk or shard index is corrupt or truncated.
+        OSError, RuntimeError
+            If a file cannot be read or blosc cannot decompress a chunk.
+        """
+        if not 0 <= start <= stop <= self.size:
+            raise ValueError(f"range {start}:{stop} is outside 0:{self.size}")
+        if out is None:
+            out = np.empty(stop - start, dtype=self.dtype)
+        elif out.shape != (stop - start,):
+            raise ValueError(f"out has shape {out.shape}, expected ({stop - start},)")
+        if self._files is None or out.dtype != self.dtype:
+            out[:] = self.array[start:stop] if self._files is None else self.read(start, stop)
+            return out
+        chunk = self._files.chunk
+        for i in range(start // chunk, -(-stop // chunk)):
+            lo, hi = max(start, i * chunk), min(stop, (i + 1) * chunk)
+            dest = out[lo - start : hi - start]
+            blob = self._chunk_bytes(i)
+            if blob is None:
+                dest[:] = self._fill
+            elif hi - lo == chunk:  # covered whole: decompress in place
+                self._decode(blob, dest)
+            else:
+                whole = self._decode(blob, np.empty(chunk, dtype=self.dtype))
+                dest[:] = whole[lo - i * chunk : hi - i * chunk]
+        return out
+
+    def _chunk_bytes(self, i: int) -> bytes | None:
+        """The encoded bytes of chunk ``i``, or ``None`` if it was never written."""
+        files = self._files
+        if not files.per_shard:
+            try:
+                return (files.directory / files.key((i,))).read_bytes()
+            except FileNotFoundError:
+                return None
+        shard, j = divmod(i, files.per_shard)
+        try:
+            fd = os.open(files.directory / files.key((shard,)), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            n_index = 16 * files.per_shard + 4  # (offset, length) uint64 pairs and a crc32c
+            at = os.fstat(fd).st_size - n_index if files.index_at_end else 0
+            index = os.pread(fd, n_index, max(at, 0))
+            if len(index) != n_index or _crc32c(index[:-4]) != int.from_bytes(index[-4:], "little"):
+                raise ValueError(f"shard {shard}: the index is truncated or its checksum differs")
+            offset, length = (int(v) for v in np.frombuffer(index, "<u8", 2, 16 * j))
+            if offset == length == _EMPTY_CHUNK:
+                return None
+            blob = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(blob) != length:
+            raise ValueError(f"shard {shard}: chunk {j} is truncated")
+        return blob
+
+    def _decode(self, blob: bytes, dest: np.ndarray) -> np.ndarray:
+        """Decode one whole chunk into ``dest`` (``chunk`` elements)."""
+        from numcodecs import blosc
+
+        if self._files.blosc:
+            # A blosc header records the decompressed size (bytes 4..8) and the frame's own
+            # length (12..16); blosc trusts both, so check them before it reads or writes.
+            size = int.from_bytes(blob[4:8], "little")
+            if len(blob) < 16 or int.from_bytes(blob[12:16], "little") != len(blob):
+                raise ValueError("a chunk is truncated")
+        else:
+            size = len(blob)
+        if size != dest.nbytes:
+            raise ValueError(f"a chunk decodes to {size} bytes, expected {dest.nbytes}")
+        if self._files.blosc:
+            blosc.decompress(blob, dest)
+        else:
+            dest[:] = np.frombuffer(blob, dtype=self.dtype)
+        return dest
+
+
+def _crc32c(data: bytes) -> int:
+    import google_crc32c  # a dependency of zarr 3
+
+    return google_crc32c.value(data)
 
 
 def _damaged(path, key: str, exc: BaseException) -> StoreError:

@@ -83,12 +83,17 @@ LOADER_ROWS_PER_CHUNK = 64
 
 
 def build_loader_store(
-    directory: Path, *, zarr_format: int = 3, n_cells: int = 1500, seed: int = 7
+    directory: Path,
+    *,
+    zarr_format: int = 3,
+    n_cells: int = 1500,
+    seed: int = 7,
+    compression_level: int = 3,
 ) -> Path:
     """A store of three experiments of unequal size (exp0 unannotated), about 64 cells per chunk.
 
     Chunks are small (about 4,500 non-zeros) so that the store has a couple of dozen of them
-    and the loader has many blocks to permute.
+    and the loader has many blocks to permute. ``compression_level=0`` stores raw bytes.
     """
     from mars_scale.ingest import IngestConfig, ingest
     from mars_scale.store import StoreLayout
@@ -101,11 +106,12 @@ def build_loader_store(
     h5ad = directory / "cells.h5ad"
     adata.write_h5ad(h5ad)
     layout = StoreLayout(
-        rows_per_chunk=LOADER_ROWS_PER_CHUNK, zarr_format=zarr_format, chunks_per_shard=4
+        rows_per_chunk=LOADER_ROWS_PER_CHUNK, zarr_format=zarr_format, chunks_per_shard=4,
+        compression_level=compression_level,
     )
     return ingest(
         [h5ad],
-        directory / f"atlas-v{zarr_format}.zarr",
+        directory / f"atlas-v{zarr_format}{'' if compression_level else '-raw'}.zarr",
         config=IngestConfig(experiment_key="experiment", label_key="cell_type", layout=layout),
     )
 

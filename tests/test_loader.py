@@ -38,6 +38,12 @@ def assert_each_once(index: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_array_equal(np.sort(index), np.sort(expected))
 
 
+def dense_reference(store) -> np.ndarray:
+    """log1p of the counts normalised to 10,000 per cell, dense, in float64."""
+    raw = ad.read_zarr(store).X.toarray().astype(np.float64)
+    return np.log1p(raw / raw.sum(axis=1, keepdims=True) * 1e4)
+
+
 @pytest.fixture(scope="module")
 def atlas(loader_store):
     return open_store(loader_store)
@@ -217,13 +223,47 @@ def test_experiment_and_label_codes(atlas):
 
 
 def test_values_equal_dense_normalise_log1p(loader_store, atlas):
-    raw = ad.read_zarr(loader_store).X.toarray().astype(np.float64)
-    totals = raw.sum(axis=1, keepdims=True)
-    expected = np.log1p(raw / totals * 1e4)
+    expected = dense_reference(loader_store)
     for b in collect(Loader(atlas, batch_size=100, rank=1, world_size=2)):
         dense = b.x.to_dense().numpy()
         assert dense.dtype == np.float32
         np.testing.assert_allclose(dense, expected[b.index.numpy()], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("zarr_format,compression_level", [(2, 3), (2, 0), (3, 0)])
+def test_values_equal_dense_on_other_layouts(tmp_path, zarr_format, compression_level):
+    """The chunk reader handles one file per chunk, shards, and uncompressed chunks alike."""
+    store = build_loader_store(
+        tmp_path, zarr_format=zarr_format, compression_level=compression_level, n_cells=700
+    )
+    loader = Loader(store, batch_size=64, blocks_per_buffer=3)
+    assert all(r.direct for r in loader._readers().values())
+    expected = dense_reference(store)
+    batches = collect(loader)
+    assert_each_once(all_index(batches), np.arange(700))
+    for b in batches:
+        np.testing.assert_allclose(
+            b.x.to_dense().numpy(), expected[b.index.numpy()], rtol=1e-5, atol=1e-6
+        )
+
+
+def test_reading_through_zarr_gives_the_same_batches(atlas, monkeypatch):
+    """The direct chunk reader and zarr's own reads yield identical batches."""
+    import mars_scale.store as store_module
+
+    def run():
+        loader = Loader(atlas, batch_size=50, seed=2, rank=1, world_size=2, blocks_per_buffer=3)
+        return loader, collect(loader)
+
+    direct_loader, direct = run()
+    assert all(r.direct for r in direct_loader._readers().values())
+    monkeypatch.setattr(store_module, "_chunk_files", lambda array: None)
+    zarr_loader, through_zarr = run()
+    assert not any(r.direct for r in zarr_loader._readers().values())
+    for got, want in zip(through_zarr, direct, strict=True):
+        np.testing.assert_array_equal(got.index.numpy(), want.index.numpy())
+        np.testing.assert_array_equal(got.label.numpy(), want.label.numpy())
+        assert torch.equal(got.x.to_dense(), want.x.to_dense())
 
 
 def test_csc_copy_holds_the_same_values(atlas):

@@ -64,6 +64,35 @@ def test_normalize_log1p_matches_dense(counts, dtype):
     np.testing.assert_allclose(got, _dense_lognorm(counts), rtol=1e-5, atol=1e-6)
 
 
+def test_normalize_log1p_in_place(counts):
+    """``out=data`` overwrites the values with the result (the loader's fused pass)."""
+    values = counts.data.astype(np.float32)
+    got = normalize_log1p(counts.indptr, counts.indices, values, out=values)
+    assert got is values
+    dense = sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape).toarray()
+    np.testing.assert_allclose(dense, _dense_lognorm(counts), rtol=1e-5, atol=1e-6)
+    wide = np.empty(counts.data.shape, dtype=np.float64)
+    normalize_log1p(counts.indptr, counts.indices, counts.data, out=wide)
+    np.testing.assert_allclose(wide, values, rtol=1e-6)
+    with pytest.raises(ConfigError, match="out must have the shape"):
+        normalize_log1p(counts.indptr, counts.indices, counts.data, out=wide[1:])
+
+
+def test_normalize_log1p_float32_totals_stay_accurate():
+    """float32 rows sum in float32: still within 1e-6 with non-integer values past 2**24."""
+    rng = np.random.default_rng(0)
+    n_rows, per_row = 6, 5000
+    data = (rng.gamma(0.7, 8000.0, n_rows * per_row) + 0.25).astype(np.float32)
+    indptr = np.arange(0, n_rows * per_row + 1, per_row)
+    indices = np.tile(np.arange(per_row, dtype=np.int32), n_rows)
+    totals = data.astype(np.float64).reshape(n_rows, per_row).sum(axis=1)
+    assert totals.min() > 2**24  # float32 cannot hold these totals exactly
+    expected = np.log1p(data.reshape(n_rows, per_row) / totals[:, None] * 1e4).ravel()
+    got = normalize_log1p(indptr, indices, data)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
 def test_normalize_log1p_target_sum(counts):
     out = normalize_log1p(
         counts.indptr, counts.indices, counts.data, target_sum=1e6, dtype=np.float64
