@@ -86,6 +86,7 @@ def run_demo(
     """
     from mars_scale.annotate import annotate
     from mars_scale.config import RunConfig, TrainConfig
+    from mars_scale.evaluate import kmeans_on_pretrained
     from mars_scale.ingest import IngestConfig, ingest
     from mars_scale.metrics import clustering_metrics
     from mars_scale.model import Mars
@@ -146,7 +147,7 @@ def run_demo(
         clusters = np.asarray(cluster_names, dtype=object)[cluster_codes]
         truth = np.asarray(types, dtype=object)[truth_codes]
         result.metrics = clustering_metrics(truth, clusters)
-        init = model.state.get("kmeans_init")
+        init = kmeans_on_pretrained(model.state)
         if init is not None:
             idx = init["index"].numpy() - a
             result.kmeans_on_ae_ari = clustering_metrics(truth[idx], init["cluster"].numpy())["ari"]

@@ -11,10 +11,11 @@ Protocol (:func:`leave_one_out`), as in the paper and the reference benchmark:
   unannotated landmark of each held-out cell's final embedding.
 - Baselines in the same run, with the same ``K`` and seed:
 
-  * ``kmeans_ae``: K-means on the *pretrained* autoencoder embedding of the held-out cells,
-    i.e. the landmark initialisation MARS starts from (``state["kmeans_init"]`` of the
-    checkpoint; the paper's Extended Data Fig. 2f). Missing from checkpoints that do not
-    record it (reported as ``None``).
+  * ``kmeans_ae``: K-means on the *pretrained* autoencoder embedding of the held-out cells
+    (the paper's Extended Data Fig. 2f): ``state["kmeans_pretrained"]`` of the checkpoint when
+    a supervised warm-up ran, else the landmark initialisation ``state["kmeans_init"]``, which
+    is then the same thing. Missing from checkpoints that do not record it (reported as
+    ``None``).
   * ``kmeans_pca``: :func:`mars_scale.landmarks.kmeans` on the first 50 principal components
     of the held-out cells, preprocessed as the model sees them (normalised to the store's
     target sum, log1p, scaled with the store's joint gene means and standard deviations,
@@ -171,8 +172,15 @@ def _pca_of_experiment(store: Atlas, experiment: str, *, n_components: int, max_
 # one run
 
 
+def kmeans_on_pretrained(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The K-means of the held-out cells on the pretrained embedding recorded in a checkpoint
+    (``{"index", "cluster"}``), or ``None``."""
+    pretrained = state.get("kmeans_pretrained")
+    return pretrained if pretrained is not None else state.get("kmeans_init")
+
+
 def _kmeans_ae(state: dict[str, Any], a: int, b: int) -> tuple[np.ndarray, np.ndarray] | None:
-    init = state.get("kmeans_init")
+    init = kmeans_on_pretrained(state)
     if not init:
         return None
     index = np.asarray(init["index"], dtype=np.int64).reshape(-1)

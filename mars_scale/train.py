@@ -318,6 +318,7 @@ def fit(
         "annotated_pairs": None,
         "landmark_optimizer": None,
         "kmeans_init": None,
+        "kmeans_pretrained": None,
     }
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     saved = None
@@ -326,7 +327,7 @@ def fit(
             raise InputError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINT_NAME} missing)")
         saved = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(saved["model"])
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved.get(k) for k in state})
         logger.info("resuming from %s (phase %s, epoch %d)", ckpt_path, state["phase"], state["epoch"])
 
     def make_optimizer(params, phase: str) -> torch.optim.Adam:
@@ -488,6 +489,8 @@ def fit(
 
     # ---- 2. supervised warm-up (annotated term only), so K-means sees an informed embedding ----
     if state["phase"] == "warmup":
+        if state["kmeans_pretrained"] is None:  # the "K-means on the autoencoder" baseline
+            _, state["kmeans_pretrained"] = _init_unannotated(encoder, store, plan, tc, device, info)
         optimizer = make_optimizer(encoder.parameters(), "warmup")
         if run_epochs("warmup", warmup_epochs, None, None):
             return state

@@ -239,9 +239,13 @@ def test_warmup_resumes_exactly_and_uses_only_the_annotated_term(tmp_path):
     assert phases == ["pretrain"] * 2 + ["warmup"] * 2 + ["finetune"] * 3
     warmup = [h for h in full.history if h["phase"] == "warmup"]
     assert all(h["unannotated"] == 0 and h["annotated"] > 0 for h in warmup)
-    # the landmarks are initialised after the warm-up, so they differ from a run without it
+    # the landmarks are initialised after the warm-up, so they differ from a run without it;
+    # the K-means on the pretrained embedding (the baseline) is the plain run's initialisation
     plain = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "plain")
     assert not np.allclose(plain.unannotated_landmarks, full.unannotated_landmarks)
+    assert plain.state["kmeans_pretrained"] is None
+    for key in ("index", "cluster"):
+        torch.testing.assert_close(full.state["kmeans_pretrained"][key], plain.state["kmeans_init"][key])
     # interrupted inside the warm-up (2 pretraining + 1 warm-up epoch), then resumed
     Mars(store, unannotated="exp0", n_clusters=3, config=config).train(run_dir=tmp_path / "part", stop_after_epoch=3)
     resumed = Mars(store, unannotated="exp0", n_clusters=3, config=config).train(run_dir=tmp_path / "part", resume=True)

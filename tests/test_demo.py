@@ -1,0 +1,16 @@
+"""The demo end to end (without the plots): the README's first command must give a good answer."""
+
+from mars_scale.demo import run_demo
+
+
+def test_demo_clusters_names_and_flags_the_new_type(tmp_path):
+    result = run_demo(tmp_path / "demo", plots=False)
+    assert result.metrics["ari"] >= 0.9, result.metrics
+    assert result.novel_types, "the demo atlas must hold a type absent from the reference"
+    by_cluster = {c["cluster"]: c for c in result.clusters}
+    called_novel = [by_cluster[c] for c in result.novel_clusters]
+    # every cluster called novel is mostly a new type, and every known type keeps a name
+    assert called_novel and all(c["truth"].split(" ")[0] in result.novel_types for c in called_novel), result.clusters
+    named = [c for c in result.clusters if c["cluster"] not in result.novel_clusters]
+    assert all(c["label"] == c["truth"].split(" ")[0] for c in named), result.clusters
+    assert {"simulate", "ingest", "train", "annotate"} <= set(result.seconds)
