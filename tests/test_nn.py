@@ -185,12 +185,11 @@ def _csc(x: sp.csr_matrix, dtype=torch.float64) -> torch.Tensor:
     )
 
 
-def test_sparse_scaled_linear_column_gradient_matches_dense(case):
-    """With a CSC copy, the weight gradient comes from a column-wise embedding_bag."""
-    layer = _layer(case, torch.float64)
+def _assert_matches_dense(case, layer, *, with_csc: bool, seed: int) -> None:
+    """Output and weight/bias gradients of ``layer`` against dense float64 autograd."""
     x = case["x"]
-    cotangent = torch.from_numpy(np.random.default_rng(2).normal(size=(x.shape[0], N_OUT)))
-    out = layer(_csr(x, torch.float64), x_csc=_csc(x))
+    cotangent = torch.from_numpy(np.random.default_rng(seed).normal(size=(x.shape[0], N_OUT)))
+    out = layer(_csr(x, torch.float64), x_csc=_csc(x) if with_csc else None)
     assert out.grad_fn is not None
     (out * cotangent).sum().backward()
 
@@ -202,6 +201,11 @@ def test_sparse_scaled_linear_column_gradient_matches_dense(case):
     np.testing.assert_allclose(out.detach().numpy(), reference.detach().numpy(), atol=1e-10)
     np.testing.assert_allclose(layer.weight.grad.numpy(), w.grad.numpy().T, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(layer.bias.grad.numpy(), b.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_scaled_linear_column_gradient_matches_dense(case):
+    """With a CSC copy, the weight gradient comes from a column-wise embedding_bag."""
+    _assert_matches_dense(case, _layer(case, torch.float64), with_csc=True, seed=2)
 
 
 def test_sparse_scaled_linear_rejects_mismatched_csc_copy():
@@ -219,19 +223,7 @@ def test_sparse_scaled_linear_blocked_gather_matches_dense(case, monkeypatch, wi
     monkeypatch.setattr(nn_module, "_GATHER_BLOCK_BYTES", 7 * N_OUT * 8)  # 7 genes per block
     layer = _layer(case, torch.float64)
     assert nn_module._gather_block(layer.weight) == 7
-    x = case["x"]
-    cotangent = torch.from_numpy(np.random.default_rng(3).normal(size=(x.shape[0], N_OUT)))
-    out = layer(_csr(x, torch.float64), x_csc=_csc(x) if with_csc else None)
-    (out * cotangent).sum().backward()
-
-    w = torch.from_numpy(case["w"]).requires_grad_()
-    b = torch.from_numpy(case["b"]).requires_grad_()
-    reference = torch.from_numpy(case["scaled"]) @ w.T + b
-    (reference * cotangent).sum().backward()
-
-    np.testing.assert_allclose(out.detach().numpy(), reference.detach().numpy(), atol=1e-10)
-    np.testing.assert_allclose(layer.weight.grad.numpy(), w.grad.numpy().T, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(layer.bias.grad.numpy(), b.grad.numpy(), rtol=1e-6, atol=1e-6)
+    _assert_matches_dense(case, layer, with_csc=with_csc, seed=3)
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
