@@ -55,11 +55,11 @@ class TrainConfig:
         pretraining and the landmark initialisation: the annotated term of eq. 3 alone, so that
         K-means initialises the unannotated landmarks on an embedding already shaped by the
         reference annotations rather than on the autoencoder's. Not in the paper. ``None``
-        (default, auto): 10 epochs for a large reference (at least 3 annotated experiments and
-        50,000 labelled cells), none otherwise: on small references the warm-up learns the few
-        annotated cells by heart (mesc batch3: ARI 0.55 with it, 0.97 without; CellBench
-        Drop-seq held out: 0.88 with it, 0.97 without). 0 always skips it. See
-        docs/algorithm.md.
+        (default, auto): 10 epochs when there are at least 3 annotated experiments, none with
+        1 or 2 (mesc batch3, 2 annotated experiments: ARI 0.55 with it, 0.97 without). It is
+        not always a gain with 3 or more either (CellBench Drop-seq held out after four CEL-seq2
+        experiments: 0.88 with it, 0.97 without), but on balance it is (docs/algorithm.md).
+        0 always skips it.
     lam
         Weight of the landmark separation terms (lambda, paper: 0.2).
     tau

@@ -130,10 +130,7 @@ def run_demo(
         # store for evaluation only (training never reads them)
         ingest(h5ads, store_path, config=IngestConfig(experiment_key="experiment", label_key="cell_type"), overwrite=True)
     config = RunConfig(
-        # The simulated reference carries batch offsets that the held-out experiment does not
-        # share; the supervised warm-up aligns it (auto turns it on only from 50,000 labelled
-        # cells; docs/algorithm.md has the demo's figures with and without it).
-        train=TrainConfig(seed=seed, device="cpu", warmup_epochs=10),
+        train=TrainConfig(seed=seed, device="cpu"),
     )
     run_dir = directory / "run"
     with stage("train"):

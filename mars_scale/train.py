@@ -242,21 +242,18 @@ class _AnnotatedLandmarks:
 
 AUTO_WARMUP_EPOCHS = 10
 AUTO_WARMUP_MIN_EXPERIMENTS = 3
-AUTO_WARMUP_MIN_LABELLED = 50_000
 
 
-def resolve_warmup_epochs(warmup_epochs: int | None, *, n_annotated: int, n_labelled: int) -> int:
+def resolve_warmup_epochs(warmup_epochs: int | None, *, n_annotated: int) -> int:
     """The supervised warm-up epochs to run.
 
     ``warmup_epochs`` when given; for ``None`` (auto), ``AUTO_WARMUP_EPOCHS`` when the reference
-    is large, at least ``AUTO_WARMUP_MIN_EXPERIMENTS`` annotated experiments and
-    ``AUTO_WARMUP_MIN_LABELLED`` labelled cells, and none otherwise: the warm-up helped on the
-    simulated 100k and 1M atlases and hurt on the small real references (docs/algorithm.md).
+    has at least ``AUTO_WARMUP_MIN_EXPERIMENTS`` annotated experiments, none with one or two
+    (measurements in docs/algorithm.md).
     """
     if warmup_epochs is not None:
         return warmup_epochs
-    large = n_annotated >= AUTO_WARMUP_MIN_EXPERIMENTS and n_labelled >= AUTO_WARMUP_MIN_LABELLED
-    return AUTO_WARMUP_EPOCHS if large else 0
+    return AUTO_WARMUP_EPOCHS if n_annotated >= AUTO_WARMUP_MIN_EXPERIMENTS else 0
 
 
 def _adam(params, *, lr: float) -> torch.optim.Adam:
@@ -344,8 +341,7 @@ def fit(
         return opt
 
     optimizer: torch.optim.Adam | None = None
-    warmup_epochs = resolve_warmup_epochs(tc.warmup_epochs, n_annotated=len(plan.annotated),
-                                          n_labelled=sum(plan.n_labelled.values()))
+    warmup_epochs = resolve_warmup_epochs(tc.warmup_epochs, n_annotated=len(plan.annotated))
 
     # What every checkpoint carries besides the training state (the gene ids are read once).
     provenance = {
