@@ -166,21 +166,13 @@ def _median_times(fns: dict[str, Any], repeats: int, warmup: int = 2) -> dict[st
             for name, t in times.items()}
 
 
-def _adam(params, lr: float = 1e-3):
-    import torch
-
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True), True
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr), False
-
-
 def measure_sparse(params: dict) -> dict:
     """Child: SparseScaledLinear and Encoder on a sparse batch against dense input."""
     import scipy.sparse as sp
     import torch
 
     from mars_scale.nn import Encoder, SparseScaledLinear
+    from mars_scale.train import adam
 
     n_genes, batch, nnz_row = params["n_genes"], params["batch"], params["nnz_per_cell"]
     hidden, repeats = params["hidden"], params["repeats"]
@@ -240,7 +232,7 @@ def measure_sparse(params: dict) -> dict:
     # or the dense unscaled batch (its dense path scales and multiplies densely).
     x_raw_dense = x.to_dense()
     encoder = Encoder(n_genes, hidden=(hidden,), n_latent=params["n_latent"], mean=mean, std=std, rng=0)
-    opt, fused = _adam(encoder.parameters())
+    opt = adam(encoder.parameters(), lr=1e-3)  # the training loop's optimiser
 
     def step(inp, csc=None):
         def run():
@@ -253,7 +245,7 @@ def measure_sparse(params: dict) -> dict:
     enc = _median_times({"step_sparse": step(x), "step_sparse_csc": step(x, x_csc),
                          "step_dense": step(x_raw_dense)}, repeats)
     out["encoder"] = enc
-    out["adam_fused"] = fused
+    out["adam_fused"] = bool(opt.defaults.get("fused"))
     out["torch_threads"] = torch.get_num_threads()
 
     def ratio(a, b):
