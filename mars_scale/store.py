@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -726,11 +727,21 @@ class RangeReader:
     layout is read through zarr. As with zarr, a chunk that was never written reads as the
     fill value.
 
+    Row blocks of a CSR store rarely end on a chunk boundary: the row that straddles one is
+    read by the block before it, which then needs only the first few hundred elements of the
+    next chunk. When a read decodes a chunk whole to take its tail, it keeps the head it skipped
+    (if shorter than an eighth of a chunk, up to :attr:`head_cache_bytes` in all), so the
+    other block takes the head from memory instead of decoding the chunk a second time. Shard
+    indexes are read and checked once.
+
     Parameters
     ----------
     array
         A one-dimensional zarr array.
     """
+
+    #: Bytes of chunk heads kept per reader (see :meth:`read`); about 16,000 boundaries.
+    head_cache_bytes = 64 * 2**20
 
     def __init__(self, array: zarr.Array) -> None:
         self.array = array
@@ -738,6 +749,10 @@ class RangeReader:
         self.dtype = np.dtype(array.dtype)
         self._fill = array.fill_value
         self._files = _chunk_files(array)
+        self._shard_index: dict[int, np.ndarray] = {}  # checked shard indexes, 16 B per chunk
+        self._heads: dict[int, np.ndarray] = {}  # chunk -> its first elements
+        self._head_bytes = 0
+        self._scratch = threading.local()  # a whole chunk, decoded for a partial read
 
     @property
     def direct(self) -> bool:
@@ -779,15 +794,34 @@ class RangeReader:
         for i in range(start // chunk, -(-stop // chunk)):
             lo, hi = max(start, i * chunk), min(stop, (i + 1) * chunk)
             dest = out[lo - start : hi - start]
+            head = self._heads.get(i)
+            if lo == i * chunk and head is not None and head.shape[0] >= hi - lo:
+                dest[:] = head[: hi - lo]
+                continue
             blob = self._chunk_bytes(i)
             if blob is None:
                 dest[:] = self._fill
             elif hi - lo == chunk:  # covered whole: decompress in place
                 self._decode(blob, dest)
             else:
-                whole = self._decode(blob, np.empty(chunk, dtype=self.dtype))
+                whole = self._decode(blob, self._whole_chunk())
                 dest[:] = whole[lo - i * chunk : hi - i * chunk]
+                self._keep_head(i, whole[: lo - i * chunk])
         return out
+
+    def _whole_chunk(self) -> np.ndarray:
+        """This thread's reused buffer of one chunk (a fresh one would be page-faulted in)."""
+        buffer = getattr(self._scratch, "chunk", None)
+        if buffer is None:
+            buffer = self._scratch.chunk = np.empty(self._files.chunk, dtype=self.dtype)
+        return buffer
+
+    def _keep_head(self, i: int, head: np.ndarray) -> None:
+        """Remember the first elements of chunk ``i`` that a partial read skipped."""
+        small = 0 < head.shape[0] <= self._files.chunk // 8
+        if small and i not in self._heads and self._head_bytes + head.nbytes <= self.head_cache_bytes:
+            self._head_bytes += head.nbytes
+            self._heads[i] = head.copy()
 
     def _chunk_bytes(self, i: int) -> bytes | None:
         """The encoded bytes of chunk ``i``, or ``None`` if it was never written."""
@@ -803,12 +837,17 @@ class RangeReader:
         except FileNotFoundError:
             return None
         try:
-            n_index = 16 * files.per_shard + 4  # (offset, length) uint64 pairs and a crc32c
-            at = os.fstat(fd).st_size - n_index if files.index_at_end else 0
-            index = os.pread(fd, n_index, max(at, 0))
-            if len(index) != n_index or _crc32c(index[:-4]) != int.from_bytes(index[-4:], "little"):
-                raise ValueError(f"shard {shard}: the index is truncated or its checksum differs")
-            offset, length = (int(v) for v in np.frombuffer(index, "<u8", 2, 16 * j))
+            index = self._shard_index.get(shard)
+            if index is None:
+                n_index = 16 * files.per_shard + 4  # (offset, length) uint64 pairs and a crc32c
+                at = os.fstat(fd).st_size - n_index if files.index_at_end else 0
+                raw = os.pread(fd, n_index, max(at, 0))
+                if len(raw) != n_index or _crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                    raise ValueError(
+                        f"shard {shard}: the index is truncated or its checksum differs"
+                    )
+                index = self._shard_index[shard] = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)
+            offset, length = (int(v) for v in index[j])
             if offset == length == _EMPTY_CHUNK:
                 return None
             blob = os.pread(fd, length, offset)

@@ -135,3 +135,36 @@ def test_truncated_or_misdeclared_chunk_is_an_error(tmp_path, zarr_format, shard
         first.write_bytes(blob[:4] + (1).to_bytes(4, "little") + blob[8:])
         with pytest.raises(ValueError, match="decodes to 1 bytes"):
             reader.read(0, CHUNK)
+
+
+def test_a_skipped_chunk_head_is_served_from_memory(tmp_path, monkeypatch):
+    # Blocks of CSR rows end a few elements into the next chunk; that head must not cost a
+    # second decode of the chunk once a read has decoded the chunk for its tail.
+    n, chunk = 1000, 100
+    values = np.arange(1, n + 1, dtype=np.float32)
+    root = zarr.open_group(tmp_path / "h.zarr", mode="w", zarr_format=3)
+    from zarr.codecs import BloscCodec
+
+    array = root.create_array(
+        "a", shape=(n,), dtype=np.float32, chunks=(chunk,), shards=(500,),
+        compressors=[BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")],
+    )
+    array[:] = values
+    reader = RangeReader(zarr.open_group(tmp_path / "h.zarr", mode="r")["a"])
+    assert reader.direct
+    decoded = []
+    decode = reader._decode
+    monkeypatch.setattr(reader, "_decode", lambda blob, dest: decoded.append(1) or decode(blob, dest))
+
+    np.testing.assert_array_equal(reader.read(105, 300), values[105:300])
+    assert len(decoded) == 2  # chunk 1 for its tail (keeping 100:105), chunk 2 whole
+    np.testing.assert_array_equal(reader.read(0, 105), values[:105])
+    assert len(decoded) == 3  # chunk 0 only: 100:105 came from memory
+    np.testing.assert_array_equal(reader.read(100, 103), values[100:103])
+    assert len(decoded) == 3
+    np.testing.assert_array_equal(reader.read(100, 140), values[100:140])  # longer than the head
+    assert len(decoded) == 4
+    # A head longer than an eighth of a chunk is not kept.
+    np.testing.assert_array_equal(reader.read(430, 500), values[430:500])
+    np.testing.assert_array_equal(reader.read(400, 430), values[400:430])
+    assert len(decoded) == 6
