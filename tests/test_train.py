@@ -241,7 +241,8 @@ def test_warmup_resumes_exactly_and_uses_only_the_annotated_term(tmp_path):
     assert all(h["unannotated"] == 0 and h["annotated"] > 0 for h in warmup)
     # the landmarks are initialised after the warm-up, so they differ from a run without it;
     # the K-means on the pretrained embedding (the baseline) is the plain run's initialisation
-    plain = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "plain")
+    no_warmup = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "warmup_epochs": 0}))
+    plain = Mars(store, unannotated="exp0", n_clusters=3, config=no_warmup).train(run_dir=tmp_path / "plain")
     assert not np.allclose(plain.unannotated_landmarks, full.unannotated_landmarks)
     assert plain.state["kmeans_pretrained"] is None
     for key in ("index", "cluster"):
