@@ -381,7 +381,8 @@ def fit(
     if state["phase"] == "pretrain":
         pre_exps = [plan.unannotated] if tc.pretrain_on == "unannotated" else [plan.unannotated, *plan.annotated]
         loader = Loader(store, batch_size=bs, experiments=pre_exps, shuffle=True, seed=tc.seed,
-                        rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer)
+                        rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer,
+                        rows_per_block=tc.rows_per_block)
         net = ddp(model)
         optimizer = make_optimizer(model.parameters(), "pretrain")
         steps = max(len(loader), tc.min_steps_per_epoch)
@@ -413,9 +414,11 @@ def fit(
     encoder = model.encoder
     net = ddp(encoder)
     loader_a = Loader(store, batch_size=bs, experiments=list(plan.annotated), shuffle=True, seed=tc.seed + 1,
-                      rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer)
+                      rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer,
+                        rows_per_block=tc.rows_per_block)
     loader_u = Loader(store, batch_size=bs, experiments=[plan.unannotated], shuffle=True, seed=tc.seed + 2,
-                      rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer)
+                      rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer,
+                        rows_per_block=tc.rows_per_block)
     n_labelled = torch.zeros(len(plan.experiments), dtype=torch.float32, device=device)
     for name, n in plan.n_labelled.items():
         n_labelled[plan.experiments.index(name)] = n

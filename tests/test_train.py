@@ -265,3 +265,25 @@ def test_auto_warmup_needs_three_annotated_experiments(configured, n_annotated, 
 def test_negative_warmup_is_refused():
     with pytest.raises(ConfigError, match="warmup_epochs"):
         TrainConfig(warmup_epochs=-1)
+
+
+def test_rows_per_block_reaches_the_training_loaders(tmp_path, monkeypatch):
+    import mars_scale.train as train_module
+
+    store = _balanced_store(tmp_path)
+    made = []
+    original = train_module.Loader
+
+    def spy(*args, **kwargs):
+        loader = original(*args, **kwargs)
+        made.append((kwargs.get("rows_per_block"), loader.n_blocks))
+        return loader
+
+    monkeypatch.setattr(train_module, "Loader", spy)
+    config = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "rows_per_block": 16}))
+    Mars(store, unannotated="exp0", n_clusters=3, config=config).train()
+    training = [n for rows, n in made if rows == 16]
+    assert len(training) == 3  # pretraining, annotated and unannotated streams
+    assert training[0] >= 100 // 16  # exp0's 100 cells in blocks of about 16 rows
+    with pytest.raises(ConfigError, match="rows_per_block"):
+        TrainConfig(rows_per_block=0)
