@@ -1,0 +1,151 @@
+"""Probes of the landmark initialisation on one held-out experiment (labels only scored).
+
+Three probes, each appending one JSON line to ``OUT``:
+
+``criteria``
+    Pretrain once, then embed the held-out cells twice: straight after pretraining (``ae``) and
+    after the supervised warm-up (``wu``). For each embedding: the ARI of K-means (what would
+    initialise the landmarks) and unsupervised scores that could choose between the two
+    (silhouette, fraction of variance left unexplained by the K-means, Calinski-Harabasz,
+    Davies-Bouldin, agreement of single K-means restarts, and ``transfer``: the median distance
+    of held-out cells to the nearest annotated class mean over that of annotated cells to
+    their own).
+``pretrain``
+    The ARI of K-means on the pretrained embedding, for training options given as JSON.
+``objective``
+    Full MARS runs for seeds ``0..SEEDS-1``: the final epoch's objective beside the ARI, to see
+    whether the objective could choose between restarts.
+
+Examples::
+
+    python tools/init_probes.py criteria atlas.zarr Dropseq_3cl 3 --seed 0 --out probes.jsonl
+    python tools/init_probes.py pretrain atlas.zarr Dropseq_3cl 3 --out probes.jsonl \\
+        --options '{"batch_size": 4096, "min_steps_per_epoch": 1}'
+    python tools/init_probes.py objective atlas.zarr batch_1 2 --seeds 5 --out probes.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import (
+    adjusted_rand_score,
+    calinski_harabasz_score,
+    davies_bouldin_score,
+    silhouette_score,
+)
+
+from mars_scale.config import RunConfig, TrainConfig
+from mars_scale.landmarks import kmeans, nearest
+from mars_scale.model import Mars
+from mars_scale.store import open_store
+
+
+def _embedding(model: Mars, atlas, experiments: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    index, z = model.embed(atlas, experiments=experiments)
+    order = np.argsort(index)
+    return index[order], z[order].astype(np.float32)
+
+
+def _kmeans_labels(z: np.ndarray, k: int, seed: int, n_init: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    centroids = kmeans(z, k, seed=seed, n_init=n_init).centroids
+    return np.asarray(nearest(z, centroids)[0]), centroids
+
+
+def _scores(model: Mars, atlas, held: str, k: int, seed: int, truth: np.ndarray) -> dict:
+    _, z = _embedding(model, atlas, [held])
+    labels, centroids = _kmeans_labels(z, k, seed)
+    restarts = [_kmeans_labels(z, k, 100 + r, n_init=1)[0] for r in range(6)]
+    agreement = [adjusted_rand_score(restarts[i], restarts[j]) for i in range(6) for j in range(i + 1, 6)]
+    index_a, z_a = _embedding(model, atlas, [e for e in atlas.experiments if e != held])
+    types = np.asarray(atlas.obs_column("cell_type"))[index_a]
+    known = np.array([t is not None and t == t for t in types])
+    names = sorted(set(types[known]))
+    means = np.stack([z_a[known][types[known] == t].mean(0) for t in names])
+    own = np.linalg.norm(z_a[known] - means[np.searchsorted(names, types[known])], axis=1)
+    held_nearest = np.sqrt(((z[:, None] - means[None]) ** 2).sum(-1)).min(1)
+    return {
+        "ari_kmeans": adjusted_rand_score(truth, labels),
+        "sil": float(silhouette_score(z, labels)),
+        "fvu": float(((z - centroids[labels]) ** 2).sum() / ((z - z.mean(0)) ** 2).sum()),
+        "ch": float(calinski_harabasz_score(z, labels)),
+        "db": float(davies_bouldin_score(z, labels)),
+        "stability": float(np.mean(agreement)),
+        "transfer": float(np.median(held_nearest) / np.median(own)),
+    }
+
+
+def probe_criteria(atlas, held: str, k: int, seed: int, truth: np.ndarray) -> dict:
+    base = TrainConfig(seed=seed)
+    result: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pretrained"
+        Mars(atlas, unannotated=held, n_clusters=k, config=RunConfig(train=base)).train(
+            run_dir=pre, stop_after_epoch=base.pretrain_epochs)
+        for name, warmup in (("ae", 0), ("wu", 10)):
+            run = Path(tmp) / name
+            run.mkdir()
+            shutil.copy(pre / "checkpoint.pt", run / "checkpoint.pt")
+            config = RunConfig(train=dataclasses.replace(base, warmup_epochs=warmup, finetune_epochs=0))
+            model = Mars(atlas, unannotated=held, n_clusters=k, config=config).train(run_dir=run, resume=True)
+            result[name] = _scores(model, atlas, held, k, seed, truth)
+    return result
+
+
+def probe_pretrain(atlas, held: str, k: int, seed: int, truth: np.ndarray, options: dict) -> dict:
+    config = RunConfig(train=dataclasses.replace(
+        TrainConfig(seed=seed, warmup_epochs=0, finetune_epochs=0), **options))
+    model = Mars(atlas, unannotated=held, n_clusters=k, config=config).train()
+    _, z = _embedding(model, atlas, [held])
+    return {"options": options, "ari_kmeans": adjusted_rand_score(truth, _kmeans_labels(z, k, seed)[0]),
+            "mse_last": model.history[-1]["loss"] if model.history else None}
+
+
+def probe_objective(atlas, held: str, k: int, seed: int, truth: np.ndarray) -> dict:
+    model = Mars(atlas, unannotated=held, n_clusters=k, config=RunConfig(train=TrainConfig(seed=seed))).train()
+    _, z = _embedding(model, atlas, [held])
+    landmarks = model.unannotated_landmarks.astype(np.float32)
+    labels = np.asarray(nearest(z, landmarks)[0])
+    last = model.history[-1]
+    return {"ari": adjusted_rand_score(truth, labels), "loss": last["loss"],
+            "annotated": last["annotated"], "unannotated": last["unannotated"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("probe", choices=("criteria", "pretrain", "objective"))
+    p.add_argument("store")
+    p.add_argument("held_out")
+    p.add_argument("k", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="objective: seeds 0..N-1")
+    p.add_argument("--options", default="{}", help="pretrain: TrainConfig options as JSON")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    atlas = open_store(args.store)
+    a, b = atlas.experiment_ranges[args.held_out]
+    truth = np.asarray(atlas.obs_column("cell_type"))[a:b]
+    seeds = range(args.seeds) if args.probe == "objective" else [args.seed]
+    for seed in seeds:
+        started = time.perf_counter()
+        if args.probe == "criteria":
+            result = probe_criteria(atlas, args.held_out, args.k, seed, truth)
+        elif args.probe == "pretrain":
+            result = probe_pretrain(atlas, args.held_out, args.k, seed, truth, json.loads(args.options))
+        else:
+            result = probe_objective(atlas, args.held_out, args.k, seed, truth)
+        record = {"probe": args.probe, "held": args.held_out, "seed": seed, **result,
+                  "seconds": round(time.perf_counter() - started, 1)}
+        print(json.dumps(record), flush=True)
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
