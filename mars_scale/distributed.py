@@ -59,14 +59,34 @@ def init_distributed(device: torch.device, *, timeout_s: float = 600.0) -> DistI
     backend = "nccl" if device.type == "cuda" else "gloo"
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = datetime.timedelta(seconds=timeout_s)
     # device_id binds nccl to this rank's GPU up front (barriers then need no guess).
     dist.init_process_group(
-        backend=backend, timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world,
+        backend=backend, timeout=timeout, rank=rank, world_size=world,
         device_id=torch.device("cuda", local_rank if device.index is None else device.index)
         if device.type == "cuda" else None,
+        store=_attempt_store(world, timeout),
     )
     logger.info("rank %d of %d joined the %s process group", rank, world, backend)
     return DistInfo(rank, world, local_rank, True)
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The agent's store, namespaced by restart, when torchrun's agent hosts it; else ``None``.
+
+    torchrun's static rendezvous (``--master_port``, no ``--rdzv_backend``) keeps one store
+    across ``--max-restarts``, so workers of a restart would read the addresses that the dead
+    workers published and fail with "connectFullMesh ... Connection refused". Keys under
+    ``attempt_<restart count>`` keep each attempt's group apart.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart is None:
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"mars_scale/attempt_{restart}", store)
 
 
 def shutdown(info: DistInfo) -> None:
