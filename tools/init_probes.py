@@ -9,7 +9,9 @@ Three probes, each appending one JSON line to ``OUT``:
     (silhouette, fraction of variance left unexplained by the K-means, Calinski-Harabasz,
     Davies-Bouldin, agreement of single K-means restarts, and ``transfer``: the median distance
     of held-out cells to the nearest annotated class mean over that of annotated cells to
-    their own).
+    their own). With ``--subset H5AD:COLUMN``, also the ARI on the held-out cells that a
+    boolean column of the source h5ad flags (matched by cell name), e.g. CellBench's demuxlet
+    singlets.
 ``pretrain``
     The ARI of K-means on the pretrained embedding, for training options given as JSON.
 ``objective``
@@ -18,7 +20,8 @@ Three probes, each appending one JSON line to ``OUT``:
 
 Examples::
 
-    python tools/init_probes.py criteria atlas.zarr Dropseq_3cl 3 --seed 0 --out probes.jsonl
+    python tools/init_probes.py criteria atlas.zarr Dropseq_3cl 3 --seed 0 --out probes.jsonl \\
+        --subset ../shared/data/cellbench_celseq2_dropseq.h5ad:singlet
     python tools/init_probes.py pretrain atlas.zarr Dropseq_3cl 3 --out probes.jsonl \\
         --options '{"batch_size": 4096, "min_steps_per_epoch": 1}'
     python tools/init_probes.py objective atlas.zarr batch_1 2 --seeds 5 --out probes.jsonl
@@ -58,7 +61,20 @@ def _kmeans_labels(z: np.ndarray, k: int, seed: int, n_init: int = 10) -> tuple[
     return np.asarray(nearest(z, centroids)[0]), centroids
 
 
-def _scores(model: Mars, atlas, held: str, k: int, seed: int, truth: np.ndarray) -> dict:
+def _subset_mask(atlas, held: str, spec: str) -> np.ndarray:
+    """Held-out cells flagged by ``H5AD:COLUMN`` (a boolean obs column), in store order."""
+    import anndata
+    import zarr
+
+    path, column = spec.rsplit(":", 1)
+    flags = anndata.read_h5ad(path, backed="r").obs[column].astype(bool)
+    a, b = atlas.experiment_ranges[held]
+    names = [str(n) for n in zarr.open_group(atlas.path, mode="r")["obs/_index"][a:b]]
+    return flags.reindex(names).to_numpy(dtype=bool, na_value=False)
+
+
+def _scores(model: Mars, atlas, held: str, k: int, seed: int, truth: np.ndarray,
+            subset: np.ndarray | None = None) -> dict:
     _, z = _embedding(model, atlas, [held])
     labels, centroids = _kmeans_labels(z, k, seed)
     restarts = [_kmeans_labels(z, k, 100 + r, n_init=1)[0] for r in range(6)]
@@ -70,8 +86,13 @@ def _scores(model: Mars, atlas, held: str, k: int, seed: int, truth: np.ndarray)
     means = np.stack([z_a[known][types[known] == t].mean(0) for t in names])
     own = np.linalg.norm(z_a[known] - means[np.searchsorted(names, types[known])], axis=1)
     held_nearest = np.sqrt(((z[:, None] - means[None]) ** 2).sum(-1)).min(1)
+    extra = {} if subset is None else {
+        "ari_kmeans_subset": adjusted_rand_score(truth[subset], labels[subset]),
+        "n_subset": int(subset.sum()),
+    }
     return {
         "ari_kmeans": adjusted_rand_score(truth, labels),
+        **extra,
         "sil": float(silhouette_score(z, labels)),
         "fvu": float(((z - centroids[labels]) ** 2).sum() / ((z - z.mean(0)) ** 2).sum()),
         "ch": float(calinski_harabasz_score(z, labels)),
@@ -81,7 +102,8 @@ def _scores(model: Mars, atlas, held: str, k: int, seed: int, truth: np.ndarray)
     }
 
 
-def probe_criteria(atlas, held: str, k: int, seed: int, truth: np.ndarray) -> dict:
+def probe_criteria(atlas, held: str, k: int, seed: int, truth: np.ndarray,
+                   subset: np.ndarray | None = None) -> dict:
     base = TrainConfig(seed=seed)
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +116,7 @@ def probe_criteria(atlas, held: str, k: int, seed: int, truth: np.ndarray) -> di
             shutil.copy(pre / "checkpoint.pt", run / "checkpoint.pt")
             config = RunConfig(train=dataclasses.replace(base, warmup_epochs=warmup, finetune_epochs=0))
             model = Mars(atlas, unannotated=held, n_clusters=k, config=config).train(run_dir=run, resume=True)
-            result[name] = _scores(model, atlas, held, k, seed, truth)
+            result[name] = _scores(model, atlas, held, k, seed, truth, subset)
     return result
 
 
@@ -126,6 +148,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="objective: seeds 0..N-1")
     p.add_argument("--options", default="{}", help="pretrain: TrainConfig options as JSON")
+    p.add_argument("--subset", help="criteria: also score the cells H5AD:COLUMN flags")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     atlas = open_store(args.store)
@@ -135,7 +158,8 @@ def main() -> None:
     for seed in seeds:
         started = time.perf_counter()
         if args.probe == "criteria":
-            result = probe_criteria(atlas, args.held_out, args.k, seed, truth)
+            subset = None if args.subset is None else _subset_mask(atlas, args.held_out, args.subset)
+            result = probe_criteria(atlas, args.held_out, args.k, seed, truth, subset)
         elif args.probe == "pretrain":
             result = probe_pretrain(atlas, args.held_out, args.k, seed, truth, json.loads(args.options))
         else:
