@@ -29,6 +29,8 @@ Examples::
 
 Results go to ``benchmarks/results/accuracy.json`` under ``runs["<selection>-<N>seeds"]``
 (the full run is ``runs["all-5seeds"]``); the markdown table is printed and stored with them.
+After each dataset the rows done so far are written there with ``"complete": false``, so a run
+cut short (a time-limited GPU lease) keeps them; the last write sets ``"complete": true``.
 """
 
 from __future__ import annotations
@@ -300,6 +302,23 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir
         workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+
+    def payload(rows: dict, naming, table: str | None, *, complete: bool) -> dict:
+        return {
+            "complete": complete,
+            "parameters": {"datasets": selected, "seeds": seeds, "config": config_to_dict(config),
+                           "config_file": None if args.config is None else str(args.config),
+                           "preprocessing": {"min_cells": 5, "min_counts": 1, "min_genes": 1, "target_sum": 1e4,
+                                             "log1p": True, "max_value": 10}},
+            "datasets": rows,
+            "naming": naming,
+            "checks": {row: r["checks"] for row, r in rows.items()},
+            "table_markdown": table,
+            "wall_s": round(time.perf_counter() - started, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "load_average_end": load_average(),
+        }
+
     try:
         rows = {}
         for row in selected:
@@ -310,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[row] = _accuracy(row, store, seeds, config)
             logger.info("%s: mean ARI %s in %.0f s", row, {m: round(v, 3) for m, v in rows[row]["mean_ari"].items()},
                         rows[row]["seconds"])
+            if len(selected) > 1 or not args.no_naming:  # keep what is done if a later step dies
+                write_result("accuracy", payload(rows, None, None, complete=False), key=key)
         naming = None
         if not args.no_naming and (args.data / f"{NAMING_DATASET}.h5ad").exists():
             naming = _naming(args.data / f"{NAMING_DATASET}.h5ad", workdir, seeds, config)
@@ -317,21 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    all_checks = {row: r["checks"] for row, r in rows.items()}
-    payload = {
-        "parameters": {"datasets": selected, "seeds": seeds, "config": config_to_dict(config),
-                       "config_file": None if args.config is None else str(args.config),
-                       "preprocessing": {"min_cells": 5, "min_counts": 1, "min_genes": 1, "target_sum": 1e4,
-                                         "log1p": True, "max_value": 10}},
-        "datasets": rows,
-        "naming": naming,
-        "checks": all_checks,
-        "table_markdown": table,
-        "wall_s": round(time.perf_counter() - started, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "load_average_end": load_average(),
-    }
-    path = write_result("accuracy", payload, key=key)
+    path = write_result("accuracy", payload(rows, naming, table, complete=True), key=key)
     print(table)
     print(f"wrote {path} (runs[{key!r}])")
     return 0
