@@ -646,16 +646,15 @@ class Loader(IterableDataset):
 
     # -- reading --------------------------------------------------------------------------
     def _readers(self) -> dict[str, RangeReader]:
-        """Readers of X and the labels, opened once per process (opening reads metadata)."""
+        """Readers of X and the labels: the store's own, shared by every loader on it."""
         if self._handles is None:
-            root = self.store.root
             try:
                 handles = {}
                 for name, key in (
                     ("indptr", "X/indptr"), ("data", "X/data"), ("indices", "X/indices"),
                     ("label", _LABEL_COLUMN),
                 ):
-                    handles[name] = RangeReader(root[key])
+                    handles[name] = self.store.reader(key)
                 self._handles = handles
             except KeyError:
                 raise StoreError(

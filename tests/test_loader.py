@@ -251,8 +251,9 @@ def test_reading_through_zarr_gives_the_same_batches(atlas, monkeypatch):
     """The direct chunk reader and zarr's own reads yield identical batches."""
     import mars_scale.store as store_module
 
-    def run():
-        loader = Loader(atlas, batch_size=50, seed=2, rank=1, world_size=2, blocks_per_buffer=3)
+    def run():  # a fresh opening: readers are kept per opened store
+        loader = Loader(open_store(atlas.path), batch_size=50, seed=2, rank=1, world_size=2,
+                        blocks_per_buffer=3)
         return loader, collect(loader)
 
     direct_loader, direct = run()
