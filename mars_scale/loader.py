@@ -52,7 +52,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mars_scale.errors import ConfigError, StoreError
 from mars_scale.preprocess import normalize_log1p
-from mars_scale.store import Atlas, RangeReader, open_store
+from mars_scale.store import Atlas, RangeReader, open_store, x_rows_damage
 
 __all__ = ["Batch", "Loader"]
 
@@ -324,7 +324,6 @@ class Loader(IterableDataset):
         self.rank, self.world_size = _resolve_rank(rank, world_size)
 
         self._store: Atlas | None = store if isinstance(store, Atlas) else open_store(store)
-        self._handles: dict | None = None
         self.path = Path(self._store.path)
         self.n_genes = self._store.n_genes
         self.input_kind = self._store.input_kind
@@ -454,7 +453,7 @@ class Loader(IterableDataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_store"] = state["_handles"] = None  # readers are reopened in the worker
+        state["_store"] = None  # reopened in the worker, with its own readers
         return state
 
     # -- public state ---------------------------------------------------------------------
@@ -647,25 +646,24 @@ class Loader(IterableDataset):
     # -- reading --------------------------------------------------------------------------
     def _readers(self) -> dict[str, RangeReader]:
         """Readers of X and the labels: the store's own, shared by every loader on it."""
-        if self._handles is None:
-            try:
-                handles = {}
-                for name, key in (
-                    ("indptr", "X/indptr"), ("data", "X/data"), ("indices", "X/indices"),
-                    ("label", _LABEL_COLUMN),
-                ):
-                    handles[name] = self.store.reader(key)
-                self._handles = handles
-            except KeyError:
-                raise StoreError(
-                    f"{self.path}: {key} is missing (re-run \"mars-scale ingest\")."
-                ) from None
-            except Exception as exc:  # unreadable metadata
-                raise StoreError(
-                    f"{self.path}: {key} cannot be opened ({type(exc).__name__}: {exc}); "
-                    "the store is damaged, re-run \"mars-scale ingest\"."
-                ) from exc
-        return self._handles
+        key = "X"
+        try:
+            readers = {}
+            for name, key in (
+                ("indptr", "X/indptr"), ("data", "X/data"), ("indices", "X/indices"),
+                ("label", _LABEL_COLUMN),
+            ):
+                readers[name] = self.store.reader(key)
+            return readers
+        except KeyError:
+            raise StoreError(
+                f"{self.path}: {key} is missing (re-run \"mars-scale ingest\")."
+            ) from None
+        except Exception as exc:  # unreadable metadata
+            raise StoreError(
+                f"{self.path}: {key} cannot be opened ({type(exc).__name__}: {exc}); "
+                "the store is damaged, re-run \"mars-scale ingest\"."
+            ) from exc
 
     def _damaged(self, what: str, exc: BaseException | None = None) -> StoreError:
         cause = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
@@ -679,8 +677,9 @@ class Loader(IterableDataset):
             ptr = self._readers()["indptr"].read(a, b + 1).astype(np.int64, copy=False)
         except Exception as exc:
             raise self._damaged(f"X rows {a}:{b} cannot be read", exc) from exc
-        if (np.diff(ptr) < 0).any():  # a missing chunk reads back as zeros
-            raise self._damaged(f"X rows {a}:{b} have a decreasing X/indptr")
+        problem = x_rows_damage(ptr)
+        if problem:
+            raise self._damaged(f"X rows {a}:{b} {problem}")
         return ptr
 
     def _read_span(
@@ -700,14 +699,9 @@ class Loader(IterableDataset):
             readers["indices"].read(lo, hi, out=indices)
         except Exception as exc:
             raise self._damaged(f"X rows {a}:{b} cannot be read", exc) from exc
-        # Ingest stores only positive values and sorted, unique indices per row. A missing
-        # chunk reads back as zeros (zarr's fill value), which these checks catch.
-        if (values.size and not values.min() > 0) or (
-            indices.size - np.count_nonzero(indices) > b - a
-        ):
-            raise self._damaged(
-                f"X rows {a}:{b} read back zeros (a chunk of X/data or X/indices is missing)"
-            )
+        problem = x_rows_damage(ptr, values, indices)
+        if problem:
+            raise self._damaged(f"X rows {a}:{b} {problem}")
         normalize_log1p(
             ptr - lo, indices, values, target_sum=self.target_sum, kind=self.input_kind,
             out=values,

@@ -372,9 +372,11 @@ class _SparseScaledMatmul(torch.autograd.Function):
     def forward(  # noqa: D102
         ctx, weight, bias, zero_value, crow, col, per_value, ccol, row_csc, value_csc, block
     ):
-        row = torch.repeat_interleave(
-            torch.arange(crow.numel() - 1, device=col.device, dtype=col.dtype), crow.diff()
-        )
+        row = None  # of each non-zero; needed by the blocked gather and the column sort only
+        if block is not None or ccol is None:
+            row = torch.repeat_interleave(
+                torch.arange(crow.numel() - 1, device=col.device, dtype=col.dtype), crow.diff()
+            )
         ctx.save_for_backward(zero_value, col, row, per_value, ccol, row_csc, value_csc)
         ctx.n_genes = weight.shape[0]
         if block is None:
@@ -449,12 +451,7 @@ def _blocked_embedding_bag(
     n_blocks = -(-weight.shape[0] // block)
     key_dtype = torch.int64 if n_blocks * n_rows >= 2**31 else col.dtype
     key = torch.div(col, block, rounding_mode="floor").to(key_dtype) * n_rows + row
-    sorted_key, order = torch.sort(key, stable=True)
-    offsets = torch.searchsorted(
-        sorted_key,
-        torch.arange(n_blocks * n_rows + 1, device=col.device, dtype=key_dtype),
-        out_int32=col.dtype == torch.int32,
-    )
+    order, offsets = _group(key, n_blocks * n_rows, out_int32=col.dtype == torch.int32)
     col, per_value = col.index_select(0, order), per_value.index_select(0, order)
     bounds = offsets[::n_rows].tolist() if n_rows else [0] * (n_blocks + 1)
     out = torch.zeros(n_rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
@@ -477,13 +474,22 @@ def _column_order(
     col: torch.Tensor, row: torch.Tensor, per_value: torch.Tensor, n_genes: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Column pointer, rows and values of the non-zeros ordered by gene (a CSC copy)."""
-    sorted_col, order = torch.sort(col, stable=True)
-    ccol = torch.searchsorted(
-        sorted_col,
-        torch.arange(n_genes + 1, device=col.device, dtype=col.dtype),
-        out_int32=col.dtype == torch.int32,
-    )
+    order, ccol = _group(col, n_genes, out_int32=col.dtype == torch.int32)
     return ccol, row.index_select(0, order), per_value.index_select(0, order)
+
+
+def _group(
+    key: torch.Tensor, n_groups: int, *, out_int32: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable order of ``key`` (values in ``0..n_groups-1``) and where each group starts in it
+    (``n_groups + 1`` offsets)."""
+    sorted_key, order = torch.sort(key, stable=True)
+    offsets = torch.searchsorted(
+        sorted_key,
+        torch.arange(n_groups + 1, device=key.device, dtype=key.dtype),
+        out_int32=out_int32,
+    )
+    return order, offsets
 
 
 def dense_scaled_target(

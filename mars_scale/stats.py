@@ -173,5 +173,6 @@ def compute_stats(store, *, rows_per_block: int | None = None, client=None):
         result = client.compute(total).result()
     else:
         (result,) = dask.compute(total, scheduler="threads")
+        _opened.cache_clear()  # this process's opening (workers' expire with their cache)
     logger.info("statistics over %d cells in %d blocks", result.n_obs, len(blocks))
     return result

@@ -49,6 +49,7 @@ __all__ = [
     "check_replaceable",
     "store_lock",
     "RangeReader",
+    "x_rows_damage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -568,15 +569,11 @@ class Atlas:
             indices = self.reader("X/indices").read(lo, hi)
         except Exception as exc:
             raise _damaged(self.path, f"{key} (rows {start}:{stop})", exc) from exc
-        # Ingest writes positive values only and a non-decreasing indptr; a missing chunk reads
-        # back as zarr's fill value (0), which breaks one or the other.
-        if data.shape[0] != hi - lo or indices.shape[0] != hi - lo or (np.diff(indptr) < 0).any():
-            raise StoreError(f"{self.path}: X rows {start}:{stop} are truncated; the store is damaged")
-        # Each row holds a gene index at most once: more zeros than rows is a missing chunk.
-        if (data.size and not data.min() > 0) or indices.size - np.count_nonzero(indices) > stop - start:
+        problem = x_rows_damage(indptr, data, indices)
+        if problem:
             raise StoreError(
-                f"{self.path}: X rows {start}:{stop} read back zeros (a chunk of X/data or "
-                "X/indices is missing); the store is damaged, re-run \"mars-scale ingest\""
+                f"{self.path}: X rows {start}:{stop} {problem}; the store is damaged, "
+                "re-run \"mars-scale ingest\""
             )
         return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_genes))
 
@@ -646,6 +643,25 @@ class Atlas:
             f"Atlas({str(self.path)!r}, n_cells={self.n_cells}, n_genes={self.n_genes}, "
             f"experiments={len(self.experiments)}, spec={self.spec_version})"
         )
+
+
+def x_rows_damage(
+    indptr: np.ndarray, data: np.ndarray | None = None, indices: np.ndarray | None = None
+) -> str | None:
+    """What is wrong with rows read back from ``X``, or ``None``.
+
+    Ingest writes a non-decreasing ``indptr``, positive values only and each gene at most once
+    per row; a chunk that is missing reads back as zeros (zarr's fill value), which breaks one of
+    these. ``data`` and ``indices`` (the rows' slice of ``X/data`` and ``X/indices``) may be
+    left out to check ``indptr`` alone.
+    """
+    if (np.diff(indptr) < 0).any():
+        return "have a decreasing X/indptr"
+    if data is not None and data.size and not data.min() > 0:
+        return "read back zeros (a chunk of X/data is missing)"
+    if indices is not None and indices.size - np.count_nonzero(indices) > indptr.shape[0] - 1:
+        return "read back zeros (a chunk of X/indices is missing)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

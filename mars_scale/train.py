@@ -377,12 +377,15 @@ def fit(
     bs = tc.batch_size
     main = info.is_main
 
+    def training_loader(experiments: list[str], seed: int) -> Loader:
+        return Loader(store, batch_size=bs, experiments=experiments, shuffle=True, seed=seed,
+                      rank=info.rank, world_size=info.world_size,
+                      blocks_per_buffer=tc.blocks_per_buffer, rows_per_block=tc.rows_per_block)
+
     # ---- 1. pretraining -------------------------------------------------------------------
     if state["phase"] == "pretrain":
         pre_exps = [plan.unannotated] if tc.pretrain_on == "unannotated" else [plan.unannotated, *plan.annotated]
-        loader = Loader(store, batch_size=bs, experiments=pre_exps, shuffle=True, seed=tc.seed,
-                        rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer,
-                        rows_per_block=tc.rows_per_block)
+        loader = training_loader(pre_exps, tc.seed)
         net = ddp(model)
         optimizer = make_optimizer(model.parameters(), "pretrain")
         steps = max(len(loader), tc.min_steps_per_epoch)
@@ -413,12 +416,8 @@ def fit(
 
     encoder = model.encoder
     net = ddp(encoder)
-    loader_a = Loader(store, batch_size=bs, experiments=list(plan.annotated), shuffle=True, seed=tc.seed + 1,
-                      rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer,
-                        rows_per_block=tc.rows_per_block)
-    loader_u = Loader(store, batch_size=bs, experiments=[plan.unannotated], shuffle=True, seed=tc.seed + 2,
-                      rank=info.rank, world_size=info.world_size, blocks_per_buffer=tc.blocks_per_buffer,
-                        rows_per_block=tc.rows_per_block)
+    loader_a = training_loader(list(plan.annotated), tc.seed + 1)
+    loader_u = training_loader([plan.unannotated], tc.seed + 2)
     n_labelled = torch.zeros(len(plan.experiments), dtype=torch.float32, device=device)
     for name, n in plan.n_labelled.items():
         n_labelled[plan.experiments.index(name)] = n
