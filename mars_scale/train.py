@@ -211,6 +211,39 @@ def _class_means(encoder, store, plan: TrainPlan, *, batch_size, device, info, n
     return sums, counts
 
 
+@torch.no_grad()
+def _alignment(encoder, store, plan: TrainPlan, sums: torch.Tensor, counts: torch.Tensor, *, batch_size,
+               device, info, max_cells: int | None = None, seed: int = 0) -> float:
+    """How well the annotated experiments agree: leave-one-experiment-out nearest-class-mean accuracy.
+
+    Each labelled annotated cell is classified by the nearest of the class means computed from
+    the *other* annotated experiments (``sums`` and ``counts`` per (experiment, cell type), from
+    :func:`_class_means`); cells whose type no other experiment has are not counted. Returns
+    the fraction classified right over all ranks, or NaN when no cell can be scored.
+    """
+    n_exp, n_types = len(plan.experiments), len(plan.cell_types)
+    sums = sums.view(n_exp, n_types, -1)
+    counts = counts.view(n_exp, n_types)
+    others_n = counts.sum(0, keepdim=True) - counts                                  # E x T
+    others = (sums.sum(0, keepdim=True) - sums) / others_n.clamp(min=1).unsqueeze(-1)  # E x T x d
+    present = others_n > 0
+    tally = torch.zeros(2, dtype=torch.float64, device=device)                        # right, scored
+    per_rank = None if max_cells is None else max(1, max_cells // info.world_size)
+    for _, exp, lab, z in embed(encoder, store, experiments=list(plan.annotated), batch_size=batch_size,
+                                device=device, info=info, max_rows=per_rank, seed=seed):
+        keep = lab >= 0
+        keep[keep.clone()] = present[exp[keep], lab[keep]]
+        if not keep.any():
+            continue
+        e, y = exp[keep], lab[keep]
+        d = ((z[keep].double().unsqueeze(1) - others[e]) ** 2).sum(-1)
+        d = d.masked_fill(~present[e], float("inf"))
+        tally[0] += (d.argmin(1) == y).sum()
+        tally[1] += len(y)
+    all_reduce_sum(tally, info)
+    return float(tally[0] / tally[1]) if tally[1] > 0 else float("nan")
+
+
 class _AnnotatedLandmarks:
     """The annotated landmarks: one per (experiment, cell type) present, with a lookup table."""
 
@@ -242,6 +275,20 @@ class _AnnotatedLandmarks:
 
 AUTO_WARMUP_EPOCHS = 10
 AUTO_WARMUP_MIN_EXPERIMENTS = 3
+# The auto warm-up stops once the annotated experiments agree (docs/algorithm.md): when the
+# leave-one-experiment-out nearest-class-mean accuracy reaches WARMUP_ALIGNED, or, from the
+# second epoch on, gains less than WARMUP_MIN_GAIN over the epoch before.
+WARMUP_ALIGNED = 0.99
+WARMUP_MIN_GAIN = 0.005
+
+
+def warmup_should_stop(alignment: list[float]) -> bool:
+    """Whether the auto warm-up stops, given the alignment after each warm-up epoch so far."""
+    if not alignment or alignment[-1] != alignment[-1]:  # nothing scored (NaN): run to the cap
+        return False
+    if alignment[-1] >= WARMUP_ALIGNED:
+        return True
+    return len(alignment) >= 2 and alignment[-1] - alignment[-2] < WARMUP_MIN_GAIN
 
 
 def resolve_warmup_epochs(warmup_epochs: int | None, *, n_annotated: int) -> int:
@@ -323,6 +370,7 @@ def fit(
         "landmark_optimizer": None,
         "kmeans_init": None,
         "kmeans_pretrained": None,
+        "warmup_epochs_run": None,
     }
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     saved = None
@@ -343,6 +391,7 @@ def fit(
 
     optimizer: torch.optim.Adam | None = None
     warmup_epochs = resolve_warmup_epochs(tc.warmup_epochs, n_annotated=len(plan.annotated))
+    warmup_stops_early = tc.warmup_epochs is None  # auto: up to warmup_epochs, until aligned
 
     # What every checkpoint carries besides the training state (the gene ids are read once).
     provenance = {
@@ -370,8 +419,9 @@ def fit(
             save_checkpoint(ckpt_path, payload())
 
     def epochs_done() -> int:
-        before = {"pretrain": 0, "warmup": tc.pretrain_epochs, "init": tc.pretrain_epochs + warmup_epochs,
-                  "finetune": tc.pretrain_epochs + warmup_epochs}
+        ran = warmup_epochs if state["warmup_epochs_run"] is None else state["warmup_epochs_run"]
+        before = {"pretrain": 0, "warmup": tc.pretrain_epochs, "init": tc.pretrain_epochs + ran,
+                  "finetune": tc.pretrain_epochs + ran}
         return before.get(state["phase"], 0) + state["epoch"]
     ddp = (lambda m: DistributedDataParallel(m)) if info.initialized else (lambda m: m)
     bs = tc.batch_size
@@ -435,11 +485,16 @@ def fit(
         nonlocal annotated
         phase, label = ("warmup", "warm-up") if p_u is None else ("finetune", "fine-tune")
         steps = steps_a if p_u is None else max(steps_a, len(loader_u))
+
+        def class_means(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info,
+                                n_latent=config.model.n_latent, max_cells=tc.annotated_cells_per_epoch,
+                                seed=tc.seed + 1000 + epoch + (500 if p_u is None else 0))
+
+        next_means = None  # the warm-up's alignment check computes the next epoch's class means
         for epoch in range(state["epoch"], n_epochs):
             # a. annotated landmarks in closed form from the current class means
-            sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info,
-                                        n_latent=config.model.n_latent, max_cells=tc.annotated_cells_per_epoch,
-                                        seed=tc.seed + 1000 + epoch + (500 if p_u is None else 0))
+            sums, counts = next_means if next_means is not None else class_means(epoch)
             annotated = _AnnotatedLandmarks(plan, device)
             if state["annotated_landmarks"] is not None and len(state["annotated_landmarks"]) == len(annotated.pairs):
                 annotated.values = state["annotated_landmarks"].to(device)
@@ -483,13 +538,29 @@ def fit(
                 state["landmark_optimizer"] = landmark_opt.state_dict()
             record = {"phase": phase, "epoch": epoch + 1, "loss": float(totals_mean[0]),
                       "annotated": float(totals_mean[1]), "unannotated": float(totals_mean[2])}
+            aligned = False
+            if p_u is None and warmup_stops_early:
+                next_means = class_means(epoch + 1)
+                record["alignment"] = _alignment(
+                    encoder, store, plan, *next_means, batch_size=max(bs, 1024), device=device, info=info,
+                    max_cells=tc.annotated_cells_per_epoch, seed=tc.seed + 2000 + epoch)
+                aligned = warmup_should_stop(
+                    [h["alignment"] for h in state["history"] if h["phase"] == "warmup"] + [record["alignment"]])
             state["history"].append(record)
             if main:
-                logger.info("%s epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f; %.1f s, %.0f cells/s per rank)",
-                            label, epoch + 1, n_epochs, *totals_mean, seconds, n_seen / seconds)
+                logger.info("%s epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f; %.1f s, %.0f cells/s per rank)%s",
+                            label, epoch + 1, n_epochs, *totals_mean, seconds, n_seen / seconds,
+                            f"; annotated experiments aligned {record['alignment']:.4f}" if "alignment" in record else "")
+            if aligned or (p_u is None and epoch + 1 == n_epochs):
+                state["phase"], state["epoch"], state["warmup_epochs_run"] = "init", 0, epoch + 1
+                if aligned and main and epoch + 1 < n_epochs:
+                    logger.info("warm-up stops after %d of at most %d epochs: the annotated experiments agree",
+                                epoch + 1, n_epochs)
             save()
             if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
                 return True
+            if aligned:
+                break
         return False
 
     # ---- 2. supervised warm-up (annotated term only), so K-means sees an informed embedding ----

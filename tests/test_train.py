@@ -262,6 +262,72 @@ def test_auto_warmup_needs_three_annotated_experiments(configured, n_annotated, 
     assert resolve_warmup_epochs(configured, n_annotated=n_annotated) == expected
 
 
+def test_alignment_matches_a_dense_leave_one_experiment_out_classifier(tmp_path):
+    from mars_scale.distributed import DistInfo
+    from mars_scale.nn import Autoencoder
+    from mars_scale.train import _alignment, _class_means, embed, plan_training
+
+    store = open_store(_balanced_store(tmp_path, sizes=(60, 90, 70, 80)))
+    plan = plan_training(store, unannotated="exp0", n_clusters=3)
+    model = Autoencoder.from_config(store.n_genes, TINY.model, mean=torch.as_tensor(store.var_column("mean")),
+                                    std=torch.as_tensor(store.var_column("std")), rng=torch.Generator().manual_seed(5))
+    info, cpu = DistInfo(), torch.device("cpu")
+    sums, counts = _class_means(model.encoder, store, plan, batch_size=64, device=cpu, info=info, n_latent=8)
+    got = _alignment(model.encoder, store, plan, sums, counts, batch_size=64, device=cpu, info=info)
+    # reference: every annotated cell against the class means of the cells of the other experiments
+    parts = list(embed(model.encoder, store, experiments=list(plan.annotated), batch_size=64, device=cpu, info=info))
+    exp, lab, z = (torch.cat([p[i] for p in parts]).numpy() for i in (1, 2, 3))
+    right = scored = 0
+    for e in np.unique(exp):
+        other = (exp != e) & (lab >= 0)
+        types = np.unique(lab[other])
+        means = np.stack([z[other & (lab == t)].astype(np.float64).mean(0) for t in types])
+        mine = (exp == e) & np.isin(lab, types)
+        nearest = types[((z[mine][:, None, :] - means[None]) ** 2).sum(-1).argmin(1)]
+        right += int((nearest == lab[mine]).sum())
+        scored += int(mine.sum())
+    assert scored > 0 and 0 < right < scored  # an untrained encoder misclassifies some cells
+    assert got == pytest.approx(right / scored, abs=1e-12)
+
+
+@pytest.mark.parametrize(("alignment", "stop"), [
+    ([], False), ([0.95], False), ([0.992], True), ([0.95, 0.97], False), ([0.95, 0.953], True),
+    ([0.95, 0.96, 0.991], True), ([float("nan")], False), ([0.9, 0.89], True),
+])
+def test_the_auto_warmup_stops_once_the_annotated_experiments_agree(alignment, stop):
+    from mars_scale.train import warmup_should_stop
+
+    assert warmup_should_stop(alignment) is stop
+
+
+def test_auto_warmup_records_alignment_stops_early_and_resumes_exactly(tmp_path, monkeypatch):
+    import mars_scale.train as train
+
+    store = _balanced_store(tmp_path, sizes=(100, 120, 80, 90))
+    auto = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "warmup_epochs": None}))
+    # an unreachable bar and no minimum gain: the warm-up runs to its cap, recording alignment
+    monkeypatch.setattr(train, "AUTO_WARMUP_EPOCHS", 3)
+    monkeypatch.setattr(train, "WARMUP_ALIGNED", 2.0)
+    monkeypatch.setattr(train, "WARMUP_MIN_GAIN", -1.0)
+    capped = Mars(store, unannotated="exp0", n_clusters=3, config=auto).train()
+    scores = [h["alignment"] for h in capped.history if h["phase"] == "warmup"]
+    assert len(scores) == 3 and all(0 <= a <= 1 for a in scores)
+    # a bar just under the first epoch's score: one epoch, then the landmarks
+    monkeypatch.setattr(train, "WARMUP_ALIGNED", scores[0] - 1e-9)
+    full = Mars(store, unannotated="exp0", n_clusters=3, config=auto).train(run_dir=tmp_path / "full")
+    assert [h["phase"] for h in full.history] == ["pretrain"] * 2 + ["warmup"] + ["finetune"] * 3
+    assert full.state["warmup_epochs_run"] == 1
+    # interrupted right after the early stop, then resumed: the same landmarks
+    Mars(store, unannotated="exp0", n_clusters=3, config=auto).train(run_dir=tmp_path / "part", stop_after_epoch=3)
+    resumed = Mars(store, unannotated="exp0", n_clusters=3, config=auto).train(run_dir=tmp_path / "part", resume=True)
+    np.testing.assert_array_equal(resumed.unannotated_landmarks, full.unannotated_landmarks)
+    # an explicit number of epochs is run in full, without the check
+    fixed = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "warmup_epochs": 3}))
+    history = Mars(store, unannotated="exp0", n_clusters=3, config=fixed).train().history
+    warm = [h for h in history if h["phase"] == "warmup"]
+    assert len(warm) == 3 and not any("alignment" in h for h in warm)
+
+
 def test_negative_warmup_is_refused():
     with pytest.raises(ConfigError, match="warmup_epochs"):
         TrainConfig(warmup_epochs=-1)

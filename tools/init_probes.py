@@ -103,14 +103,15 @@ def _scores(model: Mars, atlas, held: str, k: int, seed: int, truth: np.ndarray,
 
 
 def probe_criteria(atlas, held: str, k: int, seed: int, truth: np.ndarray,
-                   subset: np.ndarray | None = None) -> dict:
+                   subset: np.ndarray | None = None, warmups: tuple[int, ...] = (10,)) -> dict:
     base = TrainConfig(seed=seed)
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pretrained"
         Mars(atlas, unannotated=held, n_clusters=k, config=RunConfig(train=base)).train(
             run_dir=pre, stop_after_epoch=base.pretrain_epochs)
-        for name, warmup in (("ae", 0), ("wu", 10)):
+        variants = [("ae", 0)] + [("wu" if w == 10 else f"wu{w}", w) for w in warmups]
+        for name, warmup in variants:
             run = Path(tmp) / name
             run.mkdir()
             shutil.copy(pre / "checkpoint.pt", run / "checkpoint.pt")
@@ -149,6 +150,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1, help="objective: seeds 0..N-1")
     p.add_argument("--options", default="{}", help="pretrain: TrainConfig options as JSON")
     p.add_argument("--subset", help="criteria: also score the cells H5AD:COLUMN flags")
+    p.add_argument("--warmups", default="10", help="criteria: warm-up epochs to compare, e.g. 2,5,10")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     atlas = open_store(args.store)
@@ -159,7 +161,8 @@ def main() -> None:
         started = time.perf_counter()
         if args.probe == "criteria":
             subset = None if args.subset is None else _subset_mask(atlas, args.held_out, args.subset)
-            result = probe_criteria(atlas, args.held_out, args.k, seed, truth, subset)
+            warmups = tuple(int(w) for w in args.warmups.split(","))
+            result = probe_criteria(atlas, args.held_out, args.k, seed, truth, subset, warmups)
         elif args.probe == "pretrain":
             result = probe_pretrain(atlas, args.held_out, args.k, seed, truth, json.loads(args.options))
         else:
