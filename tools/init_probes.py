@@ -14,6 +14,11 @@ Three probes, each appending one JSON line to ``OUT``:
     singlets.
 ``pretrain``
     The ARI of K-means on the pretrained embedding, for training options given as JSON.
+``curve``
+    Pretrain once, then run the auto warm-up epoch by epoch up to ``--epochs`` without its stop:
+    after each epoch, the annotated experiments' agreement that the stop reads (the
+    leave-one-experiment-out nearest-class-mean accuracy) beside the ARI of K-means on the
+    held-out cells, and the epoch at which the auto warm-up would have stopped.
 ``objective``
     Full MARS runs for seeds ``0..SEEDS-1``: the final epoch's objective beside the ARI, to see
     whether the objective could choose between restarts.
@@ -25,6 +30,7 @@ Examples::
     python tools/init_probes.py pretrain atlas.zarr Dropseq_3cl 3 --out probes.jsonl \\
         --options '{"batch_size": 4096, "min_steps_per_epoch": 1}'
     python tools/init_probes.py objective atlas.zarr batch_1 2 --seeds 5 --out probes.jsonl
+    python tools/init_probes.py curve atlas.zarr Dropseq_3cl 3 --epochs 6 --out probes.jsonl
 """
 from __future__ import annotations
 
@@ -130,6 +136,35 @@ def probe_pretrain(atlas, held: str, k: int, seed: int, truth: np.ndarray, optio
             "mse_last": model.history[-1]["loss"] if model.history else None}
 
 
+def probe_curve(atlas, held: str, k: int, seed: int, truth: np.ndarray, epochs: int, options: dict) -> dict:
+    import mars_scale.train as train
+
+    base = dataclasses.replace(TrainConfig(seed=seed, warmup_epochs=None, finetune_epochs=0), **options)
+    bar, gain, cap = train.WARMUP_ALIGNED, train.WARMUP_MIN_GAIN, train.AUTO_WARMUP_EPOCHS
+    curve = []
+    with tempfile.TemporaryDirectory() as tmp:
+        growing = Path(tmp) / "growing"
+        try:  # record the whole curve: the stop never fires, the cap is `epochs`
+            train.WARMUP_ALIGNED, train.WARMUP_MIN_GAIN, train.AUTO_WARMUP_EPOCHS = float("inf"), float("-inf"), epochs
+            for epoch in range(epochs + 1):
+                history = Mars(atlas, unannotated=held, n_clusters=k, config=RunConfig(train=base)).train(
+                    run_dir=growing, resume=epoch > 0, stop_after_epoch=base.pretrain_epochs + epoch).state["history"]
+                snapshot = Path(tmp) / f"after_{epoch}"
+                snapshot.mkdir()
+                shutil.copy(growing / "checkpoint.pt", snapshot / "checkpoint.pt")
+                config = RunConfig(train=dataclasses.replace(base, warmup_epochs=epoch))
+                model = Mars(atlas, unannotated=held, n_clusters=k, config=config).train(run_dir=snapshot, resume=True)
+                _, z = _embedding(model, atlas, [held])
+                aligned = [h["alignment"] for h in history if h["phase"] == "warmup"]
+                curve.append({"epoch": epoch, "alignment": aligned[-1] if epoch else None,
+                              "ari_kmeans": adjusted_rand_score(truth, _kmeans_labels(z, k, seed)[0])})
+        finally:
+            train.WARMUP_ALIGNED, train.WARMUP_MIN_GAIN, train.AUTO_WARMUP_EPOCHS = bar, gain, cap
+    scores = [c["alignment"] for c in curve[1:]]
+    stop = next((i + 1 for i in range(len(scores)) if train.warmup_should_stop(scores[: i + 1])), None)
+    return {"options": options, "curve": curve, "auto_stops_after": stop}
+
+
 def probe_objective(atlas, held: str, k: int, seed: int, truth: np.ndarray) -> dict:
     model = Mars(atlas, unannotated=held, n_clusters=k, config=RunConfig(train=TrainConfig(seed=seed))).train()
     _, z = _embedding(model, atlas, [held])
@@ -142,13 +177,14 @@ def probe_objective(atlas, held: str, k: int, seed: int, truth: np.ndarray) -> d
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("probe", choices=("criteria", "pretrain", "objective"))
+    p.add_argument("probe", choices=("criteria", "pretrain", "objective", "curve"))
     p.add_argument("store")
     p.add_argument("held_out")
     p.add_argument("k", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="objective: seeds 0..N-1")
-    p.add_argument("--options", default="{}", help="pretrain: TrainConfig options as JSON")
+    p.add_argument("--options", default="{}", help="pretrain, curve: TrainConfig options as JSON")
+    p.add_argument("--epochs", type=int, default=6, help="curve: warm-up epochs to record")
     p.add_argument("--subset", help="criteria: also score the cells H5AD:COLUMN flags")
     p.add_argument("--warmups", default="10", help="criteria: warm-up epochs to compare, e.g. 2,5,10")
     p.add_argument("--out", type=Path, required=True)
@@ -163,6 +199,8 @@ def main() -> None:
             subset = None if args.subset is None else _subset_mask(atlas, args.held_out, args.subset)
             warmups = tuple(int(w) for w in args.warmups.split(","))
             result = probe_criteria(atlas, args.held_out, args.k, seed, truth, subset, warmups)
+        elif args.probe == "curve":
+            result = probe_curve(atlas, args.held_out, args.k, seed, truth, args.epochs, json.loads(args.options))
         elif args.probe == "pretrain":
             result = probe_pretrain(atlas, args.held_out, args.k, seed, truth, json.loads(args.options))
         else:
