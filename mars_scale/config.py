@@ -55,11 +55,12 @@ class TrainConfig:
         pretraining and the landmark initialisation: the annotated term of eq. 3 alone, so that
         K-means initialises the unannotated landmarks on an embedding already shaped by the
         reference annotations rather than on the autoencoder's. Not in the paper. ``None``
-        (default, auto): with at least 2 annotated experiments, up to 10 epochs, stopping as
+        (default, auto): with at least 3 annotated experiments, up to 10 epochs, stopping as
         soon as the annotated experiments agree (each annotated cell is nearest to its own
         type's mean in the other annotated experiments for 99% of cells, or that fraction
-        gains less than 0.005 in an epoch); none with 1 annotated experiment, where agreement
-        cannot be measured (mesc batch3: ARI 0.55 with 10 epochs, 0.97 without). Past that point the warm-up only memorises
+        gains less than 0.005 in an epoch); none with 1 or 2 (mesc batch3, 1 annotated
+        experiment: ARI 0.55 with 10 epochs, 0.97 without; with 2, a type missing from the
+        reference was no longer called new). Past that point the warm-up only memorises
         the reference (CellBench Drop-seq held out after four CEL-seq2 experiments: K-means
         ARI 0.94 after 1 epoch, 0.88 after 10). A number runs exactly that many epochs; 0
         skips it (docs/algorithm.md).

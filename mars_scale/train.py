@@ -274,7 +274,7 @@ class _AnnotatedLandmarks:
 
 
 AUTO_WARMUP_EPOCHS = 10
-AUTO_WARMUP_MIN_EXPERIMENTS = 2
+AUTO_WARMUP_MIN_EXPERIMENTS = 3
 # The auto warm-up stops once the annotated experiments agree (docs/algorithm.md): when the
 # leave-one-experiment-out nearest-class-mean accuracy reaches WARMUP_ALIGNED, or, from the
 # second epoch on, gains less than WARMUP_MIN_GAIN over the epoch before.
@@ -295,8 +295,8 @@ def resolve_warmup_epochs(warmup_epochs: int | None, *, n_annotated: int) -> int
     """The supervised warm-up epochs to run.
 
     ``warmup_epochs`` when given; for ``None`` (auto), ``AUTO_WARMUP_EPOCHS`` when the reference
-    has at least ``AUTO_WARMUP_MIN_EXPERIMENTS`` annotated experiments, none with one (the
-    agreement that stops it needs two; measurements in docs/algorithm.md). In auto mode this is a cap: the warm-up stops earlier
+    has at least ``AUTO_WARMUP_MIN_EXPERIMENTS`` annotated experiments, none with one or two
+    (measurements in docs/algorithm.md). In auto mode this is a cap: the warm-up stops earlier
     once :func:`warmup_should_stop` says the annotated experiments agree.
     """
     if warmup_epochs is not None:

@@ -255,8 +255,8 @@ def test_warmup_resumes_exactly_and_uses_only_the_annotated_term(tmp_path):
 
 
 @pytest.mark.parametrize(("configured", "n_annotated", "expected"),
-                         [(None, 1, 0), (None, 2, 10), (None, 3, 10), (None, 19, 10), (0, 19, 0), (4, 1, 4)])
-def test_auto_warmup_needs_two_annotated_experiments(configured, n_annotated, expected):
+                         [(None, 1, 0), (None, 2, 0), (None, 3, 10), (None, 19, 10), (0, 19, 0), (4, 1, 4)])
+def test_auto_warmup_needs_three_annotated_experiments(configured, n_annotated, expected):
     from mars_scale.train import resolve_warmup_epochs
 
     assert resolve_warmup_epochs(configured, n_annotated=n_annotated) == expected
