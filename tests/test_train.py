@@ -192,9 +192,14 @@ def _torchrun(args, nproc, env_extra=None, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
-    """2 ranks x half the batch = 1 process x the whole batch (every step sees all rows)."""
-    store = _balanced_store(tmp_path, sizes=(100, 120, 80))
+@pytest.mark.parametrize("sizes", [(100, 120, 80), (100, 120, 80, 90)], ids=["no-warmup", "auto-warmup"])
+def test_two_gloo_ranks_match_one_process(tmp_path, sizes):
+    """2 ranks x half the batch = 1 process x the whole batch (every step sees all rows).
+
+    With 3 annotated experiments the auto warm-up runs too, and its agreement check (summed
+    over ranks) must read the same on both.
+    """
+    store = _balanced_store(tmp_path, sizes=sizes)
     common = ["train", str(store), "--unannotated", "exp0", "--n-clusters", "3", "--device", "cpu"]
     cfg = tmp_path / "c.toml"
     cfg.write_text("[model]\nhidden = [32]\nn_latent = 8\n[train]\npretrain_epochs = 2\nfinetune_epochs = 3\nseed = 1\n")
@@ -209,6 +214,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     _, za = a.embed(experiments=["exp0"])
     _, zb = b.embed(experiments=["exp0"])
     np.testing.assert_allclose(zb, za, rtol=1e-3, atol=1e-4)
+    aligned = [[h["alignment"] for h in m.history if h["phase"] == "warmup"] for m in (a, b)]
+    assert (len(aligned[0]) > 0) == (len(sizes) == 4)  # the warm-up runs with 3 annotated experiments
+    np.testing.assert_allclose(aligned[1], aligned[0], atol=1e-6)
 
 
 def test_unused_landmarks_are_reported_and_pruned(tmp_path):
