@@ -235,11 +235,13 @@ def _alignment(encoder, store, plan: TrainPlan, sums: torch.Tensor, counts: torc
         keep[keep.clone()] = present[exp[keep], lab[keep]]
         if not keep.any():
             continue
-        e, y = exp[keep], lab[keep]
-        d = ((z[keep].double().unsqueeze(1) - others[e]) ** 2).sum(-1)
-        d = d.masked_fill(~present[e], float("inf"))
-        tally[0] += (d.argmin(1) == y).sum()
-        tally[1] += len(y)
+        e, y, z = exp[keep], lab[keep], z[keep].double()
+        for code in e.unique():  # per experiment: a cells x types distance table, not x dims too
+            rows = e == code
+            d = torch.cdist(z[rows], others[code], compute_mode="donot_use_mm_for_euclid_dist")
+            d = d.masked_fill(~present[code], float("inf"))
+            tally[0] += (d.argmin(1) == y[rows]).sum()
+            tally[1] += int(rows.sum())
     all_reduce_sum(tally, info)
     return float(tally[0] / tally[1]) if tally[1] > 0 else float("nan")
 
