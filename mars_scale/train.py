@@ -286,7 +286,7 @@ WARMUP_MIN_GAIN = 0.005
 
 def warmup_should_stop(alignment: list[float]) -> bool:
     """Whether the auto warm-up stops, given the alignment after each warm-up epoch so far."""
-    if not alignment or alignment[-1] != alignment[-1]:  # nothing scored (NaN): run to the cap
+    if not alignment or math.isnan(alignment[-1]):  # nothing scored: run to the cap
         return False
     if alignment[-1] >= WARMUP_ALIGNED:
         return True
@@ -373,7 +373,6 @@ def fit(
         "landmark_optimizer": None,
         "kmeans_init": None,
         "kmeans_pretrained": None,
-        "warmup_epochs_run": None,
     }
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     saved = None
@@ -422,7 +421,7 @@ def fit(
             save_checkpoint(ckpt_path, payload())
 
     def epochs_done() -> int:
-        ran = warmup_epochs if state["warmup_epochs_run"] is None else state["warmup_epochs_run"]
+        ran = sum(h["phase"] == "warmup" for h in state["history"])  # the auto warm-up may stop early
         before = {"pretrain": 0, "warmup": tc.pretrain_epochs, "init": tc.pretrain_epochs + ran,
                   "finetune": tc.pretrain_epochs + ran}
         return before.get(state["phase"], 0) + state["epoch"]
@@ -554,9 +553,9 @@ def fit(
                 logger.info("%s epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f; %.1f s, %.0f cells/s per rank)%s",
                             label, epoch + 1, n_epochs, *totals_mean, seconds, n_seen / seconds,
                             f"; annotated experiments aligned {record['alignment']:.4f}" if "alignment" in record else "")
-            if aligned or (p_u is None and epoch + 1 == n_epochs):
-                state["phase"], state["epoch"], state["warmup_epochs_run"] = "init", 0, epoch + 1
-                if aligned and main and epoch + 1 < n_epochs:
+            if aligned:  # saved as done, so a resume goes on to the landmarks
+                state["phase"], state["epoch"] = "init", 0
+                if main and epoch + 1 < n_epochs:
                     logger.info("warm-up stops after %d of at most %d epochs: the annotated experiments agree",
                                 epoch + 1, n_epochs)
             save()
