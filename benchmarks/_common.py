@@ -126,8 +126,13 @@ def git_commit() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+# Taken when the benchmark starts: a long run outlives commits made meanwhile, and the code that
+# ran is the tree at its start (or the package snapshot it imports, named by "package_path").
+_GIT_AT_START = git_commit()
+
+
 def environment() -> dict[str, Any]:
-    """Hardware, software versions, git commit, date and load of this machine."""
+    """Hardware, software versions, git commit at the start, date and load of this machine."""
     import psutil
 
     gpu = None
@@ -150,7 +155,8 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in _PACKAGES},
-        "git": git_commit(),
+        "git": _GIT_AT_START,
+        "package_path": str(Path(sys.modules["mars_scale"].__file__).parent) if "mars_scale" in sys.modules else None,
         "load_average": load_average(),
     }
 

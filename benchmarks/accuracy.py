@@ -150,7 +150,8 @@ def _accuracy(row: str, store: Path, seeds: list[int], config) -> dict[str, Any]
         "above_kmeans_pca": mars_mean >= overall["kmeans_pca"]["ari"],
     }
     if reference:
-        checks["at_or_above_reference_mean"] = mars_mean >= reference["mean"]
+        # at the precision REFERENCE.md gives (3 decimals): its means are rounded figures
+        checks["at_or_above_reference_mean"] = round(mars_mean, 3) >= reference["mean"]
     return {
         "store": str(store),
         "experiments": experiments,
