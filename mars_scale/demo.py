@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -75,8 +75,12 @@ def run_demo(
     n_cell_types: int = 6,
     seed: int = 0,
     plots: bool = True,
+    train_options: Mapping[str, Any] | None = None,
 ) -> DemoResult:
     """Run the whole pipeline on a simulated atlas in ``directory``.
+
+    ``train_options`` overrides :class:`~mars_scale.config.TrainConfig` fields (the defaults
+    otherwise, on the CPU), for probes of how an option changes the result.
 
     Returns
     -------
@@ -130,7 +134,7 @@ def run_demo(
         # store for evaluation only (training never reads them)
         ingest(h5ads, store_path, config=IngestConfig(experiment_key="experiment", label_key="cell_type"), overwrite=True)
     config = RunConfig(
-        train=TrainConfig(seed=seed, device="cpu"),
+        train=TrainConfig(**{"seed": seed, "device": "cpu", **(train_options or {})}),
     )
     run_dir = directory / "run"
     with stage("train"):

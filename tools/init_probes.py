@@ -20,8 +20,13 @@ Three probes, each appending one JSON line to ``OUT``:
     leave-one-experiment-out nearest-class-mean accuracy) beside the ARI of K-means on the
     held-out cells, and the epoch at which the auto warm-up would have stopped.
 ``objective``
-    Full MARS runs for seeds ``0..SEEDS-1``: the final epoch's objective beside the ARI, to see
-    whether the objective could choose between restarts.
+    Full MARS runs for seeds ``0..SEEDS-1`` (training options as JSON): the final epoch's
+    objective beside the ARI, to see whether the objective could choose between restarts, or
+    how an option changes the ARI seed by seed.
+``demo``
+    The ``mars-scale demo`` atlas (simulated; one type only in the held-out experiment) with
+    training options as JSON: ARI, and per cluster its main true type, name and novelty. The
+    positional arguments are ignored (pass ``- - 0``).
 
 Examples::
 
@@ -31,6 +36,9 @@ Examples::
         --options '{"batch_size": 4096, "min_steps_per_epoch": 1}'
     python tools/init_probes.py objective atlas.zarr batch_1 2 --seeds 5 --out probes.jsonl
     python tools/init_probes.py curve atlas.zarr Dropseq_3cl 3 --epochs 6 --out probes.jsonl
+    python tools/init_probes.py objective atlas.zarr batch3 3 --seeds 5 --out probes.jsonl \
+        --options '{"finetune_lr": 0.001}'
+    python tools/init_probes.py demo - - 0 --options '{"finetune_lr": 0.001}' --out probes.jsonl
 """
 from __future__ import annotations
 
@@ -165,33 +173,44 @@ def probe_curve(atlas, held: str, k: int, seed: int, truth: np.ndarray, epochs: 
     return {"options": options, "curve": curve, "auto_stops_after": stop}
 
 
-def probe_objective(atlas, held: str, k: int, seed: int, truth: np.ndarray) -> dict:
-    model = Mars(atlas, unannotated=held, n_clusters=k, config=RunConfig(train=TrainConfig(seed=seed))).train()
+def probe_objective(atlas, held: str, k: int, seed: int, truth: np.ndarray, options: dict) -> dict:
+    model = Mars(atlas, unannotated=held, n_clusters=k,
+                 config=RunConfig(train=TrainConfig(**{**options, "seed": seed}))).train()
     _, z = _embedding(model, atlas, [held])
     landmarks = model.unannotated_landmarks.astype(np.float32)
     labels = np.asarray(nearest(z, landmarks)[0])
     last = model.history[-1]
-    return {"ari": adjusted_rand_score(truth, labels), "loss": last["loss"],
+    return {"options": options, "ari": adjusted_rand_score(truth, labels), "loss": last["loss"],
             "annotated": last["annotated"], "unannotated": last["unannotated"]}
+
+
+def probe_demo(seed: int, options: dict) -> dict:
+    from mars_scale.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_demo(tmp, seed=seed, plots=False, train_options=options)
+    return {"options": options, "ari": result.metrics["ari"], "novel_types": result.novel_types,
+            "clusters": [{"truth": c["truth"], "label": c["label"], "novelty": c["novelty"]} for c in result.clusters]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("probe", choices=("criteria", "pretrain", "objective", "curve"))
+    p.add_argument("probe", choices=("criteria", "pretrain", "objective", "curve", "demo"))
     p.add_argument("store")
     p.add_argument("held_out")
     p.add_argument("k", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="objective: seeds 0..N-1")
-    p.add_argument("--options", default="{}", help="pretrain, curve: TrainConfig options as JSON")
+    p.add_argument("--options", default="{}", help="pretrain, curve, objective, demo: TrainConfig options as JSON")
     p.add_argument("--epochs", type=int, default=6, help="curve: warm-up epochs to record")
     p.add_argument("--subset", help="criteria: also score the cells H5AD:COLUMN flags")
     p.add_argument("--warmups", default="10", help="criteria: warm-up epochs to compare, e.g. 2,5,10")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    atlas = open_store(args.store)
-    a, b = atlas.experiment_ranges[args.held_out]
-    truth = np.asarray(atlas.obs_column("cell_type"))[a:b]
+    if args.probe != "demo":
+        atlas = open_store(args.store)
+        a, b = atlas.experiment_ranges[args.held_out]
+        truth = np.asarray(atlas.obs_column("cell_type"))[a:b]
     seeds = range(args.seeds) if args.probe == "objective" else [args.seed]
     for seed in seeds:
         started = time.perf_counter()
@@ -203,8 +222,10 @@ def main() -> None:
             result = probe_curve(atlas, args.held_out, args.k, seed, truth, args.epochs, json.loads(args.options))
         elif args.probe == "pretrain":
             result = probe_pretrain(atlas, args.held_out, args.k, seed, truth, json.loads(args.options))
+        elif args.probe == "demo":
+            result = probe_demo(seed, json.loads(args.options))
         else:
-            result = probe_objective(atlas, args.held_out, args.k, seed, truth)
+            result = probe_objective(atlas, args.held_out, args.k, seed, truth, json.loads(args.options))
         record = {"probe": args.probe, "held": args.held_out, "seed": seed, **result,
                   "seconds": round(time.perf_counter() - started, 1)}
         print(json.dumps(record), flush=True)
