@@ -14,3 +14,12 @@ def test_demo_clusters_names_and_flags_the_new_type(tmp_path):
     named = [c for c in result.clusters if c["cluster"] not in result.novel_clusters]
     assert all(c["label"] == c["truth"].split(" ")[0] for c in named), result.clusters
     assert {"simulate", "ingest", "train", "annotate"} <= set(result.seconds)
+
+
+def test_demo_train_options_reach_the_training(tmp_path):
+    from mars_scale.model import Mars
+
+    run_demo(tmp_path / "demo", n_cells=1200, n_genes=200, plots=False,
+             train_options={"pretrain_epochs": 1, "finetune_epochs": 2, "warmup_epochs": 0})
+    model = Mars.load(tmp_path / "demo" / "run", tmp_path / "demo" / "atlas.zarr")
+    assert [h["phase"] for h in model.history] == ["pretrain", "finetune", "finetune"]
