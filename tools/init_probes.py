@@ -20,7 +20,7 @@ Three probes, each appending one JSON line to ``OUT``:
     leave-one-experiment-out nearest-class-mean accuracy) beside the ARI of K-means on the
     held-out cells, and the epoch at which the auto warm-up would have stopped.
 ``objective``
-    Full MARS runs for seeds ``0..SEEDS-1`` (training options as JSON): the final epoch's
+    Full MARS runs for seeds ``FIRST_SEED..FIRST_SEED+SEEDS-1`` (training options as JSON): the final epoch's
     objective beside the ARI, to see whether the objective could choose between restarts, or
     how an option changes the ARI seed by seed.
 ``demo``
@@ -200,7 +200,8 @@ def main() -> None:
     p.add_argument("held_out")
     p.add_argument("k", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, default=1, help="objective: seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=1, help="objective: seeds FIRST..FIRST+N-1")
+    p.add_argument("--first-seed", type=int, default=0, help="objective: the first seed")
     p.add_argument("--options", default="{}", help="pretrain, curve, objective, demo: TrainConfig options as JSON")
     p.add_argument("--epochs", type=int, default=6, help="curve: warm-up epochs to record")
     p.add_argument("--subset", help="criteria: also score the cells H5AD:COLUMN flags")
@@ -211,7 +212,7 @@ def main() -> None:
         atlas = open_store(args.store)
         a, b = atlas.experiment_ranges[args.held_out]
         truth = np.asarray(atlas.obs_column("cell_type"))[a:b]
-    seeds = range(args.seeds) if args.probe == "objective" else [args.seed]
+    seeds = range(args.first_seed, args.first_seed + args.seeds) if args.probe == "objective" else [args.seed]
     for seed in seeds:
         started = time.perf_counter()
         if args.probe == "criteria":
