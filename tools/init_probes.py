@@ -1,6 +1,6 @@
 """Probes of the landmark initialisation on one held-out experiment (labels only scored).
 
-Three probes, each appending one JSON line to ``OUT``:
+Five probes, each appending one JSON line per run to ``OUT``:
 
 ``criteria``
     Pretrain once, then embed the held-out cells twice: straight after pretraining (``ae``) and
@@ -20,9 +20,9 @@ Three probes, each appending one JSON line to ``OUT``:
     leave-one-experiment-out nearest-class-mean accuracy) beside the ARI of K-means on the
     held-out cells, and the epoch at which the auto warm-up would have stopped.
 ``objective``
-    Full MARS runs for seeds ``FIRST_SEED..FIRST_SEED+SEEDS-1`` (training options as JSON): the final epoch's
-    objective beside the ARI, to see whether the objective could choose between restarts, or
-    how an option changes the ARI seed by seed.
+    Full MARS runs for seeds ``FIRST_SEED..FIRST_SEED+SEEDS-1`` (training options as JSON):
+    the final epoch's objective beside the ARI, to see whether the objective could choose
+    between restarts, or how an option changes the ARI seed by seed.
 ``demo``
     The ``mars-scale demo`` atlas (simulated; one type only in the held-out experiment) with
     training options as JSON: ARI, and per cluster its main true type, name and novelty. The
