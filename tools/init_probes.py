@@ -1,4 +1,4 @@
-"""Probes of the landmark initialisation on one held-out experiment (labels only scored).
+"""Probes of the initialisation and the training defaults (held-out labels are only scored).
 
 Five probes, each appending one JSON line per run to ``OUT``:
 
