@@ -231,8 +231,7 @@ def _alignment(encoder, store, plan: TrainPlan, sums: torch.Tensor, counts: torc
     per_rank = None if max_cells is None else max(1, max_cells // info.world_size)
     for _, exp, lab, z in embed(encoder, store, experiments=list(plan.annotated), batch_size=batch_size,
                                 device=device, info=info, max_rows=per_rank, seed=seed):
-        keep = lab >= 0
-        keep[keep.clone()] = present[exp[keep], lab[keep]]
+        keep = (lab >= 0) & present[exp, lab.clamp(min=0)]  # labelled, and its type is elsewhere
         if not keep.any():
             continue
         e, y, z = exp[keep], lab[keep], z[keep].double()
