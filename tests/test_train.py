@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import anndata as ad
@@ -102,6 +104,21 @@ def test_config_file_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="unknown section"):
         config_from_dict({"optimizer": {}})
 
+
+
+def test_toml_examples_in_the_docs_are_valid_configs():
+    """Every ```toml block of README.md and docs/ loads, and means what it says (a renamed option fails)."""
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    blocks = [b for page in pages for b in re.findall(r"```toml\n(.*?)```", page.read_text(), flags=re.S)]
+    assert blocks
+    for block in blocks:
+        data = tomllib.loads(block)
+        config = config_from_dict(data, source="docs")
+        for section, values in data.items():
+            for key, value in values.items():
+                expected = tuple(value) if isinstance(value, list) else value
+                assert getattr(getattr(config, section), key) == expected, (section, key)
 
 # -- training -----------------------------------------------------------------------------------
 
