@@ -105,7 +105,6 @@ def test_config_file_is_validated(tmp_path):
         config_from_dict({"optimizer": {}})
 
 
-
 def test_toml_examples_in_the_docs_are_valid_configs():
     """Every ```toml block of README.md and docs/ loads, and means what it says (a renamed option fails)."""
     root = Path(__file__).resolve().parents[1]
@@ -119,6 +118,7 @@ def test_toml_examples_in_the_docs_are_valid_configs():
             for key, value in values.items():
                 expected = tuple(value) if isinstance(value, list) else value
                 assert getattr(getattr(config, section), key) == expected, (section, key)
+
 
 # -- training -----------------------------------------------------------------------------------
 

@@ -208,6 +208,7 @@ def main() -> None:
     p.add_argument("--warmups", default="10", help="criteria: warm-up epochs to compare, e.g. 2,5,10")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    options = json.loads(args.options)
     if args.probe != "demo":
         atlas = open_store(args.store)
         a, b = atlas.experiment_ranges[args.held_out]
@@ -220,13 +221,13 @@ def main() -> None:
             warmups = tuple(int(w) for w in args.warmups.split(","))
             result = probe_criteria(atlas, args.held_out, args.k, seed, truth, subset, warmups)
         elif args.probe == "curve":
-            result = probe_curve(atlas, args.held_out, args.k, seed, truth, args.epochs, json.loads(args.options))
+            result = probe_curve(atlas, args.held_out, args.k, seed, truth, args.epochs, options)
         elif args.probe == "pretrain":
-            result = probe_pretrain(atlas, args.held_out, args.k, seed, truth, json.loads(args.options))
+            result = probe_pretrain(atlas, args.held_out, args.k, seed, truth, options)
         elif args.probe == "demo":
-            result = probe_demo(seed, json.loads(args.options))
+            result = probe_demo(seed, options)
         else:
-            result = probe_objective(atlas, args.held_out, args.k, seed, truth, json.loads(args.options))
+            result = probe_objective(atlas, args.held_out, args.k, seed, truth, options)
         record = {"probe": args.probe, "held": args.held_out, "seed": seed, **result,
                   "seconds": round(time.perf_counter() - started, 1)}
         print(json.dumps(record), flush=True)
