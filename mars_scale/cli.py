@@ -247,6 +247,15 @@ def plot(store, output_dir, key_added, max_cells, seed) -> None:
 @click.option("--experiments", type=int, default=4, show_default=True, help="Number of experiments (batches).")
 @click.option("--cell-types", type=int, default=10, show_default=True, help="Number of cell types.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The atlas is a function of the options and the seed.")
+@click.option("--subtypes", type=int, default=0, show_default=True,
+              help="Extra cell types, each a subtype of one of the others (type03 -> type03_b).")
+@click.option("--subtype-closeness", type=float, default=0.8, show_default=True,
+              help="How close a subtype is to its parent, in (0, 1] (1: the parent's programme).")
+@click.option("--condition-fraction", type=float, default=0.0, show_default=True,
+              help="Fraction of the experiments stimulated by a condition shared by all types, "
+                   "like interferon (0: none).")
+@click.option("--condition-strength", type=float, default=1.0, show_default=True,
+              help="Typical log fold-change of the condition's genes.")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "h5ad"]), default=None,
               help="zarr: an atlas store, streamed without an intermediate file; h5ad: input for "
                    "\"mars-scale ingest\". Default: h5ad if OUTPUT ends in .h5ad or with --per-experiment, else zarr.")
@@ -256,12 +265,14 @@ def plot(store, output_dir, key_added, max_cells, seed) -> None:
 @click.option("--jobs", type=int, default=1, show_default=True, help="Worker processes generating cells (same output for any value).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @_user_errors
-def simulate(output, cells, genes, experiments, cell_types, seed, fmt, per_experiment, rows_per_chunk,
+def simulate(output, cells, genes, experiments, cell_types, seed, subtypes, subtype_closeness,
+             condition_fraction, condition_strength, fmt, per_experiment, rows_per_chunk,
              zarr_format, jobs, overwrite) -> None:
     """Simulate an atlas with known cell types and batch effects, streaming with bounded memory.
 
     Counts are negative binomial with varying library sizes, cell-type programmes and
-    experiment effects; some cell types occur in only some experiments.
+    experiment effects; some cell types occur in only some experiments. Optionally some types
+    have close subtypes, and some experiments carry a condition shared by all types.
     """
     from mars_scale.simulate import SimulationConfig, write_h5ad, write_h5ad_per_experiment, write_store
     from mars_scale.store import StoreLayout
@@ -271,7 +282,10 @@ def simulate(output, cells, genes, experiments, cell_types, seed, fmt, per_exper
     if per_experiment and fmt != "h5ad":
         raise click.UsageError("--per-experiment writes .h5ad files; use it with --format h5ad")
     config = SimulationConfig(n_cells=cells, n_genes=genes, n_experiments=experiments,
-                              n_cell_types=cell_types, seed=seed)
+                              n_cell_types=cell_types, seed=seed, n_subtypes=subtypes,
+                              subtype_closeness=subtype_closeness,
+                              condition_fraction=condition_fraction,
+                              condition_strength=condition_strength)
     if fmt == "zarr":
         try:
             layout = StoreLayout(rows_per_chunk=rows_per_chunk, zarr_format=int(zarr_format))

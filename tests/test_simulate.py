@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
 import anndata
 import h5py
 import numpy as np
@@ -14,6 +17,7 @@ from mars_scale.simulate import (
     SimulationConfig,
     Simulator,
     _sample_counts,
+    pbmc_like_config,
     simulate_anndata,
     write_h5ad,
     write_h5ad_per_experiment,
@@ -262,11 +266,25 @@ def test_sampler_matches_negative_binomial():
         ("fold_change", 0.5),
         ("batch_effect_strength", float("nan")),
         ("restricted_type_fraction", 1.0),
+        ("n_subtypes", -1),
+        ("n_subtypes", 1.5),
+        ("subtype_closeness", 0.0),
+        ("subtype_closeness", 1.2),
+        ("condition_fraction", -0.1),
+        ("condition_fraction", 1.0),
+        ("condition_strength", -0.5),
+        ("condition_strength", float("inf")),
     ],
 )
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ConfigError, match=f"SimulationConfig.{field}"):
         SimulationConfig(**{"n_genes": 2000, field: value})
+
+
+def test_too_many_subtypes_are_refused():
+    SimulationConfig(n_genes=200, n_cell_types=2, n_subtypes=50)  # type00_b ... type00_z
+    with pytest.raises(ConfigError, match="SimulationConfig.n_subtypes.*at most 50"):
+        SimulationConfig(n_genes=200, n_cell_types=2, n_subtypes=51)
 
 
 def test_config_errors_are_value_errors():
@@ -294,3 +312,228 @@ def test_writer_rejects_bad_options(tmp_path, option, value):
     with pytest.raises(InputError, match=option):
         write_h5ad(tmp_path / "x.h5ad", SMALL, **{option: value})
     assert not (tmp_path / "x.h5ad").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Subtypes and a condition shared by all types (off by default)
+
+# sha256 (first 16 hex digits) of the counts and cell types, recorded on main at 027097b,
+# before subtypes and conditions existed. The default random streams must not change.
+UNCHANGED = [
+    (SMALL, "580e06f2693e9fb0", 170092),
+    # 5 experiments x 16 types: more than 64 (experiment, type) pairs, so the library-size
+    # calibration subsamples them with the model generator.
+    (SimulationConfig(n_cells=1000, n_genes=300, n_experiments=5, n_cell_types=16, seed=11),
+     "27c9346bae2c4f7f", 123982),
+]
+
+
+def _digest(sim: Simulator) -> tuple[str, int]:
+    blocks = list(sim.iter_blocks(rows_per_block=700))
+    x = sp.vstack([b.counts for b in blocks], format="csr")
+    digest = hashlib.sha256()
+    for arr in (x.indptr.astype(np.int64), x.indices.astype(np.int32), x.data.astype(np.int32),
+                np.concatenate([b.cell_type for b in blocks]).astype(np.int32)):
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()[:16], x.nnz
+
+
+@pytest.mark.parametrize(("config", "expected", "nnz"), UNCHANGED)
+def test_new_options_at_their_defaults_leave_the_atlas_unchanged(config, expected, nnz):
+    explicit = dataclasses.replace(config, n_subtypes=0, subtype_closeness=0.8,
+                                   condition_fraction=0.0, condition_strength=1.0)
+    sim = Simulator(explicit)
+    assert _digest(sim) == (expected, nnz)
+    assert list(sim.cell_types) == [f"type{t:02d}" for t in range(config.n_cell_types)]
+    assert not sim.stimulated.any() and (sim.parent == -1).all()
+    assert set(sim.obs_columns(0, np.zeros(3, dtype=np.int64))) == set()
+    assert "parent_type" not in sim.describe() and "stimulated" not in sim.describe()
+
+
+def _log_means(adata: anndata.AnnData, mask: np.ndarray | None = None) -> np.ndarray:
+    """Mean log-normalised profile of each cell type (rows in category order)."""
+    x = _lognorm(adata.X)
+    types = adata.obs["cell_type"].cat.codes.to_numpy()
+    mask = np.ones(len(types), dtype=bool) if mask is None else mask
+    return np.vstack([np.asarray(x[mask & (types == t)].mean(axis=0)).ravel()
+                      for t in range(len(adata.obs["cell_type"].cat.categories))])
+
+
+def _correlation_distance(profiles: np.ndarray) -> np.ndarray:
+    return 1.0 - np.corrcoef(profiles)
+
+
+SUBTYPED = SimulationConfig(n_cells=3000, n_genes=500, n_experiments=2, n_cell_types=6, seed=5,
+                            n_subtypes=2, restricted_type_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def subtyped():
+    return simulate_anndata(SUBTYPED)
+
+
+def test_subtypes_are_named_after_and_closest_to_their_parent(subtyped):
+    sim = Simulator(SUBTYPED)
+    names = list(subtyped.obs["cell_type"].cat.categories)
+    assert names[:6] == [f"type{t:02d}" for t in range(6)]  # existing names unchanged
+    parents = [name[: -len("_b")] for name in names[6:]]
+    assert [name[-2:] for name in names[6:]] == ["_b", "_b"]
+    assert len(set(parents)) == 2  # distinct parents
+    assert [str(sim.cell_types[p]) for p in sim.parent[6:]] == parents
+    assert sim.presence.all() and (sim.lineage[6:] == sim.lineage[sim.parent[6:]]).all()
+    expected_parent = [name.removesuffix("_b") for name in subtyped.obs["cell_type"].astype(str)]
+    assert list(subtyped.obs["parent_type"].astype(str)) == expected_parent
+    assert list(subtyped.obs["parent_type"].cat.categories) == names[:6]
+    assert list(subtyped.uns["simulation"]["parent_type"]) == [""] * 6 + parents
+
+    counts = subtyped.obs["cell_type"].value_counts()
+    assert (counts[names] > 100).all()
+    dist = _correlation_distance(_log_means(subtyped))
+    for sub, parent in zip(range(6, 8), parents):
+        p = names.index(parent)
+        others = [t for t in range(len(names)) if t not in (sub, p)]
+        assert dist[sub, p] < 0.5 * dist[sub, others].min()
+        # ... yet it is a different type: further from its parent than two halves of the
+        # parent's cells are from each other.
+        cells = np.flatnonzero(subtyped.obs["cell_type"].to_numpy() == parent)
+        halves = np.zeros(subtyped.n_obs, dtype=bool)
+        halves[cells[::2]] = True
+        x = _lognorm(subtyped.X)
+        a = np.asarray(x[halves].mean(axis=0)).ravel()
+        b = np.asarray(x[cells[1::2]].mean(axis=0)).ravel()
+        assert dist[sub, p] > 2 * (1 - np.corrcoef(a, b)[0, 1])
+
+
+def test_closer_subtypes_are_closer_to_their_parent():
+    distances = {}
+    for closeness in (0.95, 0.5):
+        adata = simulate_anndata(dataclasses.replace(SUBTYPED, subtype_closeness=closeness))
+        dist = _correlation_distance(_log_means(adata))
+        sim = Simulator(dataclasses.replace(SUBTYPED, subtype_closeness=closeness))
+        distances[closeness] = np.array([dist[s, sim.parent[s]] for s in (6, 7)])
+    assert (distances[0.95] < 0.7 * distances[0.5]).all()
+
+
+def test_closeness_one_gives_the_parents_programme():
+    sim = Simulator(dataclasses.replace(SUBTYPED, subtype_closeness=1.0))
+    profiles = sim._profiles(0)
+    for s in (6, 7):
+        np.testing.assert_array_equal(profiles[s], profiles[sim.parent[s]])
+    other = Simulator(dataclasses.replace(SUBTYPED, subtype_closeness=0.9))._profiles(0)
+    assert not np.array_equal(other[6], other[sim.parent[6]])
+
+
+def test_more_subtypes_than_types_reuse_parents_and_restricted_subtypes_stay_inside():
+    config = SimulationConfig(n_cells=400, n_genes=200, n_experiments=4, n_cell_types=3,
+                              n_subtypes=5, restricted_type_fraction=0.5, seed=2)
+    sim = Simulator(config)
+    parents = sim.parent[3:]
+    assert sorted(parents[:3]) == [0, 1, 2]  # distinct parents first
+    names = [str(n) for n in sim.cell_types[3:]]
+    for name, p in zip(names, parents):
+        assert name.startswith(f"{sim.cell_types[p]}_")
+    assert len(set(names)) == 5 and {n[-1] for n in names} == {"b", "c"}
+    for s, p in zip(range(3, 8), parents):
+        assert not (sim.presence[:, s] & ~sim.presence[:, p]).any()  # only where the parent is
+        assert sim.presence[:, s].any()
+    # round(0.5 * 5) = 2 subtypes occur in fewer experiments than their parent (whose parent
+    # occurs in at least two)
+    fewer = [s for s, p in zip(range(3, 8), parents)
+             if sim.presence[:, s].sum() < sim.presence[:, p].sum()]
+    assert len(fewer) >= 1
+    assert np.allclose(sim.composition.sum(axis=1), 1.0)
+    assert not (sim.composition[~sim.presence] > 0).any()
+
+
+CONDITIONED = SimulationConfig(n_cells=3000, n_genes=500, n_experiments=4, n_cell_types=6, seed=9,
+                               restricted_type_fraction=0.0, condition_fraction=0.5)
+
+
+@pytest.fixture(scope="module")
+def conditioned():
+    return simulate_anndata(CONDITIONED)
+
+
+def _condition_response(adata: anndata.AnnData, stimulated: np.ndarray,
+                        genes: np.ndarray) -> np.ndarray:
+    """Per type: pseudo-bulk log fold-change, stimulated over control, of ``genes`` less that
+    of the other genes (which the renormalisation and the batch effects move)."""
+    x = sp.csr_matrix(adata.X, dtype=np.float64)
+    x = sp.csr_matrix(sp.diags(1.0 / np.asarray(x.sum(axis=1)).ravel()) @ x)
+    types = adata.obs["cell_type"].cat.codes.to_numpy()
+    lfc = np.vstack([
+        np.log(np.asarray(x[stimulated & (types == t)].mean(axis=0)).ravel() + 1e-6)
+        - np.log(np.asarray(x[~stimulated & (types == t)].mean(axis=0)).ravel() + 1e-6)
+        for t in range(len(adata.obs["cell_type"].cat.categories))
+    ])
+    expressed = np.asarray((x > 0).sum(axis=0)).ravel() > 100
+    return lfc[:, genes & expressed].mean(axis=1) - lfc[:, ~genes & expressed].mean(axis=1)
+
+
+def test_stimulated_experiments_raise_the_condition_genes_in_every_type(conditioned):
+    sim = Simulator(CONDITIONED)
+    assert sim.stimulated.sum() == 2
+    exp = conditioned.obs["experiment"].cat.codes.to_numpy()
+    stimulated = sim.stimulated[exp]
+    assert list(conditioned.obs["condition"].astype(str)) == [
+        "stimulated" if s else "control" for s in stimulated
+    ]
+    assert list(conditioned.uns["simulation"]["stimulated"]) == list(sim.stimulated)
+    genes = np.isin(conditioned.var_names, conditioned.uns["simulation"]["condition_genes"])
+    assert genes.sum() == 25  # 5 % of the genes
+
+    response = _condition_response(conditioned, stimulated, genes)
+    assert (response > 0.3).all()  # every type responds
+    # ... each with its own magnitude, as drawn
+    assert response.max() > 1.4 * response.min()
+    assert np.corrcoef(response, sim.condition_response)[0, 1] > 0.9
+    # Without the condition, the same experiments and genes show no response.
+    control = simulate_anndata(dataclasses.replace(CONDITIONED, condition_fraction=0.0))
+    assert "condition" not in control.obs
+    assert np.abs(_condition_response(control, stimulated, genes)).max() < 0.15
+
+
+@pytest.mark.parametrize(("n_experiments", "fraction", "expected"),
+                         [(4, 0.1, 1), (4, 0.5, 2), (4, 0.99, 3), (2, 0.5, 1), (1, 0.5, 0)])
+def test_some_but_never_all_experiments_are_stimulated(n_experiments, fraction, expected):
+    config = SimulationConfig(n_cells=200, n_genes=100, n_experiments=n_experiments,
+                              n_cell_types=3, condition_fraction=fraction, seed=1)
+    sim = Simulator(config)
+    assert sim.stimulated.sum() == expected
+    assert list(sim.obs_columns(0, np.array([0, 1]))["condition"][0]) == ["control",
+                                                                          "stimulated"]
+
+
+def test_subtypes_and_condition_are_deterministic_and_independent(tmp_path):
+    config = dataclasses.replace(SUBTYPED, n_cells=1000, n_experiments=3, condition_fraction=0.4)
+    a, b = simulate_anndata(config), simulate_anndata(config)
+    assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs)
+    assert list(a.obs.columns) == ["experiment", "cell_type", "parent_type", "condition"]
+    written = anndata.read_h5ad(write_h5ad(tmp_path / "a.h5ad", config, rows_per_block=123))
+    assert (written.X != a.X).nnz == 0 and written.obs.equals(a.obs)
+    parts = [anndata.read_h5ad(p) for p in write_h5ad_per_experiment(tmp_path / "per", config)]
+    for key in ("parent_type", "condition"):
+        stacked = np.concatenate([part.obs[key].astype(str).to_numpy() for part in parts])
+        np.testing.assert_array_equal(stacked, a.obs[key].astype(str).to_numpy())
+    # The condition's draws do not depend on the subtypes, nor the subtypes' on the condition.
+    with_both = Simulator(config)
+    condition_only = Simulator(dataclasses.replace(config, n_subtypes=0))
+    subtypes_only = Simulator(dataclasses.replace(config, condition_fraction=0.0))
+    np.testing.assert_array_equal(with_both.stimulated, condition_only.stimulated)
+    np.testing.assert_array_equal(with_both.condition_genes, condition_only.condition_genes)
+    np.testing.assert_array_equal(with_both.condition_response[:6],
+                                  condition_only.condition_response)
+    np.testing.assert_array_equal(with_both.parent, subtypes_only.parent)
+    np.testing.assert_array_equal(with_both._logfc, subtypes_only._logfc)
+    other = simulate_anndata(dataclasses.replace(config, seed=config.seed + 1))
+    assert (other.X != a.X).nnz > 0
+
+
+def test_pbmc_like_config():
+    config = pbmc_like_config(n_cells=2000, seed=3)
+    assert (config.n_cells, config.n_genes, config.n_experiments, config.seed) == (2000, 2000, 4, 3)
+    sim = Simulator(config)
+    assert len(sim.cell_types) == 7 and (sim.parent >= 0).sum() == 2
+    assert sim.presence.all()  # every type in every experiment
+    assert sim.stimulated.sum() == 2
+    assert config.subtype_closeness == pytest.approx(0.7)

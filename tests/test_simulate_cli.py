@@ -107,6 +107,31 @@ def test_bad_options_are_one_line_errors(tmp_path, direct_store):
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_subtype_and_condition_options(tmp_path):
+    path = tmp_path / "a.h5ad"
+    result = run("simulate", "-o", str(path), *SIZE, "--subtypes", "2", "--subtype-closeness", "0.6",
+                 "--condition-fraction", "0.5", "--condition-strength", "1.5")
+    assert result.exit_code == 0, result.output
+    adata = ad.read_h5ad(path)
+    assert list(adata.obs.columns) == ["experiment", "cell_type", "parent_type", "condition"]
+    config = adata.uns["simulation"]["config"]
+    assert (config["n_subtypes"], config["subtype_closeness"]) == (2, 0.6)
+    assert (config["condition_fraction"], config["condition_strength"]) == (0.5, 1.5)
+    subtypes = [t for t in adata.obs["cell_type"].cat.categories if t.endswith("_b")]
+    assert len(subtypes) == 2
+    for name in subtypes:
+        assert set(adata.obs.loc[adata.obs["cell_type"] == name, "parent_type"]) == {name[:-2]}
+    assert sorted(set(adata.obs["condition"])) == ["control", "stimulated"]
+    result = run("simulate", "-o", str(tmp_path / "b.h5ad"), *SIZE, "--subtype-closeness", "0")
+    assert result.exit_code == 2 and "subtype_closeness" in result.output
+    assert "Traceback" not in result.output
+    help_text = " ".join(run("simulate", "--help").output.split())
+    for flag, default in (("--subtypes", "0"), ("--subtype-closeness", "0.8"),
+                          ("--condition-fraction", "0.0"), ("--condition-strength", "1.0")):
+        segment = help_text.split(f"{flag} ")[1].split(" --")[0]  # this option's help
+        assert f"[default: {default}]" in segment, segment
+
+
 def test_overwrite_replaces(tmp_path):
     path = tmp_path / "a.zarr"
     small = ["--cells", "300", "--genes", "50", "--experiments", "2", "--cell-types", "3"]
