@@ -16,33 +16,60 @@ where ``sigma_j`` is the standard deviation of the pairwise Euclidean distances 
 cluster's cells. Landmarks of different experiments that carry the same name add up: the
 probability of a name is the sum over its landmarks. The cluster takes the most probable name.
 
-Novelty (beyond the paper)
---------------------------
-A cluster of a known type lies much closer to that type's landmarks than to any landmark of
-another type; a new type is not particularly close to any one known type. With landmarks of at
-least two names the score is the margin ratio::
+Novelty (beyond the paper): matching the discovered clusters to the known types
+--------------------------------------------------------------------------------
+A known type of the new experiment need not sit *on* its landmarks: the new experiment keeps a
+batch or condition offset that can be larger than the distance between two related types
+(measured on real data, see docs/algorithm.md). So no absolute or ratio threshold on one
+cluster's distances separates "known, shifted" from "new, near a sibling". What does separate
+them is the structure of the whole experiment: every known type is claimed by at most one
+discovered cluster, the one closest to it.
 
-    m_j = ||mu_j - p_(1)|| / min_{k: name(k) != name(1)} ||mu_j - p_k||      (in [0, 1])
-    novelty_j = m_j^8 / (m_j^8 + 0.8^8)                                     (0.5 at m_j = 0.8)
+1. Each annotated name ``n`` gets a prototype ``P_n``, the mean of its landmarks weighted by
+   their annotated cells (``landmark_weights``), and a separation ``s_n``, the distance to the
+   nearest other prototype (infinite with a single name).
+2. Clusters and names are matched one to one, minimising the summed distance
+   ``||mu_j - P_n||`` (the Hungarian algorithm; with more clusters than names some clusters
+   stay unmatched, with fewer some names stay unused).
+3. A **matched** cluster is new only if it is far from its name both against the types'
+   geometry and against the experiment's own offset::
 
-where ``p_(1)`` is the nearest landmark. ``m`` has no units and does not change if the
-embedding is scaled. It replaced a first version that measured the distance to the nearest
-landmark in cluster radii: with real data the held-out experiment keeps a residual batch
-offset of many cluster radii (cellbench CEL-seq2 held out: 8 to 9 units against a radius of
-0.4), so every cluster was called new; the margin ratio measured 0.58 to 0.68 for the known
-types and 0.96 for a removed one (see ``tests/test_evaluate.py``).
+       e_j = min( d_j / (0.6 s_n),  d_j / (1.5 median_{matched} d) )       (d_j = ||mu_j - P_n||)
 
-With a single annotated name the margin is undefined and the distance in radii is used::
+   (the second term only with at least two matched clusters). A new type matched to a name
+   that the experiment does not hold lies further from it than the known clusters lie from
+   theirs.
+4. An **unmatched** cluster's nearest name is held by another cluster ``o``. Either the two are
+   one type cut in two (more landmarks than types) or the unmatched one is a type the
+   reference lacks. The test is whether they are two populations: their separation along the
+   line joining their means, ``d'_j = |m_j - m_o| / sqrt(v_j + v_o)`` (means and variances of
+   the cells projected on that line). One Gaussian cut in half gives ``d' = 1.87``; the
+   evidence is ``e_j = d'_j / 2.5``. A part of a type takes that type's name.
+5. ``novelty_j = e_j^8 / (e_j^8 + 1)`` (0.5 at ``e_j = 1``); the cluster is novel when
+   ``novelty_j >= novelty_threshold``.
 
-    s_jk = sqrt((r_j^2 + R_k^2) / 2)        (r_j alone when no R_k is given)
-    z_j  = min_k ||mu_j - p_k|| / s_jk
-    novelty_j = z_j^4 / (z_j^4 + 2^4)        (0.5 at z_j = 2 radii)
+With a single annotated name the first test is off (no separation), so a matched cluster is
+known and every other cluster is judged by the second test. Nothing here depends on the number
+of annotated experiments: the scale comes from the new experiment itself.
 
-``r_j`` is the root-mean-square distance of the cluster's cells to ``mu_j`` and ``R_k`` that of
-landmark ``k``'s annotated cells to ``p_k`` (optional; ``annotate`` passes it).
+``novelty_method="margin"`` keeps the earlier score for comparison: the ratio of the distance
+to the nearest landmark over the distance to the nearest landmark of another name, ``m_j``, with
+``novelty_j = m_j^8 / (m_j^8 + 0.8^8)``; with a single name, the distance to the nearest
+landmark in radii ``s_jk = sqrt((r_j^2 + R_k^2) / 2)`` with ``novelty_j = z^4 / (z^4 + 2^4)``.
 
-Per cell, ``cell_novelty`` applies the same score to the cell's own position. A cluster is
-novel when ``novelty_j >= novelty_threshold`` (default 0.5).
+Per cell
+--------
+- ``cell_name_probabilities``: the paper's kernel evaluated at the cell, with its cluster's
+  ``sigma_j``, summed per name.
+- ``cell_novelty``: the cluster's novelty moved by how far the cell sits from the name its
+  cluster was compared with, against the cluster's root-mean-square distance ``D_j`` to it::
+
+      odds_i = odds(novelty_j) * (d_i / D_j)^4
+
+  so a cell at the cluster's typical distance keeps the cluster's value, a cell further out is
+  more likely new. (margin method: the score of the cell's own position.)
+- ``confidence``: how sure the cell's label is: ``P(label | cell) * (1 - cell_novelty)`` for a
+  known label, ``cell_novelty`` for the novel label.
 """
 
 from __future__ import annotations
@@ -67,6 +94,11 @@ _NOVELTY_HALF = 2.0  # distance in radii where the novelty score is 0.5
 _NOVELTY_POWER = 4.0  # steepness of the Hill transform
 _MARGIN_HALF = 0.8  # margin ratio where the novelty score is 0.5
 _MARGIN_POWER = 8.0
+_MATCH_RATIO = 0.6  # a matched cluster beyond this share of its name's separation ...
+_MATCH_SPREAD = 1.5  # ... and beyond this multiple of the median matched distance is new
+_SPLIT_DPRIME = 2.5  # two clusters at least this separated (d') are two populations
+_EVIDENCE_POWER = 8.0
+_CELL_POWER = 4.0
 _UMAP_COMPONENTS = 10  # the paper's ten UMAP components
 _BLOCK_ELEMENTS = 1 << 22  # cells x landmarks entries per block in the per-cell pass (32 MiB)
 
@@ -101,22 +133,44 @@ class NamingResult:
     best_name, best_probability
         ``(J,)`` the most probable annotated name and its probability.
     novelty_distance
-        ``(J,)`` ``z_j``: distance from ``mu_j`` to the nearest landmark in radii ``s_jk``.
+        ``(J,)`` matching: distance from ``mu_j`` to the prototype of the name it was compared
+        with (:attr:`compared_name`); margin: the margin ratio ``m_j`` (several names) or the
+        distance in radii ``z_j`` (one name).
     nearest_landmark
-        ``(J,)`` index of the landmark attaining ``z_j``.
+        ``(J,)`` index of the landmark nearest to ``mu_j`` (margin, one name: in radii).
     novelty
         ``(J,)`` novelty score in [0, 1] (module docstring).
     is_novel
         ``(J,)`` ``novelty >= novelty_threshold``.
     label
-        ``(J,)`` the cluster's cell type: ``best_name``, or ``novel_label`` when novel.
+        ``(J,)`` the cluster's cell type: its matched (or compared) name, or ``novel_label``
+        when novel. (margin method: ``best_name``.)
+    compared_name
+        ``(J,)`` the name each cluster was matched to or, unmatched, its nearest name (matching);
+        ``best_name`` (margin).
+    matched
+        ``(J,)`` whether the cluster was matched one to one to a name (matching only).
+    evidence
+        ``(J,)`` ``e_j`` of the module docstring (matching; the margin method's distance there).
+    split_of
+        ``(J,)`` index (into :attr:`clusters`) of the matched cluster an unmatched cluster was
+        tested against, -1 for matched clusters.
+    distinctness
+        ``(J,)`` ``d'`` of an unmatched cluster against ``split_of``; NaN for matched ones.
+    prototypes
+        ``(N, D)`` the name prototypes ``P_n`` (in the naming space).
     cell_type
         ``(n,)`` per cell: the label of its cluster.
     confidence
-        ``(n,)`` per cell: ``best_probability`` of its cluster (also for novel clusters, so it
-        says how sure the nearest known name is).
+        ``(n,)`` per cell: how sure its label is (module docstring, "Per cell").
     cell_novelty
-        ``(n,)`` per cell: novelty score of the cell's own distance to its nearest landmark.
+        ``(n,)`` per cell: novelty probability of the cell (module docstring, "Per cell").
+    cell_name_probabilities
+        ``(n, N)`` float32 per cell: probability of each of :attr:`names`.
+    cell_closest
+        ``(n,)`` per cell: its most probable annotated name (also for novel cells).
+    novelty_method
+        ``"matching"`` or ``"margin"``.
     space
         ``"latent"`` or ``"umap"``: where distances were measured.
     novelty_threshold
@@ -142,9 +196,18 @@ class NamingResult:
     novelty: np.ndarray
     is_novel: np.ndarray
     label: np.ndarray
+    compared_name: np.ndarray
+    matched: np.ndarray
+    evidence: np.ndarray
+    split_of: np.ndarray
+    distinctness: np.ndarray
+    prototypes: np.ndarray
     cell_type: np.ndarray
     confidence: np.ndarray
     cell_novelty: np.ndarray
+    cell_name_probabilities: np.ndarray
+    cell_closest: np.ndarray
+    novelty_method: str
     space: str
     novelty_threshold: float
     novel_label: str
@@ -160,6 +223,22 @@ class NamingResult:
         """Number of discovered clusters."""
         return int(self.clusters.shape[0])
 
+    @property
+    def cell_is_novel(self) -> np.ndarray:
+        """``(n,)`` per cell: whether its label is :attr:`novel_label`."""
+        return np.asarray(self.cell_type == self.novel_label, dtype=bool)
+
+    def describe(self, j: int) -> str:
+        """The paper's interpretable name of cluster ``j``: ``"novel, closest to X (p), Y (q)"``
+        for a novel cluster, ``"X (p)"`` otherwise."""
+        top = ", ".join(
+            f"{n} ({p:.2f})" for n, p in zip(self.top_names[j], self.top_probabilities[j])
+            if p >= 0.005
+        ) or f"{self.top_names[j][0]} ({self.top_probabilities[j][0]:.2f})"
+        if self.is_novel[j]:
+            return f"{self.novel_label}, closest to {top}"
+        return f"{self.label[j]} ({float(self.name_probabilities[j, list(self.names).index(self.label[j])]):.2f})"
+
     def to_records(self) -> list[dict[str, Any]]:
         """Per-cluster summary as plain Python values, for a run record in ``uns``.
 
@@ -169,7 +248,8 @@ class NamingResult:
             One dict per cluster with keys ``cluster``, ``n_cells``, ``label``, ``is_novel``,
             ``novelty``, ``novelty_distance``, ``nearest_landmark``, ``best_name``,
             ``best_probability``, ``top_names`` (list of str), ``top_probabilities`` (list of
-            float), ``sigma`` and ``radius``. Only ``int``, ``float``, ``bool``, ``str`` and
+            float), ``sigma``, ``radius``, ``compared_name``, ``matched``, ``evidence`` and
+            ``description`` (:meth:`describe`). Only ``int``, ``float``, ``bool``, ``str`` and
             lists of them occur.
         """
         records = []
@@ -189,6 +269,10 @@ class NamingResult:
                     "top_probabilities": [float(v) for v in self.top_probabilities[j]],
                     "sigma": float(self.sigma[j]),
                     "radius": float(self.radius[j]),
+                    "compared_name": str(self.compared_name[j]),
+                    "matched": bool(self.matched[j]),
+                    "evidence": float(self.evidence[j]),
+                    "description": self.describe(j),
                 }
             )
         return records
@@ -276,7 +360,9 @@ def name_clusters(
     landmarks: np.ndarray,
     landmark_names: Any,
     *,
+    landmark_weights: np.ndarray | None = None,
     landmark_radius: np.ndarray | None = None,
+    novelty_method: Literal["matching", "margin"] = "matching",
     max_cells_per_cluster: int = 2000,
     top: int = 3,
     novelty_threshold: float = 0.5,
@@ -308,19 +394,24 @@ def name_clusters(
     landmark_names
         ``(K,)`` cell-type name of each landmark. Several landmarks may share a name; their
         probabilities are summed.
+    landmark_weights
+        Optional ``(K,)`` annotated cells of each landmark: a name's prototype is the mean of
+        its landmarks with these weights (equal weights without it).
     landmark_radius
         Optional ``(K,)`` root-mean-square distance of each landmark's annotated cells to the
-        landmark, in the units of ``embedding``. It enters the novelty scale. Without it, the
-        scale is the cluster's own radius. Not allowed with ``space="umap"``, where distances
-        are in other units.
+        landmark, in the units of ``embedding``, for the margin method with a single name:
+        it enters the novelty scale (without it, the scale is the cluster's own radius). Not
+        allowed with ``space="umap"``, where distances are in other units.
+    novelty_method
+        ``"matching"`` (default): clusters matched one to one to names, see the module
+        docstring. ``"margin"``: the earlier margin-ratio score, kept for comparison.
     max_cells_per_cluster
         Most cells per cluster used for ``sigma_j`` (``pdist`` on the sample is quadratic).
     top
         How many names (with probabilities) to keep per cluster.
     novelty_threshold
         A cluster with ``novelty >= novelty_threshold`` is called ``novel_label``. The default
-        0.5 corresponds to 2 radii from the nearest landmark; threshold ``t`` corresponds to
-        ``2 * (t / (1 - t)) ** 0.25`` radii.
+        0.5 is evidence ``e_j = 1``; threshold ``t`` is ``e_j = (t / (1 - t)) ** (1 / 8)``.
     novel_label
         Cell type given to the cells of novel clusters. It must differ from every landmark name.
     space
@@ -344,8 +435,9 @@ def name_clusters(
         Per cluster: ``clusters``, ``n_cells``, ``n_sampled``, ``centers``, ``sigma``,
         ``radius``, ``name_probabilities`` over ``names``, ``top_names``,
         ``top_probabilities``, ``best_name``, ``best_probability``, ``novelty_distance``,
-        ``nearest_landmark``, ``novelty``, ``is_novel`` and ``label``. Per cell: ``cell_type``,
-        ``confidence`` and ``cell_novelty``.
+        ``nearest_landmark``, ``novelty``, ``is_novel``, ``label``, ``compared_name``,
+        ``matched``, ``evidence``, ``split_of``, ``distinctness``. Per cell: ``cell_type``,
+        ``confidence``, ``cell_novelty``, ``cell_name_probabilities`` and ``cell_closest``.
 
     Raises
     ------
@@ -403,6 +495,17 @@ def name_clusters(
         raise InputError(
             f"novel_label {novel_label!r} is also a landmark name (pick another novel_label)."
         )
+    if novelty_method not in ("matching", "margin"):
+        raise InputError(f"novelty_method must be 'matching' or 'margin' (got {novelty_method!r}).")
+    if landmark_weights is not None:
+        landmark_weights = np.asarray(landmark_weights, dtype=np.float64).reshape(-1)
+        if landmark_weights.shape[0] != n_landmarks:
+            raise InputError(
+                f"landmark_weights must have one value per landmark ({n_landmarks}), "
+                f"got {landmark_weights.shape[0]}."
+            )
+        if not (np.isfinite(landmark_weights).all() and (landmark_weights >= 0).all()):
+            raise InputError("landmark_weights must be finite and non-negative.")
     if landmark_radius is not None:
         if space == "umap":
             raise InputError(
@@ -448,7 +551,9 @@ def name_clusters(
         landmarks,
         name_codes,
         names,
+        landmark_weights=landmark_weights,
         landmark_radius=landmark_radius,
+        novelty_method=novelty_method,
         max_cells_per_cluster=max_cells_per_cluster,
         top=top,
         novelty_threshold=float(novelty_threshold),
@@ -484,7 +589,9 @@ def _name(
     name_codes: np.ndarray,
     names: np.ndarray,
     *,
+    landmark_weights: np.ndarray | None,
     landmark_radius: np.ndarray | None,
+    novelty_method: str,
     max_cells_per_cluster: int,
     top: int,
     novelty_threshold: float,
@@ -543,64 +650,78 @@ def _name(
 
     # Names: Gaussian kernel over all landmarks, normalised with a log-sum-exp, summed per name.
     name_probabilities = np.zeros((n_clusters, n_names))
-    landmark_scale_sq = None if landmark_radius is None else landmark_radius**2
-    novelty_distance = np.zeros(n_clusters)
-    nearest_landmark = np.zeros(n_clusters, dtype=np.int64)
-    several_names = np.unique(name_codes).shape[0] > 1
-    scale = np.empty((n_clusters, n_landmarks))  # s_jk
     for j in range(n_clusters):
         diff = landmarks - centers[j]
-        dist_sq = np.einsum("ij,ij->i", diff, diff)
-        if sigma[j] > 0:
-            logits = -dist_sq / (2.0 * sigma[j] ** 2)
-            prob = np.exp(logits - logsumexp(logits))
-        else:
-            nearest = dist_sq == dist_sq.min()
-            prob = nearest / nearest.sum()
-        name_probabilities[j] = np.bincount(name_codes, weights=prob, minlength=n_names)
-        if landmark_scale_sq is None:
-            scale[j] = radius[j]
-        else:
-            scale[j] = np.sqrt((radius[j] ** 2 + landmark_scale_sq) / 2.0)
-        dist = np.sqrt(dist_sq)
-        if several_names:
-            nearest_landmark[j] = int(np.argmin(dist))
-            novelty_distance[j] = _margin_ratio(dist[None, :], name_codes)[0]
-        else:
-            z = _scaled(dist, scale[j])
-            nearest_landmark[j] = int(np.argmin(z))
-            novelty_distance[j] = z[nearest_landmark[j]]
+        name_probabilities[j] = _kernel_name_probabilities(
+            np.einsum("ij,ij->i", diff, diff)[None, :], sigma[j : j + 1], name_codes, n_names
+        )[0]
     n_top = min(top, n_names)
     top_index = np.argsort(-name_probabilities, axis=1, kind="stable")[:, :n_top]
     top_names = names[top_index]
     top_probabilities = np.take_along_axis(name_probabilities, top_index, axis=1)
     best_name = top_names[:, 0].copy()
     best_probability = top_probabilities[:, 0].copy()
-    novelty = _novelty(novelty_distance, several_names)
-    is_novel = novelty >= novelty_threshold
-    label = np.where(is_novel, novel_label, best_name).astype(object)
+    center_dist = np.sqrt(np.maximum(_squared_distances(centers, landmarks), 0.0))  # (J, K)
+    prototypes = _name_prototypes(landmarks, name_codes, n_names, landmark_weights)
 
-    # Pass 2: per-cell novelty, in blocks small enough for the cells x landmarks matrix.
+    if novelty_method == "matching":
+        m = _match(centers, counts, radius, prototypes, embedding, codes, shift, block_size)
+        compared, evidence = m["compared"], m["evidence"]
+        matched, split_of, distinctness = m["matched"], m["split_of"], m["distinctness"]
+        novelty_distance = m["distance"]
+        nearest_landmark = np.argmin(center_dist, axis=1)
+        novelty = _hill(evidence, 1.0, _EVIDENCE_POWER)
+        compared_name = names[compared]
+    else:
+        compared = np.searchsorted(names, best_name)
+        compared_name = best_name
+        matched = np.zeros(n_clusters, dtype=bool)
+        split_of = np.full(n_clusters, -1, dtype=np.int64)
+        distinctness = np.full(n_clusters, np.nan)
+        novelty_distance, nearest_landmark, scale = _margin_scores(
+            center_dist, radius, name_codes, landmark_radius
+        )
+        evidence = novelty_distance
+        novelty = _novelty(novelty_distance, np.unique(name_codes).shape[0] > 1)
+    is_novel = novelty >= novelty_threshold
+    label = np.where(is_novel, novel_label, compared_name).astype(object)
+
+    # Pass 2: per cell, in blocks small enough for the cells x landmarks matrix.
     cell_novelty = np.empty(n_cells)
-    rows = max(1, min(block_size, _BLOCK_ELEMENTS // n_landmarks))
+    cell_probs = np.empty((n_cells, n_names), dtype=np.float32)
+    rows = max(1, min(block_size, _BLOCK_ELEMENTS // max(n_landmarks, n_names)))
     landmarks_shifted = landmarks - shift
-    landmark_sq = np.einsum("ij,ij->i", landmarks_shifted, landmarks_shifted)
+    prototypes_shifted = prototypes - shift
+    # root-mean-square distance of a cluster's cells to the prototype it was compared with
+    typical = np.sqrt(np.sum((centers - prototypes[compared]) ** 2, axis=1) + radius**2)
+    odds = np.clip(novelty, 1e-12, 1 - 1e-12)
+    odds = odds / (1 - odds)
+    several_names = np.unique(name_codes).shape[0] > 1
     for begin, end in _row_blocks(n_cells, rows):
         block = _read_block(embedding, begin, end) - shift
         block_codes = codes[begin:end]
-        dist_sq = (
-            np.einsum("ij,ij->i", block, block)[:, None]
-            - 2.0 * block @ landmarks_shifted.T
-            + landmark_sq[None, :]
-        )
-        dist = np.sqrt(np.maximum(dist_sq, 0.0))
-        if several_names:
-            z = _margin_ratio(dist, name_codes)
-        elif landmark_scale_sq is None:
-            z = _scaled(dist.min(axis=1), radius[block_codes])
+        dist_sq = np.maximum(_squared_distances(block, landmarks_shifted), 0.0)
+        cell_probs[begin:end] = _kernel_name_probabilities(dist_sq, sigma[block_codes], name_codes, n_names)
+        if novelty_method == "matching":
+            own = np.sqrt(np.sum((block - prototypes_shifted[compared[block_codes]]) ** 2, axis=1))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(typical[block_codes] > 0, own / typical[block_codes], 1.0)
+            cell_odds = odds[block_codes] * ratio**_CELL_POWER
+            cell_novelty[begin:end] = cell_odds / (1.0 + cell_odds)
         else:
-            z = _scaled(dist, scale[block_codes]).min(axis=1)
-        cell_novelty[begin:end] = _novelty(z, several_names)
+            dist = np.sqrt(dist_sq)
+            if several_names:
+                z = _margin_ratio(dist, name_codes)
+            elif landmark_radius is None:
+                z = _scaled(dist.min(axis=1), radius[block_codes])
+            else:
+                z = _scaled(dist, scale[block_codes]).min(axis=1)
+            cell_novelty[begin:end] = _novelty(z, several_names)
+    cell_type = label[codes]
+    cell_closest = names[np.argmax(cell_probs, axis=1)]
+    label_code = np.searchsorted(names, np.where(is_novel, compared_name, label).astype(object))[codes]
+    p_label = cell_probs[np.arange(n_cells), label_code].astype(np.float64)
+    confidence = np.where(is_novel[codes], cell_novelty, p_label * (1.0 - cell_novelty))
 
     return NamingResult(
         clusters=cluster_ids,
@@ -620,13 +741,187 @@ def _name(
         novelty=novelty,
         is_novel=is_novel,
         label=label,
-        cell_type=label[codes],
-        confidence=best_probability[codes],
+        compared_name=np.asarray(compared_name, dtype=object),
+        matched=matched,
+        evidence=evidence,
+        split_of=split_of,
+        distinctness=distinctness,
+        prototypes=prototypes,
+        cell_type=cell_type,
+        confidence=confidence,
         cell_novelty=cell_novelty,
+        cell_name_probabilities=cell_probs,
+        cell_closest=cell_closest,
+        novelty_method=novelty_method,
         space=space,
         novelty_threshold=novelty_threshold,
         novel_label=novel_label,
     )
+
+
+def _squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``(len(x), len(y))`` squared Euclidean distances (may be slightly negative)."""
+    return (
+        np.einsum("ij,ij->i", x, x)[:, None] - 2.0 * x @ y.T + np.einsum("ij,ij->i", y, y)[None, :]
+    )
+
+
+def _kernel_name_probabilities(
+    dist_sq: np.ndarray, sigma: np.ndarray, name_codes: np.ndarray, n_names: int
+) -> np.ndarray:
+    """Rows of ``exp(-d^2 / 2 sigma^2)`` over landmarks, normalised, summed per name.
+
+    A row whose ``sigma`` is 0 puts all its mass on its nearest landmark(s).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logits = -dist_sq / (2.0 * sigma[:, None] ** 2)
+    nearest = dist_sq == dist_sq.min(axis=1, keepdims=True)
+    logits = np.where((sigma > 0)[:, None], logits, np.where(nearest, 0.0, -np.inf))
+    prob = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+    out = np.zeros((dist_sq.shape[0], n_names))
+    for code in range(n_names):
+        out[:, code] = prob[:, name_codes == code].sum(axis=1)
+    return out
+
+
+def _name_prototypes(
+    landmarks: np.ndarray, name_codes: np.ndarray, n_names: int, weights: np.ndarray | None
+) -> np.ndarray:
+    """``P_n``: the weighted mean of each name's landmarks (equal weights where they sum to 0)."""
+    w = np.ones(landmarks.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
+    total = np.bincount(name_codes, weights=w, minlength=n_names)
+    w = np.where(total[name_codes] > 0, w, 1.0)
+    total = np.bincount(name_codes, weights=w, minlength=n_names)
+    out = np.zeros((n_names, landmarks.shape[1]))
+    np.add.at(out, name_codes, landmarks * w[:, None])
+    return out / total[:, None]
+
+
+def _hill(x: np.ndarray, half: float, power: float) -> np.ndarray:
+    """``x^p / (x^p + half^p)``: 0 at 0, 0.5 at ``half``, 1 at infinity."""
+    with np.errstate(divide="ignore", over="ignore"):
+        return 1.0 / (1.0 + (half / np.asarray(x, dtype=np.float64)) ** power)
+
+
+def _match(
+    centers: np.ndarray,
+    counts: np.ndarray,
+    radius: np.ndarray,
+    prototypes: np.ndarray,
+    embedding: Any,
+    codes: np.ndarray,
+    shift: np.ndarray,
+    block_size: int,
+) -> dict[str, np.ndarray]:
+    """One-to-one matching of clusters to names and the evidence of novelty of each cluster."""
+    from scipy.optimize import linear_sum_assignment
+
+    n_clusters, n_names = centers.shape[0], prototypes.shape[0]
+    dist = np.sqrt(np.maximum(_squared_distances(centers, prototypes), 0.0))  # (J, N)
+    rows, cols = linear_sum_assignment(dist)
+    match = np.full(n_clusters, -1, dtype=np.int64)
+    match[rows] = cols
+    owner = np.full(n_names, -1, dtype=np.int64)
+    owner[cols] = rows
+    if n_names > 1:
+        between = np.sqrt(np.maximum(_squared_distances(prototypes, prototypes), 0.0))
+        np.fill_diagonal(between, np.inf)
+        separation = between.min(axis=1)
+    else:
+        separation = np.array([np.inf])
+    matched_dist = dist[rows, cols]
+    typical = float(np.median(matched_dist)) if rows.size >= 2 else np.nan
+
+    compared = np.where(match >= 0, match, np.argmin(dist, axis=1))
+    evidence = np.zeros(n_clusters)
+    split_of = np.full(n_clusters, -1, dtype=np.int64)
+    distinctness = np.full(n_clusters, np.nan)
+    for j in np.flatnonzero(match >= 0):
+        d = dist[j, match[j]]
+        e = d / (_MATCH_RATIO * separation[match[j]])
+        if np.isfinite(typical):
+            e = min(e, d / (_MATCH_SPREAD * typical)) if typical > 0 else e
+        evidence[j] = e
+    # An unmatched cluster, or a matched one that would be new although another name is nearer,
+    # may be a part of the type held by the owner of its nearest name: test it against that owner.
+    nearest_name = np.argmin(dist, axis=1)
+    forced = (match >= 0) & (nearest_name != match) & (evidence >= 1.0)
+    candidates = np.flatnonzero((match < 0) | forced)
+    candidates = candidates[owner[nearest_name[candidates]] >= 0]
+    if candidates.size:
+        others = owner[nearest_name[candidates]]
+        d_prime = _distinctness(embedding, codes, centers, shift, candidates, others, block_size)
+        for j, o, dp in zip(candidates, others, d_prime):
+            if match[j] >= 0 and dp >= _SPLIT_DPRIME:
+                continue  # a separate population: keep its own match and evidence
+            split_of[j], distinctness[j] = o, dp
+            compared[j] = nearest_name[j]
+            evidence[j] = dp / _SPLIT_DPRIME
+            match[j] = -1
+    return {
+        "compared": compared,
+        "matched": match >= 0,
+        "evidence": evidence,
+        "split_of": split_of,
+        "distinctness": distinctness,
+        "distance": dist[np.arange(n_clusters), compared],
+    }
+
+
+def _distinctness(
+    embedding: Any,
+    codes: np.ndarray,
+    centers: np.ndarray,
+    shift: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    block_size: int,
+) -> np.ndarray:
+    """``d' = |m_a - m_b| / sqrt(v_a + v_b)`` of each pair of clusters (``first[i]``,
+    ``second[i]``): means and variances of their cells projected on the line joining the means."""
+    axis = centers[first] - centers[second]
+    norm = np.linalg.norm(axis, axis=1)
+    axis = axis / np.where(norm > 0, norm, 1.0)[:, None]
+    n_pairs = first.shape[0]
+    stats = np.zeros((2, 3, n_pairs))  # side x (count, sum, sum of squares) x pair
+    for begin, end in _row_blocks(codes.shape[0], block_size):
+        block_codes = codes[begin:end]
+        wanted = np.isin(block_codes, np.concatenate([first, second]))
+        if not wanted.any():
+            continue
+        block = _read_block(embedding, begin, end)[wanted] - shift
+        proj = block @ axis.T  # (rows, pairs)
+        member_codes = block_codes[wanted]
+        for side, ids in enumerate((first, second)):
+            mask = member_codes[:, None] == ids[None, :]
+            stats[side, 0] += mask.sum(axis=0)
+            stats[side, 1] += np.where(mask, proj, 0.0).sum(axis=0)
+            stats[side, 2] += np.where(mask, proj**2, 0.0).sum(axis=0)
+    n = np.maximum(stats[:, 0], 1.0)
+    mean = stats[:, 1] / n
+    var = np.maximum(stats[:, 2] / n - mean**2, 0.0)
+    spread = np.sqrt(var[0] + var[1])
+    gap = np.abs(mean[0] - mean[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(spread > 0, gap / spread, np.where(gap > 0, np.inf, 0.0))
+
+
+def _margin_scores(
+    center_dist: np.ndarray,
+    radius: np.ndarray,
+    name_codes: np.ndarray,
+    landmark_radius: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The margin method's per-cluster ``m_j`` (or ``z_j``), nearest landmark and scales."""
+    if landmark_radius is None:
+        scale = np.repeat(radius[:, None], center_dist.shape[1], axis=1)
+    else:
+        scale = np.sqrt((radius[:, None] ** 2 + landmark_radius[None, :] ** 2) / 2.0)
+    if np.unique(name_codes).shape[0] > 1:
+        return _margin_ratio(center_dist, name_codes), np.argmin(center_dist, axis=1), scale
+    z = _scaled(center_dist, scale)
+    nearest = np.argmin(z, axis=1)
+    return z[np.arange(z.shape[0]), nearest], nearest, scale
 
 
 def _umap_embed(

@@ -107,16 +107,23 @@ def test_far_cluster_is_novel_and_near_ones_are_not():
     assert res.is_novel.tolist() == [False, False, True]
     assert res.label.tolist() == ["B cell", "T cell", "novel"]
     assert res.novelty[2] > 0.8 and (res.novelty[:2] < 0.01).all()
-    assert res.novelty_distance[2] == pytest.approx(1.0, abs=0.05)
-    assert res.novelty_distance[0] == pytest.approx(0.6 / np.sqrt(9.7**2 + 3 * 0.3**2), rel=0.1)
+    # Matched one to one; the new cluster is sqrt(139) from every name (separation 10), the
+    # known ones 0.6 from theirs: evidence sqrt(139) / (0.6 * 10) and 0.6 / (1.5 * 0.6).
+    assert res.matched.all()
+    assert res.evidence[2] == pytest.approx(np.sqrt(139) / 6, rel=0.02)
+    assert res.evidence[0] == pytest.approx(0.6 / 6, rel=0.1)
+    margin = name_clusters(x, clusters, LANDMARKS, NAMES, novelty_method="margin", rng=0)
+    assert margin.novelty_distance[2] == pytest.approx(1.0, abs=0.05)
+    assert margin.novelty_distance[0] == pytest.approx(0.6 / np.sqrt(9.7**2 + 3 * 0.3**2), rel=0.1)
     cells_new = clusters == 12
     assert (res.cell_type[cells_new] == "novel").all()
     assert (res.cell_type[~cells_new] != "novel").all()
     assert np.median(res.cell_novelty[cells_new]) > 0.6
     assert np.median(res.cell_novelty[~cells_new]) < 0.01
     # A different label, and a threshold above every score.
-    strict = name_clusters(x, clusters, LANDMARKS, NAMES, novelty_threshold=0.99,
+    strict = name_clusters(x, clusters, LANDMARKS, NAMES, novelty_threshold=0.999,
                            novel_label="new type", rng=0)
+    assert res.novelty[2] < 0.999
     assert not strict.is_novel.any()
     loose = name_clusters(x, clusters, LANDMARKS, NAMES, novel_label="new type", rng=0)
     assert loose.label[2] == "new type"
@@ -126,7 +133,7 @@ def test_margin_ratio_by_hand():
     # 1-D: landmarks A at 0, B at 10. A cluster of cells 3 and 5 has mu = 4: 4 from A and 6
     # from B, ratio 2/3, novelty (2/3)^8 / ((2/3)^8 + 0.8^8) = 0.1889.
     x = np.array([[3.0], [5.0]])
-    res = name_clusters(x, [0, 0], [[0.0], [10.0]], ["A", "B"], rng=0)
+    res = name_clusters(x, [0, 0], [[0.0], [10.0]], ["A", "B"], novelty_method="margin", rng=0)
     assert res.novelty_distance[0] == pytest.approx(2 / 3)
     r = (2 / 3) ** 8
     assert res.novelty[0] == pytest.approx(r / (r + 0.8**8))
@@ -136,7 +143,7 @@ def test_margin_ratio_by_hand():
     )
     # Two landmarks of one name at 0 and 10 and a third name far away: the margin is taken
     # against the other name only.
-    res = name_clusters(x, [0, 0], [[0.0], [10.0], [40.0]], ["A", "A", "C"], rng=0)
+    res = name_clusters(x, [0, 0], [[0.0], [10.0], [40.0]], ["A", "A", "C"], novelty_method="margin", rng=0)
     assert res.novelty_distance[0] == pytest.approx(4 / 36)
 
 
@@ -145,7 +152,7 @@ def test_novelty_formula_by_hand_with_landmark_radius():
     # Landmark at 3. Without R: z = 3 / 1 = 3, novelty = 3^4 / (3^4 + 2^4) = 81/97 = 0.83505.
     # (Two cells give one pairwise distance, so sigma = 0: the name is the nearest landmark's.)
     x = np.array([[-1.0], [1.0]])
-    res = name_clusters(x, [0, 0], [[3.0]], ["A"], rng=0)
+    res = name_clusters(x, [0, 0], [[3.0]], ["A"], novelty_method="margin", rng=0)
     assert res.radius[0] == pytest.approx(1.0)
     assert res.novelty_distance[0] == pytest.approx(3.0)
     assert res.novelty[0] == pytest.approx(81 / 97)
@@ -153,9 +160,9 @@ def test_novelty_formula_by_hand_with_landmark_radius():
     assert res.cell_novelty.tolist() == pytest.approx([256 / 272, 0.5])
     # With R = 1: s = sqrt((1 + 1)/2) = 1, the same. With R = 7: s = sqrt((1 + 49)/2) = 5,
     # z = 0.6, novelty = 0.1296 / (0.1296 + 16) = 0.0080347: a loose class absorbs the cluster.
-    same = name_clusters(x, [0, 0], [[3.0]], ["A"], landmark_radius=[1.0], rng=0)
+    same = name_clusters(x, [0, 0], [[3.0]], ["A"], landmark_radius=[1.0], novelty_method="margin", rng=0)
     assert same.novelty[0] == pytest.approx(81 / 97)
-    loose = name_clusters(x, [0, 0], [[3.0]], ["A"], landmark_radius=[7.0], rng=0)
+    loose = name_clusters(x, [0, 0], [[3.0]], ["A"], landmark_radius=[7.0], novelty_method="margin", rng=0)
     assert loose.novelty_distance[0] == pytest.approx(0.6)
     assert loose.novelty[0] == pytest.approx(0.1296 / 16.1296)
     # Per cell with R = 7: distances 4 and 2 over s = 5 -> z = 0.8, 0.4.
@@ -173,6 +180,103 @@ def test_scale_free():
     np.testing.assert_allclose(a.novelty, b.novelty, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(a.cell_novelty, b.cell_novelty, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(a.name_probabilities, b.name_probabilities, rtol=1e-6, atol=1e-12)
+
+
+# Two close sibling types (CD4 and CD8 T cells, 2 apart) and a far one (monocyte), and a new
+# experiment whose every cluster sits 3 units off its type along a shared direction (a
+# condition effect larger than the gap between the siblings).
+SIBLINGS = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 12.0, 0.0]])
+SIBLING_NAMES = ["CD4 T", "CD8 T", "monocyte"]
+OFFSET = np.array([0.0, 0.0, 3.0])
+
+
+def test_matching_keeps_shifted_siblings_known_where_the_margin_calls_them_new():
+    rng = np.random.default_rng(11)
+    x, clusters = _blobs(SIBLINGS + OFFSET, 300, 0.3, rng)
+    res = name_clusters(x, clusters, SIBLINGS, SIBLING_NAMES, rng=0)
+    assert res.label.tolist() == SIBLING_NAMES
+    assert not res.is_novel.any() and res.matched.all()
+    assert (res.cell_type == np.repeat(SIBLING_NAMES, 300)).all()
+    # Each sits 3 from its own name, about 3.6 from the sibling: the margin ratio is near 1.
+    margin = name_clusters(x, clusters, SIBLINGS, SIBLING_NAMES, novelty_method="margin", rng=0)
+    assert margin.is_novel[:2].all()
+
+
+def test_matching_flags_a_removed_sibling():
+    # The reference lacks CD8 T: its cluster is left unmatched beside the CD4 T cluster, and the
+    # two are separate populations (gap 2, spread 0.3: d' about 4.7), so it is new.
+    rng = np.random.default_rng(12)
+    x, clusters = _blobs(SIBLINGS + OFFSET, 300, 0.3, rng)
+    reference = SIBLINGS[[0, 2]]
+    res = name_clusters(x, clusters, reference, ["CD4 T", "monocyte"], rng=0)
+    assert res.matched.tolist() == [True, False, True]
+    assert res.split_of[1] == 0
+    assert res.distinctness[1] == pytest.approx(2 / np.sqrt(2 * 0.09), rel=0.1)
+    assert res.label.tolist() == ["CD4 T", "novel", "monocyte"]
+    assert res.describe(1).startswith("novel, closest to CD4 T")
+    # The margin method names it CD4 T.
+    margin = name_clusters(x, clusters, reference, ["CD4 T", "monocyte"], novelty_method="margin", rng=0)
+    assert margin.label[1] == "CD4 T"
+
+
+def test_a_type_cut_in_two_keeps_its_name():
+    # One Gaussian cut at its mean along the first axis (too many landmarks): d' = 1.87.
+    rng = np.random.default_rng(13)
+    x = rng.normal(0.0, 1.0, size=(4000, 3)) + np.array([0.0, 0.0, 4.0])
+    clusters = (x[:, 0] > 0).astype(int)
+    res = name_clusters(x, clusters, [[0.0, 0.0, 0.0], [0.0, 20.0, 0.0]], ["A", "B"], rng=0)
+    assert res.matched.sum() == 1
+    j = int(np.flatnonzero(~res.matched)[0])
+    # halves of N(0, 1): means +-sqrt(2/pi), variances 1 - 2/pi
+    expected = 2 * np.sqrt(2 / np.pi) / np.sqrt(2 * (1 - 2 / np.pi))
+    assert res.distinctness[j] == pytest.approx(expected, rel=0.05)
+    assert res.label.tolist() == ["A", "A"] and not res.is_novel.any()
+
+
+def test_matching_by_hand_in_one_dimension():
+    # One name A at 0. Cluster 0 = cells 0 and 2 (matched, A); cluster 1 = cells 5 and 7.
+    # Projected on the line joining the means: means 1 and 6, variances 1 and 1, so
+    # d' = 5 / sqrt(2), evidence d' / 2.5 = sqrt(2), novelty 1 / (1 + sqrt(2)^-8) = 16/17.
+    x = np.array([[0.0], [2.0], [5.0], [7.0]])
+    res = name_clusters(x, [0, 0, 1, 1], [[0.0]], ["A"], rng=0)
+    assert res.matched.tolist() == [True, False]
+    assert res.distinctness[1] == pytest.approx(5 / np.sqrt(2))
+    assert res.novelty[1] == pytest.approx(16 / 17)
+    assert res.novelty[0] == pytest.approx(0.0, abs=1e-12)  # one name: a matched cluster is known
+    assert res.label.tolist() == ["A", "novel"]
+    # Per cell in cluster 1: RMS distance to A is sqrt(6^2 + 1) = sqrt(37); odds 16 (d / sqrt 37)^4.
+    odds = 16 * np.array([5.0, 7.0]) ** 4 / 37**2
+    np.testing.assert_allclose(res.cell_novelty[2:], odds / (1 + odds), rtol=1e-9)
+    np.testing.assert_allclose(res.cell_novelty[:2], 0.0, atol=1e-9)
+    # Confidence: the novelty of a novel cell, P(A) (1 - novelty) of a known one.
+    np.testing.assert_allclose(res.confidence[2:], res.cell_novelty[2:])
+    np.testing.assert_allclose(res.confidence[:2], 1.0, atol=1e-9)
+    np.testing.assert_allclose(res.cell_name_probabilities, 1.0)
+    assert res.cell_closest.tolist() == ["A"] * 4
+    assert res.cell_is_novel.tolist() == [False, False, True, True]
+
+
+def test_cell_name_probabilities_match_the_cluster_kernel_at_the_center():
+    rng = np.random.default_rng(14)
+    x, clusters = _blobs(LANDMARKS[[0, 1]] + 0.3, 200, 1.5, rng)
+    res = name_clusters(x, clusters, LANDMARKS, NAMES, rng=0)
+    probs = res.cell_name_probabilities
+    assert probs.shape == (400, 4) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # An independent dense evaluation of the kernel for one cell.
+    i = 17
+    sigma = res.sigma[0]
+    w = np.exp(-((LANDMARKS - x[i]) ** 2).sum(1) / (2 * sigma**2))
+    np.testing.assert_allclose(probs[i], w / w.sum(), rtol=1e-5, atol=1e-7)
+    assert set(res.cell_closest.tolist()) <= set(NAMES)
+
+
+def test_landmark_weights_set_the_prototype():
+    # Two landmarks of A at 0 and 4 with 3:1 cells: the prototype is at 1.
+    res = name_clusters(np.array([[1.0], [1.2]]), [0, 0], [[0.0], [4.0], [30.0]], ["A", "A", "B"],
+                        landmark_weights=[3, 1, 5], rng=0)
+    np.testing.assert_allclose(res.prototypes[:, 0], [1.0, 30.0])
+    assert res.novelty_distance[0] == pytest.approx(0.1)
 
 
 def test_sigma_is_exact_when_the_sample_covers_the_cluster():
@@ -255,8 +359,8 @@ def test_single_cell_cluster_takes_nearest_name(caplog):
     assert res.sigma[0] == 0.0
     assert res.best_name.tolist() == ["A", "B"]
     assert res.best_probability[0] == 1.0
-    # Margin ratio 0.1 / 9.9: clearly A.
-    assert res.novelty_distance[0] == pytest.approx(0.1 / 9.9) and not res.is_novel[0]
+    # Matched to A, 0.1 from it: clearly A.
+    assert res.novelty_distance[0] == pytest.approx(0.1) and not res.is_novel[0]
 
 
 def test_to_records_are_plain_python():

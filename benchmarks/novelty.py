@@ -1,0 +1,459 @@
+"""Novelty benchmark: leave one experiment out, and leave one cell type out of the reference.
+
+Scenarios, on every dataset in ``../shared/data`` (and on the simulated PBMC-like atlas with
+subtypes and a condition effect, ``--synthetic``):
+
+- ``none``: each experiment ``E`` in turn is held out unannotated, nothing removed;
+- ``T``: for each held-out ``E`` and each type ``T`` with at least 10 cells in ``E``, every
+  cell of ``T`` is dropped from the annotated experiments (``E`` keeps them). An annotated
+  experiment left with no cells is dropped; one left with a single type is kept (the report
+  says so in ``single_type_reference``).
+
+``K`` is the number of true types in ``E`` (the reference protocol). Each scenario trains MARS
+once per seed; the trained run is cached (``--workdir``) as the embedding of every cell, the
+landmarks and the baselines' inputs, so the scoring of the novelty call can be repeated
+without retraining (``--score-only``). Scoring goes through :func:`mars_scale.naming.name_clusters`,
+the function ``annotate`` uses.
+
+Per run: ARI of ``E``; share of known-type cells called novel; naming accuracy of known cells
+(``cell_type`` equal to the truth); share of ``T``'s cells called novel; per-cell AUROC of the
+novelty score (``T`` against known); Jaccard of ``T``'s best cluster; integration, the accuracy
+of a 15-nearest-neighbour label transfer from the annotated cells to ``E``'s known cells in
+the MARS embedding. Baselines on the same runs: K-means on PCA (ARI, Jaccard of ``T``), and a
+logistic regression on the annotated cells' scaled log-expression with "unassigned" below a
+probability of 0.5 (the CellTypist approach).
+
+Examples::
+
+    python benchmarks/novelty.py --workdir /work/scratch/novelty                 # all, seed 0
+    python benchmarks/novelty.py --datasets mesc_kolodziejczyk2015_mini --seeds 0 1
+    python benchmarks/novelty.py --workdir /work/scratch/novelty --score-only    # rescore caches
+
+Results go to ``benchmarks/results/novelty.json`` (``runs[<selection>-<N>seeds]``) with every
+row and the markdown summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_average, peak_rss_mb, write_result  # noqa: E402
+
+logger = logging.getLogger("benchmarks.novelty")
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATASETS = (
+    "mesc_kolodziejczyk2015_mini",
+    "pancreas_3studies_beta_ductal_mini",
+    "cellbench_3cl_3protocols_panel",
+    "cellbench_celseq2_dropseq",
+)
+SYNTHETIC = "synthetic_pbmc_like"
+MIN_TYPE_CELLS = 10
+KNN = 15
+LR_THRESHOLD = 0.5
+TARGETS = {
+    "known_called_novel": ("<=", 0.10),
+    "known_name_accuracy": (">=", 0.85),
+    "removed_called_novel": (">=", 0.70),
+    "novelty_auroc": (">=", 0.90),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# scenarios and stores
+
+
+def _source(dataset: str, workdir: Path) -> Path:
+    if dataset != SYNTHETIC:
+        return DATA / f"{dataset}.h5ad"
+    path = workdir / f"{SYNTHETIC}.h5ad"
+    if not path.exists():
+        from mars_scale.simulate import pbmc_like_config, simulate_anndata
+
+        adata = simulate_anndata(pbmc_like_config(seed=0))
+        adata.obs["cell_type"] = adata.obs["cell_type"].astype("category")
+        adata.write_h5ad(path)
+    return path
+
+
+def scenarios(source: Path) -> list[dict[str, Any]]:
+    """Every (held-out experiment, removed type or None) of one h5ad."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(source, backed="r")
+    obs = adata.obs[["experiment", "cell_type"]].astype(str)
+    adata.file.close()
+    out = []
+    for held in sorted(obs["experiment"].unique()):
+        mine = obs[obs["experiment"] == held]
+        counts = mine["cell_type"].value_counts()
+        out.append({"held_out": held, "removed": None, "k": int(counts.size)})
+        for t in sorted(counts.index[counts >= MIN_TYPE_CELLS]):
+            out.append({"held_out": held, "removed": str(t), "k": int(counts.size)})
+    return out
+
+
+def _build_store(source: Path, directory: Path, held_out: str, removed: str | None) -> tuple[Path, list[str]]:
+    import anndata as ad
+
+    from mars_scale.ingest import IngestConfig, ingest
+
+    directory.mkdir(parents=True, exist_ok=True)
+    store = directory / "atlas.zarr"
+    adata = ad.read_h5ad(source)
+    keep = np.ones(adata.n_obs, dtype=bool)
+    if removed is not None:
+        keep &= ~((adata.obs["cell_type"].astype(str) == removed) & (adata.obs["experiment"].astype(str) != held_out)).to_numpy()
+    sub = adata[keep].copy()
+    sub.obs = sub.obs[["experiment", "cell_type"]].copy()
+    for col in ("experiment", "cell_type"):
+        sub.obs[col] = sub.obs[col].astype(str).astype("category")
+    single = []
+    for exp, frame in sub.obs.groupby("experiment", observed=True):
+        if exp != held_out and frame["cell_type"].nunique() == 1:
+            single.append(str(exp))
+    h5ad = directory / "cells.h5ad"
+    sub.write_h5ad(h5ad)
+    if store.exists():
+        import shutil
+
+        shutil.rmtree(store)
+    config = IngestConfig(experiment_key="experiment", label_key="cell_type", min_cells=5, min_counts=1.0, min_genes=1)
+    ingest([h5ad], store, config=config)
+    h5ad.unlink()
+    return store, single
+
+
+def _scaled_expression(store, rows: np.ndarray) -> "np.ndarray":
+    """Dense scaled log-expression of store rows (normalised, log1p, joint scaling, clip)."""
+    import scipy.sparse as sp
+
+    from mars_scale.preprocess import fold_scaling, normalize_log1p, scaled_nonzero_values
+
+    prep = store.meta.get("preprocessing", {})
+    max_value = prep.get("max_value", 10.0)
+    params = fold_scaling(store.var_column("mean"), store.var_column("std"),
+                          max_value=None if max_value is None else float(max_value))
+    block = store.read_rows(0, store.n_cells)[rows]
+    data = normalize_log1p(block.indptr, block.indices, block.data, target_sum=float(prep.get("target_sum", 1e4)),
+                           kind=store.input_kind, dtype=np.float64)
+    values = scaled_nonzero_values(block.indices, data, params, dtype=np.float64)
+    return sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
+
+
+def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: Path) -> Path:
+    """Train MARS on one scenario and cache what scoring needs; returns the cache file."""
+    import dataclasses
+
+    from sklearn.linear_model import LogisticRegression
+
+    from mars_scale.config import RunConfig
+    from mars_scale.evaluate import _pca_of_experiment
+    from mars_scale.landmarks import kmeans, nearest
+    from mars_scale.model import Mars
+    from mars_scale.store import open_store
+
+    held, removed, k = scenario["held_out"], scenario["removed"], scenario["k"]
+    tag = f"{held}__{removed or 'none'}"
+    cache = workdir / "cache" / source.stem / f"{tag}__s{seed}.npz"
+    if cache.exists():
+        return cache
+    directory = workdir / "stores" / source.stem / tag
+    meta_path = directory / "meta.json"
+    if meta_path.exists() and (directory / "atlas.zarr").exists():
+        store_path, single = directory / "atlas.zarr", json.loads(meta_path.read_text())["single"]
+    else:
+        store_path, single = _build_store(source, directory, held, removed)
+        meta_path.write_text(json.dumps({"single": single}))
+    store = open_store(store_path)
+    config = RunConfig()
+    cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+    t0 = time.perf_counter()
+    model = Mars(store, unannotated=held, n_clusters=k, config=cfg).train()
+    train_s = time.perf_counter() - t0
+    index, z = model.embed(store)
+    order = np.argsort(index, kind="stable")
+    z = z[order].astype(np.float32)
+    experiments = np.asarray(store.obs_column("experiment"), dtype=object).astype(str)
+    truth = np.asarray(store.obs_column("cell_type"), dtype=object).astype(str)
+    values, lm_exps, lm_types = model.annotated_landmarks
+    a, b = store.experiment_ranges[held]
+    rows, scores = _pca_of_experiment(store, held, n_components=50, max_cells=50_000, seed=seed)
+    km = kmeans(scores, k, seed=seed)
+    pca_assign = np.full(b - a, -1, dtype=np.int64)
+    pca_assign[rows - a] = nearest(scores, km.centroids)[0]
+    # CellTypist-style baseline: logistic regression on the annotated cells' expression
+    annotated = np.flatnonzero(experiments != held)
+    x_train = _scaled_expression(store, annotated)
+    x_test = _scaled_expression(store, np.arange(a, b))
+    classes = np.unique(truth[annotated])
+    if classes.size > 1:
+        lr = LogisticRegression(max_iter=1000, C=1.0).fit(x_train, truth[annotated])
+        proba, classes = lr.predict_proba(x_test), lr.classes_
+    else:  # a one-type reference: the classifier can only say that type, with certainty
+        proba = np.ones((b - a, 1))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.stem}.tmp.npz")
+    np.savez_compressed(
+        tmp, z=z, experiments=experiments, truth=truth, held_out=held, removed=removed or "",
+        k=k, seed=seed, single=np.asarray(single, dtype=str),
+        landmarks_annotated=np.asarray(values, dtype=np.float32),
+        landmark_experiments=np.asarray(lm_exps, dtype=str), landmark_types=np.asarray(lm_types, dtype=str),
+        landmarks_unannotated=np.asarray(model.unannotated_landmarks, dtype=np.float32),
+        pca_assign=pca_assign, lr_proba=proba.astype(np.float32), lr_classes=np.asarray(classes, dtype=str),
+        train_seconds=train_s,
+    )
+    os.replace(tmp, cache)
+    logger.info("trained %s %s seed %d in %.1f s", source.stem, tag, seed, train_s)
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    if positive.all() or not positive.any():
+        return None
+    return float(roc_auc_score(positive, scores))
+
+
+def _best_jaccard(clusters: np.ndarray, target: np.ndarray) -> float | None:
+    if not target.any():
+        return None
+    best = 0.0
+    for c in np.unique(clusters):
+        member = clusters == c
+        best = max(best, float((member & target).sum() / (member | target).sum()))
+    return best
+
+
+def _knn_transfer(z_ref: np.ndarray, y_ref: np.ndarray, z_query: np.ndarray, k: int = KNN) -> np.ndarray:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(y_ref)))
+    clf.fit(z_ref, y_ref)
+    return clf.predict(z_query)
+
+
+def score_cache(cache: Path, *, method: str = "default") -> dict[str, Any]:
+    """Score one cached run with the package's naming (``annotate``'s code path)."""
+    from mars_scale.landmarks import nearest
+    from mars_scale.metrics import ari
+    from mars_scale.naming import name_clusters
+
+    d = np.load(cache, allow_pickle=False)
+    held, removed = str(d["held_out"]), str(d["removed"]) or None
+    z, exps, truth = d["z"], d["experiments"], d["truth"]
+    mine = exps == held
+    z_e, truth_e = z[mine], truth[mine]
+    ref = ~mine
+    assign, _ = nearest(z_e, d["landmarks_unannotated"])
+    # annotated cells per landmark, as annotate counts them
+    pairs = np.char.add(np.char.add(exps[ref].astype(str), "\x00"), truth[ref].astype(str))
+    keys = np.char.add(np.char.add(d["landmark_experiments"].astype(str), "\x00"), d["landmark_types"].astype(str))
+    names, counts = np.unique(pairs, return_counts=True)
+    weights = np.array([counts[names == k][0] if (names == k).any() else 0 for k in keys], dtype=float)
+    extra: dict[str, Any] = {}
+    if method == "margin":  # as annotate passed it: each landmark's radius over its own cells
+        lookup = {k: i for i, k in enumerate(keys)}
+        index = np.array([lookup.get(k, -1) for k in pairs])
+        sq = ((z[ref] - d["landmarks_annotated"][np.maximum(index, 0)]) ** 2).sum(1)
+        ok = index >= 0
+        total = np.bincount(index[ok], weights=sq[ok], minlength=len(keys))
+        extra = {"novelty_method": "margin", "landmark_radius": np.sqrt(total / np.maximum(weights, 1))}
+    naming = name_clusters(
+        z_e, assign, d["landmarks_annotated"], d["landmark_types"], landmark_weights=weights, rng=0, **extra,
+    )
+    known_types = set(d["landmark_types"].tolist())
+    known = np.array([t in known_types for t in truth_e])
+    is_removed = truth_e == removed if removed else np.zeros(len(truth_e), dtype=bool)
+    novel_cell = naming.cell_is_novel
+    predicted = np.asarray(naming.cell_type, dtype=object)
+    row: dict[str, Any] = {
+        "n_cells": int(mine.sum()),
+        "k": int(d["k"]),
+        "ari": float(ari(truth_e, assign)),
+        "known_called_novel": float(novel_cell[known].mean()) if known.any() else None,
+        "known_name_accuracy": float(np.mean(predicted[known] == truth_e[known])) if known.any() else None,
+        "removed_called_novel": float(novel_cell[is_removed].mean()) if removed else None,
+        "novelty_auroc": _auroc(naming.cell_novelty[is_removed | known], is_removed[is_removed | known]) if removed else None,
+        "removed_jaccard": _best_jaccard(assign, is_removed) if removed else None,
+        "integration_knn": float(np.mean(_knn_transfer(z[ref], truth[ref], z_e[known]) == truth_e[known])) if known.any() else None,
+        "clusters": [
+            {"cluster": int(c), "n_cells": int(n), "label": str(lab), "novelty": round(float(v), 4),
+             "truth": _majority(truth_e[assign == c])}
+            for c, n, lab, v in zip(naming.clusters, naming.n_cells, naming.label, naming.novelty)
+        ],
+    }
+    # baselines
+    pca = d["pca_assign"]
+    proba, classes = d["lr_proba"], d["lr_classes"]
+    lr_best = classes[np.argmax(proba, axis=1)]
+    lr_novel = proba.max(axis=1) < LR_THRESHOLD
+    lr_pred = np.where(lr_novel, "unassigned", lr_best)
+    row["baselines"] = {
+        "kmeans_pca_ari": float(ari(truth_e[pca >= 0], pca[pca >= 0])),
+        "kmeans_pca_removed_jaccard": _best_jaccard(pca, is_removed) if removed else None,
+        "lr_known_called_novel": float(lr_novel[known].mean()) if known.any() else None,
+        "lr_known_name_accuracy": float(np.mean(lr_pred[known] == truth_e[known])) if known.any() else None,
+        "lr_removed_called_novel": float(lr_novel[is_removed].mean()) if removed else None,
+        "lr_novelty_auroc": _auroc(1 - proba.max(axis=1)[is_removed | known], is_removed[is_removed | known]) if removed else None,
+    }
+    return row
+
+
+def _majority(values: np.ndarray) -> str:
+    if values.size == 0:
+        return ""
+    names, counts = np.unique(values, return_counts=True)
+    return f"{names[np.argmax(counts)]} ({counts.max()}/{values.size})"
+
+
+def _mean(rows: list[dict], key: str, sub: str | None = None) -> float | None:
+    vals = [(r[sub] if sub else r).get(key) for r in rows]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarise(rows: list[dict]) -> dict[str, Any]:
+    """Means over runs, per dataset and overall, and the targets of issue 16."""
+    out: dict[str, Any] = {}
+    for scope in sorted({r["dataset"] for r in rows}) + ["all"]:
+        mine = [r for r in rows if scope == "all" or r["dataset"] == scope]
+        none = [r for r in mine if r["removed"] is None]
+        removed = [r for r in mine if r["removed"] is not None]
+        s = {
+            "n_runs": len(mine),
+            "ari_nothing_removed": _mean(none, "ari"),
+            "ari_type_removed": _mean(removed, "ari"),
+            "known_called_novel": _mean(mine, "known_called_novel"),
+            "known_name_accuracy": _mean(mine, "known_name_accuracy"),
+            "removed_called_novel": _mean(removed, "removed_called_novel"),
+            "novelty_auroc": _mean(removed, "novelty_auroc"),
+            "removed_jaccard": _mean(removed, "removed_jaccard"),
+            "integration_knn": _mean(mine, "integration_knn"),
+        }
+        for key in ("kmeans_pca_ari", "lr_known_called_novel", "lr_known_name_accuracy",
+                    "lr_removed_called_novel", "lr_novelty_auroc", "kmeans_pca_removed_jaccard"):
+            s[key] = _mean(mine if "removed" not in key and "auroc" not in key else removed, key, "baselines")
+        out[scope] = s
+    a = out["all"]
+    checks = {}
+    for key, (op, bound) in TARGETS.items():
+        v = a[key]
+        checks[key] = None if v is None else (v <= bound if op == "<=" else v >= bound)
+    if a["ari_type_removed"] is not None and a["ari_nothing_removed"] is not None:
+        checks["ari_removed_within_0.05"] = a["ari_type_removed"] >= a["ari_nothing_removed"] - 0.05
+    out["checks"] = checks
+    return out
+
+
+def _f(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def markdown(rows: list[dict], summary: dict[str, Any]) -> str:
+    lines = [
+        "| dataset | held out | removed | seed | ARI | known called novel | known named right | removed called novel | AUROC | Jaccard removed | kNN transfer | LR: known novel / named / removed novel / AUROC | K-means PCA ARI |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        bl = r["baselines"]
+        lines.append(
+            f"| {r['dataset']} | {r['held_out']} | {r['removed'] or '–'} | {r['seed']} | {_f(r['ari'])} | "
+            f"{_f(r['known_called_novel'])} | {_f(r['known_name_accuracy'])} | {_f(r['removed_called_novel'])} | "
+            f"{_f(r['novelty_auroc'])} | {_f(r['removed_jaccard'])} | {_f(r['integration_knn'])} | "
+            f"{_f(bl['lr_known_called_novel'])} / {_f(bl['lr_known_name_accuracy'])} / "
+            f"{_f(bl['lr_removed_called_novel'])} / {_f(bl['lr_novelty_auroc'])} | {_f(bl['kmeans_pca_ari'])} |"
+        )
+    lines += ["", "| scope | runs | ARI none / removed | known called novel | known named right | removed called novel | AUROC | Jaccard | kNN | LR known novel | LR named | LR removed novel | LR AUROC |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for scope, s in summary.items():
+        if scope == "checks":
+            continue
+        lines.append(
+            f"| {scope} | {s['n_runs']} | {_f(s['ari_nothing_removed'])} / {_f(s['ari_type_removed'])} | "
+            f"{_f(s['known_called_novel'])} | {_f(s['known_name_accuracy'])} | {_f(s['removed_called_novel'])} | "
+            f"{_f(s['novelty_auroc'])} | {_f(s['removed_jaccard'])} | {_f(s['integration_knn'])} | "
+            f"{_f(s['lr_known_called_novel'])} | {_f(s['lr_known_name_accuracy'])} | "
+            f"{_f(s['lr_removed_called_novel'])} | {_f(s['lr_novelty_auroc'])} |"
+        )
+    lines += ["", "Checks (all runs): " + ", ".join(f"{k} {'pass' if v else 'FAIL'}" for k, v in summary["checks"].items())]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS) + [SYNTHETIC])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/work/scratch/novelty"))
+    parser.add_argument("--score-only", action="store_true", help="Score the cached runs; train nothing.")
+    parser.add_argument("--train-only", action="store_true", help="Train and cache; write no result.")
+    parser.add_argument("--method", default="default", help="Novelty method passed to name_clusters.")
+    parser.add_argument("--key", default=None, help="Result key (default: <selection>-<N>seeds[-method]).")
+    parser.add_argument("--dry-run", action="store_true", help="Write no result file; print the table.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in ("mars_scale",):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = []
+    single_type: dict[str, list[str]] = {}
+    for dataset in args.datasets:
+        source = _source(dataset, args.workdir)
+        for sc in scenarios(source):
+            for seed in args.seeds:
+                tag = f"{sc['held_out']}__{sc['removed'] or 'none'}"
+                cache = args.workdir / "cache" / source.stem / f"{tag}__s{seed}.npz"
+                if not args.score_only:
+                    cache = train_scenario(source, sc, seed, args.workdir)
+                if args.train_only or not cache.exists():
+                    continue
+                row = {"dataset": dataset, "held_out": sc["held_out"], "removed": sc["removed"], "seed": seed,
+                       **score_cache(cache, method=args.method)}
+                single = [str(s) for s in np.load(cache)["single"]]
+                if single:
+                    row["single_type_reference"] = single
+                    single_type[f"{dataset}/{tag}"] = single
+                rows.append(row)
+                logger.info("%s %s seed %d: ARI %.3f known novel %s named %s removed novel %s AUROC %s",
+                            dataset, tag, seed, row["ari"], _f(row["known_called_novel"]),
+                            _f(row["known_name_accuracy"]), _f(row["removed_called_novel"]), _f(row["novelty_auroc"]))
+    if args.train_only or not rows:
+        return
+    summary = summarise(rows)
+    table = markdown(rows, summary)
+    print(table)
+    if args.dry_run:
+        return
+    selection = "all" if set(args.datasets) == set(DATASETS) | {SYNTHETIC} else "+".join(args.datasets)
+    key = args.key or f"{selection}-{len(args.seeds)}seeds" + ("" if args.method == "default" else f"-{args.method}")
+    write_result("novelty", {
+        "parameters": {"datasets": args.datasets, "seeds": args.seeds, "method": args.method,
+                       "min_type_cells": MIN_TYPE_CELLS, "knn": KNN, "lr_threshold": LR_THRESHOLD},
+        "single_type_reference": single_type,
+        "rows": rows, "summary": summary, "table_markdown": table,
+        "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "load_average_end": load_average(),
+    }, key=key)
+
+
+if __name__ == "__main__":
+    main()
