@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 _STAGING_PREFIX = ".mars-scale-staging-"
 _KEY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _RESERVED_KEYS = {"mars_scale"}  # uns/mars_scale is the store's own metadata
-_OBS_SUFFIXES = ("cluster", "cell_type", "confidence", "novelty")
+_OBS_SUFFIXES = ("cluster", "cell_type", "confidence", "novelty", "closest_type", "cluster_novelty")
 _TARGET_CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk of obsm/X_<key>
 _SHARD_CHUNKS = 16  # chunks per shard file of obsm/X_<key> (zarr v3)
 _COLUMN_CHUNK = 1 << 18  # cells per chunk of the obs result columns
@@ -78,13 +78,15 @@ def result_keys(key_added: str = "mars") -> dict[str, Any]:
     Returns
     -------
     dict
-        ``obs`` (the four obs columns ``<key>_cluster``, ``<key>_cell_type``,
-        ``<key>_confidence``, ``<key>_novelty``), ``obsm`` (``X_<key>``) and ``uns``
-        (``<key>``).
+        ``obs`` (the six obs columns ``<key>_cluster``, ``<key>_cell_type``,
+        ``<key>_confidence``, ``<key>_novelty``, ``<key>_closest_type``,
+        ``<key>_cluster_novelty``), ``obsm`` (the embedding ``X_<key>``), ``probabilities``
+        (the obsm element ``<key>_name_probabilities``) and ``uns`` (``<key>``).
     """
     return {
         "obs": [f"{key_added}_{suffix}" for suffix in _OBS_SUFFIXES],
         "obsm": f"X_{key_added}",
+        "probabilities": f"{key_added}_name_probabilities",
         "uns": key_added,
     }
 
@@ -110,6 +112,9 @@ class AnnotationResult:
         arrays follow the rows of the unannotated experiment.
     unused_landmarks
         Unannotated landmarks that no cell chose.
+    merged_landmarks
+        Unannotated landmarks with fewer than ``min_cluster_cells`` cells, whose cells went to
+        the nearest of the others.
     landmark_radius
         Root-mean-square distance of each annotated landmark's annotated cells to it.
     written
@@ -127,6 +132,7 @@ class AnnotationResult:
     n_unannotated: int
     naming: NamingResult
     unused_landmarks: tuple[int, ...]
+    merged_landmarks: tuple[int, ...]
     landmark_radius: np.ndarray
     written: tuple[str, ...]
     export: Path | None
@@ -140,7 +146,8 @@ class AnnotationResult:
         list of dict
             Keys ``cluster`` (landmark index), ``n_cells``, ``name`` (the cluster's cell type,
             or ``"novel"``), ``best_name`` (most probable annotated name), ``probability`` (of
-            ``best_name``), ``novelty`` and ``is_novel``.
+            ``best_name``), ``novelty``, ``is_novel`` and ``description`` (e.g. ``"novel,
+            closest to B cell (0.71), T cell (0.29)"``).
         """
         nr = self.naming
         return [
@@ -152,6 +159,7 @@ class AnnotationResult:
                 "probability": float(nr.best_probability[j]),
                 "novelty": float(nr.novelty[j]),
                 "is_novel": bool(nr.is_novel[j]),
+                "description": nr.describe(j),
             }
             for j in range(nr.n_clusters)
         ]
@@ -173,6 +181,8 @@ def annotate(
     seed: int | None = 0,
     export: str | os.PathLike | None = None,
     novelty_threshold: float = 0.5,
+    novelty_method: str = "matching",
+    min_cluster_cells: int = 10,
     max_cells_per_cluster: int = 2000,
 ) -> AnnotationResult:
     """Embed all cells, cluster and name the unannotated experiment, write results to the store.
@@ -205,6 +215,13 @@ def annotate(
     novelty_threshold
         A cluster whose novelty score reaches it is called ``"novel"``
         (see :mod:`mars_scale.naming`).
+    novelty_method
+        ``"matching"`` (clusters matched one to one to the known types) or ``"margin"`` (the
+        earlier score); see :mod:`mars_scale.naming`.
+    min_cluster_cells
+        A landmark that ends up with fewer cells than this is dropped and its cells go to the
+        nearest other landmark (over-guessing ``K`` leaves a few tiny clusters otherwise).
+        1 keeps every landmark.
     max_cells_per_cluster
         Cells sampled per cluster to estimate the kernel width.
 
@@ -217,13 +234,21 @@ def annotate(
         - ``obs['<key>_cluster']``: categorical landmark index of the cells of the unannotated
           experiment (missing elsewhere);
         - ``obs['<key>_cell_type']``: categorical name of the cell's cluster, or ``"novel"``;
-        - ``obs['<key>_confidence']``: float, probability of the cluster's most probable name;
-        - ``obs['<key>_novelty']``: float, the cell's novelty score in [0, 1] (both NaN
-          outside the unannotated experiment);
+        - ``obs['<key>_confidence']``: float, how sure the cell's label is: the probability of
+          its name times one minus its novelty, or its novelty for a ``"novel"`` cell;
+        - ``obs['<key>_novelty']``: float, the cell's novelty probability in [0, 1];
+        - ``obs['<key>_closest_type']``: categorical, the cell's most probable annotated name
+          (also for novel cells: what the new type is closest to);
+        - ``obs['<key>_cluster_novelty']``: float, the novelty of the cell's cluster (all four
+          missing outside the unannotated experiment);
+        - ``obsm['<key>_name_probabilities']``: float32, per cell the probability of each
+          annotated name (columns: ``uns['<key>']['names']``; NaN outside the experiment);
         - ``uns['<key>']``: run record with, per cluster, ``clusters``, ``n_cells``, ``label``,
-          ``top_names`` and ``top_probabilities`` (top 3), ``novelty``, ``is_novel``; and
-          ``unused_landmarks``, ``landmark_radius``, ``model``, ``config`` (JSON), ``date``,
-          ``space``, ``seed``, ``unannotated`` and the mars-scale version.
+          ``description``, ``top_names`` and ``top_probabilities`` (top 3), ``novelty``,
+          ``is_novel``, ``compared_name``, ``matched``, ``evidence``; and ``names``,
+          ``unused_landmarks``, ``merged_landmarks``, ``landmark_radius``, ``model``,
+          ``config`` (JSON), ``date``, ``space``, ``seed``, ``unannotated``,
+          ``novelty_method`` and the mars-scale version.
 
     Raises
     ------
@@ -238,6 +263,10 @@ def annotate(
     """
     started = time.perf_counter()
     _check_options(key_added=key_added, space=space, batch_size=batch_size)
+    if isinstance(min_cluster_cells, bool) or not isinstance(min_cluster_cells, (int, np.integer)) or min_cluster_cells < 1:
+        raise InputError(f"min_cluster_cells must be a positive integer (got {min_cluster_cells!r})")
+    if novelty_method not in ("matching", "margin"):
+        raise InputError(f"novelty_method must be 'matching' or 'margin' (got {novelty_method!r})")
     export_path = _check_export(export, overwrite=overwrite)
     store = open_store(store_path)
     model = _load_model(model_or_run_dir, store)
@@ -260,12 +289,14 @@ def annotate(
         try:
             computed = _compute(store, model, staging, fmt, keys, device=dev, batch_size=batch_size,
                                 space=space, seed=seed, novelty_threshold=novelty_threshold,
+                                novelty_method=novelty_method, min_cluster_cells=min_cluster_cells,
                                 max_cells_per_cluster=max_cells_per_cluster)
-            naming, unused, radius = computed
-            record = _run_record(model, model_or_run_dir, naming, unused, radius, keys=keys,
+            naming, unused, merged, radius = computed
+            record = _run_record(model, model_or_run_dir, naming, unused, merged, radius, keys=keys,
                                  space=space, seed=seed, unannotated=unannotated)
             _stage_obs_and_uns(store, staging, fmt, keys, naming, record, unannotated)
-            elements = [("obs", name) for name in keys["obs"]] + [("obsm", keys["obsm"]), ("uns", keys["uns"])]
+            elements = ([("obs", name) for name in keys["obs"]]
+                        + [("obsm", keys["obsm"]), ("obsm", keys["probabilities"]), ("uns", keys["uns"])])
             _commit(root_dir, fmt, staging, elements, keys["obs"])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -281,7 +312,7 @@ def annotate(
     return AnnotationResult(
         store=root_dir, key_added=key_added, unannotated=unannotated, n_cells=store.n_cells,
         n_unannotated=b - a, naming=naming, unused_landmarks=tuple(int(u) for u in unused),
-        landmark_radius=radius, written=written, export=export_path, seconds=seconds,
+        merged_landmarks=tuple(int(m) for m in merged), landmark_radius=radius, written=written, export=export_path, seconds=seconds,
     )
 
 
@@ -330,8 +361,9 @@ def _existing_keys(store: Atlas, keys: dict[str, Any]) -> list[str]:
     for name in keys["obs"]:
         if name in order or (root_dir / "obs" / name).exists():
             found.append(f"obs/{name}")
-    if (root_dir / "obsm" / keys["obsm"]).exists():
-        found.append(f"obsm/{keys['obsm']}")
+    for name in (keys["obsm"], keys["probabilities"]):
+        if (root_dir / "obsm" / name).exists():
+            found.append(f"obsm/{name}")
     if (root_dir / "uns" / keys["uns"]).exists():
         found.append(f"uns/{keys['uns']}")
     return found
@@ -433,7 +465,8 @@ def _landmark_lookup(model: Mars, store: Atlas) -> tuple[np.ndarray, np.ndarray,
 @torch.no_grad()
 def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str, Any], *,
              device: torch.device, batch_size: int, space: str, seed: int | None,
-             novelty_threshold: float, max_cells_per_cluster: int) -> tuple[NamingResult, np.ndarray, np.ndarray]:
+             novelty_threshold: float, novelty_method: str, min_cluster_cells: int,
+             max_cells_per_cluster: int) -> tuple[NamingResult, np.ndarray, np.ndarray, np.ndarray]:
     """Embed every cell into the staging obsm array; assign and name the unannotated cells."""
     unannotated = str(model.state["unannotated"])
     a, b = store.experiment_ranges[unannotated]
@@ -491,15 +524,55 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
     if unused.size:
         logger.warning("%d of %d unannotated landmarks have no cells: %s", unused.size, len(landmarks_u),
                        unused.tolist())
+    assignment, merged = merge_small_clusters(held_out, assignment, landmarks_u, min_cells=min_cluster_cells)
     np.save(staging / "assignment.npy", assignment)
     naming = name_clusters(
-        held_out, assignment, landmarks_a, landmark_names,
-        landmark_radius=radius if space == "latent" else None,
+        held_out, assignment, landmarks_a, landmark_names, landmark_weights=count,
+        landmark_radius=radius if (space == "latent" and novelty_method == "margin") else None,
+        novelty_method=novelty_method,
         max_cells_per_cluster=max_cells_per_cluster, top=3, novelty_threshold=novelty_threshold,
         space=space, rng=np.random.default_rng(seed),
     )
     del held_out
-    return naming, unused, radius
+    return naming, unused, merged, radius
+
+
+def merge_small_clusters(embedding: np.ndarray, assignment: np.ndarray, landmarks: np.ndarray, *,
+                         min_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Move the cells of landmarks with fewer than ``min_cells`` cells to the nearest other landmark.
+
+    Parameters
+    ----------
+    embedding
+        ``(n, D)`` embeddings of the clustered cells (array or memmap; only the moved rows are
+        read).
+    assignment
+        ``(n,)`` landmark index of each cell.
+    landmarks
+        ``(K, D)`` the landmarks.
+    min_cells
+        Landmarks with at least one and fewer than this many cells are dropped (if every used
+        landmark is that small, none is).
+
+    Returns
+    -------
+    assignment, merged
+        The new assignment (a copy) and the sorted indices of the dropped landmarks.
+    """
+    usage = np.bincount(assignment, minlength=len(landmarks))
+    small = (usage > 0) & (usage < min_cells)
+    keep = np.flatnonzero(usage >= min_cells)
+    if not small.any() or keep.size == 0:
+        return assignment, np.zeros(0, dtype=np.int64)
+    merged = np.flatnonzero(small)
+    moved = np.flatnonzero(small[assignment])
+    assignment = assignment.copy()
+    target, _ = nearest(np.asarray(embedding[moved], dtype=np.float32), np.asarray(landmarks[keep], dtype=np.float32))
+    assignment[moved] = keep[np.asarray(target)]
+    logger.warning("%d landmarks had fewer than %d cells (%s); their %d cells went to the nearest other "
+                   "landmark (fewer landmarks, --n-clusters, would avoid them)", merged.size, min_cells,
+                   ", ".join(f"{int(m)}: {int(usage[m])}" for m in merged[:10]), moved.size)
+    return assignment, merged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +618,7 @@ def _stage_obs_and_uns(store: Atlas, staging: Path, fmt: int, keys: dict[str, An
     n = store.n_cells
     assignment = np.load(staging / "assignment.npy")
     obs = _staging_group(staging, "obs", fmt)
-    cluster_col, type_col, conf_col, nov_col = keys["obs"]
+    cluster_col, type_col, conf_col, nov_col, closest_col, cluster_nov_col = keys["obs"]
     # clusters: categories are the used landmark indices, in numeric order
     cluster_codes = np.searchsorted(naming.clusters, assignment)
     _write_categorical(obs, cluster_col, n, rows, cluster_codes, [str(int(c)) for c in naming.clusters])
@@ -554,11 +627,20 @@ def _stage_obs_and_uns(store: Atlas, staging: Path, fmt: int, keys: dict[str, An
     _write_categorical(obs, type_col, n, rows, type_codes, type_names)
     _write_float(obs, conf_col, n, rows, naming.confidence)
     _write_float(obs, nov_col, n, rows, naming.cell_novelty)
+    names = [str(v) for v in naming.names]
+    closest_codes = np.searchsorted(np.asarray(names, dtype=object), naming.cell_closest.astype(object))
+    _write_categorical(obs, closest_col, n, rows, closest_codes, names)
+    _write_float(obs, cluster_nov_col, n, rows, naming.novelty[cluster_codes])
+    obsm = _staging_group(staging, "obsm", fmt)
+    probs, _ = _create_embedding_array(obsm, keys["probabilities"], n, len(names), fmt)
+    if rows[1] > rows[0]:
+        probs[rows[0] : rows[1]] = naming.cell_name_probabilities
     uns = _staging_group(staging, "uns", fmt)
     write_elem(uns, keys["uns"], record)
 
 
-def _run_record(model: Mars, source: Any, naming: NamingResult, unused: np.ndarray, radius: np.ndarray, *,
+def _run_record(model: Mars, source: Any, naming: NamingResult, unused: np.ndarray, merged: np.ndarray,
+                radius: np.ndarray, *,
                 keys: dict[str, Any], space: str, seed: int | None, unannotated: str) -> dict[str, Any]:
     from mars_scale import __version__
 
@@ -570,6 +652,13 @@ def _run_record(model: Mars, source: Any, naming: NamingResult, unused: np.ndarr
         "clusters": naming.clusters.astype(np.int64),
         "n_cells": naming.n_cells.astype(np.int64),
         "label": np.asarray(naming.label, dtype=object),
+        "description": np.asarray([naming.describe(j) for j in range(naming.n_clusters)], dtype=object),
+        "compared_name": np.asarray(naming.compared_name, dtype=object),
+        "matched": np.asarray(naming.matched, dtype=bool),
+        "evidence": np.asarray(naming.evidence, dtype=np.float64),
+        "names": np.asarray(naming.names, dtype=object),
+        "novelty_method": naming.novelty_method,
+        "merged_landmarks": np.asarray(merged, dtype=np.int64),
         "top_names": np.asarray(naming.top_names, dtype=object),
         "top_probabilities": np.asarray(naming.top_probabilities, dtype=np.float64),
         "novelty": np.asarray(naming.novelty, dtype=np.float64),
@@ -584,6 +673,7 @@ def _run_record(model: Mars, source: Any, naming: NamingResult, unused: np.ndarr
         "landmark_names": np.asarray(types, dtype=object),
         "obs_keys": np.asarray(keys["obs"], dtype=object),
         "obsm_key": keys["obsm"],
+        "probabilities_key": keys["probabilities"],
         "model": model_path,
         "config": json.dumps(model.state["config"], sort_keys=True),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -685,21 +775,22 @@ def _export_h5ad(root_dir: Path, keys: dict[str, Any], target: Path) -> None:
             obs[column] = store.obs_column(column)
     record = _object_strings(read_elem(store.root["uns"][keys["uns"]]))
     adata = ad.AnnData(obs=obs, uns={keys["uns"]: record})
-    source = store.root["obsm"][keys["obsm"]]
-    n, d = source.shape
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         adata.write_h5ad(tmp)
         with h5py.File(tmp, "a") as fh:
-            rows = max(1, min(n, 65536))
-            ds = fh["obsm"].create_dataset(keys["obsm"], shape=(n, d), dtype="f4",
-                                           chunks=(max(1, min(n, 4096)), d) if n else None,
-                                           compression="gzip" if n else None)
-            ds.attrs["encoding-type"] = "array"
-            ds.attrs["encoding-version"] = "0.2.0"
-            for lo in range(0, n, rows):
-                hi = min(n, lo + rows)
-                ds[lo:hi] = np.asarray(source[lo:hi], dtype=np.float32)
+            for name in (keys["obsm"], keys["probabilities"]):
+                source = store.root["obsm"][name]
+                n, d = source.shape
+                rows = max(1, min(n, 65536))
+                ds = fh["obsm"].create_dataset(name, shape=(n, d), dtype="f4",
+                                               chunks=(max(1, min(n, 4096)), d) if n else None,
+                                               compression="gzip" if n else None)
+                ds.attrs["encoding-type"] = "array"
+                ds.attrs["encoding-version"] = "0.2.0"
+                for lo in range(0, n, rows):
+                    hi = min(n, lo + rows)
+                    ds[lo:hi] = np.asarray(source[lo:hi], dtype=np.float32)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -179,20 +179,28 @@ def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs,
 @click.option("--batch-size", type=int, default=4096, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the per-cluster samples (and UMAP).")
+@click.option("--novelty-threshold", type=float, default=0.5, show_default=True, help="A cluster whose novelty reaches this is called novel.")
+@click.option("--novelty-method", type=click.Choice(["matching", "margin"]), default="matching", show_default=True, help="matching: clusters matched one to one to the known types; margin: the earlier score.")
+@click.option("--min-cluster-cells", type=int, default=10, show_default=True, help="Landmarks with fewer cells are dropped, their cells moved to the nearest other landmark.")
 @_user_errors
-def annotate(store, run_dir, space, key_added, overwrite, export, batch_size, device, seed) -> None:
+def annotate(store, run_dir, space, key_added, overwrite, export, batch_size, device, seed, novelty_threshold,
+             novelty_method, min_cluster_cells) -> None:
     """Embed every cell of STORE, then cluster and name the model's unannotated experiment."""
     from mars_scale.annotate import annotate as run_annotate
 
     result = run_annotate(store, run_dir, key_added=key_added, space=space, overwrite=overwrite,
-                          batch_size=batch_size, device=device, seed=seed, export=export)
+                          batch_size=batch_size, device=device, seed=seed, export=export,
+                          novelty_threshold=novelty_threshold, novelty_method=novelty_method,
+                          min_cluster_cells=min_cluster_cells)
+    merged = f", {len(result.merged_landmarks)} merged into others" if result.merged_landmarks else ""
     click.echo(f"{result.unannotated}: {result.n_unannotated:,} cells in {result.naming.n_clusters} clusters "
-               f"({len(result.unused_landmarks)} unused landmarks)")
+               f"({len(result.unused_landmarks)} unused landmarks{merged})")
     rows = result.cluster_table()
     width = max([len("name")] + [len(r["name"]) for r in rows])
-    click.echo(f"{'cluster':>7}  {'cells':>9}  {'name':<{width}}  {'probability':>11}  {'novelty':>7}")
+    click.echo(f"{'cluster':>7}  {'cells':>9}  {'name':<{width}}  {'probability':>11}  {'novelty':>7}  description")
     for r in rows:
-        click.echo(f"{r['cluster']:>7}  {r['n_cells']:>9,}  {r['name']:<{width}}  {r['probability']:>11.3f}  {r['novelty']:>7.3f}")
+        click.echo(f"{r['cluster']:>7}  {r['n_cells']:>9,}  {r['name']:<{width}}  {r['probability']:>11.3f}  "
+                   f"{r['novelty']:>7.3f}  {r['description']}")
     click.echo(f"wrote {', '.join(result.written)} into {result.store}")
     if result.export is not None:
         click.echo(f"wrote {result.export}")

@@ -30,7 +30,8 @@ TINY = RunConfig(
     model=ModelConfig(hidden=(32,), n_latent=8),
     train=TrainConfig(pretrain_epochs=2, finetune_epochs=3, batch_size=128, min_steps_per_epoch=2, seed=1, device="cpu"),
 )
-RESULT_COLUMNS = ["mars_cluster", "mars_cell_type", "mars_confidence", "mars_novelty"]
+RESULT_COLUMNS = ["mars_cluster", "mars_cell_type", "mars_confidence", "mars_novelty", "mars_closest_type",
+                  "mars_cluster_novelty"]
 
 
 def _build_store(directory: Path, *, zarr_format: int = 3) -> Path:
@@ -84,7 +85,7 @@ def test_annotate_writes_every_field_and_anndata_reads_them(store_copy):
     inside[a:b] = True
     assert obs["mars_cluster"][inside].notna().all() and obs["mars_cluster"][~inside].isna().all()
     assert obs["mars_cell_type"][inside].notna().all() and obs["mars_cell_type"][~inside].isna().all()
-    for column in ("mars_confidence", "mars_novelty"):
+    for column in ("mars_confidence", "mars_novelty", "mars_cluster_novelty"):
         values = obs[column].to_numpy()
         assert np.isfinite(values[inside]).all() and np.isnan(values[~inside]).all()
         assert ((values[inside] >= 0) & (values[inside] <= 1)).all()
@@ -92,16 +93,28 @@ def test_annotate_writes_every_field_and_anndata_reads_them(store_copy):
     x = adata.obsm["X_mars"]
     assert x.shape == (adata.n_obs, 8) and x.dtype == np.float32 and np.isfinite(x).all()
     record = adata.uns["mars"]
+    names = [str(v) for v in record["names"]]
+    probs = adata.obsm["mars_name_probabilities"]
+    assert probs.shape == (adata.n_obs, len(names)) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs[inside].sum(1), 1.0, rtol=1e-5)
+    assert np.isnan(probs[~inside]).all()
+    closest = obs["mars_closest_type"][inside].astype(str).to_numpy()
+    np.testing.assert_array_equal(closest, np.asarray(names)[probs[inside].argmax(1)])
+    # the cluster novelty column repeats each cluster's value
+    cluster_nov = dict(zip(record["clusters"], record["novelty"]))
+    np.testing.assert_allclose(obs["mars_cluster_novelty"][inside].to_numpy(),
+                               [cluster_nov[int(c)] for c in obs["mars_cluster"][inside]], rtol=1e-6)
+    assert len(record["description"]) == result.naming.n_clusters
     n_clusters = result.naming.n_clusters
     assert record["unannotated"] == "exp1"
     assert np.asarray(record["top_names"]).shape == (n_clusters, 3)
     np.testing.assert_allclose(np.asarray(record["top_probabilities"]).sum(1) <= 1 + 1e-9, True)
     assert np.asarray(record["novelty"]).shape == (n_clusters,)
-    assert len(record["unused_landmarks"]) + n_clusters == 5
+    assert len(record["unused_landmarks"]) + len(record["merged_landmarks"]) + n_clusters == 5
     assert record["model"] == str(Path(run_dir).resolve())
     assert '"n_latent": 8' in record["config"] and record["date"]
-    assert result.written == ("obs/mars_cluster", "obs/mars_cell_type", "obs/mars_confidence",
-                              "obs/mars_novelty", "obsm/X_mars", "uns/mars")
+    assert result.written == tuple(f"obs/{c}" for c in RESULT_COLUMNS) + (
+        "obsm/X_mars", "obsm/mars_name_probabilities", "uns/mars")
     assert not list(path.glob(".mars-scale-*"))  # no staging directory or lock left behind
     # the original columns are untouched and still first
     assert list(obs.columns[:4]) == ["experiment", "cell_type", "n_counts", "n_genes"]
@@ -117,6 +130,8 @@ def test_results_match_an_in_memory_recomputation(store_copy):
     a, b = open_store(path).experiment_ranges["exp1"]
     z_u = z[(index >= a) & (index < b)]
     assignment, _ = nearest(z_u, model.unannotated_landmarks)
+    assignment, merged = annotate_module.merge_small_clusters(z_u, assignment, model.unannotated_landmarks, min_cells=10)
+    assert merged.tolist() == list(result.merged_landmarks)
     stored = adata.obs["mars_cluster"].iloc[a:b].astype(int).to_numpy()
     np.testing.assert_array_equal(stored, assignment)
     # landmark radius: RMS distance of annotated cells to their own landmark
@@ -127,13 +142,32 @@ def test_results_match_an_in_memory_recomputation(store_copy):
         mine = ((obs["experiment"] == e) & (obs["cell_type"] == t)).to_numpy()
         radius.append(np.sqrt(((adata.obsm["X_mars"][mine] - landmark) ** 2).sum(1).mean()))
     np.testing.assert_allclose(result.landmark_radius, radius, rtol=1e-4)
-    naming = name_clusters(z_u, assignment, landmarks, types, landmark_radius=np.asarray(radius),
+    cells = [int(((obs["experiment"] == e) & (obs["cell_type"] == t)).sum()) for e, t in zip(exps, types)]
+    naming = name_clusters(z_u, assignment, landmarks, types, landmark_weights=cells,
                            max_cells_per_cluster=2000, rng=np.random.default_rng(3))
     np.testing.assert_array_equal(obs["mars_cell_type"].iloc[a:b].astype(str).to_numpy(), naming.cell_type.astype(str))
     np.testing.assert_allclose(obs["mars_confidence"].iloc[a:b].to_numpy(), naming.confidence, rtol=1e-5)
     np.testing.assert_allclose(obs["mars_novelty"].iloc[a:b].to_numpy(), naming.cell_novelty, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(adata.obsm["mars_name_probabilities"][a:b], naming.cell_name_probabilities, rtol=1e-5)
     stored_top = [[str(v) for v in row] for row in adata.uns["mars"]["top_names"]]
     assert stored_top == naming.top_names.tolist()
+
+
+def test_merge_small_clusters_against_a_dense_reference():
+    rng = np.random.default_rng(0)
+    landmarks = np.array([[0.0, 0.0], [10.0, 0.0], [0.5, 0.0], [0.0, 9.0]], dtype=np.float32)
+    z = np.vstack([rng.normal(landmarks[i], 0.2, size=(n, 2)) for i, n in enumerate([50, 40, 3, 0])]).astype(np.float32)
+    assignment = np.argmin(((z[:, None] - landmarks[None]) ** 2).sum(-1), axis=1)
+    new, merged = annotate_module.merge_small_clusters(z, assignment, landmarks, min_cells=10)
+    small = np.bincount(assignment, minlength=4)
+    assert merged.tolist() == [i for i in range(4) if 0 < small[i] < 10]
+    moved = np.isin(assignment, merged)
+    keep = np.flatnonzero(small >= 10)
+    expected = keep[np.argmin(((z[moved][:, None] - landmarks[keep][None]) ** 2).sum(-1), axis=1)]
+    np.testing.assert_array_equal(new[moved], expected)
+    np.testing.assert_array_equal(new[~moved], assignment[~moved])
+    same, none = annotate_module.merge_small_clusters(z, assignment, landmarks, min_cells=1)
+    assert none.size == 0 and (same == assignment).all()
 
 
 def test_existing_results_are_refused_without_overwrite_and_replaced_with_it(store_copy):
@@ -232,6 +266,7 @@ def test_export_writes_the_results_alone(store_copy, tmp_path):
     for column in ["experiment", "cell_type", *RESULT_COLUMNS]:
         pd.testing.assert_series_equal(small.obs[column], full.obs[column], check_categorical=False)
     np.testing.assert_array_equal(small.obsm["X_mars"], full.obsm["X_mars"])
+    np.testing.assert_array_equal(small.obsm["mars_name_probabilities"], full.obsm["mars_name_probabilities"])
     assert list(small.uns["mars"]["obs_keys"]) == RESULT_COLUMNS
     with pytest.raises(InputError, match="results.h5ad: already exists"):
         annotate(path, run_dir, device="cpu", key_added="other", export=out)
@@ -250,9 +285,14 @@ def test_bad_options_are_refused_before_any_work(store_copy):
         annotate(path, run_dir, space="tsne")
     with pytest.raises(InputError, match=".h5ad"):
         annotate(path, run_dir, export=path.parent / "out.csv")
+    with pytest.raises(InputError, match="min_cluster_cells"):
+        annotate(path, run_dir, min_cluster_cells=0)
+    with pytest.raises(InputError, match="novelty_method"):
+        annotate(path, run_dir, novelty_method="vote")
     assert _snapshot(path) == before
-    assert result_keys("x") == {"obs": ["x_cluster", "x_cell_type", "x_confidence", "x_novelty"],
-                                "obsm": "X_x", "uns": "x"}
+    assert result_keys("x") == {"obs": ["x_cluster", "x_cell_type", "x_confidence", "x_novelty", "x_closest_type",
+                                        "x_cluster_novelty"],
+                                "obsm": "X_x", "probabilities": "x_name_probabilities", "uns": "x"}
 
 
 def test_cli_annotate_prints_the_cluster_table(store_copy):
