@@ -66,6 +66,36 @@ def test_leave_one_out_structure(evaluated):
     assert result["protocol"]["seeds"] == [0, 1] and result["protocol"]["k"] == "truth"
 
 
+def test_leave_one_out_scores_naming_and_novelty(evaluated):
+    _, result = evaluated
+    for run in result["runs"]:
+        naming = run["naming"]
+        # every type of the held-out experiment occurs in another one: nothing is new
+        assert naming["landmark_names"] == ["type0", "type1", "type2", "type3"]
+        assert naming["new_types"] == [] and naming["new_called_novel"] is None and naming["novelty_auroc"] is None
+        assert naming["n_known"] == run["n_cells"]
+        # the per-type table adds up to the summary figures
+        per_type = naming["per_type"]
+        named = sum(t["named_right"] * t["n_cells"] for t in per_type.values())
+        novel = sum(t["called_novel"] * t["n_cells"] for t in per_type.values())
+        assert naming["known_name_accuracy"] == pytest.approx(named / run["n_cells"])
+        assert naming["known_called_novel"] == pytest.approx(novel / run["n_cells"])
+        assert 0 <= naming["integration_knn"] <= 1
+        sizes = [c["n_cells"] for c in naming["clusters"]]
+        assert sum(sizes) == run["n_cells"] and min(sizes) >= 10  # small landmarks merged, as annotate does
+    for exp in ("exp0", "exp1"):
+        values = [r["naming"]["known_name_accuracy"] for r in result["runs"] if r["experiment"] == exp]
+        stat = result["summary"][exp]["naming"]["known_name_accuracy"]
+        assert stat["n"] == 2 and stat["mean"] == pytest.approx(np.mean(values))
+        assert result["summary"][exp]["naming"]["novelty_auroc"] is None
+    assert result["overall_naming"]["known_name_accuracy"] == pytest.approx(
+        np.mean([result["summary"][e]["naming"]["known_name_accuracy"]["mean"] for e in ("exp0", "exp1")]))
+    # the comments are the cases where a baseline's mean ARI is above MARS's
+    wins = [(e, m) for e, s in result["summary"].items() for m in ("kmeans_ae", "kmeans_pca")
+            if s["methods"][m]["ari"]["mean"] > s["methods"]["mars"]["ari"]["mean"]]
+    assert len(result["comments"]) == len(wins)
+
+
 def test_metrics_agree_with_the_returned_assignments(evaluated):
     store, result = evaluated
     a_ranges = {"exp0": (0, 90), "exp1": (90, 200)}
@@ -108,6 +138,8 @@ def test_reports_are_written(evaluated, tmp_path):
     md = paths["markdown"].read_text()
     assert md == markdown_table(result)
     assert "| exp0 | 90 | 3 |" in md and "K-means on PCA" in md and "±" in md
+    assert "known named right" in md and "| exp0 | – |" in md  # the naming table, no new type
+    assert data["runs"][0]["naming"]["landmark_names"] == ["type0", "type1", "type2", "type3"]
     npz = np.load(paths["assignments"])
     np.testing.assert_array_equal(npz["exp1/1/mars/cluster"], result["runs"][3]["assignments"]["mars"]["cluster"])
 
@@ -137,7 +169,7 @@ def test_cli_evaluate(evaluated, tmp_path):
     assert "| exp2 | 100 | 4 |" in result.output
     assert (out / "evaluation.json").exists() and (out / "evaluation.md").exists()
     refused = runner.invoke(main, ["evaluate", str(store), "--seeds", "1"])
-    assert refused.exit_code == 2 and "--leave-one-out" in refused.output
+    assert refused.exit_code == 2 and "--leave-one-out" in refused.output and "--annotation" in refused.output
 
 
 # ---------------------------------------------------------------------------------- real data
