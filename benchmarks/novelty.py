@@ -154,7 +154,14 @@ def _scaled_expression(store, rows: np.ndarray) -> "np.ndarray":
     return sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
 
 
-def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: Path) -> Path:
+def _cache_path(workdir: Path, dataset: str, tag: str, seed: int, options: dict[str, Any] | None) -> Path:
+    """Cached runs live under cache/<options>/...: one folder per set of training options."""
+    name = "defaults" if not options else "-".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return workdir / "cache" / name / dataset / f"{tag}__s{seed}.npz"
+
+
+def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: Path,
+                   options: dict[str, Any] | None = None) -> Path:
     """Train MARS on one scenario and cache what scoring needs; returns the cache file."""
     import dataclasses
 
@@ -168,7 +175,7 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
 
     held, removed, k = scenario["held_out"], scenario["removed"], scenario["k"]
     tag = f"{held}__{removed or 'none'}"
-    cache = workdir / "cache" / source.stem / f"{tag}__s{seed}.npz"
+    cache = _cache_path(workdir, source.stem, tag, seed, options)
     if cache.exists():
         return cache
     directory = workdir / "stores" / source.stem / tag
@@ -180,7 +187,7 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
         meta_path.write_text(json.dumps({"single": single}))
     store = open_store(store_path)
     config = RunConfig()
-    cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+    cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed, **(options or {})))
     t0 = time.perf_counter()
     model = Mars(store, unannotated=held, n_clusters=k, config=cfg).train()
     train_s = time.perf_counter() - t0
@@ -406,6 +413,8 @@ def main() -> None:
     parser.add_argument("--score-only", action="store_true", help="Score the cached runs; train nothing.")
     parser.add_argument("--train-only", action="store_true", help="Train and cache; write no result.")
     parser.add_argument("--method", default="default", help="Novelty method passed to name_clusters.")
+    parser.add_argument("--options", type=json.loads, default=None,
+                        help='Training options as JSON, e.g. \'{"annotated_contrast": 1.0}\' (cached apart).')
     parser.add_argument("--key", default=None, help="Result key (default: <selection>-<N>seeds[-method]).")
     parser.add_argument("--dry-run", action="store_true", help="Write no result file; print the table.")
     args = parser.parse_args()
@@ -421,9 +430,9 @@ def main() -> None:
         for sc in scenarios(source):
             for seed in args.seeds:
                 tag = f"{sc['held_out']}__{sc['removed'] or 'none'}"
-                cache = args.workdir / "cache" / source.stem / f"{tag}__s{seed}.npz"
+                cache = _cache_path(args.workdir, source.stem, tag, seed, args.options)
                 if not args.score_only:
-                    cache = train_scenario(source, sc, seed, args.workdir)
+                    cache = train_scenario(source, sc, seed, args.workdir, args.options)
                 if args.train_only or not cache.exists():
                     continue
                 row = {"dataset": dataset, "held_out": sc["held_out"], "removed": sc["removed"], "seed": seed,
@@ -444,9 +453,10 @@ def main() -> None:
     if args.dry_run:
         return
     selection = "all" if set(args.datasets) == set(DATASETS) | {SYNTHETIC} else "+".join(args.datasets)
-    key = args.key or f"{selection}-{len(args.seeds)}seeds" + ("" if args.method == "default" else f"-{args.method}")
+    key = args.key or f"{selection}-{len(args.seeds)}seeds" + ("" if args.method == "default" else f"-{args.method}") + (
+        "" if not args.options else "-" + _cache_path(args.workdir, "", "", 0, args.options).parent.parent.name)
     write_result("novelty", {
-        "parameters": {"datasets": args.datasets, "seeds": args.seeds, "method": args.method,
+        "parameters": {"datasets": args.datasets, "seeds": args.seeds, "method": args.method, "options": args.options,
                        "min_type_cells": MIN_TYPE_CELLS, "knn": KNN, "lr_threshold": LR_THRESHOLD},
         "single_type_reference": single_type,
         "rows": rows, "summary": summary, "table_markdown": table,

@@ -15,6 +15,8 @@ Example ``mars.toml``::
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import os
 import tomllib
@@ -66,6 +68,12 @@ class TrainConfig:
         skips it (docs/algorithm.md).
     lam
         Weight of the landmark separation terms (lambda, paper: 0.2).
+    annotated_contrast
+        Weight of a prototypical-network cross-entropy on the annotated cells (each cell's
+        softmax over the negative squared distances to its experiment's landmarks), added to
+        the annotated term in the warm-up and fine-tuning. Not in the paper; 0 (default) is the
+        paper's objective. It separates close sibling types that the paper's term leaves
+        overlapping (docs/algorithm.md).
     tau
         Weight of the unannotated experiment's term in eq. 3. ``None`` (default): the number of
         annotated experiments M, so the new experiment weighs as much as the whole reference;
@@ -113,6 +121,7 @@ class TrainConfig:
     warmup_epochs: int | None = None
     warmup_lr: float = 1e-3
     lam: float = 0.2
+    annotated_contrast: float = 0.0
     tau: float | None = None
     pretrain_on: str = "unannotated"
     kmeans_n_init: int = 10
@@ -136,6 +145,8 @@ class TrainConfig:
         for name in ("batch_size", "kmeans_n_init", "min_steps_per_epoch", "blocks_per_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.annotated_contrast) and self.annotated_contrast >= 0):
+            raise ConfigError(f"train.annotated_contrast must be >= 0, got {self.annotated_contrast}")
         if not 0 <= self.lam < 1:
             raise ConfigError(f"train.lam must be in [0, 1), got {self.lam}")
         if (self.tau is not None and self.tau < 0) or min(self.lr, self.finetune_lr, self.landmark_lr, self.warmup_lr) <= 0:

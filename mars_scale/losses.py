@@ -67,6 +67,27 @@ def annotated_cell_loss(z: torch.Tensor, targets: torch.Tensor, weights: torch.T
     return (weights * (z - targets).pow(2).sum(-1)).sum()
 
 
+def annotated_contrast_loss(
+    z: torch.Tensor,
+    landmarks: torch.Tensor,
+    landmark_experiment: torch.Tensor,
+    cell_experiment: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_j w_j CE_j``: the prototypical-network cross-entropy of each annotated cell over the
+    landmarks of its own experiment, ``-log softmax_k(-d(z_j, p_k))[y_j]`` (not in the paper).
+
+    The paper's annotated term pulls each cell to its own landmark but does not push it away from
+    a close sibling's; this term does. Rows with ``w_j = 0`` (unlabelled, padding) add nothing.
+    """
+    logits = -squared_distances(z, landmarks)
+    logits = logits.masked_fill(landmark_experiment.unsqueeze(0) != cell_experiment.unsqueeze(1), float("-inf"))
+    own = logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+    ce = torch.logsumexp(logits, dim=1) - own
+    return (weights * torch.where(weights > 0, ce, torch.zeros_like(ce))).sum()
+
+
 def unannotated_cell_loss(z: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over the batch of the squared distance to the nearest landmark, and the assignment."""
     dist = squared_distances(z, landmarks)

@@ -38,6 +38,7 @@ from mars_scale.landmarks import kmeans, nearest
 from mars_scale.loader import Loader
 from mars_scale.losses import (
     annotated_cell_loss,
+    annotated_contrast_loss,
     closed_form_landmarks,
     unannotated_cell_loss,
     unannotated_landmark_loss,
@@ -255,6 +256,7 @@ class _AnnotatedLandmarks:
         lookup[self.pairs[:, 0], self.pairs[:, 1]] = torch.arange(len(self.pairs))
         self.lookup = lookup.to(device)
         self.flat = (self.pairs[:, 0] * n_types + self.pairs[:, 1]).to(device)
+        self.experiment_of = self.pairs[:, 0].to(device)
         self.values: torch.Tensor | None = None
 
     def update(self, sums: torch.Tensor, counts: torch.Tensor, *, lam: float) -> None:
@@ -524,6 +526,9 @@ def fit(
                 valid = ((ba.label >= 0) & (idx >= 0) & ~ba.is_padding).float()
                 w = valid * n_rows_a / (ba.x.shape[0] * n_labelled[ba.experiment].clamp(min=1))
                 loss_a = annotated_cell_loss(za, p_a[idx.clamp(min=0)], w)
+                if tc.annotated_contrast > 0:
+                    loss_a = loss_a + tc.annotated_contrast * annotated_contrast_loss(
+                        za, p_a, annotated.experiment_of, ba.experiment, idx, w)
                 loss_u = unannotated_cell_loss(zu, p_u.detach())[0] if p_u is not None else torch.zeros((), device=device)
                 loss = loss_a + tau * loss_u
                 _check_finite(loss, phase="warm-up" if p_u is None else "fine-tuning", epoch=epoch, step=step)

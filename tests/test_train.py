@@ -85,6 +85,35 @@ def test_minibatch_annotated_loss_sums_to_full_batch():
     assert float(total) == pytest.approx(float(full), rel=1e-12)
 
 
+def test_annotated_contrast_loss_against_a_dense_loop():
+    """Cross-entropy over each cell's own experiment's landmarks, weighted; zero weights drop out."""
+    from mars_scale.losses import annotated_contrast_loss
+
+    rng = np.random.default_rng(1)
+    z = torch.tensor(rng.normal(size=(7, 3)))
+    p = torch.tensor(rng.normal(size=(5, 3)))
+    p_exp = torch.tensor([0, 0, 1, 1, 1])
+    cell_exp = torch.tensor([0, 1, 1, 0, 1, 0, 1])
+    target = torch.tensor([1, 2, 4, 0, 3, -1, 2])
+    w = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.3, 0.0, 0.0])
+    expected = 0.0
+    for j in range(7):
+        if w[j] == 0:
+            continue
+        own = [k for k in range(5) if p_exp[k] == cell_exp[j]]
+        d = {k: float(((z[j] - p[k]) ** 2).sum()) for k in own}
+        log_norm = np.log(sum(np.exp(-v) for v in d.values()))
+        expected += float(w[j]) * (d[int(target[j])] + log_norm)
+    got = annotated_contrast_loss(z, p, p_exp, cell_exp, target, w)
+    assert float(got) == pytest.approx(expected, rel=1e-10)
+    # a cell far nearer its own landmark than any other costs almost nothing
+    far = annotated_contrast_loss(torch.tensor([[0.0, 0, 0]]), torch.tensor([[0.0, 0, 0], [10.0, 0, 0]]),
+                                  torch.tensor([0, 0]), torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]))
+    assert float(far) == pytest.approx(np.log1p(np.exp(-100.0)), abs=1e-12)
+    with pytest.raises(ConfigError, match="annotated_contrast"):
+        TrainConfig(annotated_contrast=-1.0)
+
+
 # -- configuration ------------------------------------------------------------------------------
 
 
