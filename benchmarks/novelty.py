@@ -62,6 +62,7 @@ DATASETS = (
 )
 SYNTHETIC = "synthetic_pbmc_like"
 MIN_TYPE_CELLS = 10
+MIN_CLUSTER_CELLS = 10  # annotate's default
 KNN = 15
 LR_THRESHOLD = 0.5
 TARGETS = {
@@ -154,14 +155,17 @@ def _scaled_expression(store, rows: np.ndarray) -> "np.ndarray":
     return sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
 
 
-def _cache_path(workdir: Path, dataset: str, tag: str, seed: int, options: dict[str, Any] | None) -> Path:
+def _cache_path(workdir: Path, dataset: str, tag: str, seed: int, options: dict[str, Any] | None,
+                extra_k: int = 0) -> Path:
     """Cached runs live under cache/<options>/...: one folder per set of training options."""
     name = "defaults" if not options else "-".join(f"{k}={v}" for k, v in sorted(options.items()))
+    if extra_k:
+        name += f"-k+{extra_k}"
     return workdir / "cache" / name / dataset / f"{tag}__s{seed}.npz"
 
 
 def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: Path,
-                   options: dict[str, Any] | None = None) -> Path:
+                   options: dict[str, Any] | None = None, extra_k: int = 0) -> Path:
     """Train MARS on one scenario and cache what scoring needs; returns the cache file."""
     import dataclasses
 
@@ -173,9 +177,9 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
     from mars_scale.model import Mars
     from mars_scale.store import open_store
 
-    held, removed, k = scenario["held_out"], scenario["removed"], scenario["k"]
+    held, removed, k = scenario["held_out"], scenario["removed"], scenario["k"] + extra_k
     tag = f"{held}__{removed or 'none'}"
-    cache = _cache_path(workdir, source.stem, tag, seed, options)
+    cache = _cache_path(workdir, source.stem, tag, seed, options, extra_k)
     if cache.exists():
         return cache
     directory = workdir / "stores" / source.stem / tag
@@ -232,34 +236,11 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
 # scoring
 
 
-def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    if positive.all() or not positive.any():
-        return None
-    return float(roc_auc_score(positive, scores))
-
-
-def _best_jaccard(clusters: np.ndarray, target: np.ndarray) -> float | None:
-    if not target.any():
-        return None
-    best = 0.0
-    for c in np.unique(clusters):
-        member = clusters == c
-        best = max(best, float((member & target).sum() / (member | target).sum()))
-    return best
-
-
-def _knn_transfer(z_ref: np.ndarray, y_ref: np.ndarray, z_query: np.ndarray, k: int = KNN) -> np.ndarray:
-    from sklearn.neighbors import KNeighborsClassifier
-
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(y_ref)))
-    clf.fit(z_ref, y_ref)
-    return clf.predict(z_query)
-
-
 def score_cache(cache: Path, *, method: str = "default") -> dict[str, Any]:
-    """Score one cached run with the package's naming (``annotate``'s code path)."""
+    """Score one cached run with the package's naming and metrics (``annotate``'s code path:
+    landmarks with fewer than 10 cells merged, names matched with landmark weights)."""
+    from mars_scale.annotate import merge_small_clusters
+    from mars_scale.evaluate import best_jaccard, integration_knn, naming_metrics, novelty_auroc
     from mars_scale.landmarks import nearest
     from mars_scale.metrics import ari
     from mars_scale.naming import name_clusters
@@ -271,6 +252,7 @@ def score_cache(cache: Path, *, method: str = "default") -> dict[str, Any]:
     z_e, truth_e = z[mine], truth[mine]
     ref = ~mine
     assign, _ = nearest(z_e, d["landmarks_unannotated"])
+    assign, _ = merge_small_clusters(z_e, assign, d["landmarks_unannotated"], min_cells=MIN_CLUSTER_CELLS)
     # annotated cells per landmark, as annotate counts them
     pairs = np.char.add(np.char.add(exps[ref].astype(str), "\x00"), truth[ref].astype(str))
     keys = np.char.add(np.char.add(d["landmark_experiments"].astype(str), "\x00"), d["landmark_types"].astype(str))
@@ -287,21 +269,20 @@ def score_cache(cache: Path, *, method: str = "default") -> dict[str, Any]:
     naming = name_clusters(
         z_e, assign, d["landmarks_annotated"], d["landmark_types"], landmark_weights=weights, rng=0, **extra,
     )
-    known_types = set(d["landmark_types"].tolist())
-    known = np.array([t in known_types for t in truth_e])
+    known_types = sorted(set(d["landmark_types"].tolist()))
+    known = np.isin(truth_e, known_types)
     is_removed = truth_e == removed if removed else np.zeros(len(truth_e), dtype=bool)
-    novel_cell = naming.cell_is_novel
-    predicted = np.asarray(naming.cell_type, dtype=object)
+    m = naming_metrics(truth_e, assign, naming.cell_type, naming.cell_novelty, naming.cell_is_novel, known_types)
     row: dict[str, Any] = {
         "n_cells": int(mine.sum()),
         "k": int(d["k"]),
-        "ari": float(ari(truth_e, assign)),
-        "known_called_novel": float(novel_cell[known].mean()) if known.any() else None,
-        "known_name_accuracy": float(np.mean(predicted[known] == truth_e[known])) if known.any() else None,
-        "removed_called_novel": float(novel_cell[is_removed].mean()) if removed else None,
-        "novelty_auroc": _auroc(naming.cell_novelty[is_removed | known], is_removed[is_removed | known]) if removed else None,
-        "removed_jaccard": _best_jaccard(assign, is_removed) if removed else None,
-        "integration_knn": float(np.mean(_knn_transfer(z[ref], truth[ref], z_e[known]) == truth_e[known])) if known.any() else None,
+        "ari": m["ari"],
+        "known_called_novel": m["known_called_novel"],
+        "known_name_accuracy": m["known_name_accuracy"],
+        "removed_called_novel": m["new_called_novel"] if removed else None,
+        "novelty_auroc": m["novelty_auroc"] if removed else None,
+        "removed_jaccard": m["new_jaccard"].get(removed) if removed else None,
+        "integration_knn": integration_knn(z[ref], truth[ref], z_e[known], truth_e[known]),
         "clusters": [
             {"cluster": int(c), "n_cells": int(n), "label": str(lab), "novelty": round(float(v), 4),
              "truth": _majority(truth_e[assign == c])}
@@ -316,11 +297,11 @@ def score_cache(cache: Path, *, method: str = "default") -> dict[str, Any]:
     lr_pred = np.where(lr_novel, "unassigned", lr_best)
     row["baselines"] = {
         "kmeans_pca_ari": float(ari(truth_e[pca >= 0], pca[pca >= 0])),
-        "kmeans_pca_removed_jaccard": _best_jaccard(pca, is_removed) if removed else None,
+        "kmeans_pca_removed_jaccard": best_jaccard(pca, is_removed) if removed else None,
         "lr_known_called_novel": float(lr_novel[known].mean()) if known.any() else None,
         "lr_known_name_accuracy": float(np.mean(lr_pred[known] == truth_e[known])) if known.any() else None,
         "lr_removed_called_novel": float(lr_novel[is_removed].mean()) if removed else None,
-        "lr_novelty_auroc": _auroc(1 - proba.max(axis=1)[is_removed | known], is_removed[is_removed | known]) if removed else None,
+        "lr_novelty_auroc": novelty_auroc(1 - proba.max(axis=1)[is_removed | known], is_removed[is_removed | known]) if removed else None,
     }
     return row
 
@@ -411,6 +392,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--workdir", type=Path, default=Path("/work/scratch/novelty"))
     parser.add_argument("--score-only", action="store_true", help="Score the cached runs; train nothing.")
+    parser.add_argument("--extra-k", type=int, default=0,
+                        help="Over-guess K by this many landmarks (nothing-removed scenarios only).")
     parser.add_argument("--train-only", action="store_true", help="Train and cache; write no result.")
     parser.add_argument("--method", default="default", help="Novelty method passed to name_clusters.")
     parser.add_argument("--options", type=json.loads, default=None,
@@ -428,11 +411,13 @@ def main() -> None:
     for dataset in args.datasets:
         source = _source(dataset, args.workdir)
         for sc in scenarios(source):
+            if args.extra_k and sc["removed"] is not None:
+                continue
             for seed in args.seeds:
                 tag = f"{sc['held_out']}__{sc['removed'] or 'none'}"
-                cache = _cache_path(args.workdir, source.stem, tag, seed, args.options)
+                cache = _cache_path(args.workdir, source.stem, tag, seed, args.options, args.extra_k)
                 if not args.score_only:
-                    cache = train_scenario(source, sc, seed, args.workdir, args.options)
+                    cache = train_scenario(source, sc, seed, args.workdir, args.options, args.extra_k)
                 if args.train_only or not cache.exists():
                     continue
                 row = {"dataset": dataset, "held_out": sc["held_out"], "removed": sc["removed"], "seed": seed,
@@ -454,9 +439,10 @@ def main() -> None:
         return
     selection = "all" if set(args.datasets) == set(DATASETS) | {SYNTHETIC} else "+".join(args.datasets)
     key = args.key or f"{selection}-{len(args.seeds)}seeds" + ("" if args.method == "default" else f"-{args.method}") + (
-        "" if not args.options else "-" + _cache_path(args.workdir, "", "", 0, args.options).parent.parent.name)
+        "" if not (args.options or args.extra_k) else "-" + _cache_path(args.workdir, "", "", 0, args.options, args.extra_k).parent.parent.name)
     write_result("novelty", {
         "parameters": {"datasets": args.datasets, "seeds": args.seeds, "method": args.method, "options": args.options,
+                       "extra_k": args.extra_k,
                        "min_type_cells": MIN_TYPE_CELLS, "knn": KNN, "lr_threshold": LR_THRESHOLD},
         "single_type_reference": single_type,
         "rows": rows, "summary": summary, "table_markdown": table,

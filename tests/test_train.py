@@ -265,6 +265,30 @@ def test_two_gloo_ranks_match_one_process(tmp_path, sizes):
     np.testing.assert_allclose(aligned[1], aligned[0], atol=1e-6)
 
 
+def test_annotated_contrast_enters_the_encoder_steps(tmp_path, monkeypatch):
+    """With annotated_contrast > 0 every warm-up and fine-tuning step adds the cross-entropy of
+    the annotated cells over their own experiment's landmarks; with 0 it is never computed."""
+    import mars_scale.train as train_module
+
+    calls = []
+    real = train_module.annotated_contrast_loss
+
+    def spy(z, p, p_exp, cell_exp, target, w):
+        calls.append((tuple(z.shape), tuple(p.shape), bool((p_exp[target.clamp(min=0)] == cell_exp)[w > 0].all())))
+        return real(z, p, p_exp, cell_exp, target, w)
+
+    monkeypatch.setattr(train_module, "annotated_contrast_loss", spy)
+    store = _balanced_store(tmp_path)
+    Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train()
+    assert calls == []
+    config = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "annotated_contrast": 1.0}))
+    model = Mars(store, unannotated="exp0", n_clusters=3, config=config).train()
+    finetune = [h for h in model.history if h["phase"] == "finetune"]
+    assert len(finetune) == 3 and all(np.isfinite(h["loss"]) for h in finetune)
+    assert len(calls) >= 3 and all(ok for _, _, ok in calls)  # each target is a landmark of the cell's experiment
+    assert calls[0][1][0] == len(model.annotated_landmarks[0])
+
+
 def test_unused_landmarks_are_reported_and_pruned(tmp_path):
     # the unannotated experiment holds 100 copies of one cell: K-means puts the 3 landmarks at
     # the same place, every cell chooses the first, and the other two stay unused
