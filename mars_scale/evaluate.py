@@ -962,17 +962,26 @@ def leave_one_out(
                           pca_components=pca_components, pca_max_cells=pca_max_cells, options=options,
                           workdir=None, what=f"leave-one-out ({len(chosen)} experiments x {len(seeds)} seeds)",
                           progress=progress)
-    return _result(store, "leave-one-experiment-out", runs, {
+    return _result(store, "leave-one-experiment-out", runs, _protocol_record(
+        seeds=seeds, k=k, experiments=chosen, pca_components=pca_components, pca_max_cells=pca_max_cells,
+        options=options, config=config), started)
+
+
+def _protocol_record(*, seeds: list[int], k: str | int, experiments: list[str], pca_components: int,
+                     pca_max_cells: int, options: Any, config: RunConfig, **extra: Any) -> dict[str, Any]:
+    """The settings of a protocol run, as stored in its result."""
+    return {
         "seeds": seeds,
         "k": k if k == "truth" else int(k),
-        "experiments": chosen,
+        "experiments": experiments,
+        **extra,
         "methods": list(METHODS),
         "pca_components": int(pca_components),
         "pca_max_cells": int(pca_max_cells),
         "naming": dataclasses.asdict(options),
         "sd_ddof": 1,
         "config": config_to_dict(config),
-    }, started)
+    }
 
 
 def leave_type_out(
@@ -1092,21 +1101,12 @@ def leave_type_out(
                           pca_max_cells=pca_max_cells, options=options, workdir=workdir,
                           what=f"removed-type protocol ({len(scenarios)} scenarios x {len(seeds)} seeds)",
                           progress=progress)
-    result = _result(store, "removed-type", runs, {
-        "seeds": seeds,
-        "k": k if k == "truth" else int(k),
-        "experiments": chosen,
-        "types": "all" if wanted is None else wanted,
-        "min_type_cells": int(min_type_cells),
-        "scenarios": [_scenario_label(e, t) for e, t in scenarios],
-        "hiding": "labels set to missing in a linked temporary store (cells kept, unlabelled)",
-        "methods": list(METHODS),
-        "pca_components": int(pca_components),
-        "pca_max_cells": int(pca_max_cells),
-        "naming": dataclasses.asdict(options),
-        "sd_ddof": 1,
-        "config": config_to_dict(config),
-    }, started)
+    result = _result(store, "removed-type", runs, _protocol_record(
+        seeds=seeds, k=k, experiments=chosen, pca_components=pca_components, pca_max_cells=pca_max_cells,
+        options=options, config=config,
+        types="all" if wanted is None else wanted, min_type_cells=int(min_type_cells),
+        scenarios=[_scenario_label(e, t) for e, t in scenarios],
+        hiding="labels set to missing in a linked temporary store (cells kept, unlabelled)"), started)
     result["skipped"] = skipped
     result["single_type_reference"] = single
     return result
