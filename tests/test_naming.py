@@ -233,6 +233,23 @@ def test_a_type_cut_in_two_keeps_its_name():
     assert res.label.tolist() == ["A", "A"] and not res.is_novel.any()
 
 
+def test_parts_pulled_apart_but_close_compared_with_the_offset_keep_their_name():
+    # A type whose held-out cells sit 10 from its prototype (an experiment offset), cut in two
+    # parts 2 apart with spread 0.3 each (d' about 4.7: two populations by d'), but the gap is
+    # 2 / sqrt(10^2 + ...) ~ 0.2 of the holder's reach: a part of the type.
+    rng = np.random.default_rng(15)
+    offset = np.array([0.0, 0.0, 10.0])
+    centers = np.vstack([SIBLINGS[[0, 2]] + offset, SIBLINGS[[0]] + offset + [0.0, 2.0, 0.0]])
+    x, clusters = _blobs(centers, 200, 0.3, rng)
+    res = name_clusters(x, clusters, SIBLINGS[[0, 2]], ["CD4 T", "monocyte"], rng=0)
+    assert res.matched.tolist() == [True, True, False]
+    assert res.distinctness[2] > 2.5
+    assert res.label.tolist() == ["CD4 T", "monocyte", "CD4 T"] and not res.is_novel.any()
+    reach = np.sqrt(np.sum((res.centers[0] - SIBLINGS[0]) ** 2) + res.radius[0] ** 2)
+    gap = np.linalg.norm(res.centers[2] - res.centers[0])
+    assert res.evidence[2] == pytest.approx(min(res.distinctness[2] / 2.5, gap / reach / 0.5))
+
+
 def test_matching_by_hand_in_one_dimension():
     # One name A at 0. Cluster 0 = cells 0 and 2 (matched, A); cluster 1 = cells 5 and 7.
     # Projected on the line joining the means: means 1 and 6, variances 1 and 1, so
