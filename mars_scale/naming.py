@@ -56,8 +56,8 @@ discovered cluster, the one closest to it.
 5. ``novelty_j = e_j^8 / (e_j^8 + 1)`` (0.5 at ``e_j = 1``); the cluster is novel when
    ``novelty_j >= novelty_threshold``.
 
-With a single annotated name the first test is off (no separation), so a matched cluster is
-known and every other cluster is judged by the second test. Nothing here depends on the number
+With a single annotated name step 3 is off (the name has no separation), so the matched cluster
+is known and every other cluster is judged by step 4. Nothing here depends on the number
 of annotated experiments: the scale comes from the new experiment itself.
 
 ``novelty_method="margin"`` keeps the earlier score for comparison: the ratio of the distance
