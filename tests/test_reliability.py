@@ -34,6 +34,7 @@ from click.testing import CliRunner
 
 import corpus
 from conftest import make_adata
+from mars_scale.annotate import result_keys
 from mars_scale.checkpoint import load_checkpoint
 from mars_scale.cli import main
 from mars_scale.config import RunConfig, TrainConfig
@@ -49,7 +50,7 @@ pytestmark = [pytest.mark.filterwarnings(r"ignore:Object at \.mars-scale-staging
               pytest.mark.filterwarnings(r"ignore:Object at \.mars-scale\.lock")]
 
 TESTS = Path(__file__).resolve().parent
-RESULT_COLUMNS = ["mars_cluster", "mars_cell_type", "mars_confidence", "mars_novelty"]
+RESULT_COLUMNS = result_keys("mars")["obs"]
 TINY_TOML = """\
 [model]
 hidden = [32]
@@ -514,11 +515,11 @@ KILL_DRIVER = textwrap.dedent("""
         print(json.dumps([store, step, os.WIFSIGNALED(status) and os.WTERMSIG(status)]), flush=True)
 """)
 
-# Replacing results takes 14 mutations: hide the old obs columns, move 6 old elements aside and
-# 6 new ones in (4 obs columns, obsm, uns), publish the new column order. These steps kill
-# before the first, after the hiding, in the middle of the obs columns, between obsm and uns,
-# and before the publishing one.
-KILL_STEPS = (0, 1, 6, 11, 13)
+# Replacing results takes 20 mutations: hide the old obs columns, move 9 old elements aside and
+# 9 new ones in (6 obs columns, 2 obsm arrays, uns), publish the new column order. These steps
+# kill before the first, after the hiding, in the middle of the obs columns, between obsm and
+# uns, and before the publishing one.
+KILL_STEPS = (0, 1, 6, 17, 19)
 
 
 def test_annotate_killed_at_each_commit_step_leaves_one_runs_results(tmp_path, annotated):
@@ -535,7 +536,7 @@ def test_annotate_killed_at_each_commit_step_leaves_one_runs_results(tmp_path, a
     assert [o[2] for o in outcomes] == [signal.SIGKILL] * len(KILL_STEPS)
     seen = {step: assert_consistent(Path(store), refs) for store, step, _ in outcomes}
     assert seen[0]["obs"].equals(refs[0]["obs"])  # killed before the commit: A untouched
-    assert seen[13]["n_obs_columns"] == 0 and np.array_equal(seen[13]["obsm"], refs[1]["obsm"])
+    assert seen[19]["n_obs_columns"] == 0 and np.array_equal(seen[19]["obsm"], refs[1]["obsm"])
     # the next run takes over the dead writer's lock, clears its staging and lands B whole
     last = Path(outcomes[-1][0])
     assert (last / ".mars-scale.lock").exists()
@@ -622,7 +623,7 @@ def test_two_annotate_runs_on_one_store_and_a_reader(tmp_path, good_store, annot
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert "another process" in err or "already exists from an earlier annotation" in err, err
     final = assert_consistent(store, refs)
-    assert final["n_obs_columns"] == 4 and final["obsm"] is not None
+    assert final["n_obs_columns"] == len(RESULT_COLUMNS) and final["obsm"] is not None
     assert reads > 0 and not (store / ".mars-scale.lock").exists()
 
 
@@ -642,7 +643,7 @@ def test_two_overwriting_annotate_runs_and_a_reader(tmp_path, annotated):
             assert err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1
             assert "another process" in err and "is writing to this store" in err
     final = assert_consistent(store, refs, one_run=True)
-    assert final["n_obs_columns"] == 4 and final["obsm"] is not None
+    assert final["n_obs_columns"] == len(RESULT_COLUMNS) and final["obsm"] is not None
     assert reads > 0 and not (store / ".mars-scale.lock").exists()
 
 
