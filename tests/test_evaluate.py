@@ -179,8 +179,8 @@ def test_cli_evaluate(evaluated, tmp_path):
 REAL = "cellbench_3cl_3protocols_panel.h5ad"
 REAL_CONFIG = RunConfig(train=TrainConfig(device="cpu"))
 # Measured with the default configuration: ARI 1, name accuracy 1.000 with every type shared;
-# with H2228 removed from the annotated experiments its cluster scores novelty 0.73 and the
-# known ones 0.005 and 0.002 (margin ratio, mars_scale.naming).
+# with H2228 removed from the annotated experiments its cluster is called novel and the known
+# ones keep their names (matching, mars_scale.naming; benchmarks/novelty.py).
 
 
 def _real_store(directory: Path, *, hold_out: str, remove_type: str | None = None) -> Path:

@@ -22,6 +22,7 @@ from mars_scale.errors import InputError
 from mars_scale.evaluate import (
     _hidden_type_store,
     baseline_comments,
+    leave_one_out,
     leave_type_out,
     markdown_table,
     naming_metrics,
@@ -318,3 +319,29 @@ def test_removed_type_protocol_on_real_data(tmp_path):
     assert naming["new_called_novel"] >= 0.9 and naming["novelty_auroc"] >= 0.9
     assert naming["known_called_novel"] <= 0.1 and naming["known_name_accuracy"] >= 0.9
     assert naming["per_type"]["H2228"]["cluster_label"] == "novel"
+
+
+def test_a_one_type_reference_on_real_data(tmp_path):
+    """Pancreas, batch_1 held out, every beta cell dropped from batch_4 and batch_5: the reference
+    holds one type (ductal). The margin score called the held-out ductal cells new there (a
+    single name leaves only the distance in radii); the matching rule keeps them ductal and
+    calls the beta cells new.
+
+    Measured with the default configuration (seed 0; benchmarks/novelty.py): ARI 0.980, known
+    cells called novel 0.02, beta cells called novel 1.000.
+    """
+    import anndata as ad
+
+    from conftest import shared_file
+    from test_evaluate import REAL_CONFIG
+
+    adata = ad.read_h5ad(shared_file("pancreas_3studies_beta_ductal_mini.h5ad"))
+    drop = ((adata.obs["cell_type"] == "beta") & (adata.obs["experiment"] != "batch_1")).to_numpy()
+    adata[~drop].copy().write_h5ad(tmp_path / "cells.h5ad")
+    store = ingest([tmp_path / "cells.h5ad"], tmp_path / "atlas.zarr",
+                   config=IngestConfig(experiment_key="experiment", label_key="cell_type", min_cells=5))
+    result = leave_one_out(store, seeds=(0,), config=REAL_CONFIG, experiments=["batch_1"])
+    naming = result["runs"][0]["naming"]
+    assert naming["landmark_names"] == ["ductal"] and naming["new_types"] == ["beta"]
+    assert naming["new_called_novel"] >= 0.9 and naming["novelty_auroc"] >= 0.9
+    assert naming["known_called_novel"] <= 0.1 and naming["known_name_accuracy"] >= 0.9
