@@ -5,6 +5,8 @@ the command line start quickly.
 """
 
 import importlib
+import sys
+import types
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 
@@ -52,7 +54,30 @@ __all__ = [
 ]
 
 
+# Functions named like the submodule that defines them. Python binds a submodule on its
+# package when it is imported, which would replace ``mars_scale.ingest`` (the function) by the
+# module after the first import; the package's class below refuses that binding (the module
+# stays reachable as ``sys.modules["mars_scale.ingest"]`` and through ``from ... import``).
+_NAMED_LIKE_THEIR_MODULE = frozenset(n for n, module in _LAZY.items() if module == f"mars_scale.{n}")
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        if name in _NAMED_LIKE_THEIR_MODULE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'mars_scale' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

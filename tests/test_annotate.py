@@ -4,6 +4,7 @@ existing results, the writer lock, rollback on failure, and the h5ad export."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,6 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_adata
-import mars_scale.annotate as annotate_module
 from mars_scale.annotate import annotate, result_keys
 from mars_scale.cli import main
 from mars_scale.config import RunConfig, TrainConfig
@@ -25,6 +25,9 @@ from mars_scale.model import Mars
 from mars_scale.naming import name_clusters
 from mars_scale.nn import ModelConfig
 from mars_scale.store import StoreLayout, open_store, store_lock
+
+# the module (mars_scale.annotate is the function, as in scanpy)
+annotate_module = importlib.import_module("mars_scale.annotate")
 
 TINY = RunConfig(
     model=ModelConfig(hidden=(32,), n_latent=8),

@@ -495,7 +495,8 @@ def annotated(work, good_store):
 
 KILL_DRIVER = textwrap.dedent("""
     import json, os, signal, sys
-    import mars_scale.annotate as A
+    import importlib
+    A = importlib.import_module("mars_scale.annotate")
 
     run_dir, plan = sys.argv[1], json.loads(sys.argv[2])
     original = {"move": A._move, "order": A._write_column_order}
