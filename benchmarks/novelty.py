@@ -138,23 +138,6 @@ def _build_store(source: Path, directory: Path, held_out: str, removed: str | No
     return store, single
 
 
-def _scaled_expression(store, rows: np.ndarray) -> "np.ndarray":
-    """Dense scaled log-expression of store rows (normalised, log1p, joint scaling, clip)."""
-    import scipy.sparse as sp
-
-    from mars_scale.preprocess import fold_scaling, normalize_log1p, scaled_nonzero_values
-
-    prep = store.meta.get("preprocessing", {})
-    max_value = prep.get("max_value", 10.0)
-    params = fold_scaling(store.var_column("mean"), store.var_column("std"),
-                          max_value=None if max_value is None else float(max_value))
-    block = store.read_rows(0, store.n_cells)[rows]
-    data = normalize_log1p(block.indptr, block.indices, block.data, target_sum=float(prep.get("target_sum", 1e4)),
-                           kind=store.input_kind, dtype=np.float64)
-    values = scaled_nonzero_values(block.indices, data, params, dtype=np.float64)
-    return sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
-
-
 def _cache_path(workdir: Path, dataset: str, tag: str, seed: int, options: dict[str, Any] | None,
                 extra_k: int = 0) -> Path:
     """Cached runs live under cache/<options>/...: one folder per set of training options."""
@@ -172,7 +155,7 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
     from sklearn.linear_model import LogisticRegression
 
     from mars_scale.config import RunConfig
-    from mars_scale.evaluate import _pca_of_experiment
+    from mars_scale.evaluate import _pca_of_experiment, scaled_rows
     from mars_scale.landmarks import kmeans, nearest
     from mars_scale.model import Mars
     from mars_scale.store import open_store
@@ -208,8 +191,8 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
     pca_assign[rows - a] = nearest(scores, km.centroids)[0]
     # CellTypist-style baseline: logistic regression on the annotated cells' expression
     annotated = np.flatnonzero(experiments != held)
-    x_train = _scaled_expression(store, annotated)
-    x_test = _scaled_expression(store, np.arange(a, b))
+    x_train = scaled_rows(store, annotated)
+    x_test = scaled_rows(store, np.arange(a, b))
     classes = np.unique(truth[annotated])
     if classes.size > 1:
         lr = LogisticRegression(max_iter=1000, C=1.0).fit(x_train, truth[annotated])

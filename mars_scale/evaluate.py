@@ -489,6 +489,36 @@ def _take_rows(blocks, rows: np.ndarray, dim: int) -> np.ndarray:
 # the PCA baseline
 
 
+def scaled_rows(store: Atlas, rows: np.ndarray, *, block_rows: int = 4096) -> sp.csr_matrix:
+    """The preprocessed cells ``rows`` (sorted store rows) as the model sees them, sparse part.
+
+    Normalised to the store's target sum, log1p, scaled with its joint gene means and standard
+    deviations, clipped at its ``max_value``: the scaled matrix is ``c`` (one constant row, the
+    scaled value of a zero) plus the returned sparse matrix, which holds the stored entries
+    minus ``c``. Rows are read in blocks of ``block_rows``.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    prep = store.meta.get("preprocessing", {})
+    target_sum = float(prep.get("target_sum", 1e4))
+    max_value = prep.get("max_value", 10.0)
+    params = fold_scaling(store.var_column("mean"), store.var_column("std"),
+                          max_value=None if max_value is None else float(max_value))
+    blocks = []
+    if rows.size == 0:
+        return sp.csr_matrix((0, len(store.gene_ids)))
+    for lo in range(int(rows[0]), int(rows[-1]) + 1, block_rows):
+        hi = min(int(rows[-1]) + 1, lo + block_rows)
+        take = rows[(rows >= lo) & (rows < hi)] - lo
+        if take.size == 0:
+            continue
+        block = store.read_rows(lo, hi)[take]
+        data = normalize_log1p(block.indptr, block.indices, block.data, target_sum=target_sum,
+                               kind=store.input_kind, dtype=np.float64)
+        values = scaled_nonzero_values(block.indices, data, params, dtype=np.float64)
+        blocks.append(sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape))
+    return sp.vstack(blocks, format="csr")
+
+
 def _pca_of_experiment(store: Atlas, experiment: str, *, n_components: int, max_cells: int,
                        seed: int, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Principal components of the preprocessed cells of one experiment (rows, scores)."""
@@ -502,28 +532,11 @@ def _pca_of_experiment(store: Atlas, experiment: str, *, n_components: int, max_
         logger.info("PCA baseline: %d of the %d cells of %r (uniform subsample)", max_cells, n, experiment)
     else:
         rows = np.arange(a, b)
-    prep = store.meta.get("preprocessing", {})
-    target_sum = float(prep.get("target_sum", 1e4))
-    max_value = prep.get("max_value", 10.0)
-    params = fold_scaling(store.var_column("mean"), store.var_column("std"),
-                          max_value=None if max_value is None else float(max_value))
-    blocks = []
-    for lo in range(a, b, block_rows):
-        hi = min(b, lo + block_rows)
-        take = rows[(rows >= lo) & (rows < hi)] - lo
-        if take.size == 0:
-            continue
-        block = store.read_rows(lo, hi)[take]
-        data = normalize_log1p(block.indptr, block.indices, block.data, target_sum=target_sum,
-                               kind=store.input_kind, dtype=np.float64)
-        # The scaled matrix is c (one constant row, the value of a zero) + this sparse part;
-        # centring removes c, so the principal components are those of the sparse part.
-        values = scaled_nonzero_values(block.indices, data, params, dtype=np.float64)
-        blocks.append(sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape))
-    matrix = sp.vstack(blocks, format="csr")
+    matrix = scaled_rows(store, rows, block_rows=block_rows)
     k = int(min(n_components, matrix.shape[0] - 1, matrix.shape[1] - 1))
     if k < 1:
         raise InputError(f"{store.path}: experiment {experiment!r} is too small for PCA ({matrix.shape})")
+    # centring removes the constant row c, so the principal components are those of the sparse part
     scores = PCA(n_components=k, svd_solver="arpack", random_state=seed).fit_transform(matrix)
     return rows, np.ascontiguousarray(scores, dtype=np.float32)
 

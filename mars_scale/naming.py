@@ -89,7 +89,7 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy import sparse
-from scipy.spatial.distance import pdist
+from scipy.spatial.distance import cdist, pdist
 from scipy.special import logsumexp
 
 from mars_scale.errors import InputError
@@ -292,12 +292,6 @@ def _to_python(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _novelty_from_distance(z: np.ndarray) -> np.ndarray:
-    """Hill transform ``z^4 / (z^4 + 2^4)`` written to give 0 at z = 0 and 1 at z = inf."""
-    with np.errstate(divide="ignore", over="ignore"):
-        return 1.0 / (1.0 + (_NOVELTY_HALF / np.asarray(z, dtype=np.float64)) ** _NOVELTY_POWER)
-
-
 def _margin_ratio(dist: np.ndarray, name_codes: np.ndarray) -> np.ndarray:
     """Per row: distance to the nearest landmark over the distance to the nearest landmark of
     another name (in [0, 1]; 1 = no closer to one known type than to another)."""
@@ -312,9 +306,8 @@ def _margin_ratio(dist: np.ndarray, name_codes: np.ndarray) -> np.ndarray:
 def _novelty(z: np.ndarray, several_names: bool) -> np.ndarray:
     """The novelty score of a margin ratio (several names) or of a distance in radii (one)."""
     if not several_names:
-        return _novelty_from_distance(z)
-    with np.errstate(divide="ignore", over="ignore"):
-        return 1.0 / (1.0 + (_MARGIN_HALF / np.asarray(z, dtype=np.float64)) ** _MARGIN_POWER)
+        return _hill(z, _NOVELTY_HALF, _NOVELTY_POWER)
+    return _hill(z, _MARGIN_HALF, _MARGIN_POWER)
 
 
 def _scaled(distance: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -322,6 +315,18 @@ def _scaled(distance: np.ndarray, scale: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         z = distance / scale
     return np.where((distance == 0) & (scale == 0), 0.0, z)
+
+
+def _per_landmark(name: str, value: Any, n_landmarks: int) -> np.ndarray | None:
+    """An optional non-negative value per landmark as float64, or ``None``."""
+    if value is None:
+        return None
+    value = np.asarray(value, dtype=np.float64).reshape(-1)
+    if value.shape[0] != n_landmarks:
+        raise InputError(f"{name} must have one value per landmark ({n_landmarks}), got {value.shape[0]}.")
+    if not (np.isfinite(value).all() and (value >= 0).all()):
+        raise InputError(f"{name} must be finite and non-negative.")
+    return value
 
 
 def _is_missing(value: Any) -> bool:
@@ -506,29 +511,13 @@ def name_clusters(
         )
     if novelty_method not in ("matching", "margin"):
         raise InputError(f"novelty_method must be 'matching' or 'margin' (got {novelty_method!r}).")
-    if landmark_weights is not None:
-        landmark_weights = np.asarray(landmark_weights, dtype=np.float64).reshape(-1)
-        if landmark_weights.shape[0] != n_landmarks:
-            raise InputError(
-                f"landmark_weights must have one value per landmark ({n_landmarks}), "
-                f"got {landmark_weights.shape[0]}."
-            )
-        if not (np.isfinite(landmark_weights).all() and (landmark_weights >= 0).all()):
-            raise InputError("landmark_weights must be finite and non-negative.")
-    if landmark_radius is not None:
-        if space == "umap":
-            raise InputError(
-                "landmark_radius is in embedding units and cannot be used with space='umap' "
-                "(pass None)."
-            )
-        landmark_radius = np.asarray(landmark_radius, dtype=np.float64).reshape(-1)
-        if landmark_radius.shape[0] != n_landmarks:
-            raise InputError(
-                f"landmark_radius must have one value per landmark ({n_landmarks}), "
-                f"got {landmark_radius.shape[0]}."
-            )
-        if not (np.isfinite(landmark_radius).all() and (landmark_radius >= 0).all()):
-            raise InputError("landmark_radius must be finite and non-negative.")
+    if landmark_radius is not None and space == "umap":
+        raise InputError(
+            "landmark_radius is in embedding units and cannot be used with space='umap' "
+            "(pass None)."
+        )
+    landmark_weights = _per_landmark("landmark_weights", landmark_weights, n_landmarks)
+    landmark_radius = _per_landmark("landmark_radius", landmark_radius, n_landmarks)
     if space == "umap" and min(n_cells, umap_max_cells) + n_landmarks <= umap_n_neighbors:
         raise InputError(
             f"space='umap' needs more than umap_n_neighbors={umap_n_neighbors} points to fit "
@@ -658,23 +647,19 @@ def _name(
         )
 
     # Names: Gaussian kernel over all landmarks, normalised with a log-sum-exp, summed per name.
-    name_probabilities = np.zeros((n_clusters, n_names))
-    for j in range(n_clusters):
-        diff = landmarks - centers[j]
-        name_probabilities[j] = _kernel_name_probabilities(
-            np.einsum("ij,ij->i", diff, diff)[None, :], sigma[j : j + 1], name_codes, n_names
-        )[0]
+    center_sq = cdist(centers, landmarks, "sqeuclidean")  # (J, K), exact
+    name_probabilities = _kernel_name_probabilities(center_sq, sigma, name_codes, n_names)
     n_top = min(top, n_names)
     top_index = np.argsort(-name_probabilities, axis=1, kind="stable")[:, :n_top]
     top_names = names[top_index]
     top_probabilities = np.take_along_axis(name_probabilities, top_index, axis=1)
     best_name = top_names[:, 0].copy()
     best_probability = top_probabilities[:, 0].copy()
-    center_dist = np.sqrt(np.maximum(_squared_distances(centers, landmarks), 0.0))  # (J, K)
+    center_dist = np.sqrt(center_sq)
     prototypes = _name_prototypes(landmarks, name_codes, n_names, landmark_weights)
 
     if novelty_method == "matching":
-        m = _match(centers, counts, radius, prototypes, embedding, codes, shift, block_size)
+        m = _match(centers, radius, prototypes, embedding, codes, shift, block_size)
         compared, evidence = m["compared"], m["evidence"]
         matched, split_of, distinctness = m["matched"], m["split_of"], m["distinctness"]
         novelty_distance = m["distance"]
@@ -787,10 +772,7 @@ def _kernel_name_probabilities(
     nearest = dist_sq == dist_sq.min(axis=1, keepdims=True)
     logits = np.where((sigma > 0)[:, None], logits, np.where(nearest, 0.0, -np.inf))
     prob = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
-    out = np.zeros((dist_sq.shape[0], n_names))
-    for code in range(n_names):
-        out[:, code] = prob[:, name_codes == code].sum(axis=1)
-    return out
+    return prob @ (name_codes[:, None] == np.arange(n_names)[None, :])
 
 
 def _name_prototypes(
@@ -814,7 +796,6 @@ def _hill(x: np.ndarray, half: float, power: float) -> np.ndarray:
 
 def _match(
     centers: np.ndarray,
-    counts: np.ndarray,
     radius: np.ndarray,
     prototypes: np.ndarray,
     embedding: Any,
@@ -826,14 +807,14 @@ def _match(
     from scipy.optimize import linear_sum_assignment
 
     n_clusters, n_names = centers.shape[0], prototypes.shape[0]
-    dist = np.sqrt(np.maximum(_squared_distances(centers, prototypes), 0.0))  # (J, N)
+    dist = cdist(centers, prototypes)  # (J, N)
     rows, cols = linear_sum_assignment(dist)
     match = np.full(n_clusters, -1, dtype=np.int64)
     match[rows] = cols
     owner = np.full(n_names, -1, dtype=np.int64)
     owner[cols] = rows
     if n_names > 1:
-        between = np.sqrt(np.maximum(_squared_distances(prototypes, prototypes), 0.0))
+        between = cdist(prototypes, prototypes)
         np.fill_diagonal(between, np.inf)
         separation = between.min(axis=1)
     else:
