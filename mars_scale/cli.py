@@ -118,16 +118,17 @@ def info(store, as_json) -> None:
 @click.option("--n-clusters", required=True, type=int, help="Number of unannotated landmarks K.")
 @click.option("-o", "--output", "run_dir", required=True, type=click.Path(path_type=str), help="Run directory (checkpoints, model.pt).")
 @click.option("--config", "config_file", type=click.Path(path_type=str), default=None, help="TOML file with [model] and [train] tables.")
-@click.option("--pretrain-epochs", type=int, default=None)
-@click.option("--finetune-epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=None)
+@click.option("--pretrain-epochs", type=int, default=None, help="Autoencoder epochs (default: 25, or the config file's).")
+@click.option("--finetune-epochs", type=int, default=None, help="MARS fine-tuning epochs (default: 30, or the config file's).")
+@click.option("--batch-size", type=int, default=None, help="Cells per minibatch per process (under torchrun, per GPU) and per stream (default: 128, or the config file's).")
+@click.option("--n-top-genes", type=int, default=None, help="Train on this many highly variable genes (seurat_v3 over experiments, from the counts); the model records them for annotate (default: all genes, or the config file's).")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto, or the config file's).")
+@click.option("--seed", type=int, default=None, help="Seeds weights, K-means and batch order (default: 0, or the config file's).")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model in RUN_DIR.")
 @_user_errors
 def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs, finetune_epochs,
-          batch_size, device, seed, resume, overwrite) -> None:
+          batch_size, n_top_genes, device, seed, resume, overwrite) -> None:
     """Train MARS on STORE with one experiment held out as unannotated.
 
     Runs as one process, or on several GPUs or nodes under torchrun:
@@ -146,7 +147,7 @@ def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs,
 
     config = load_config(config_file) if config_file else RunConfig()
     config = override(config, pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
-                      batch_size=batch_size, device=device, seed=seed)
+                      batch_size=batch_size, n_top_genes=n_top_genes, device=device, seed=seed)
     if (Path(run_dir) / MODEL_NAME).exists() and not (overwrite or resume):
         raise InputError(f"{run_dir}: already holds a trained model (pass --overwrite to replace it)")
     if resume and "TORCHELASTIC_RESTART_COUNT" in os.environ and not (Path(run_dir) / CHECKPOINT_NAME).exists():

@@ -278,6 +278,10 @@ class Loader(IterableDataset):
         Total of each cell after normalisation (``counts`` stores).
     csc
         Also give each batch a CSC copy (``Batch.x_csc``).
+    genes
+        Store positions of the genes to yield (ascending), e.g. a model's highly variable
+        genes; cells are still normalised by their total over all genes, as scanpy normalises
+        before selecting genes. Default: every gene.
 
     Raises
     ------
@@ -304,6 +308,7 @@ class Loader(IterableDataset):
         n_threads: int | None = None,
         target_sum: float = 1e4,
         csc: bool = False,
+        genes: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -325,7 +330,16 @@ class Loader(IterableDataset):
 
         self._store: Atlas | None = store if isinstance(store, Atlas) else open_store(store)
         self.path = Path(self._store.path)
-        self.n_genes = self._store.n_genes
+        self._store_genes = self._store.n_genes
+        self.genes = None
+        if genes is not None:
+            self.genes = np.asarray(genes, dtype=np.int64)
+            if (self.genes.ndim != 1 or len(self.genes) == 0 or (np.diff(self.genes) <= 0).any()
+                    or self.genes[0] < 0 or self.genes[-1] >= self._store_genes):
+                raise ConfigError(
+                    f"{self.path}: genes must be ascending positions in 0..{self._store_genes - 1}."
+                )
+        self.n_genes = self._store_genes if self.genes is None else len(self.genes)
         self.input_kind = self._store.input_kind
         self.rows_per_block = _positive_int(
             "rows_per_block",
@@ -740,8 +754,10 @@ class Loader(IterableDataset):
         )
         n = int(indptr.shape[0] - 1)
         csr = sp.csr_matrix(
-            (pending.values, pending.indices, indptr), shape=(n, self.n_genes), copy=False
+            (pending.values, pending.indices, indptr), shape=(n, self._store_genes), copy=False
         )
+        if self.genes is not None:  # after normalising by the total over all genes
+            csr = csr[:, self.genes]
         spans = pending.spans
         index = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b, _ in spans])
         pad = np.concatenate([np.full(b - a, p, dtype=bool) for a, b, p in spans])

@@ -98,6 +98,15 @@ class Mars:
         info = info or DistInfo()
         device = resolve_device(self.config.train.device)
         run_path = Path(run_dir) if run_dir is not None else None
+        if resume and run_path is not None and not (run_path / CHECKPOINT_NAME).exists() \
+                and (run_path / MODEL_NAME).exists():
+            # a finished run keeps model.pt only (save removes the checkpoint): nothing is left to do
+            state = load_checkpoint(run_path / MODEL_NAME)
+            if state.get("phase") == "done":
+                check_genes(state["gene_ids"], list(self.store.gene_ids), where=str(self.store.path))
+                logger.info("%s: training already finished; nothing to resume", run_path / MODEL_NAME)
+                self.state, self._encoder = state, None
+                return self
         if resume and (run_path is None or not (run_path / CHECKPOINT_NAME).exists()):
             # the same command line serves the first start and every elastic restart
             logger.info("no checkpoint in %s yet: starting from the beginning", run_path)
@@ -125,11 +134,13 @@ class Mars:
     def encoder(self) -> torch.nn.Module:
         state = self._require_trained()
         if self._encoder is None:
-            g = len(state["gene_ids"])
+            genes = state.get("gene_index")  # absent from models of all genes and older ones
+            g = len(state["gene_ids"]) if genes is None else len(genes)
             model = Autoencoder.from_config(
                 g, self.config.model, mean=np.zeros(g), std=np.ones(g), rng=0
             )
             model.load_state_dict(state["model"])
+            model.encoder.gene_index = None if genes is None else np.asarray(genes, dtype=np.int64)
             self._encoder = model.encoder.eval()
         return self._encoder
 
@@ -178,6 +189,10 @@ class Mars:
     def save(self, run_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``run_dir/model.pt`` (weights, landmarks, genes, config) and ``summary.json``.
 
+        Once ``model.pt`` is written, the training checkpoint ``run_dir/checkpoint.pt`` is
+        removed: it holds the same weights plus the optimiser states (twice their size), which
+        neither ``annotate`` nor ``--resume`` of a finished run needs.
+
         Raises
         ------
         InputError
@@ -196,7 +211,7 @@ class Mars:
             "n_clusters": state["n_clusters"],
             "n_landmarks_kept": int(len(state["unannotated_landmarks"])),
             "landmark_usage": [int(v) for v in state.get("landmark_usage", [])],
-            "n_genes": len(state["gene_ids"]),
+            "n_genes": len(state["gene_ids"]) if state.get("gene_index") is None else len(state["gene_index"]),
             "history": state["history"],
             "train_seconds": state.get("train_seconds"),
             "config": state["config"],
@@ -204,6 +219,11 @@ class Mars:
         tmp = run_dir / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, run_dir / "summary.json")
+        checkpoint = run_dir / CHECKPOINT_NAME
+        if checkpoint.exists():
+            size = checkpoint.stat().st_size
+            checkpoint.unlink()
+            logger.info("removed %s (%.1f MB): %s holds the finished model", checkpoint, size / 1e6, target.name)
         return target
 
     @classmethod

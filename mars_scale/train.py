@@ -46,7 +46,7 @@ from mars_scale.losses import (
 from mars_scale.nn import Autoencoder
 from mars_scale.store import SPEC_VERSION, Atlas
 
-__all__ = ["TrainPlan", "plan_training", "fit", "embed", "CHECKPOINT_NAME"]
+__all__ = ["TrainPlan", "plan_training", "fit", "embed", "select_genes", "CHECKPOINT_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +168,12 @@ def embed(
     """Embed this rank's share of the cells: yields (index, experiment, label, z).
 
     In store order; with ``max_rows``, a uniform random subset of about that many rows per rank
-    (whole shuffled blocks, seeded by ``seed``).
+    (whole shuffled blocks, seeded by ``seed``). The encoder reads the store genes at
+    ``encoder.gene_index`` when it has one (a model trained with ``n_top_genes``), else all.
     """
     loader = Loader(
         store, batch_size=batch_size, experiments=experiments, shuffle=max_rows is not None,
-        seed=seed, rank=info.rank, world_size=info.world_size,
+        seed=seed, rank=info.rank, world_size=info.world_size, genes=getattr(encoder, "gene_index", None),
     )
     was_training = encoder.training
     encoder.eval()
@@ -317,6 +318,27 @@ def adam(params, *, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
+def select_genes(store: Atlas, n_top_genes: int | None, *, run_dir: Path | None = None) -> np.ndarray | None:
+    """Store positions of the genes a model is trained on: ``None`` for all of them.
+
+    With ``n_top_genes``, the highly variable genes of
+    :func:`mars_scale.stats.highly_variable_genes`; when resuming (``run_dir``), the ones
+    recorded in its checkpoint.
+    """
+    if n_top_genes is None:
+        return None
+    if n_top_genes >= store.n_genes:
+        logger.info("n_top_genes %d: the store has %d genes, all are kept", n_top_genes, store.n_genes)
+        return None
+    if run_dir is not None and (run_dir / CHECKPOINT_NAME).exists():
+        saved = load_checkpoint(run_dir / CHECKPOINT_NAME).get("gene_index")
+        if saved is not None:
+            return np.asarray(saved, dtype=np.int64)
+    from mars_scale.stats import highly_variable_genes
+
+    return highly_variable_genes(store, n_top_genes=int(n_top_genes)).index
+
+
 def _checkpoint_payload(state: dict[str, Any]) -> dict[str, Any]:
     return {"format": "mars-scale-checkpoint", "format_version": 1, **state}
 
@@ -359,11 +381,15 @@ def fit(
     """
     tc = config.train
     t0 = time.perf_counter()
-    mean = torch.as_tensor(store.var_column("mean"))
-    std = torch.as_tensor(store.var_column("std"))
+    genes = select_genes(store, tc.n_top_genes, run_dir=run_dir if resume else None)
+    mean = store.var_column("mean")
+    std = store.var_column("std")
+    if genes is not None:
+        mean, std = mean[genes], std[genes]
     model = Autoencoder.from_config(
-        store.n_genes, config.model, mean=mean, std=std, rng=_generator(tc.seed, 0)
+        len(mean), config.model, mean=torch.as_tensor(mean), std=torch.as_tensor(std), rng=_generator(tc.seed, 0)
     ).to(device)
+    model.encoder.gene_index = genes  # embed() reads these store columns
     state: dict[str, Any] = {
         "phase": "pretrain",
         "epoch": 0,
@@ -400,6 +426,7 @@ def fit(
     provenance = {
         "config": config_to_dict(config),
         "gene_ids": [str(g) for g in store.gene_ids],
+        "gene_index": None if genes is None else torch.as_tensor(genes),
         "store_spec": SPEC_VERSION,
         "unannotated": plan.unannotated,
         "annotated": list(plan.annotated),
@@ -432,7 +459,7 @@ def fit(
 
     def training_loader(experiments: list[str], seed: int) -> Loader:
         return Loader(store, batch_size=bs, experiments=experiments, shuffle=True, seed=seed,
-                      rank=info.rank, world_size=info.world_size,
+                      rank=info.rank, world_size=info.world_size, genes=genes,
                       blocks_per_buffer=tc.blocks_per_buffer, rows_per_block=tc.rows_per_block)
 
     # ---- 1. pretraining -------------------------------------------------------------------
