@@ -51,7 +51,7 @@ from mars_scale.errors import InputError, StoreError
 from mars_scale.landmarks import nearest
 from mars_scale.model import Mars
 from mars_scale.naming import NamingResult, name_clusters
-from mars_scale.store import Atlas, open_store, store_lock, write_json_atomic
+from mars_scale.store import Atlas, chunk_codecs, open_store, seal, store_lock, write_attrs
 from mars_scale.train import embed
 
 __all__ = ["AnnotationResult", "annotate", "result_keys"]
@@ -297,6 +297,8 @@ def annotate(
             _stage_obs_and_uns(store, staging, fmt, keys, naming, record, unannotated)
             elements = ([("obs", name) for name in keys["obs"]]
                         + [("obsm", keys["obsm"]), ("obsm", keys["probabilities"]), ("uns", keys["uns"])])
+            for group, name in elements:  # chunk and metadata checksums (docs/store.md)
+                seal(staging / group / name)
             _commit(root_dir, fmt, staging, elements, keys["obs"])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -445,7 +447,8 @@ def _create_embedding_array(group: zarr.Group, name: str, n_cells: int, dim: int
     if fmt == 3:
         unit = chunk_rows * _SHARD_CHUNKS
         kwargs["shards"] = (unit, dim)
-    array = group.create_array(name, shape=(n_cells, dim), dtype=np.float32, fill_value=np.nan, **kwargs)
+    array = group.create_array(name, shape=(n_cells, dim), dtype=np.float32, fill_value=np.nan, **kwargs,
+                               **chunk_codecs(fmt))
     array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     return array, unit
 
@@ -585,7 +588,8 @@ def _stamp(array: zarr.Array) -> None:
 
 def _column(group: zarr.Group, name: str, n_cells: int, dtype, fill) -> zarr.Array:
     chunk = max(1, min(n_cells, _COLUMN_CHUNK))
-    return group.create_array(name, shape=(n_cells,), dtype=dtype, chunks=(chunk,), fill_value=fill)
+    return group.create_array(name, shape=(n_cells,), dtype=dtype, chunks=(chunk,), fill_value=fill,
+                              **chunk_codecs(group.metadata.zarr_format))
 
 
 def _write_categorical(group: zarr.Group, name: str, n_cells: int, rows: tuple[int, int],
@@ -698,11 +702,7 @@ def _read_column_order(obs_dir: Path, fmt: int) -> list[str]:
 
 def _write_column_order(obs_dir: Path, fmt: int, order: list[str]) -> None:
     """Replace the ``column-order`` attribute of obs with one atomic file replace."""
-    path = _attrs_file(obs_dir, fmt)
-    payload = json.loads(path.read_text())
-    attrs = payload.setdefault("attributes", {}) if fmt == 3 else payload
-    attrs["column-order"] = list(order)
-    write_json_atomic(path, payload)
+    write_attrs(obs_dir, {"column-order": list(order)})
 
 
 def _move(src: Path, dst: Path) -> None:

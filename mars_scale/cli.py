@@ -103,6 +103,9 @@ def info(store, as_json) -> None:
         f"(density {s['density']:.4f}), {s['size_bytes'] / 1e6:,.1f} MB on disk"
     )
     click.echo(f"{len(s['experiments'])} experiments, {len(s['cell_types'])} cell types")
+    if not s["checksums"]:
+        click.echo(f"no chunk checksums (spec {s['spec_version']}, written before 0.1.1): "
+                   "read without checks; re-run \"mars-scale ingest\" to add them")
     width = max(len(e["name"]) for e in s["experiments"])
     for e in s["experiments"]:
         types = ", ".join(f"{t} {n}" for t, n in e["cell_types"].items()) or "-"

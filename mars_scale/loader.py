@@ -691,7 +691,7 @@ class Loader(IterableDataset):
             ptr = self._readers()["indptr"].read(a, b + 1).astype(np.int64, copy=False)
         except Exception as exc:
             raise self._damaged(f"X rows {a}:{b} cannot be read", exc) from exc
-        problem = x_rows_damage(ptr)
+        problem = x_rows_damage(ptr, nnz=self._readers()["data"].size)
         if problem:
             raise self._damaged(f"X rows {a}:{b} {problem}")
         return ptr
@@ -713,7 +713,7 @@ class Loader(IterableDataset):
             readers["indices"].read(lo, hi, out=indices)
         except Exception as exc:
             raise self._damaged(f"X rows {a}:{b} cannot be read", exc) from exc
-        problem = x_rows_damage(ptr, values, indices)
+        problem = x_rows_damage(ptr, values, indices, n_genes=self.store.n_genes)
         if problem:
             raise self._damaged(f"X rows {a}:{b} {problem}")
         normalize_log1p(

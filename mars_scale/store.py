@@ -50,12 +50,21 @@ __all__ = [
     "store_lock",
     "RangeReader",
     "x_rows_damage",
+    "chunk_codecs",
+    "has_checksum",
+    "seal",
+    "metadata_damage",
+    "write_attrs",
 ]
 
 logger = logging.getLogger(__name__)
 
 SPEC_TYPE = "mars-scale-atlas"
-SPEC_VERSION = "0.1.0"
+SPEC_VERSION = "0.1.1"
+#: The first spec version whose chunks and metadata carry checksums (see ``docs/store.md``).
+CHECKSUM_SPEC = (0, 1, 1)
+#: Attribute holding the crc32c of a node's own metadata (see :func:`seal`).
+METADATA_CHECKSUM_ATTR = "mars-scale-crc32c"
 _SPEC_ATTR = "mars-scale"
 _LOCK_NAME = ".mars-scale.lock"
 _ANNDATA_GROUPS = ("obsm", "varm", "obsp", "varp", "layers")
@@ -258,16 +267,62 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 # Streaming writers
 
 
-def _compressors(layout: StoreLayout, zarr_format: int):
-    if layout.compression_level == 0:
-        return None
+def chunk_codecs(zarr_format: int, *, compression_level: int = 3, strings: bool = False) -> dict:
+    """Keyword arguments of ``zarr.Group.create_array`` for checksummed chunks.
+
+    Every chunk ends (format 3) or starts (format 2) with a checksum of its encoded bytes, so
+    zarr and :class:`RangeReader` check a chunk before decompressing it: format 3 chunks go
+    ``bytes`` -> ``blosc`` -> ``crc32c``; format 2 chunks go through blosc as a filter and
+    numcodecs' ``CRC32`` as the compressor (the outermost codec, so that damaged bytes never
+    reach blosc, which trusts its header).
+
+    Parameters
+    ----------
+    zarr_format
+        2 or 3.
+    compression_level
+        Blosc lz4 level; 0 leaves the chunk bytes uncompressed (still checksummed).
+    strings
+        For a variable-length string array: zstd instead of blosc (zarr's default for
+        strings), after the ``vlen-utf8`` encoding.
+
+    Returns
+    -------
+    dict
+        ``compressors`` and, for format 2, ``filters``.
+    """
     if zarr_format == 3:
-        from zarr.codecs import BloscCodec
+        from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-        return [BloscCodec(cname="lz4", clevel=layout.compression_level, shuffle="shuffle")]
-    from numcodecs import Blosc
+        if strings:
+            inner = [ZstdCodec()]
+        elif compression_level:
+            inner = [BloscCodec(cname="lz4", clevel=compression_level, shuffle="shuffle")]
+        else:
+            inner = []
+        return {"compressors": [*inner, Crc32cCodec()]}
+    from numcodecs import CRC32, Blosc, VLenUTF8, Zstd
 
-    return Blosc(cname="lz4", clevel=layout.compression_level, shuffle=Blosc.SHUFFLE)
+    if strings:
+        filters = [VLenUTF8(), Zstd()]
+    elif compression_level:
+        filters = [Blosc(cname="lz4", clevel=compression_level, shuffle=Blosc.SHUFFLE)]
+    else:
+        filters = None
+    return {"filters": filters, "compressors": CRC32()}
+
+
+def has_checksum(array: zarr.Array) -> bool:
+    """Whether every chunk of ``array`` carries a checksum (as :func:`chunk_codecs` writes)."""
+    meta = array.metadata
+    if meta.zarr_format == 2:
+        return getattr(meta.compressor, "codec_id", None) in ("crc32", "crc32c")
+    from zarr.codecs import Crc32cCodec, ShardingCodec
+
+    codecs = tuple(meta.codecs)
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        codecs = tuple(codecs[0].codecs)
+    return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
 
 
 class AppendArray:
@@ -289,8 +344,8 @@ class AppendArray:
             name,
             shape=(0,),
             dtype=dtype,
-            compressors=_compressors(layout, fmt),
             fill_value=0,
+            **chunk_codecs(fmt, compression_level=layout.compression_level),
             **kwargs,
         )
         self.dtype = np.dtype(dtype)
@@ -330,7 +385,10 @@ class StringAppendArray:
 
     def __init__(self, group: zarr.Group, name: str, *, chunk: int) -> None:
         self._chunk = chunk
-        self.array = group.create_array(name, shape=(0,), dtype=str, chunks=(chunk,))
+        self.array = group.create_array(
+            name, shape=(0,), dtype=str, chunks=(chunk,),
+            **chunk_codecs(group.metadata.zarr_format, strings=True),
+        )
         self.array.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
         self._pending: list[str] = []
         self.size = 0
@@ -421,7 +479,10 @@ def write_categorical(group: zarr.Group, name: str, codes: np.ndarray, categorie
     cat = group.create_group(name)
     cat.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
     write_elem(cat, "categories", np.asarray([str(c) for c in categories], dtype=object))
-    arr = cat.create_array("codes", shape=codes.shape, dtype=codes.dtype, chunks=(max(1, min(len(codes), 1 << 20)),))
+    arr = cat.create_array(
+        "codes", shape=codes.shape, dtype=codes.dtype, chunks=(max(1, min(len(codes), 1 << 20)),),
+        **chunk_codecs(group.metadata.zarr_format),
+    )
     if len(codes):
         arr[:] = codes
     _stamp_array(arr)
@@ -439,12 +500,168 @@ def init_anndata_root(path: Path, *, zarr_format: int) -> zarr.Group:
 
 
 def stamp_spec(root: zarr.Group) -> None:
-    """Stamp the mars-scale spec version on the root group (beside anndata's attributes)."""
+    """Stamp the mars-scale spec version on the root group, then :func:`seal` the store.
+
+    This is the last write of a new store: every array gets chunk checksums and every node's
+    metadata its own checksum.
+    """
     root.attrs[_SPEC_ATTR] = {"encoding-type": SPEC_TYPE, "encoding-version": SPEC_VERSION}
+    seal(Path(root.store_path.store.root) / root.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sealing: chunk checksums on every array, a checksum of every node's own metadata
+
+
+def _canonical_crc(document: dict) -> str:
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return f"{_crc32c(text.encode()):08x}"
+
+
+def _node_metadata(directory: Path) -> tuple[int, dict, dict, Path] | None:
+    """``(zarr_format, document, attributes, attributes file)`` of a zarr node, or ``None``.
+
+    The document is what the node's checksum covers: for format 3 the whole ``zarr.json``, for
+    format 2 ``.zarray``/``.zgroup`` together with ``.zattrs``. ``attributes`` is the dict
+    inside it that holds the checksum. Raises ``ValueError`` if a metadata file is not JSON.
+    """
+    if (directory / "zarr.json").is_file():
+        path = directory / "zarr.json"
+        document = json.loads(path.read_bytes())
+        if not isinstance(document, dict):
+            raise ValueError("not a JSON object")
+        attrs = document.setdefault("attributes", {})
+        if not isinstance(attrs, dict):
+            raise ValueError("attributes are not a JSON object")
+        return 3, document, attrs, path
+    for name in (".zarray", ".zgroup"):
+        if (directory / name).is_file():
+            meta = json.loads((directory / name).read_bytes())
+            path = directory / ".zattrs"
+            attrs = json.loads(path.read_bytes()) if path.exists() else {}
+            if not isinstance(meta, dict) or not isinstance(attrs, dict):
+                raise ValueError("not a JSON object")
+            return 2, {name: meta, ".zattrs": attrs}, attrs, path
+    return None
+
+
+def _node_dirs(path: Path) -> Iterator[Path]:
+    """Every directory under ``path`` (itself included), skipping hidden ones (staging, temporaries)."""
+    for dirpath, dirnames, _ in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield Path(dirpath)
+
+
+def _write_node(fmt: int, document: dict, attrs: dict, path: Path) -> None:
+    attrs.pop(METADATA_CHECKSUM_ATTR, None)
+    attrs[METADATA_CHECKSUM_ATTR] = _canonical_crc(document)
+    write_json_atomic(path, document if fmt == 3 else attrs)
+
+
+def write_attrs(directory: str | os.PathLike, updates: dict) -> None:
+    """Update attributes of the zarr node at ``directory`` in one atomic file replace.
+
+    The node's metadata checksum is recomputed in the same write (see :func:`seal`).
+    """
+    found = _node_metadata(Path(directory))
+    if found is None:
+        raise StoreError(f"{directory}: not a zarr node")
+    fmt, document, attrs, path = found
+    attrs.update(updates)
+    _write_node(fmt, document, attrs, path)
+
+
+def _rewrite_checksummed(group: zarr.Group, name: str, array: zarr.Array) -> None:
+    """Write ``array`` again with checksummed chunks (small arrays written by anndata)."""
+    if array.nbytes > 1 << 28:
+        raise StoreError(f"{array.path}: written without chunk checksums and too large to rewrite")
+    values = np.asarray(array[...])
+    attrs = dict(array.attrs)
+    fmt = group.metadata.zarr_format
+    strings = np.dtype(array.dtype).kind in "OTU"
+    kwargs: dict[str, Any] = {"chunks": array.chunks} if array.ndim else {}
+    if strings:
+        dtype, fill = str, ("" if fmt == 2 else None)
+    else:
+        dtype, fill = array.dtype, array.fill_value
+    del group[name]
+    new = group.create_array(
+        name, shape=array.shape, dtype=dtype, fill_value=fill,
+        **kwargs, **chunk_codecs(fmt, strings=strings),
+    )
+    if values.size:
+        new[...] = values
+    if attrs:
+        new.attrs.update(attrs)
+
+
+def _checksum_arrays(group: zarr.Group) -> None:
+    for name, member in list(group.members()):
+        if isinstance(member, zarr.Group):
+            _checksum_arrays(member)
+        elif not has_checksum(member):
+            _rewrite_checksummed(group, name, member)
+
+
+def seal(path: str | os.PathLike) -> None:
+    """Give every array under ``path`` chunk checksums and every node a metadata checksum.
+
+    Arrays written with :func:`chunk_codecs` are left as they are; the others (small elements
+    written by anndata: categories, ``var`` columns, ``uns``) are written again with it. Then
+    each node's metadata (format 3: ``zarr.json``; format 2: ``.zarray``/``.zgroup`` with
+    ``.zattrs``) gets the attribute ``mars-scale-crc32c``: the crc32c of the metadata without
+    that attribute, as sorted, compact JSON. :func:`metadata_damage` checks it. ``path`` is a
+    store, or one element of it (a group or an array); hidden directories are skipped.
+    """
+    path = Path(path)
+    node = zarr.open(path, mode="r+")
+    if isinstance(node, zarr.Group):
+        _checksum_arrays(node)
+    elif not has_checksum(node):
+        raise StoreError(f"{path}: written without chunk checksums")
+    for directory in _node_dirs(path):
+        found = _node_metadata(directory)
+        if found is not None:
+            _write_node(*found)
+
+
+def metadata_damage(path: str | os.PathLike, *, required: bool = True) -> str | None:
+    """The first node under ``path`` whose metadata is damaged, described, or ``None``.
+
+    A node is damaged when a metadata file is not a JSON object or its ``mars-scale-crc32c``
+    attribute differs from the checksum of the rest (see :func:`seal`). With ``required``
+    (stores of spec 0.1.1 and later) a node without the attribute is damaged too.
+    """
+    path = Path(path)
+    for directory in _node_dirs(path):
+        where = directory.relative_to(path).as_posix()
+        where = "the root" if where == "." else where
+        try:
+            found = _node_metadata(directory)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return f"{where}: metadata is not valid JSON ({exc})"
+        if found is None:
+            continue
+        _, document, attrs, _ = found
+        stored = attrs.pop(METADATA_CHECKSUM_ATTR, None)
+        if stored is None:
+            if required:
+                return f"{where}: metadata has no checksum"
+            continue
+        if stored != _canonical_crc(document):
+            return f"{where}: metadata checksum differs"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in str(version).split("."))
+    except ValueError:
+        return (-1,)
 
 
 def _compat_key(version: str) -> tuple[int, ...]:
@@ -490,6 +707,15 @@ class Atlas:
         self.spec_version: str = str(meta["encoding-version"])
         self.rows_per_chunk: int = int(meta.get("rows_per_chunk", 1024))
         self._readers: dict[str, RangeReader] = {}  # opened on first use (reading metadata)
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether the store's spec has chunk and metadata checksums (0.1.1 and later).
+
+        Older stores are read without checks: a damaged chunk can go unnoticed unless it
+        breaks the structure of ``X`` (see ``docs/store.md``).
+        """
+        return _version_tuple(self.spec_version) >= CHECKSUM_SPEC
 
     # -- small elements --------------------------------------------------------------------
     def _read(self, key: str):
@@ -561,15 +787,18 @@ class Atlas:
             raise ValueError(f"rows {start}:{stop} are outside 0:{self.n_cells}")
         key = "X/indptr"
         try:
+            nnz = self.reader("X/data").size
             indptr = self.reader("X/indptr").read(start, stop + 1).astype(np.int64, copy=False)
-            lo, hi = int(indptr[0]), int(indptr[-1])
-            key = "X/data"
-            data = self.reader("X/data").read(lo, hi)
-            key = "X/indices"
-            indices = self.reader("X/indices").read(lo, hi)
+            problem = x_rows_damage(indptr, nnz=nnz)
+            if not problem:
+                lo, hi = int(indptr[0]), int(indptr[-1])
+                key = "X/data"
+                data = self.reader("X/data").read(lo, hi)
+                key = "X/indices"
+                indices = self.reader("X/indices").read(lo, hi)
+                problem = x_rows_damage(indptr, data, indices, n_genes=self.n_genes, nnz=nnz)
         except Exception as exc:
             raise _damaged(self.path, f"{key} (rows {start}:{stop})", exc) from exc
-        problem = x_rows_damage(indptr, data, indices)
         if problem:
             raise StoreError(
                 f"{self.path}: X rows {start}:{stop} {problem}; the store is damaged, "
@@ -636,6 +865,7 @@ class Atlas:
             "experiments": experiments,
             "cell_types": types,
             "zarr_format": int(self.root.metadata.zarr_format),
+            "checksums": self.checksummed,
         }
 
     def __repr__(self) -> str:
@@ -646,21 +876,59 @@ class Atlas:
 
 
 def x_rows_damage(
-    indptr: np.ndarray, data: np.ndarray | None = None, indices: np.ndarray | None = None
+    indptr: np.ndarray,
+    data: np.ndarray | None = None,
+    indices: np.ndarray | None = None,
+    *,
+    n_genes: int | None = None,
+    nnz: int | None = None,
 ) -> str | None:
     """What is wrong with rows read back from ``X``, or ``None``.
 
-    Ingest writes a non-decreasing ``indptr``, positive values only and each gene at most once
-    per row; a chunk that is missing reads back as zeros (zarr's fill value), which breaks one of
-    these. ``data`` and ``indices`` (the rows' slice of ``X/data`` and ``X/indices``) may be
-    left out to check ``indptr`` alone.
+    Ingest writes a non-decreasing ``indptr`` within ``0:nnz``, finite positive values only,
+    and in each row gene indices within ``0:n_genes``, strictly increasing (sorted, each gene
+    at most once). A chunk that is missing reads back as zeros (zarr's fill value), and a
+    damaged chunk of an unchecksummed store can read back as anything; both break one of these
+    rules, and rows that break one never reach scipy or torch (whose sparse code trusts them).
+
+    Parameters
+    ----------
+    indptr
+        ``X/indptr[start : stop + 1]`` of the rows.
+    data, indices
+        The rows' slice of ``X/data`` and ``X/indices`` (``indptr[0]:indptr[-1]``); may be
+        left out to check ``indptr`` alone.
+    n_genes
+        Number of columns; the column range is checked when given.
+    nnz
+        Length of ``X/data``; the range of ``indptr`` is checked when given.
+
+    Returns
+    -------
+    str or None
+        The first problem found, worded to follow "X rows a:b", or ``None``.
     """
+    if indptr.size and (indptr[0] < 0 or (nnz is not None and indptr[-1] > nnz)):
+        return f"have X/indptr outside 0:{nnz if nnz is not None else 'nnz'}"
     if (np.diff(indptr) < 0).any():
         return "have a decreasing X/indptr"
-    if data is not None and data.size and not data.min() > 0:
-        return "read back zeros (a chunk of X/data is missing)"
-    if indices is not None and indices.size - np.count_nonzero(indices) > indptr.shape[0] - 1:
-        return "read back zeros (a chunk of X/indices is missing)"
+    if data is not None and data.size:
+        low, high = data.min(), data.max()
+        if not (low > 0 and high < np.inf):  # NaN fails both
+            if low == 0:
+                return "read back zeros (a chunk of X/data is missing)"
+            return "hold values that are not finite and positive in X/data"
+    if indices is not None and indices.size:
+        if indices.size - np.count_nonzero(indices) > indptr.shape[0] - 1:
+            return "read back zeros (a chunk of X/indices is missing)"
+        if indices.min() < 0 or (n_genes is not None and indices.max() >= n_genes):
+            return f"hold gene indices outside 0:{n_genes if n_genes is not None else 'n_genes'} in X/indices"
+        rising = indices[1:] > indices[:-1]
+        starts = (indptr[1:-1] - indptr[0]).astype(np.int64, copy=False)
+        starts = starts[(starts > 0) & (starts < indices.size)]
+        rising[starts - 1] = True  # a row may start lower than the last one ended
+        if not rising.all():
+            return "hold gene indices that are not sorted and unique within a row in X/indices"
     return None
 
 
@@ -681,15 +949,19 @@ class _ChunkFiles:
     per_shard: int  # chunks per shard file; 0 when every chunk is its own file
     index_at_end: bool  # where a shard keeps its index
     blosc: bool  # blosc-compressed, else raw little-endian bytes
+    checksum: str | None = None  # "crc32c" (4 bytes after the chunk) or "crc32" (before it)
 
 
 def _chunk_files(array: zarr.Array) -> _ChunkFiles | None:
     """The chunk files of ``array`` if they are a layout that ingest writes, else ``None``.
 
     That is a 1-D array in a local directory whose chunks are little-endian bytes, optionally
-    blosc-compressed: zarr format 2 without filters, or format 3 with a ``bytes`` codec,
-    optionally ``blosc``, optionally inside shards indexed with ``bytes`` + ``crc32c``.
+    blosc-compressed, optionally checksummed as :func:`chunk_codecs` writes them: zarr format 2
+    with a blosc compressor and no filters, or a blosc filter (or none) and a ``crc32``
+    compressor; or format 3 with a ``bytes`` codec, optionally ``blosc``, optionally
+    ``crc32c``, optionally inside shards indexed with ``bytes`` + ``crc32c``.
     """
+    from numcodecs import Blosc
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
     from zarr.codecs.bytes import Endian
     from zarr.codecs.sharding import ShardingCodecIndexLocation
@@ -708,13 +980,25 @@ def _chunk_files(array: zarr.Array) -> _ChunkFiles | None:
             return False
         return True if len(codecs) == 2 and isinstance(codecs[1], BloscCodec) else None
 
-    per_shard, at_end = 0, True
+    per_shard, at_end, checksum = 0, True, None
     if meta.zarr_format == 2:
-        if meta.filters or getattr(meta.dtype, "endianness", None) == "big":
+        if getattr(meta.dtype, "endianness", None) == "big":
             return None
-        if meta.compressor is None:
+        compressor_id = getattr(meta.compressor, "codec_id", None)
+        filters = tuple(meta.filters or ())
+        if compressor_id == "crc32" and getattr(meta.compressor, "location", "start") == "start":
+            checksum = "crc32"
+            if not filters:
+                blosc = False
+            elif len(filters) == 1 and isinstance(filters[0], Blosc):
+                blosc = True
+            else:
+                return None
+        elif filters:
+            return None
+        elif meta.compressor is None:
             blosc = False
-        elif getattr(meta.compressor, "codec_id", None) == "blosc":
+        elif compressor_id == "blosc":
             blosc = True
         else:
             return None
@@ -737,6 +1021,9 @@ def _chunk_files(array: zarr.Array) -> _ChunkFiles | None:
             codecs = shard.codecs
         else:
             chunk = int(array.chunks[0])
+        codecs = tuple(codecs)
+        if codecs and isinstance(codecs[-1], Crc32cCodec):
+            codecs, checksum = codecs[:-1], "crc32c"
         blosc = plain(codecs)
         if blosc is None:
             return None
@@ -748,6 +1035,7 @@ def _chunk_files(array: zarr.Array) -> _ChunkFiles | None:
         per_shard=per_shard,
         index_at_end=at_end,
         blosc=blosc,
+        checksum=checksum,
     )
 
 
@@ -897,6 +1185,7 @@ class RangeReader:
         """Decode one whole chunk into ``dest`` (``chunk`` elements)."""
         from numcodecs import blosc
 
+        blob = _strip_checksum(blob, self._files.checksum)
         if self._files.blosc:
             # A blosc header records the decompressed size (bytes 4..8) and the frame's own
             # length (12..16); blosc trusts both, so check them before it reads or writes.
@@ -912,6 +1201,30 @@ class RangeReader:
         else:
             dest[:] = np.frombuffer(blob, dtype=self.dtype)
         return dest
+
+
+def _strip_checksum(blob: bytes, kind: str | None):
+    """The chunk bytes inside their checksum (a memoryview), checked; ``blob`` if none."""
+    if kind is None:
+        return blob
+    if len(blob) < 4:
+        raise ValueError("a chunk is shorter than its checksum")
+    view = memoryview(blob)
+    if kind == "crc32c":
+        # The crc32c of a message followed by its own crc32c (little-endian) is a constant,
+        # so the whole blob is checked in place, without copying the payload out.
+        payload, good = view[:-4], _crc32c(bytes(blob)) == _CRC32C_RESIDUE
+    else:
+        import zlib
+
+        payload = view[4:]
+        good = zlib.crc32(payload) == int.from_bytes(blob[:4], "little")
+    if not good:
+        raise ValueError(f"a chunk's {kind} checksum differs (the chunk is damaged)")
+    return payload
+
+
+_CRC32C_RESIDUE = 0x48674BC7
 
 
 def _crc32c(data: bytes) -> int:
