@@ -117,6 +117,17 @@ def info(store, as_json) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=str))
+@click.option("--quick", is_flag=True, help="Check only metadata, shard indexes and chunk sizes.")
+@_user_errors
+def verify(store, quick) -> None:
+    """Check every chunk (checksums) and the structure of X in STORE; exit 2 at the first damage."""
+    from mars_scale.verify import verify_store
+
+    click.echo(verify_store(store, quick=quick).summary())
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=str))
 @click.option("--unannotated", required=True, help="Experiment whose cell types are discovered.")
 @click.option("--n-clusters", required=True, type=int, help="Number of unannotated landmarks K.")
 @click.option("-o", "--output", "run_dir", required=True, type=click.Path(path_type=str), help="Run directory (checkpoints, model.pt).")
