@@ -56,6 +56,9 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Store to create (.zarr).")
 @click.option("--experiment-key", default=None, help="obs column naming each cell's experiment (default: one experiment per file, named after it).")
 @click.option("--label-key", default=None, help="obs column with cell types; missing values mark unannotated cells.")
+@click.option("--unlabeled-values", multiple=True, default=None, metavar="VALUE",
+              help="A label value meaning 'no cell type' (repeat per value; replaces the default list: "
+                   "'', NA, nan, Unknown, unknown, unassigned).")
 @click.option("--genes", type=click.Choice(["intersection", "union"]), default="intersection", show_default=True)
 @click.option("--gene-key", default=None, help="var column with gene ids (default: var_names).")
 @click.option("--layer", default=None, help="Read counts from this layer instead of X.")
@@ -66,9 +69,12 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @_user_errors
-def ingest(inputs, output, experiment_key, label_key, genes, gene_key, layer, min_counts,
+def ingest(inputs, output, experiment_key, label_key, unlabeled_values, genes, gene_key, layer, min_counts,
            min_genes, min_cells, rows_per_chunk, zarr_format, overwrite) -> None:
-    """Stream h5ad files INPUTS into a new atlas store."""
+    """Stream h5ad files or AnnData .zarr stores INPUTS into a new atlas store.
+
+    Every other obs and var column of the inputs is carried over with its type.
+    """
     from mars_scale.ingest import IngestConfig, ingest as run_ingest
     from mars_scale.store import StoreLayout
 
@@ -77,6 +83,7 @@ def ingest(inputs, output, experiment_key, label_key, genes, gene_key, layer, mi
         config = IngestConfig(
             experiment_key=experiment_key, label_key=label_key, genes=genes, gene_key=gene_key,
             layer=layer, min_counts=min_counts, min_genes=min_genes, min_cells=min_cells, layout=layout,
+            **({"unlabeled_values": tuple(unlabeled_values)} if unlabeled_values else {}),
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None

@@ -49,7 +49,7 @@ from mars_scale.store import (
     stamp_spec,
 )
 
-__all__ = ["CellBlock", "IngestConfig", "ingest", "ingest_blocks"]
+__all__ = ["CellBlock", "IngestConfig", "ingest", "ingest_blocks", "UNLABELED_VALUES"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ _LOGNORM_MAX = 30.0
 # float32 (the store's dtype of X) holds every integer up to 2^24 exactly, and no more.
 _FLOAT32_EXACT = 1 << 24
 _READ_NNZ = 1 << 22  # non-zeros per read block (about 50 MB of working memory)
+# Label values that mean "no cell type" by default (``--unlabeled-values``).
+UNLABELED_VALUES = ("", "NA", "nan", "Unknown", "unknown", "unassigned")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class IngestConfig:
         Genes expressed in fewer cells (after the cell filter) are dropped (paper: 5).
     layout
         On-disk chunking of X.
+    unlabeled_values
+        Label values that mean "no cell type" (the cell is unannotated), compared exactly;
+        missing values always are.
     """
 
     experiment_key: str | None = None
@@ -96,8 +101,10 @@ class IngestConfig:
     min_genes: int = 1
     min_cells: int = 5
     layout: StoreLayout = field(default_factory=StoreLayout)
+    unlabeled_values: tuple[str, ...] = UNLABELED_VALUES
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "unlabeled_values", tuple(str(v) for v in self.unlabeled_values))
         if self.genes not in ("intersection", "union"):
             raise ValueError(f"genes must be 'intersection' or 'union', got {self.genes!r}")
         for name in ("min_counts", "min_genes", "min_cells"):
@@ -111,6 +118,8 @@ class IngestConfig:
 
 def _decode(values: np.ndarray, where: str) -> np.ndarray:
     """Strings stored as bytes, decoded as UTF-8; ``where`` names the element in errors."""
+    if values.dtype.kind == "T":  # numpy's StringDType (zarr v3 strings)
+        return values.astype(object)
     if values.dtype.kind not in ("S", "O"):
         return values
     out = np.empty(len(values), dtype=object)
@@ -127,8 +136,53 @@ def _decode(values: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
+def _is_array(elem) -> bool:
+    import zarr
+
+    return isinstance(elem, (h5py.Dataset, zarr.Array))
+
+
+def _is_group(elem) -> bool:
+    import zarr
+
+    return isinstance(elem, (h5py.Group, zarr.Group))
+
+
+class _ZarrFile:
+    """An AnnData ``.zarr`` group with the two things ingest uses of an ``h5py.File``."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+
+    def __getitem__(self, key: str):
+        return self.group[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.group
+
+    def close(self) -> None:
+        pass
+
+
+def _open_anndata_zarr(path: Path) -> _ZarrFile:
+    """Open a directory written by ``AnnData.write_zarr`` (or a mars-scale store) for reading."""
+    import zarr
+
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as exc:  # not a zarr group at all
+        raise InputError(
+            f"{path}: is a directory but not a zarr store; expected an .h5ad file or an AnnData .zarr"
+        ) from exc
+    enc = group.attrs.get("encoding-type")
+    if enc != "anndata" and not ("obs" in group and "var" in group):
+        raise InputError(f"{path}: is a zarr store but not an AnnData one (no obs and var); "
+                         "expected an .h5ad file or an AnnData .zarr")
+    return _ZarrFile(group)
+
+
 class _H5adSource:
-    """Row-block access to one h5ad file, validated up front."""
+    """Row-block access to one h5ad file or AnnData ``.zarr`` store, validated up front."""
 
     def __init__(self, path: Path, config: IngestConfig) -> None:
         self.path = path
@@ -136,11 +190,12 @@ class _H5adSource:
         if not path.exists():
             raise InputError(f"{path}: no such file")
         if path.is_dir():
-            raise InputError(f"{path}: is a directory, expected an .h5ad file")
-        try:
-            self.file = h5py.File(path, "r")
-        except OSError as exc:
-            raise InputError(f"{path}: not a readable HDF5/h5ad file ({exc})") from None
+            self.file = _open_anndata_zarr(path)
+        else:
+            try:
+                self.file = h5py.File(path, "r")
+            except OSError as exc:
+                raise InputError(f"{path}: not a readable HDF5/h5ad file ({exc})") from None
         try:
             self._init(config)
         except KeyError as exc:
@@ -157,7 +212,7 @@ class _H5adSource:
             what = f"layer {config.layer!r}" if config.layer else "X"
             raise InputError(f"{self.path}: has no {what}")
         x = f[xkey]
-        if isinstance(x, h5py.Dataset):
+        if _is_array(x):
             if x.ndim != 2:
                 raise InputError(f"{self.path}: {xkey} is not a matrix (shape {x.shape})")
             self.kind, self.shape = "dense", tuple(int(s) for s in x.shape)
@@ -175,7 +230,7 @@ class _H5adSource:
                 if part not in x:
                     raise InputError(f"{self.path}: {xkey}/{part} is missing")
         self.x = x
-        dtype = x.dtype if isinstance(x, h5py.Dataset) else x["data"].dtype
+        dtype = x.dtype if _is_array(x) else x["data"].dtype
         if dtype.kind not in "biuf":
             raise InputError(f"{self.path}: {xkey} has non-numeric dtype {dtype} (numbers expected)")
         if "obs" not in f or "var" not in f:
@@ -183,8 +238,8 @@ class _H5adSource:
         self.obs_names_key = self._index_key("obs")
         self.var_names_key = self._index_key("var")
         self.obs_columns = [str(c) for c in f["obs"].attrs.get("column-order", [])]
-        n_obs = len(f["obs"][self.obs_names_key])
-        n_var = len(f["var"][self.var_names_key])
+        n_obs = int(f["obs"][self.obs_names_key].shape[0])
+        n_var = int(f["var"][self.var_names_key].shape[0])
         if self.shape[0] == 0 or self.shape[1] == 0:
             raise InputError(f"{self.path}: is empty ({self.shape[0]} cells x {self.shape[1]} genes)")
         if (n_obs, n_var) != self.shape:
@@ -193,9 +248,9 @@ class _H5adSource:
             )
         if self.kind != "dense":
             major = 0 if self.kind == "csr" else 1
-            if len(x["indptr"]) != self.shape[major] + 1:
+            if x["indptr"].shape[0] != self.shape[major] + 1:
                 raise InputError(f"{self.path}: {xkey}/indptr length disagrees with the shape")
-            if len(x["data"]) != len(x["indices"]):
+            if x["data"].shape[0] != x["indices"].shape[0]:
                 raise InputError(f"{self.path}: {xkey}/data and indices differ in length")
         if config.gene_key:
             cols = [str(c) for c in f["var"].attrs.get("column-order", [])]
@@ -231,12 +286,12 @@ class _H5adSource:
         elem = self.file[group][name]
         enc = elem.attrs.get("encoding-type", "")
         enc = enc.decode() if isinstance(enc, bytes) else str(enc)
-        if isinstance(elem, h5py.Group) and enc == "categorical":
+        if _is_group(elem) and enc == "categorical":
             categories = _decode(elem["categories"][:], f"{self.path}: {group}/{name}/categories")
             cats = np.array(list(categories) + [None], dtype=object)
             codes = elem["codes"]
             return lambda a, b: cats[np.where(codes[a:b] < 0, len(categories), codes[a:b])]
-        if isinstance(elem, h5py.Group) and enc.startswith("nullable"):
+        if _is_group(elem) and enc.startswith("nullable"):
             values, mask = elem["values"], elem["mask"]
 
             def read_nullable(a: int, b: int) -> np.ndarray:
@@ -245,8 +300,8 @@ class _H5adSource:
                 return out
 
             return read_nullable
-        if isinstance(elem, h5py.Dataset):
-            if elem.dtype.kind not in "biufSOU":
+        if _is_array(elem):
+            if elem.dtype.kind not in "biufSOUT":
                 raise InputError(f"{self.path}: {group}/{name} has unsupported dtype {elem.dtype}")
 
             def read_plain(a: int, b: int) -> np.ndarray:
@@ -299,7 +354,7 @@ class _H5adSource:
                 indices = self.x["indices"][lo:hi]
                 return sp.csr_matrix((data, indices, ptr - lo), shape=(b - a, g))
             if self._csc is None:
-                nnz = len(self.x["data"])
+                nnz = int(self.x["data"].shape[0])
                 if nnz * 12 > 2 * 1024**3:
                     raise InputError(
                         f"{self.path}: CSC X with {nnz} non-zeros is too large to convert in "
@@ -322,12 +377,25 @@ class _H5adSource:
         self.file.close()
 
 
+def _files(path: Path) -> list[Path]:
+    """The file itself, or every file of a directory (an AnnData .zarr) in a fixed order."""
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
 def _sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's relative paths and contents in sorted order."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 23), b""):
-            h.update(chunk)
+    for file in _files(path):
+        if path.is_dir():
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 23), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in _files(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +412,7 @@ class _FilePlan:
     non_integer: int = 0
     n_kept: int = 0
     increasing: bool = False  # gene_map keeps the order of the genes it keeps
+    keep: list = field(default_factory=list)  # per read block of pass 2: the cells kept
 
 
 def _check_values(src: _H5adSource, block: sp.csr_matrix, a: int, b: int) -> None:
@@ -479,6 +548,154 @@ class _RowSink:
         )
 
 
+# The input's other obs and var columns, carried over with their types (as anndata reads them).
+_OBS_RESERVED = frozenset({*_CATEGORICAL, *_NUMERIC})
+_VAR_RESERVED = frozenset({"n_cells", "mean", "std"})
+
+
+def _layer_hint(src: "_H5adSource", config: IngestConfig) -> str:
+    """``pass --layer counts`` when X looks normalised and the file has a counts layer."""
+    if config.layer is not None or "layers" not in src.file:
+        return ""
+    layers = [str(k) for k in src.file["layers"].keys()]
+    for name in ("counts", "raw_counts", "count", "umi_counts"):
+        if name in layers:
+            return f"the file has a {name!r} layer: pass --layer {name}"
+    return f"the file has layers {', '.join(layers)}: pass --layer NAME for the counts" if layers else ""
+
+
+def _extra_names(src: "_H5adSource", group: str, skip: set[str], reserved: frozenset) -> dict[str, str]:
+    """The input's other columns of ``group``: input name -> name in the store."""
+    cols = [str(c) for c in src.file[group].attrs.get("column-order", [])]
+    out = {}
+    for c in cols:
+        if c in skip:
+            continue
+        out[c] = f"{c}_input" if c in reserved else c
+    return out
+
+
+def _anndata_column(values: pd.Series) -> Any:
+    """A column anndata writes with its type: strings with gaps become categorical, ints with
+    gaps nullable ``Int64``, booleans with gaps nullable ``boolean``."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        return pd.Categorical(values)
+    if isinstance(values.dtype, pd.api.extensions.ExtensionDtype):
+        return values.array
+    if values.dtype.kind in "biuf":
+        return values.to_numpy()
+    present = values.dropna()
+    if len(present) and all(isinstance(v, (bool, np.bool_)) for v in present):
+        return pd.array(values, dtype="boolean")
+    if len(present) and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in present):
+        return pd.array(values, dtype="Int64")
+    if len(present) and all(isinstance(v, (float, int, np.floating, np.integer)) for v in present):
+        return values.astype(np.float64).to_numpy()
+    if present.size == values.size:
+        return values.astype(str).to_numpy(dtype=object)
+    return pd.Categorical(values.where(values.isna(), values.astype(str)))
+
+
+def _concat_columns(parts: list[pd.Series | None], lengths: list[int]) -> pd.Series:
+    """One column over several files; a file without it gives missing values."""
+    present = [p for p in parts if p is not None]
+    filled = [p if p is not None else pd.Series([None] * n, dtype=object) for p, n in zip(parts, lengths)]
+    if all(isinstance(p.dtype, pd.CategoricalDtype) for p in present):
+        cats = pd.api.types.union_categoricals([pd.Categorical(p) for p in present]).categories
+        filled = [pd.Series(pd.Categorical(p.astype(object), categories=cats)) for p in filled]
+        return pd.concat(filled, ignore_index=True)
+    dtypes = {str(p.dtype) for p in present}
+    if len(present) == len(parts) and len(dtypes) == 1:
+        return pd.concat(filled, ignore_index=True)
+    kinds = {p.dtype.kind if not isinstance(p.dtype, pd.api.extensions.ExtensionDtype) else "x" for p in present}
+    if kinds <= {"i", "u"}:
+        return pd.concat([p.astype("Int64") if p.dtype != object else pd.Series(pd.array(p, dtype="Int64"))
+                          for p in filled], ignore_index=True)
+    if kinds == {"b"}:
+        return pd.concat([pd.Series(pd.array(p, dtype="boolean")) for p in filled], ignore_index=True)
+    return pd.concat([p.astype(object) for p in filled], ignore_index=True)
+
+
+def _write_extra_obs(root, plans: list["_FilePlan"], config: IngestConfig, order: np.ndarray | None) -> None:
+    """Write the inputs' other obs columns for the cells kept, in store order.
+
+    The columns are read whole (``anndata.io.read_elem``) one at a time: memory grows with the
+    number of cells times one column, as anndata's own obs does, never with X.
+    """
+    from anndata.io import read_elem, write_elem
+
+    skip = {k for k in (config.experiment_key, config.label_key) if k}
+    names: dict[str, str] = {}
+    for p in plans:
+        for c, out in _extra_names(p.source, "obs", skip, _OBS_RESERVED).items():
+            names.setdefault(c, out)
+    if not names:
+        return
+    masks = [np.concatenate(p.keep) if p.keep else np.zeros(0, bool) for p in plans]
+    written = []
+    for col, out in names.items():
+        parts = []
+        for p, mask in zip(plans, masks):
+            if col not in [str(c) for c in p.source.file["obs"].attrs.get("column-order", [])]:
+                parts.append(None)
+                continue
+            try:
+                values = read_elem(p.source.file["obs"][col])
+            except Exception as exc:
+                logger.warning("%s: obs column %r cannot be read (%s: %s); not carried over",
+                               p.source.name, col, type(exc).__name__, exc)
+                parts = []
+                break
+            parts.append(pd.Series(values)[mask].reset_index(drop=True))
+        if not parts:
+            continue
+        column = _concat_columns(parts, [int(m.sum()) for m in masks])
+        if order is not None:
+            column = column.iloc[order].reset_index(drop=True)
+        write_elem(root["obs"], out, _anndata_column(column))
+        written.append(out)
+    renamed = [f"{c} as {o}" for c, o in names.items() if c != o]
+    if renamed:
+        logger.info("obs columns renamed (their names are the store's own): %s", ", ".join(renamed))
+    order_attr = [str(c) for c in root["obs"].attrs["column-order"]]
+    root["obs"].attrs["column-order"] = [*order_attr, *written]
+
+
+def _extra_var(plans: list["_FilePlan"], out_genes: pd.Index) -> pd.DataFrame:
+    """The inputs' other var columns for the store's genes (a gene takes the first file's value)."""
+    from anndata.io import read_elem
+
+    columns: dict[str, list[pd.Series]] = {}
+    renamed: dict[str, str] = {}
+    for p in plans:
+        src = p.source
+        skip = {src.var_names_key}
+        for col, out in _extra_names(src, "var", skip, _VAR_RESERVED).items():
+            try:
+                values = read_elem(src.file["var"][col])
+            except Exception as exc:
+                logger.warning("%s: var column %r cannot be read (%s: %s); not carried over",
+                               src.name, col, type(exc).__name__, exc)
+                continue
+            columns.setdefault(out, []).append(pd.Series(values, index=src.genes))
+            if out != col:
+                renamed[col] = out
+    frame = {}
+    for out, series in columns.items():
+        parts = [s.reindex(out_genes) for s in series]
+        col = parts[0]
+        for other in parts[1:]:
+            col = col.combine_first(other)
+        if col.isna().any() and series[0].dtype.kind in "iub":
+            col = pd.Series(pd.array(col.astype(object).where(col.notna(), None),
+                                     dtype="Int64" if series[0].dtype.kind in "iu" else "boolean"), index=col.index)
+        frame[out] = _anndata_column(col)
+    if renamed:
+        logger.info("var columns renamed (their names are the store's own): %s",
+                    ", ".join(f"{c} as {o}" for c, o in renamed.items()))
+    return pd.DataFrame(frame, index=out_genes)
+
+
 def _replay(spool: _RowSink, sink: _RowSink, block_rows: int) -> None:
     """Append everything in a spooled sink to ``sink``, block by block."""
     x = spool.x.group
@@ -590,6 +807,8 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
     cell_types: dict[str, None] = {}
     finished: set[str] = set()
     experiment_nonint: dict[str, int] = {}
+    unlabeled = set(config.unlabeled_values)
+    unlabeled_seen: dict[str, int] = {}
     current: str | None = None
     grouped = True
     total_blocks = sum(len(p.source.row_blocks()) for p in plans)
@@ -637,8 +856,13 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
                             experiment_nonint[str(e)] = experiment_nonint.get(str(e), 0) + int(
                                 per_row[exps.astype(str) == e].sum())
                 if plan.label is not None:
-                    for lab in pd.unique(plan.label(a, b)[keep]):
-                        if lab is not None and str(lab) not in ("", "nan"):
+                    labs = plan.label(a, b)[keep]
+                    for lab in pd.unique(labs):
+                        if lab is None:
+                            continue
+                        if str(lab) in unlabeled:
+                            unlabeled_seen[str(lab)] = unlabeled_seen.get(str(lab), 0) + int((labs == lab).sum())
+                        else:
                             cell_types[str(lab)] = None
                 kept = block if keep.all() else block[keep]
                 cols = plan.gene_map[kept.indices[kept.data > 0]]
@@ -653,15 +877,17 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
                 )
     kinds = {p.kind for p in plans}
     if "lognorm" in kinds and len(kinds) > 1:
-        bad = [p.source.name for p in plans if p.kind == "lognorm"]
+        bad = [p for p in plans if p.kind == "lognorm"]
         raise InputError(
-            f"{bad[0]}: holds log-normalised values while other inputs hold counts; "
-            "ingest raw counts (or pass --layer with the counts layer)"
+            f"{bad[0].source.name}: holds log-normalised values while other inputs hold counts; "
+            f"ingest raw counts ({_layer_hint(bad[0].source, config) or 'or pass --layer with the counts layer'})"
         )
     input_kind = "lognorm" if kinds == {"lognorm"} else "counts"
     for p in plans:
         if p.kind == "lognorm":
-            logger.warning("%s: values are not integers and look log-normalised; recorded as lognorm", p.source.name)
+            hint = _layer_hint(p.source, config)
+            logger.warning("%s: values are not integers and look log-normalised; recorded as lognorm%s",
+                           p.source.name, f" ({hint})" if hint else "")
         elif p.kind == "noninteger_counts":
             logger.warning("%s: %d non-integer counts (expected counts?); treated as counts", p.source.name, p.non_integer)
 
@@ -676,6 +902,9 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
         mapped[ok] = np.where(gene_keep[mapped[ok]], new_index[mapped[ok]], -1)
         p.gene_map = mapped
         p.increasing = bool(np.all(np.diff(mapped[mapped >= 0]) > 0))
+    if unlabeled_seen:
+        logger.info("%d cells with label values %s are unannotated (--unlabeled-values)",
+                    sum(unlabeled_seen.values()), ", ".join(f"{v!r} ({n})" for v, n in unlabeled_seen.items()))
     exp_names = list(experiments)
     exp_code = {e: i for i, e in enumerate(exp_names)}
     type_names = sorted(cell_types)
@@ -701,6 +930,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
         if not grouped:
             logger.info("experiments are interleaved in the inputs; spooling per experiment")
         moments = MomentAccumulator()
+        written_codes: list[np.ndarray] = []
         try:
             with tqdm(total=total_blocks, desc="ingest 2/2 (write)", unit="block", disable=None) as bar:
                 for plan in plans:
@@ -708,12 +938,14 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
                     for a, b in src.row_blocks():
                         raw = src.read(a, b)
                         keep = _cell_mask(raw, config)
+                        plan.keep.append(keep)
                         block = _align_block(raw if keep.all() else raw[keep], plan, len(out_genes))
                         if block.shape[0] == 0:
                             bar.update(1)
                             continue
                         exps = plan.experiment(a, b)[keep]
                         codes = np.fromiter((exp_code[str(e)] for e in exps), np.int32, len(exps))
+                        written_codes.append(codes)
                         if plan.label is not None:
                             labs = plan.label(a, b)[keep]
                             lcodes = np.fromiter(
@@ -749,10 +981,12 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
             shutil.rmtree(spool_dir, ignore_errors=True)
         sink.close()
         sink.finish_obs({"experiment": exp_names, "cell_type": type_names})
+        codes = np.concatenate(written_codes) if written_codes else np.zeros(0, np.int32)
+        _write_extra_obs(root, plans, config, None if grouped else np.argsort(codes, kind="stable"))
         stats = moments.result()
         sources = {
             "name": np.asarray([p.source.name for p in plans], dtype=object),
-            "size": np.asarray([p.source.path.stat().st_size for p in plans], dtype=np.int64),
+            "size": np.asarray([_size(p.source.path) for p in plans], dtype=np.int64),
             "sha256": np.asarray([_sha256(p.source.path) for p in plans], dtype=object),
             "kind": np.asarray([p.kind for p in plans], dtype=object),
         }
@@ -766,7 +1000,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
             )
         _write_var_and_uns(
             root, out_genes, stats, sources, exp_names, experiments, input_kind, config,
-            experiment_kinds=experiment_kinds,
+            experiment_kinds=experiment_kinds, extra_var=_extra_var(plans, out_genes),
         )
         stamp_spec(root)
     logger.info("wrote %s", output)
@@ -774,13 +1008,15 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
 
 
 def _write_var_and_uns(root, genes, stats, sources, exp_names, experiments, input_kind, config,
-                       extra_uns=None, experiment_kinds=None) -> None:
+                       extra_uns=None, experiment_kinds=None, extra_var=None) -> None:
     from anndata.io import write_elem
 
     var = pd.DataFrame(
         {"n_cells": stats.n_cells.astype(np.int64), "mean": stats.mean, "std": stats.std},
         index=pd.Index(genes, name=None).astype(str),
     )
+    if extra_var is not None and len(extra_var.columns):
+        var = pd.concat([var, extra_var.set_axis(var.index)], axis=1)
     write_elem(root, "var", var)
     counts = np.array([experiments[e] for e in exp_names], dtype=np.int64)
     stops = np.cumsum(counts)

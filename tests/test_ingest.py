@@ -243,3 +243,122 @@ def test_info_summary(small_store):
     exp0 = adata.obs[adata.obs.experiment == "exp0"].cell_type.value_counts()
     assert s["experiments"][0]["cell_types"] == {k: int(v) for k, v in exp0.items() if v}
     assert s["nnz"] == ad.read_zarr(small_store).X.nnz
+
+
+# -- metadata carried over, unlabelled values, layer hint, AnnData .zarr inputs (issue 18) ---------
+
+
+def _with_metadata(adata: ad.AnnData, seed: int) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    n = adata.n_obs
+    adata.obs["singlet"] = rng.random(n) < 0.7
+    adata.obs["wells"] = rng.integers(1, 3, n).astype(np.int64)
+    adata.obs["score"] = np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n))
+    adata.obs["barcode"] = [f"bc{seed}_{i}" for i in range(n)]
+    adata.obs["donor"] = pd.Categorical(rng.choice(["d1", "d2", f"d{seed + 3}"], n))
+    adata.obs["n_genes"] = 7  # a name of the store's own: kept as n_genes_input
+    adata.var["symbol"] = [f"SYM{j}" for j in range(adata.n_vars)]
+    adata.var["chromosome"] = pd.Categorical(rng.choice(["1", "2", "X"], adata.n_vars))
+    adata.var["length"] = rng.integers(100, 5000, adata.n_vars)
+    return adata
+
+
+def test_obs_and_var_columns_are_carried_over_with_their_types(tmp_path):
+    a = _with_metadata(make_adata(150, 40, n_experiments=2, seed=1), 1)
+    b = _with_metadata(make_adata(120, 40, n_experiments=2, seed=2), 2)
+    del b.obs["score"]  # missing from one file: missing values there
+    b.obs["experiment"] = pd.Categorical(np.where(b.obs["experiment"] == "exp0", "exp1", "exp0"))  # interleaved
+    a.X[:5] = 0  # dropped by the cell filter
+    a.write_h5ad(tmp_path / "a.h5ad")
+    b.write_h5ad(tmp_path / "b.h5ad")
+    out = ingest([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "s.zarr",
+                 config=IngestConfig(experiment_key="experiment", label_key="cell_type", min_cells=1))
+    stored = ad.read_zarr(out)
+    # the reference: anndata's outer concatenation, filtered cells dropped, grouped by experiment
+    ref = ad.concat([a, b], join="outer")
+    ref.obs_names_make_unique()
+    ref.obs.index = list(a.obs_names) + list(b.obs_names)
+    ref = ref[np.asarray(ref.X.sum(1)).ravel() > 0]
+    ref = ref[np.argsort(ref.obs["experiment"].astype(str).to_numpy(), kind="stable")]
+    assert list(stored.obs_names) == list(ref.obs_names)
+    assert stored.obs["singlet"].dtype == bool and stored.obs["wells"].dtype == np.int64
+    assert stored.obs["score"].dtype == np.float64 and isinstance(stored.obs["donor"].dtype, pd.CategoricalDtype)
+    for col in ("singlet", "wells", "barcode", "donor"):
+        np.testing.assert_array_equal(stored.obs[col].astype(str).to_numpy(), ref.obs[col].astype(str).to_numpy())
+    np.testing.assert_array_equal(stored.obs["score"].to_numpy(), ref.obs["score"].astype(float).to_numpy())
+    assert stored.obs["score"].isna().sum() == ref.obs["score"].isna().sum() >= len(b.obs) - 5
+    assert set(stored.obs["donor"].cat.categories) == {"d1", "d2", "d4", "d5"}
+    assert (stored.obs["n_genes_input"] == 7).all() and (stored.obs["n_genes"] > 0).all()
+    assert "experiment" in stored.obs and "cell_type" in stored.obs
+    # var: the first file's values for the genes kept
+    np.testing.assert_array_equal(stored.var["symbol"].to_numpy(), a.var.loc[stored.var_names, "symbol"].to_numpy())
+    np.testing.assert_array_equal(stored.var["length"].to_numpy(), a.var.loc[stored.var_names, "length"].to_numpy())
+    assert stored.var["length"].dtype == np.int64 and isinstance(stored.var["chromosome"].dtype, pd.CategoricalDtype)
+    assert open_store(out).n_cells == stored.n_obs  # the store still opens
+
+
+def test_real_data_obs_columns_round_trip(tmp_path):
+    src = shared_file("cellbench_celseq2_dropseq.h5ad")
+    out = ingest([src], tmp_path / "s.zarr", config=IngestConfig(experiment_key="experiment", label_key="cell_type"))
+    stored, source = ad.read_zarr(out), ad.read_h5ad(src)
+    source = source[stored.obs_names]
+    for col in ("singlet", "qc_outlier", "demuxlet_cls", "cell_line_annotation", "cells_sorted_per_well",
+                "original_barcode"):
+        assert stored.obs[col].dtype == source.obs[col].dtype, col
+        np.testing.assert_array_equal(stored.obs[col].to_numpy(), source.obs[col].to_numpy())
+    assert int(stored.obs["singlet"].sum()) == 1021
+    np.testing.assert_array_equal(stored.var["n_experiments_present"].to_numpy(),
+                                  source.var.loc[stored.var_names, "n_experiments_present"].to_numpy())
+
+
+def test_unlabeled_values_mark_unannotated_cells(tmp_path):
+    from click.testing import CliRunner
+
+    from mars_scale.cli import main
+
+    adata = make_adata(200, 40, n_experiments=2, seed=3)
+    labels = adata.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[:10], labels[10:20], labels[20:25] = "Unknown", "NA", "doublet"
+    adata.obs["cell_type"] = pd.Categorical(labels)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    out = ingest([tmp_path / "in.h5ad"], tmp_path / "s.zarr",
+                 config=IngestConfig(experiment_key="experiment", label_key="cell_type", min_cells=1))
+    store = open_store(out)
+    assert "Unknown" not in store.cell_types and "NA" not in store.cell_types and "doublet" in store.cell_types
+    codes, _ = store.categorical_codes("cell_type", 0, store.n_cells)
+    assert int((codes < 0).sum()) == 20
+    r = CliRunner().invoke(main, ["ingest", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "c.zarr"),
+                                  "--experiment-key", "experiment", "--label-key", "cell_type", "--min-cells", "1",
+                                  "--unlabeled-values", "doublet", "--unlabeled-values", "NA"])
+    assert r.exit_code == 0, r.output
+    store = open_store(tmp_path / "c.zarr")
+    assert "doublet" not in store.cell_types and "Unknown" in store.cell_types and "NA" not in store.cell_types
+
+
+def test_normalised_x_with_a_counts_layer_suggests_the_layer(tmp_path, caplog):
+    adata = make_adata(100, 30, n_experiments=2, seed=4)
+    adata.layers["counts"] = adata.X.copy()
+    x = adata.X.copy()
+    x.data = np.log1p(x.data * 1.7)
+    adata.X = x
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    with caplog.at_level("WARNING", logger="mars_scale.ingest"):
+        ingest([tmp_path / "in.h5ad"], tmp_path / "s.zarr", config=IngestConfig(experiment_key="experiment"))
+    assert "pass --layer counts" in caplog.text
+    out = ingest([tmp_path / "in.h5ad"], tmp_path / "c.zarr", config=IngestConfig(experiment_key="experiment", layer="counts"))
+    assert open_store(out).input_kind == "counts"
+
+
+def test_anndata_zarr_inputs(tmp_path):
+    adata = _with_metadata(make_adata(150, 40, n_experiments=2, seed=6), 6)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    adata.write_zarr(tmp_path / "in.zarr")
+    config = IngestConfig(experiment_key="experiment", label_key="cell_type", min_cells=1)
+    from_h5ad = ad.read_zarr(ingest([tmp_path / "in.h5ad"], tmp_path / "a.zarr", config=config))
+    from_zarr = ad.read_zarr(ingest([tmp_path / "in.zarr"], tmp_path / "b.zarr", config=config))
+    assert (from_h5ad.X != from_zarr.X).nnz == 0
+    pd.testing.assert_frame_equal(from_h5ad.obs, from_zarr.obs)
+    pd.testing.assert_frame_equal(from_h5ad.var, from_zarr.var)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(InputError, match="plain: is a directory but not a zarr store"):
+        ingest([tmp_path / "plain"], tmp_path / "c.zarr", config=config)
