@@ -1268,6 +1268,18 @@ def open_store(path: str | os.PathLike) -> Atlas:
         root = zarr.open_group(path, mode="r")
     except Exception as exc:
         raise StoreError(f"{path}: not a zarr store ({type(exc).__name__})") from exc
+    try:
+        return _open_root(path, root)
+    except StoreError:
+        raise
+    except Exception as exc:  # metadata of a group or of uns/mars_scale that zarr cannot parse
+        raise StoreError(
+            f"{path}: cannot be opened ({type(exc).__name__}: {exc}); the store is damaged "
+            "(\"mars-scale verify\" names the element)"
+        ) from exc
+
+
+def _open_root(path: Path, root: zarr.Group) -> Atlas:
     spec = root.attrs.get(_SPEC_ATTR)
     if not isinstance(spec, dict) or spec.get("encoding-type") != SPEC_TYPE:
         raise StoreError(f"{path}: not a mars-scale atlas (root attribute {_SPEC_ATTR!r} missing)")

@@ -191,6 +191,10 @@ def verify_store(path: str | os.PathLike, *, quick: bool = False, rows_per_block
     """
     started = time.perf_counter()
     path = Path(path)
+    if path.is_dir():  # before opening: a node whose metadata is damaged is named here
+        problem = metadata_damage(path, required=False)
+        if problem:
+            raise _damaged(path, problem)
     atlas = open_store(path)
     problem = metadata_damage(path, required=atlas.checksummed)
     if problem:
@@ -213,7 +217,10 @@ def verify_store(path: str | os.PathLike, *, quick: bool = False, rows_per_block
         sizes = {k: int(root[k].shape[0]) for k in x_keys}
         if sizes["X/indptr"] != atlas.n_cells + 1 or sizes["X/data"] != sizes["X/indices"]:
             raise _damaged(path, f"X/indptr, X/data and X/indices have inconsistent lengths {sizes}")
-        ends = atlas.reader("X/indptr").read(0, 1), atlas.reader("X/indptr").read(atlas.n_cells, atlas.n_cells + 1)
+        try:
+            ends = atlas.reader("X/indptr").read(0, 1), atlas.reader("X/indptr").read(atlas.n_cells, atlas.n_cells + 1)
+        except Exception as exc:
+            raise _damaged(path, f"X/indptr cannot be read ({type(exc).__name__}: {exc})") from exc
         if int(ends[0][0]) != 0 or int(ends[1][0]) != sizes["X/data"]:
             raise _damaged(path, f"X/indptr runs {int(ends[0][0])}:{int(ends[1][0])}, expected 0:{sizes['X/data']}")
         step = rows_per_block or atlas.rows_per_chunk * 16
