@@ -38,7 +38,9 @@ discovered cluster, the one closest to it.
 
    (the second term only with at least two matched clusters). A new type matched to a name
    that the experiment does not hold lies further from it than the known clusters lie from
-   theirs.
+   theirs. A cluster matched *by elimination*, to a name that another cluster ``o`` lies nearer
+   (``o`` took a close sibling's name, as when the experiment's two subtypes fall into one
+   cluster), is also new when ``d_j > 2 ||mu_o - P_n||``: ``e_j = max(e_j, d_j / (2 d_o))``.
 4. An **unmatched** cluster's nearest name is held by another cluster ``o``. Either the two are
    one type cut in two (more landmarks than types) or the unmatched one is a type the
    reference lacks. It is a part of ``o``'s type (known, with that name) if either
@@ -104,6 +106,7 @@ _MARGIN_HALF = 0.8  # margin ratio where the novelty score is 0.5
 _MARGIN_POWER = 8.0
 _MATCH_RATIO = 0.6  # a matched cluster beyond this share of its name's separation ...
 _MATCH_SPREAD = 1.5  # ... and beyond this multiple of the median matched distance is new
+_ELIMINATION = 2.0  # a cluster matched to a name that another cluster lies nearer is new beyond this ratio
 _SPLIT_DPRIME = 2.5  # two clusters at least this separated (d') are two populations ...
 _SPLIT_GAP = 0.5  # ... unless their means are closer than this share of the owner's reach
 _EVIDENCE_POWER = 8.0
@@ -824,6 +827,7 @@ def _match(
 
     compared = np.where(match >= 0, match, np.argmin(dist, axis=1))
     evidence = np.zeros(n_clusters)
+    nearest_cluster = np.argmin(dist, axis=0)  # per name
     split_of = np.full(n_clusters, -1, dtype=np.int64)
     distinctness = np.full(n_clusters, np.nan)
     for j in np.flatnonzero(match >= 0):
@@ -831,6 +835,10 @@ def _match(
         e = d / (_MATCH_RATIO * separation[match[j]])
         if np.isfinite(typical):
             e = min(e, d / (_MATCH_SPREAD * typical)) if typical > 0 else e
+        # matched by elimination: another cluster lies nearer the name (it holds a close sibling)
+        o = nearest_cluster[match[j]]
+        if o != j and dist[o, match[j]] > 0:
+            e = max(e, d / (_ELIMINATION * dist[o, match[j]]))
         evidence[j] = e
     # An unmatched cluster, or a matched one that would be new although another name is nearer,
     # may be a part of the type held by the owner of its nearest name: test it against that owner.

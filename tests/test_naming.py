@@ -219,6 +219,28 @@ def test_matching_flags_a_removed_sibling():
     assert margin.label[1] == "CD4 T"
 
 
+def test_a_new_type_matched_by_elimination_is_new():
+    # The experiment's two subtypes A and A_b fall into one cluster M, which takes A; the new type
+    # C gets the left-over name A_b. The other clusters sit 2 from their names, so the median
+    # matched distance (2) hides C (2.5 from A_b, evidence 2.5 / 3 < 1), but M lies 0.54 from
+    # A_b: C is matched by elimination and 2.5 > 2 x 0.54, so it is new.
+    names = ["A", "A_b", "B", "D", "E"]
+    reference = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    centers = np.array([[0.5, 0.2], [10.0, 2.0], [0.0, 12.0], [10.0, 12.0], [3.0, -1.5]])
+    rng = np.random.default_rng(14)
+    x, clusters = _blobs(centers, 200, 0.05, rng)
+    res = name_clusters(x, clusters, reference, names, rng=0)
+    assert res.matched.all()
+    assert res.compared_name[4] == "A_b"
+    assert res.evidence[4] == pytest.approx(np.hypot(2.0, 1.5) / (2 * np.hypot(0.5, 0.2)), rel=0.02)
+    assert res.label.tolist() == ["A", "B", "D", "E", "novel"]
+    # C nearer to A_b than M is (here 0.4 against 0.54): the usual rule, known.
+    centers[4] = [1.3, -0.3]
+    x, clusters = _blobs(centers, 200, 0.05, rng)
+    res = name_clusters(x, clusters, reference, names, rng=0)
+    assert res.label.tolist() == ["A", "B", "D", "E", "A_b"]
+
+
 def test_a_type_cut_in_two_keeps_its_name():
     # One Gaussian cut at its mean along the first axis (too many landmarks): d' = 1.87.
     rng = np.random.default_rng(13)
