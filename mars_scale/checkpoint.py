@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from mars_scale.errors import CheckpointMismatchError
+from mars_scale.errors import CheckpointMismatchError, InputError, TrainingInterrupted
 
-__all__ = ["save_checkpoint", "load_checkpoint", "check_genes"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_genes",
+    "StopSignals",
+    "check_run_dir",
+    "describe_checkpoint",
+    "interrupted_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -93,3 +103,104 @@ def check_genes(saved: list[str], store_genes: list[str], *, where: str) -> None
         f"{where}: the store's genes do not match the model's ({detail}); "
         "ingest the data with the model's gene list or train a new model"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping on a signal, and run directories that hold an unfinished run
+
+
+class StopSignals:
+    """Turn SIGTERM and SIGINT into a request that training sees between two steps.
+
+    Used as a context manager around training: while inside, the first SIGTERM or SIGINT only
+    records the request (:attr:`signum`), so the current step finishes and training can write
+    a checkpoint and stop (:func:`interrupted_error`). A second signal of the same kind acts
+    as before (the default: the process ends). Outside the main thread (where Python cannot
+    install handlers) nothing is installed and :meth:`requested` stays false.
+
+    Under DDP every rank must stop after the same step: :meth:`requested` takes the maximum
+    of the ranks' flags (one small all-reduce per step).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # asked twice: stop now, the way the signal would have
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            signal.signal(signum, previous)
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        logger.warning("%s received: stopping after the current step to write a checkpoint "
+                       "(send it again to stop at once)", signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def requested(self, *, distributed: bool = False, device: torch.device | str = "cpu") -> bool:
+        """Whether a signal asked training to stop (on any rank, with ``distributed``)."""
+        if not distributed:
+            return self.signum is not None
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if self.signum is None else self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self.signum is None and int(flag.item()):
+            self.signum = int(flag.item())
+        return self.signum is not None
+
+
+def interrupted_error(signum: int, path: Path | None, *, phase: str, epoch: int, step: int, steps: int) -> TrainingInterrupted:
+    """The one-line error that training raises after a signal, saying how to resume."""
+    name = signal.Signals(signum).name
+    where = f"{phase} epoch {epoch + 1}, after step {step} of {steps}"
+    if path is None:
+        return TrainingInterrupted(f"training stopped by {name} at {where}; no run directory, so nothing was saved",
+                                   signum=signum)
+    return TrainingInterrupted(
+        f"training stopped by {name} at {where}; {path} holds that point: run the same command with --resume "
+        "to continue (it ends with the same model as an uninterrupted run)",
+        signum=signum,
+    )
+
+
+def check_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool, checkpoint_name: str = "checkpoint.pt") -> None:
+    """Refuse to start training over an unfinished run unless asked to resume or overwrite.
+
+    Raises
+    ------
+    InputError
+        If ``run_dir`` holds a training checkpoint and neither ``resume`` nor ``overwrite``
+        is set.
+    """
+    path = Path(run_dir) / checkpoint_name
+    if resume or overwrite or not path.exists():
+        return
+    raise InputError(
+        f"{run_dir}: holds an unfinished training run ({describe_checkpoint(path)}); "
+        "pass --resume to continue it or --overwrite to start over"
+    )
+
+
+def describe_checkpoint(path: Path) -> str:
+    """Where a checkpoint stands, e.g. ``checkpoint.pt at pretrain epoch 3``; never raises."""
+    try:
+        payload = load_checkpoint(path)
+        phase, epoch, step = payload.get("phase"), int(payload.get("epoch") or 0), int(payload.get("step") or 0)
+    except Exception:  # unreadable: the name is enough
+        return path.name
+    if step:
+        return f"{path.name} at {phase} epoch {epoch + 1}, step {step}"
+    return f"{path.name} after {phase} epoch {epoch}" if epoch else f"{path.name} at the start of {phase}"

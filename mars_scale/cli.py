@@ -34,7 +34,7 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except MarsScaleError as exc:
             click.echo("error: " + " ".join(str(exc).split()), err=True)  # always one line
-            sys.exit(2)
+            sys.exit(getattr(exc, "exit_code", 2))  # 2, or 128 + signal for TrainingInterrupted
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "CheckpointMismatchError",
     "TrainingError",
+    "TrainingInterrupted",
 ]
 
 
@@ -39,3 +40,20 @@ class CheckpointMismatchError(MarsScaleError, ValueError):
 
 class TrainingError(MarsScaleError, RuntimeError):
     """Training cannot go on (non-finite loss, a dead rank)."""
+
+
+class TrainingInterrupted(MarsScaleError, RuntimeError):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint that resumes exactly.
+
+    Attributes
+    ----------
+    signum
+        The signal received.
+    exit_code
+        ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), what the CLI exits with.
+    """
+
+    def __init__(self, message: str, *, signum: int) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum

@@ -30,7 +30,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from mars_scale.checkpoint import load_checkpoint, save_checkpoint
+from mars_scale.checkpoint import StopSignals, interrupted_error, load_checkpoint, save_checkpoint
 from mars_scale.config import RunConfig, config_to_dict
 from mars_scale.distributed import DistInfo, all_reduce_sum, broadcast
 from mars_scale.errors import InputError, TrainingError
@@ -129,11 +129,18 @@ def _cat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.sparse_csr_tensor(crow, col, val, size=(a.shape[0] + b.shape[0], a.shape[1]))
 
 
-def _forever(loader: Loader, start_epoch: int) -> Iterator:
-    """Cycle a loader through successive epochs (for the shorter of two streams)."""
-    epoch = start_epoch
+def _forever(loader: Loader, start_epoch: int, skip: int = 0) -> Iterator:
+    """Cycle a loader through successive epochs (for the shorter of two streams).
+
+    ``skip`` batches are passed over without being read (resuming in mid-epoch).
+    """
+    epoch = start_epoch + skip // max(len(loader), 1)
+    first = skip % max(len(loader), 1)
     while True:
         loader.set_epoch(epoch)
+        if first:
+            loader.load_state_dict({**loader.state_dict(), "batches_consumed": first})
+            first = 0
         yield from loader
         epoch += 1
 
@@ -343,7 +350,19 @@ def _checkpoint_payload(state: dict[str, Any]) -> dict[str, Any]:
     return {"format": "mars-scale-checkpoint", "format_version": 1, **state}
 
 
-def fit(
+def fit(store: Atlas, plan: TrainPlan, config: RunConfig, **kwargs) -> dict[str, Any]:
+    """Train MARS and return the final checkpoint dict (also written to ``run_dir``).
+
+    SIGTERM or SIGINT during training lets the current step finish, writes a checkpoint of
+    that point (mid-epoch) and raises :class:`~mars_scale.errors.TrainingInterrupted`;
+    ``resume=True`` continues from it to the same model as an uninterrupted run
+    (:class:`~mars_scale.checkpoint.StopSignals`). Arguments as :func:`_fit`.
+    """
+    with StopSignals() as signals:
+        return _fit(store, plan, config, signals=signals, **kwargs)
+
+
+def _fit(
     store: Atlas,
     plan: TrainPlan,
     config: RunConfig,
@@ -353,6 +372,7 @@ def fit(
     run_dir: Path | None = None,
     resume: bool = False,
     stop_after_epoch: int | None = None,
+    signals: StopSignals | None = None,
 ) -> dict[str, Any]:
     """Train MARS and return the final checkpoint dict (also written to ``run_dir``).
 
@@ -371,6 +391,8 @@ def fit(
     stop_after_epoch
         Stop (as if interrupted) after this many epochs in total, pretraining included; for
         tests of resume.
+    signals
+        Stop requests (see :func:`fit`); ``None``: never stop early.
 
     Returns
     -------
@@ -400,6 +422,9 @@ def fit(
         "landmark_optimizer": None,
         "kmeans_init": None,
         "kmeans_pretrained": None,
+        "step": 0,  # steps done in the current epoch when a signal stopped it (else 0)
+        "partial": None,  # that epoch's loss sums so far
+        "torch_rng": None,
     }
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     saved = None
@@ -409,7 +434,12 @@ def fit(
         saved = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(saved["model"])
         state.update({k: saved.get(k) for k in state})
-        logger.info("resuming from %s (phase %s, epoch %d)", ckpt_path, state["phase"], state["epoch"])
+        state["step"] = state["step"] or 0
+        if state["torch_rng"] is not None:  # saved in mid-epoch (dropout draws from it)
+            torch.set_rng_state(state["torch_rng"])
+            state["torch_rng"] = None
+        logger.info("resuming from %s (phase %s, epoch %d, step %d)", ckpt_path, state["phase"], state["epoch"],
+                    state["step"])
 
     def make_optimizer(params, phase: str) -> torch.optim.Adam:
         lr = {"pretrain": tc.lr, "warmup": tc.warmup_lr, "finetune": tc.finetune_lr}[phase]
@@ -448,6 +478,24 @@ def fit(
         if ckpt_path is not None and info.is_main:
             save_checkpoint(ckpt_path, payload())
 
+    def stop_requested() -> bool:
+        return signals is not None and signals.requested(distributed=info.initialized, device=device)
+
+    def stop_now(phase: str, step: int, steps: int, totals: torch.Tensor, n_seen: int) -> Exception:
+        """Checkpoint the middle of an epoch (after ``step`` steps) and return the error to raise."""
+        state["step"], state["partial"] = step, {"totals": totals.detach().cpu(), "n_seen": n_seen}
+        state["torch_rng"] = torch.get_rng_state()
+        save()
+        return interrupted_error(signals.signum, ckpt_path, phase=phase, epoch=state["epoch"], step=step, steps=steps)
+
+    def resumed_step() -> tuple[int, torch.Tensor | None, int]:
+        """Steps already done in this epoch, with their loss sums (0, None, 0 at an epoch start)."""
+        step, partial = state["step"], state["partial"]
+        state["step"], state["partial"] = 0, None
+        if not step:
+            return 0, None, 0
+        return step, partial["totals"].to(device), int(partial["n_seen"])
+
     def epochs_done() -> int:
         ran = sum(h["phase"] == "warmup" for h in state["history"])  # the auto warm-up may stop early
         before = {"pretrain": 0, "warmup": tc.pretrain_epochs, "init": tc.pretrain_epochs + ran,
@@ -470,9 +518,10 @@ def fit(
         optimizer = make_optimizer(model.parameters(), "pretrain")
         steps = max(len(loader), tc.min_steps_per_epoch)
         for epoch in range(state["epoch"], tc.pretrain_epochs):
-            stream = _forever(loader, epoch * 1000)
-            total, n_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
-            for step in tqdm(range(steps), desc=f"pretrain {epoch + 1}/{tc.pretrain_epochs}", disable=None if main else True, leave=False):
+            first, total, n_seen = resumed_step()
+            stream = _forever(loader, epoch * 1000, skip=first)
+            total, started = (torch.zeros((), device=device) if total is None else total), time.perf_counter()
+            for step in tqdm(range(first, steps), desc=f"pretrain {epoch + 1}/{tc.pretrain_epochs}", disable=None if main else True, leave=False):
                 batch = next(stream).to(device)
                 _, recon = net(batch.x)
                 loss = torch.nn.functional.mse_loss(recon, model.scaled_target(batch.x))
@@ -482,6 +531,8 @@ def fit(
                 optimizer.step()
                 total += loss.detach()  # summed on the device: no host sync per step
                 n_seen += batch.n_rows
+                if stop_requested():  # after the last step too: the resume then only ends the epoch
+                    raise stop_now("pretrain", step + 1, steps, total, n_seen)
             mean_loss, seconds = total.item() / steps, time.perf_counter() - started
             state["epoch"] = epoch + 1
             state["history"].append({"phase": "pretrain", "epoch": epoch + 1, "loss": mean_loss})
@@ -523,20 +574,24 @@ def fit(
 
         next_means = None  # the warm-up's alignment check computes the next epoch's class means
         for epoch in range(state["epoch"], n_epochs):
+            first, totals, n_seen = resumed_step()
             # a. annotated landmarks in closed form from the current class means
-            sums, counts = next_means if next_means is not None else class_means(epoch)
             annotated = _AnnotatedLandmarks(plan, device)
-            if state["annotated_landmarks"] is not None and len(state["annotated_landmarks"]) == len(annotated.pairs):
+            if first:  # resumed in mid-epoch: this epoch's landmarks were saved
                 annotated.values = state["annotated_landmarks"].to(device)
-            annotated.update(sums, counts, lam=tc.lam)
+            else:
+                sums, counts = next_means if next_means is not None else class_means(epoch)
+                if state["annotated_landmarks"] is not None and len(state["annotated_landmarks"]) == len(annotated.pairs):
+                    annotated.values = state["annotated_landmarks"].to(device)
+                annotated.update(sums, counts, lam=tc.lam)
             state["annotated_landmarks"] = annotated.values.detach().cpu()
             state["annotated_pairs"] = annotated.pairs.clone()
             p_a = annotated.values
             # b. alternating steps over minibatch pairs (annotated batches alone in the warm-up)
-            stream_a = _forever(loader_a, epoch * 1000 + (500 if p_u is None else 0))
-            stream_u = _forever(loader_u, epoch * 1000) if p_u is not None else None
-            totals, n_seen, started = torch.zeros(3, device=device), 0, time.perf_counter()
-            for step in tqdm(range(steps), desc=f"{label} {epoch + 1}/{n_epochs}", disable=None if main else True, leave=False):
+            stream_a = _forever(loader_a, epoch * 1000 + (500 if p_u is None else 0), skip=first)
+            stream_u = _forever(loader_u, epoch * 1000, skip=first) if p_u is not None else None
+            totals, started = (torch.zeros(3, device=device) if totals is None else totals), time.perf_counter()
+            for step in tqdm(range(first, steps), desc=f"{label} {epoch + 1}/{n_epochs}", disable=None if main else True, leave=False):
                 ba = next(stream_a).to(device)
                 bu = next(stream_u).to(device) if p_u is not None else None
                 z = net(ba.x if bu is None else _cat_rows(ba.x, bu.x))
@@ -564,6 +619,11 @@ def fit(
                 optimizer.step()
                 totals += torch.stack((loss, loss_a, loss_u)).detach()
                 n_seen += ba.n_rows + (bu.n_rows if bu is not None else 0)
+                if stop_requested():
+                    if p_u is not None:
+                        state["unannotated_landmarks"] = p_u.detach().cpu().clone()
+                        state["landmark_optimizer"] = landmark_opt.state_dict()
+                    raise stop_now(phase, step + 1, steps, totals, n_seen)
             totals_mean, seconds = totals.cpu().numpy() / steps, time.perf_counter() - started
             state["epoch"] = epoch + 1
             if p_u is not None:
