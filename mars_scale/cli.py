@@ -159,6 +159,7 @@ def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs,
     """
     from pathlib import Path
 
+    from mars_scale.checkpoint import check_run_dir
     from mars_scale.config import RunConfig, load_config, override
     from mars_scale.device import resolve_device
     from mars_scale.distributed import init_distributed, shutdown
@@ -171,6 +172,7 @@ def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs,
                       batch_size=batch_size, n_top_genes=n_top_genes, device=device, seed=seed)
     if (Path(run_dir) / MODEL_NAME).exists() and not (overwrite or resume):
         raise InputError(f"{run_dir}: already holds a trained model (pass --overwrite to replace it)")
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume and "TORCHELASTIC_RESTART_COUNT" in os.environ and not (Path(run_dir) / CHECKPOINT_NAME).exists():
         # torchrun --max-restarts reruns the same command: the first attempt starts fresh.
         logger.warning("%s: no checkpoint yet (attempt %s under torchrun); starting from the beginning",

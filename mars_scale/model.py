@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mars_scale.checkpoint import check_genes, load_checkpoint, save_checkpoint
+from mars_scale.checkpoint import check_genes, describe_checkpoint, load_checkpoint, save_checkpoint
 from mars_scale.config import RunConfig, config_from_dict
 from mars_scale.device import resolve_device
 from mars_scale.distributed import DistInfo
@@ -236,6 +236,11 @@ class Mars:
             If the file is missing or not a model, or the store's genes differ from the model's.
         """
         path = Path(run_dir)
+        if path.is_dir() and not (path / MODEL_NAME).exists() and (path / CHECKPOINT_NAME).exists():
+            raise CheckpointMismatchError(
+                f"{path}: training did not finish ({describe_checkpoint(path / CHECKPOINT_NAME)}; "
+                "resume it with \"mars-scale train ... --resume\")"
+            )
         path = path / MODEL_NAME if path.is_dir() else path
         state = load_checkpoint(path)
         if state.get("phase") != "done":
