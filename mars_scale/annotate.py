@@ -54,7 +54,7 @@ from mars_scale.naming import NamingResult, name_clusters
 from mars_scale.store import Atlas, chunk_codecs, open_store, seal, store_lock, write_attrs
 from mars_scale.train import embed
 
-__all__ = ["AnnotationResult", "annotate", "result_keys"]
+__all__ = ["AnnotationResult", "annotate", "read_results", "result_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ _OBS_SUFFIXES = ("cluster", "cell_type", "confidence", "novelty", "closest_type"
 _TARGET_CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk of obsm/X_<key>
 _SHARD_CHUNKS = 16  # chunks per shard file of obsm/X_<key> (zarr v3)
 _COLUMN_CHUNK = 1 << 18  # cells per chunk of the obs result columns
+_RUN_ATTR = "mars-scale-run"  # the run id stamped on every result element
+_RUNS_ATTR = "mars-scale-runs"  # obs attribute: {key_added: run id} of the published results
 
 
 def result_keys(key_added: str = "mars") -> dict[str, Any]:
@@ -294,12 +296,14 @@ def annotate(
             naming, unused, merged, radius = computed
             record = _run_record(model, model_or_run_dir, naming, unused, merged, radius, keys=keys,
                                  space=space, seed=seed, unannotated=unannotated)
+            run_id = record["run_id"] = uuid.uuid4().hex[:16]
             _stage_obs_and_uns(store, staging, fmt, keys, naming, record, unannotated)
             elements = ([("obs", name) for name in keys["obs"]]
                         + [("obsm", keys["obsm"]), ("obsm", keys["probabilities"]), ("uns", keys["uns"])])
-            for group, name in elements:  # chunk and metadata checksums (docs/store.md)
+            for group, name in elements:  # chunk and metadata checksums (docs/store.md), run id
                 seal(staging / group / name)
-            _commit(root_dir, fmt, staging, elements, keys["obs"])
+                write_attrs(staging / group / name, {_RUN_ATTR: run_id})
+            _commit(root_dir, fmt, staging, elements, keys["obs"], run=(keys["uns"], run_id))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     written = tuple(f"{group}/{name}" for group, name in elements)
@@ -700,9 +704,16 @@ def _read_column_order(obs_dir: Path, fmt: int) -> list[str]:
     return [str(c) for c in attrs.get("column-order", [])]
 
 
-def _write_column_order(obs_dir: Path, fmt: int, order: list[str]) -> None:
-    """Replace the ``column-order`` attribute of obs with one atomic file replace."""
-    write_attrs(obs_dir, {"column-order": list(order)})
+def _read_runs(obs_dir: Path, fmt: int) -> dict[str, str]:
+    payload = json.loads(_attrs_file(obs_dir, fmt).read_text())
+    attrs = payload.get("attributes", {}) if fmt == 3 else payload
+    runs = attrs.get(_RUNS_ATTR, {})
+    return dict(runs) if isinstance(runs, dict) else {}
+
+
+def _write_column_order(obs_dir: Path, fmt: int, order: list[str], runs: dict[str, str] | None = None) -> None:
+    """Replace the ``column-order`` attribute of obs (and the published run ids) in one atomic file replace."""
+    write_attrs(obs_dir, {"column-order": list(order), **({_RUNS_ATTR: runs} if runs is not None else {})})
 
 
 def _move(src: Path, dst: Path) -> None:
@@ -715,17 +726,27 @@ def _restore_file(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _commit(root_dir: Path, fmt: int, staging: Path, elements: list[tuple[str, str]], obs_columns: list[str]) -> None:
-    """Move staged elements into place and publish the obs columns; undo everything on error."""
+def _commit(root_dir: Path, fmt: int, staging: Path, elements: list[tuple[str, str]], obs_columns: list[str],
+            *, run: tuple[str, str]) -> None:
+    """Move staged elements into place and publish the obs columns; undo everything on error.
+
+    ``run`` is ``(key_added, run id)``: the obs attribute ``mars-scale-runs`` names the
+    published run of each key. It is removed for this key in the same write that hides the
+    earlier columns, before any element moves, and set in the write that publishes the new
+    ones, so a reader (:func:`read_results`) that finds the same run id before and after its
+    reads, and on every element, read one whole run.
+    """
     obs_dir = root_dir / "obs"
     attrs_path = _attrs_file(obs_dir, fmt)
     original = attrs_path.read_bytes()
     order = _read_column_order(obs_dir, fmt)
+    runs = _read_runs(obs_dir, fmt)
+    runs.pop(run[0], None)
     kept = [c for c in order if c not in obs_columns]
     done: list[tuple[Path, Path | None]] = []
     try:
         if kept != order:  # hide the earlier result columns before their elements move
-            _write_column_order(obs_dir, fmt, kept)
+            _write_column_order(obs_dir, fmt, kept, runs)
         for group, name in elements:
             src, dst = staging / group / name, root_dir / group / name
             if not (root_dir / group).is_dir():
@@ -737,7 +758,7 @@ def _commit(root_dir: Path, fmt: int, staging: Path, elements: list[tuple[str, s
                 _move(dst, backup)
             done.append((dst, backup))
             _move(src, dst)
-        _write_column_order(obs_dir, fmt, kept + list(obs_columns))
+        _write_column_order(obs_dir, fmt, kept + list(obs_columns), {**runs, run[0]: run[1]})
     except BaseException:
         logger.error("writing the results failed; restoring the store as it was")
         for dst, backup in reversed(done):
@@ -747,6 +768,83 @@ def _commit(root_dir: Path, fmt: int, staging: Path, elements: list[tuple[str, s
                 os.replace(backup, dst)
         _restore_file(attrs_path, original)
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the results of one run, also while another annotate --overwrite commits
+
+
+def read_results(store_path: str | os.PathLike, *, key_added: str = "mars", attempts: int = 50) -> dict[str, Any] | None:
+    """Read the results of one :func:`annotate` run, never a mix of two runs.
+
+    ``anndata.read_zarr`` reads ``obs``'s column order first and each column after it, so a
+    read that overlaps an ``annotate --overwrite`` commit can return columns of two runs
+    (docs/reliability.md). Every result element carries its run id (attribute
+    ``mars-scale-run``) and ``obs`` names the published run (``mars-scale-runs``); this reads
+    the published run id, then every element, then the run id again, and retries (after a
+    short pause) until all agree.
+
+    Parameters
+    ----------
+    store_path
+        The store.
+    key_added
+        The results' prefix (as given to :func:`annotate`).
+    attempts
+        Reads to try before giving up.
+
+    Returns
+    -------
+    dict or None
+        ``run_id``, ``obs`` (a DataFrame of the result columns), ``obsm`` (``{name: array}``
+        for the embedding and the name probabilities) and ``uns`` (the run record); ``None``
+        if the store holds no published results for ``key_added``. Results written before run
+        ids (mars-scale before issue 17) are read once, unchecked, with ``run_id`` ``None``.
+
+    Raises
+    ------
+    StoreError
+        If the store cannot be read, or the results kept changing for ``attempts`` reads.
+    """
+    from anndata.io import read_elem
+
+    path = Path(store_path)
+    keys = result_keys(key_added)
+    for attempt in range(attempts):
+        store = open_store(path)
+        fmt = int(store.root.metadata.zarr_format)
+        obs_dir = path / "obs"
+        before = _read_runs(obs_dir, fmt).get(keys["uns"])
+        order = _read_column_order(obs_dir, fmt)
+        if before is None and not set(keys["obs"]) <= set(order):
+            return None
+        root = zarr.open_group(path, mode="r")
+        seen: set[Any] = set()
+        out: dict[str, Any] = {"run_id": before, "obs": pd.DataFrame(index=pd.RangeIndex(store.n_cells)), "obsm": {}}
+        try:
+            for column in keys["obs"]:
+                node = root[f"obs/{column}"]
+                seen.add(node.attrs.get(_RUN_ATTR))
+                out["obs"][column] = read_elem(node)
+            for name in (keys["obsm"], keys["probabilities"]):
+                node = root[f"obsm/{name}"]
+                seen.add(node.attrs.get(_RUN_ATTR))
+                out["obsm"][name] = np.asarray(node[...])
+            node = root[f"uns/{keys['uns']}"]
+            seen.add(node.attrs.get(_RUN_ATTR))
+            out["uns"] = read_elem(node)
+        except (KeyError, FileNotFoundError, ValueError, OSError):  # an element moved while we read
+            seen.add(object())
+        if before is None:  # written before run ids: nothing to check against
+            if len(seen) == 1 and None in seen:
+                return out
+        elif seen == {before} and _read_runs(obs_dir, fmt).get(keys["uns"]) == before:
+            return out
+        time.sleep(min(0.2, 0.005 * (attempt + 1)))
+    raise StoreError(
+        f"{path}: the {key_added} results changed during each of {attempts} reads "
+        "(another annotate --overwrite is writing them; read again when it has finished)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
