@@ -29,6 +29,14 @@ Examples (data go to a scratch directory outside the repository)::
         --layouts v2-256,v3-256
 
 Results go to ``benchmarks/results/loader.json`` under ``runs["<cells>x<genes>"]``.
+
+``--checksum-cost`` measures only what the chunk checksums (store spec 0.1.1) and the row
+checks of ``mars_scale.store.x_rows_damage`` cost the loader: the same input is ingested with
+and without checksums and the loader's epochs on both alternate in one run (see
+:func:`checksum_cost_main`); results in ``benchmarks/results/loader_checksums.json``::
+
+    python benchmarks/loader.py --checksum-cost --n-cells 100000 --n-genes 2000 \
+        --layouts v3-1024,v2-1024 --repeats 5 --scratch /work/scratch/bench_crc
 """
 
 from __future__ import annotations
@@ -121,8 +129,11 @@ def measure_loader(p: dict) -> dict:
     """A whole shuffled epoch (or ``max_batches``) of the Loader."""
     from _common import cpu_seconds
 
+    import mars_scale.loader as loader_module
     from mars_scale.loader import Loader
 
+    if p.get("old_row_checks"):
+        loader_module.x_rows_damage = _old_row_checks
     loader = Loader(
         p["store"],
         batch_size=p["batch_size"],
@@ -282,12 +293,60 @@ def measure_inmemory(p: dict) -> dict:
             "cells_per_s": round(rows / wall), "cells_per_cpu_s": round(rows / cpu)}
 
 
+def _without_checksums():
+    """Write stores as spec 0.1.0 did: blosc chunks without checksums, no metadata checksums."""
+    import contextlib
+    import importlib
+
+    import mars_scale.store as store_module
+
+    ingest_module = importlib.import_module("mars_scale.ingest")
+
+    def old_codecs(fmt, *, compression_level=3, strings=False):
+        if strings:
+            return {}
+        if fmt == 3:
+            from zarr.codecs import BloscCodec
+
+            return {"compressors": [BloscCodec(cname="lz4", clevel=compression_level, shuffle="shuffle")]}
+        from numcodecs import Blosc
+
+        return {"compressors": Blosc(cname="lz4", clevel=compression_level, shuffle=Blosc.SHUFFLE)}
+
+    stack = contextlib.ExitStack()
+    for module, name, value in ((store_module, "chunk_codecs", old_codecs), (store_module, "seal", lambda path: None),
+                                (store_module, "SPEC_VERSION", "0.1.0"), (ingest_module, "SPEC_VERSION", "0.1.0")):
+        old = getattr(module, name)
+        setattr(module, name, value)
+        stack.callback(setattr, module, name, old)
+    return stack
+
+
+def _old_row_checks(indptr, data=None, indices=None, **_):
+    """The row checks before issue 17 (missing chunks only), for measuring the new ones' cost."""
+    if (np.diff(indptr) < 0).any():
+        return "have a decreasing X/indptr"
+    if data is not None and data.size and not data.min() > 0:
+        return "read back zeros"
+    if indices is not None and indices.size - np.count_nonzero(indices) > indptr.shape[0] - 1:
+        return "read back zeros"
+    return None
+
+
 def measure_ingest(p: dict) -> dict:
+    import contextlib
+
     from mars_scale.ingest import IngestConfig, ingest
     from mars_scale.store import StoreLayout
 
     fmt, rows = p["layout"]
     t0 = time.perf_counter()
+    with (contextlib.nullcontext() if p.get("checksums", True) else _without_checksums()):
+        _ingest_layout(p, ingest, IngestConfig, StoreLayout, fmt, rows)
+    return {"ingest_s": round(time.perf_counter() - t0, 1)}
+
+
+def _ingest_layout(p, ingest, IngestConfig, StoreLayout, fmt, rows) -> None:
     ingest(
         [p["h5ad"]], p["store"],
         config=IngestConfig(
@@ -296,7 +355,6 @@ def measure_ingest(p: dict) -> dict:
         ),
         overwrite=True,
     )
-    return {"ingest_s": round(time.perf_counter() - t0, 1)}
 
 
 def measure_simulate(p: dict) -> dict:
@@ -362,8 +420,14 @@ def main() -> None:
     ap.add_argument("--random-seconds", type=float, default=40.0)
     ap.add_argument("--inmemory-batches", type=int, default=2000)
     ap.add_argument("--name", default="loader")
+    ap.add_argument("--checksum-cost", action="store_true",
+                    help="only measure what chunk checksums and the row checks cost the loader: the same "
+                         "input ingested with and without checksums, loader epochs interleaved "
+                         "(results in loader_checksums.json)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
+    if args.checksum_cost:
+        return checksum_cost_main(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
     script = Path(__file__).resolve()
@@ -495,6 +559,81 @@ def main() -> None:
     record["elapsed_s"] = round(time.perf_counter() - started, 1)
     path = write_result(args.name, record, key=key)
     print(json.dumps(main["summary"], indent=2))
+    print(f"wrote {path}")
+
+
+def checksum_cost_main(args) -> None:
+    """Loader throughput on one input ingested with and without chunk checksums, interleaved.
+
+    Per layout, three loader runs per repeat, their order rotated between repeats:
+    ``checksums`` (the current store), ``no_checksums`` (the same cells written as spec 0.1.0
+    did) and ``no_checksums_old_row_checks`` (that store read with the row checks of before
+    issue 17, which only looked for missing chunks). Plus the raw direct reads of X
+    (:class:`~mars_scale.store.RangeReader`) on both stores. Ratios are taken within a repeat.
+    """
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    script = Path(__file__).resolve()
+    scratch = args.scratch.resolve()
+    if Path(__file__).resolve().parents[1] in [scratch, *scratch.parents]:
+        raise SystemExit(f"--scratch {scratch} is inside the repository; use a directory outside it")
+    scratch.mkdir(parents=True, exist_ok=True)
+    key = f"{args.n_cells}x{args.n_genes}"
+    started = time.perf_counter()
+    record: dict = {
+        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": "python " + " ".join([f"benchmarks/{script.name}", *sys.argv[1:]]),
+        "load_average_start": load_average(),
+        "layouts": {},
+    }
+    h5ad = scratch / f"sim_{key}.h5ad"
+    if not h5ad.exists():
+        record["simulate"] = run_measurement(script, "simulate", {
+            "h5ad": h5ad, "n_cells": args.n_cells, "n_genes": args.n_genes, "n_experiments": args.n_experiments,
+        })
+    variants = ("checksums", "no_checksums", "no_checksums_old_row_checks")
+    for name in [t.strip() for t in args.layouts.split(",") if t.strip()]:
+        fmt, rows = _parse_layout(name)
+        entry = record["layouts"][name] = {"zarr_format": fmt, "rows_per_chunk": rows}
+        stores = {}
+        for checksums in (True, False):
+            store = scratch / f"sim_{key}_{name}{'' if checksums else '_nocrc'}.zarr"
+            entry[f"ingest_{'checksums' if checksums else 'no_checksums'}"] = run_measurement(
+                script, "ingest", {"h5ad": h5ad, "store": store, "layout": [fmt, rows], "checksums": checksums})
+            entry[f"files_bytes_{'checksums' if checksums else 'no_checksums'}"] = _files(store)
+            stores[checksums] = store
+        runs = {v: [] for v in variants}
+        raw = {True: [], False: []}
+        for rep in range(args.repeats):
+            order = variants[rep % 3:] + variants[: rep % 3]
+            for v in order:
+                res = run_measurement(script, "loader", {
+                    "store": stores[v == "checksums"], "batch_size": args.batch_size, "rows_per_block": rows,
+                    "old_row_checks": v.endswith("old_row_checks"),
+                })
+                runs[v].append(res)
+            for checksums in ((True, False) if rep % 2 == 0 else (False, True)):
+                raw[checksums].append(run_measurement(script, "raw", {
+                    "store": stores[checksums], "chunks_per_block": [1, 4], "threads": [1, 4]}))
+        entry["loader"] = runs
+        entry["raw"] = {"checksums": raw[True], "no_checksums": raw[False]}
+        per_rep = lambda a, b: [x["cells_per_s"] / y["cells_per_s"] for x, y in zip(runs[a], runs[b])]  # noqa: E731
+        entry["summary"] = {
+            "loader_cells_per_s_median": {v: _median([r["cells_per_s"] for r in runs[v]]) for v in variants},
+            "loader_checksums_over_no_checksums_median": _median(per_rep("checksums", "no_checksums")),
+            "loader_checksums_over_no_checksums_per_repeat": [round(x, 3) for x in per_rep("checksums", "no_checksums")],
+            "loader_new_row_checks_over_old_median": _median(per_rep("no_checksums", "no_checksums_old_row_checks")),
+            "loader_checksums_and_new_checks_over_neither_median": _median(
+                per_rep("checksums", "no_checksums_old_row_checks")),
+            "raw_direct_best_cells_per_s_median": {
+                k: _median([r["direct_best_cells_per_s"] for r in raw[c]]) for k, c in (("checksums", True), ("no_checksums", False))
+            },
+            "raw_direct_checksums_over_no_checksums_median": _median(
+                [a["direct_best_cells_per_s"] / b["direct_best_cells_per_s"] for a, b in zip(raw[True], raw[False])]),
+        }
+        print(name, json.dumps(entry["summary"], indent=2))
+    record["load_average_end"] = load_average()
+    record["elapsed_s"] = round(time.perf_counter() - started, 1)
+    path = write_result(f"{args.name}_checksums", record, key=key)
     print(f"wrote {path}")
 
 
