@@ -6,20 +6,29 @@
 grow with the atlas. Figures are bare :class:`matplotlib.figure.Figure` objects rendered by the
 Agg canvas, so no pyplot state or display backend is touched. The confusion heatmaps cover every cell of the unannotated experiment
 (they need only its label codes) and are drawn only when that experiment has ground truth.
+
+As scanpy does, each category keeps one colour in every figure, stored in
+``uns['<column>_colors']`` (hex strings in category order): a cell type has the same colour as a
+MARS name and as ground truth, and colours already stored are reused. The UMAP coordinates go to
+``obsm['X_umap']`` (NaN for cells left out of the subsample). Both are written through a staging
+directory inside the store and renamed into place under the store's writer lock, replacing what an
+earlier ``plot`` wrote there.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mars_scale.errors import InputError, StoreError
-from mars_scale.store import Atlas, open_store
+from mars_scale.store import Atlas, open_store, seal, store_lock
 
 __all__ = ["plot"]
 
@@ -54,12 +63,51 @@ def _codes(store: Atlas, name: str, rows: np.ndarray | None = None) -> tuple[np.
     return values.astype(np.int64), categories
 
 
+def _hex(colours) -> list[str]:
+    import matplotlib.colors
+
+    return [matplotlib.colors.to_hex(c) for c in colours]
+
+
+def _stored_colours(store: Atlas, column: str, n: int) -> list[str] | None:
+    """``uns['<column>_colors']`` when it holds one colour per category, as scanpy reuses it."""
+    key = f"{column}_colors"
+    if key not in store.root["uns"]:
+        return None
+    values = [str(v) for v in np.asarray(store.root["uns"][key][...]).ravel()]
+    return values if len(values) == n else None
+
+
+def _shared_colours(store: Atlas, columns: dict[str, list[str]]) -> dict[str, list[str]]:
+    """One colour per category value across several obs columns (cell types and MARS names).
+
+    Values are coloured in the order of the columns given (truth first); the stored colours of
+    the first column are kept.
+    """
+    order: list[str] = []
+    for cats in columns.values():
+        order += [c for c in cats if c not in order]
+    mapping = dict(zip(order, _hex(_palette(len(order)))))
+    first, cats = next(iter(columns.items()))
+    stored = _stored_colours(store, first, len(cats))
+    if stored is not None:
+        taken = set(stored)
+        mapping.update(zip(cats, stored))
+        spare = iter(c for c in _hex(_palette(len(order) + len(taken))) if c not in taken)
+        for value in order[len(cats):]:
+            if mapping[value] in taken:
+                mapping[value] = next(spare)
+    return {col: [mapping[c] for c in cats] for col, cats in columns.items()}
+
+
 def _scatter(coords: np.ndarray, codes: np.ndarray, categories: list[str], *, title: str, path: Path,
-             missing: str = "other", order: list[int] | None = None, dpi: int = 150) -> Path:
+             colours: list[str] | None = None, missing: str = "other", order: list[int] | None = None,
+             dpi: int = 150) -> Path:
     from matplotlib.figure import Figure
+    import matplotlib.colors
 
     n_cat = len(categories)
-    colours = _palette(n_cat)
+    colours = [matplotlib.colors.to_rgba(c) for c in (colours if colours is not None else _palette(n_cat))]
     fig = Figure(figsize=(8.5, 6.5))
     ax = fig.subplots()
     size = float(np.clip(40000 / max(len(coords), 1), 0.5, 20))
@@ -168,10 +216,14 @@ def plot(
     Returns
     -------
     list of pathlib.Path
-        ``umap_cluster.png``, ``umap_name.png``, ``umap_experiment.png``, and when ground truth
-        exists ``umap_truth.png``; when the unannotated experiment has ground truth,
+        ``umap_cluster.png``, ``umap_name.png``, ``umap_experiment.png``, and when the
+        unannotated experiment has ground truth ``umap_truth.png`` (its cells by true type),
         ``confusion_cluster.png`` and ``confusion_name.png`` (true types against discovered
-        clusters and against predicted names).
+        clusters and against predicted names). Titles count the cells coloured.
+
+        Written into the store: ``obsm['X_umap']`` (cells x 2, NaN for cells not drawn) and
+        ``uns['<column>_colors']`` for ``<key>_cluster``, ``<key>_cell_type``, ``cell_type`` and
+        ``experiment``.
 
     Raises
     ------
@@ -205,21 +257,43 @@ def plot(
     logger.info("UMAP of %d of %d cells in %.1f s", len(rows), n, time.perf_counter() - t0)
 
     paths = []
-    suffix = f" ({len(rows):,} of {n:,} cells)" if len(rows) < n else f" ({n:,} cells)"
-    codes, cats = _codes(store, cluster_key, rows)
-    order = sorted(range(len(cats)), key=lambda i: int(cats[i]) if cats[i].lstrip("-").isdigit() else i)
-    paths.append(_scatter(coords, codes, cats, title=f"MARS clusters of {unannotated}{suffix}",
-                          path=out / "umap_cluster.png", missing="other experiments", order=order, dpi=dpi))
-    codes, cats = _codes(store, name_key, rows)
-    paths.append(_scatter(coords, codes, cats, title=f"MARS names of {unannotated}{suffix}",
-                          path=out / "umap_name.png", missing="other experiments", dpi=dpi))
-    exp_codes = store.experiment_codes()[rows]
-    paths.append(_scatter(coords, exp_codes.astype(np.int64), list(store.experiments), title=f"experiments{suffix}",
-                          path=out / "umap_experiment.png", dpi=dpi))
+    exp_codes = store.experiment_codes()[rows].astype(np.int64)
+    u_code = list(store.experiments).index(unannotated)
+    in_u = exp_codes == u_code
+    drawn = f"a random {len(rows):,} of {n:,} cells" if len(rows) < n else f"{n:,} cells"
+    u_title = f"{int(in_u.sum()):,} cells; {int((~in_u).sum()):,} of other experiments in grey"
+    cl_codes, cl_cats = _codes(store, cluster_key, rows)
+    nm_codes, nm_cats = _codes(store, name_key, rows)
     truth, truth_cats = _codes(store, "cell_type", rows)
-    if (truth >= 0).any():
-        paths.append(_scatter(coords, truth, truth_cats, title=f"ground truth{suffix}",
-                              path=out / "umap_truth.png", missing="unannotated", dpi=dpi))
+    shared = _shared_colours(store, {"cell_type": truth_cats, name_key: nm_cats})
+    colours = {
+        cluster_key: _stored_colours(store, cluster_key, len(cl_cats)) or _hex(_palette(len(cl_cats))),
+        "experiment": _stored_colours(store, "experiment", len(store.experiments)) or _hex(_palette(len(store.experiments))),
+        **shared,
+    }
+    order = sorted(range(len(cl_cats)), key=lambda i: int(cl_cats[i]) if cl_cats[i].lstrip("-").isdigit() else i)
+    paths.append(_scatter(coords, cl_codes, cl_cats, title=f"MARS clusters of {unannotated}: {u_title}",
+                          path=out / "umap_cluster.png", colours=colours[cluster_key], missing="other experiments",
+                          order=order, dpi=dpi))
+    paths.append(_scatter(coords, nm_codes, nm_cats, title=f"MARS names of {unannotated}: {u_title}",
+                          path=out / "umap_name.png", colours=colours[name_key], missing="other experiments", dpi=dpi))
+    paths.append(_scatter(coords, exp_codes, list(store.experiments), title=f"experiments: {drawn}",
+                          path=out / "umap_experiment.png", colours=colours["experiment"], dpi=dpi))
+    truth_new = np.where(in_u, truth, -1)  # the reference's labels are training input, not truth
+    if (truth_new >= 0).any():
+        labelled = int((truth_new >= 0).sum())
+        paths.append(_scatter(coords, truth_new, truth_cats,
+                              title=f"ground truth of {unannotated}: {labelled:,} cells; "
+                                    f"{len(rows) - labelled:,} unlabelled or of other experiments in grey",
+                              path=out / "umap_truth.png", colours=colours["cell_type"],
+                              missing="unlabelled or other experiments", dpi=dpi))
+    else:
+        logger.info("%s has no ground truth: no umap_truth.png or confusion figures", unannotated)
+    umap_full = np.full((n, 2), np.nan, dtype=np.float32)
+    umap_full[rows] = coords
+    written = _write_back(store, {("obsm", "X_umap"): umap_full,
+                                  **{("uns", f"{k}_colors"): np.asarray(v, dtype=object) for k, v in colours.items()}})
+    logger.info("wrote %s into %s", ", ".join(written), store.path)
     a, b = store.experiment_ranges[unannotated]
     truth_u, truth_cats = store.categorical_codes("cell_type", a, b)
     if (np.asarray(truth_u) >= 0).any():
@@ -233,6 +307,48 @@ def plot(
                               path=out / "confusion_name.png", dpi=dpi))
     logger.info("wrote %d figures to %s", len(paths), out)
     return paths
+
+
+_STAGING_PREFIX = ".mars-scale-staging-"  # as annotate's: a killed writer's leftovers are removed
+
+
+def _write_back(store: Atlas, elements: dict[tuple[str, str], np.ndarray]) -> list[str]:
+    """Write elements into the store: staged and sealed in full, then renamed into place.
+
+    An element already there is moved aside first and put back if anything fails.
+    """
+    from anndata.io import write_elem
+    import zarr
+
+    root_dir = Path(store.path)
+    fmt = int(store.root.metadata.zarr_format)
+    done: list[tuple[Path, Path | None]] = []
+    with store_lock(root_dir):
+        staging = root_dir / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+        try:
+            for (group, name), value in elements.items():
+                g = zarr.open_group(staging / group, mode="a", zarr_format=fmt)
+                write_elem(g, name, value)
+            for group in {group for group, _ in elements}:  # chunk and metadata checksums
+                seal(staging / group)
+            for group, name in elements:
+                dst = root_dir / group / name
+                backup = None
+                if dst.exists():
+                    backup = staging / "replaced" / group / name
+                    backup.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(dst, backup)
+                done.append((dst, backup))
+                os.replace(staging / group / name, dst)
+        except BaseException:
+            for dst, backup in reversed(done):
+                shutil.rmtree(dst, ignore_errors=True)
+                if backup is not None:
+                    os.replace(backup, dst)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return [f"{group}/{name}" for group, name in elements]
 
 
 def _umap(x: np.ndarray, *, n_neighbors: int, seed: int) -> np.ndarray:
