@@ -5,6 +5,7 @@ the command line start quickly.
 """
 
 import importlib
+import logging
 import sys
 import types
 import warnings
@@ -18,6 +19,31 @@ from mars_scale.errors import (
     StoreError,
     TrainingError,
 )
+
+class _DefaultLogHandler(logging.StreamHandler):
+    """INFO lines of the library on stderr while the application has configured no logging.
+
+    A Python session then sees what the CLI shows (sizes, epochs, timings). Once the root
+    logger has a handler (``logging.basicConfig``, pytest, a notebook's own setup) this handler
+    stays silent and records propagate there as usual; ``mars-scale`` installs its own.
+    ``logging.getLogger("mars_scale").setLevel(logging.WARNING)`` quiets the library.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # sys.stderr at the time of each record
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            self.stream = sys.stderr
+            super().emit(record)
+
+
+_logger = logging.getLogger("mars_scale")
+if not _logger.handlers:
+    _logger.addHandler(_DefaultLogHandler())
+    if _logger.level == logging.NOTSET:
+        _logger.setLevel(logging.INFO)
 
 # zarr 3.1 warns on every small array written without shards; our large arrays set them.
 warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)

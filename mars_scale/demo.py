@@ -101,16 +101,23 @@ def run_demo(
     directory.mkdir(parents=True, exist_ok=True)
     # The first simulation (from ``seed`` on) in which some type occurs in one experiment only:
     # holding that experiment out gives a type to discover.
-    for attempt in range(50):
-        sim_config = SimulationConfig(
-            n_cells=n_cells, n_genes=n_genes, n_experiments=n_experiments,
-            n_cell_types=n_cell_types, seed=seed + attempt, restricted_type_fraction=0.3,
-        )
-        simulator = Simulator(sim_config)
-        held = _held_out_choice(simulator.presence)
-        others = np.delete(simulator.presence, held, axis=0).any(axis=0)
-        if (simulator.presence[held] & ~others).any():
-            break
+    # Candidates are built quietly: the simulation model is logged once, when it is written.
+    sim_logger = logging.getLogger("mars_scale.simulate")
+    level = sim_logger.level
+    sim_logger.setLevel(logging.WARNING)
+    try:
+        for attempt in range(50):
+            sim_config = SimulationConfig(
+                n_cells=n_cells, n_genes=n_genes, n_experiments=n_experiments,
+                n_cell_types=n_cell_types, seed=seed + attempt, restricted_type_fraction=0.3,
+            )
+            simulator = Simulator(sim_config)
+            held = _held_out_choice(simulator.presence)
+            others = np.delete(simulator.presence, held, axis=0).any(axis=0)
+            if (simulator.presence[held] & ~others).any():
+                break
+    finally:
+        sim_logger.setLevel(level)
     held_name = str(simulator.experiments[held])
     result = DemoResult(directory=directory, held_out=held_name, n_clusters=int(simulator.presence[held].sum()))
     result.novel_types = [str(t) for t in simulator.cell_types[simulator.presence[held] & ~others]]

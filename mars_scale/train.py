@@ -677,6 +677,10 @@ def _fit(
     if state["landmark_optimizer"] is not None:
         landmark_opt.load_state_dict(state["landmark_optimizer"])
     if state["phase"] == "finetune":
+        if main and state["epoch"] == 0 and tc.finetune_epochs:
+            logger.info("fine-tuning: the loss logged is the cells' squared distance to their landmarks; it can rise "
+                        "while clusters improve, as the lambda terms push the landmarks apart and the embedding "
+                        "spreads (docs/algorithm.md, \"Why the fine-tuning loss rises\")")
         optimizer = make_optimizer(encoder.parameters(), "finetune")
         if run_epochs(tc.finetune_epochs, p_u, landmark_opt):
             return state

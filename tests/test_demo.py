@@ -16,10 +16,15 @@ def test_demo_clusters_names_and_flags_the_new_type(tmp_path):
     assert {"simulate", "ingest", "train", "annotate"} <= set(result.seconds)
 
 
-def test_demo_train_options_reach_the_training(tmp_path):
+def test_demo_train_options_reach_the_training(tmp_path, caplog):
     from mars_scale.model import Mars
 
-    run_demo(tmp_path / "demo", n_cells=1200, n_genes=200, plots=False,
-             train_options={"pretrain_epochs": 1, "finetune_epochs": 2, "warmup_epochs": 0})
+    with caplog.at_level("INFO", logger="mars_scale"):
+        run_demo(tmp_path / "demo", n_cells=1200, n_genes=200, plots=False,
+                 train_options={"pretrain_epochs": 1, "finetune_epochs": 2, "warmup_epochs": 0})
+    # one log line per fact: the simulation model once (not once per candidate), and why the
+    # fine-tuning loss may rise once
+    assert caplog.text.count("simulation model:") == 1
+    assert caplog.text.count("the loss logged is the cells' squared distance") == 1
     model = Mars.load(tmp_path / "demo" / "run", tmp_path / "demo" / "atlas.zarr")
     assert [h["phase"] for h in model.history] == ["pretrain", "finetune", "finetune"]
