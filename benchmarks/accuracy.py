@@ -26,6 +26,10 @@ Examples::
     python benchmarks/accuracy.py                                   # everything, 5 seeds
     python benchmarks/accuracy.py --datasets mesc_kolodziejczyk2015_mini --seeds 2 --no-naming
     python benchmarks/accuracy.py --config tuned.toml --workdir /work/scratch/acc
+    # gene selection: all genes against 2,000 highly variable genes, one process each (peak RSS)
+    python benchmarks/accuracy.py --datasets cellbench_celseq2_dropseq --seeds 1 --no-naming --key genes-all-1seed
+    python benchmarks/accuracy.py --datasets cellbench_celseq2_dropseq --seeds 1 --no-naming \
+        --n-top-genes 2000 --key genes-2000-1seed
 
 Results go to ``benchmarks/results/accuracy.json`` under ``runs["<selection>-<N>seeds"]``
 (the full run is ``runs["all-5seeds"]``); the markdown table is printed and stored with them.
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -51,7 +56,8 @@ from _common import load_average, peak_rss_mb, write_result  # noqa: E402
 
 logger = logging.getLogger("benchmarks.accuracy")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the shared data (tests/conftest.py): $MARS_SCALE_DATA, else ../shared/data beside the checkout
+DATA = Path(os.environ.get("MARS_SCALE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 SINGLET_SOURCE = "cellbench_celseq2_dropseq"
 SINGLET_ROW = "cellbench_celseq2_dropseq_singlets"
 NAMING_DATASET = "cellbench_3cl_3protocols_panel"
@@ -118,12 +124,13 @@ def _build_store(source: Path, workdir: Path, name: str, *, singlets: bool = Fal
 # the two parts
 
 
-def _accuracy(row: str, store: Path, seeds: list[int], config) -> dict[str, Any]:
+def _accuracy(row: str, store: Path, seeds: list[int], config, experiments: list[str] | None = None) -> dict[str, Any]:
     from mars_scale.evaluate import leave_one_out
+    from mars_scale.store import open_store
 
-    t0 = time.perf_counter()
-    result = leave_one_out(store, seeds=seeds, config=config)
-    seconds = time.perf_counter() - t0
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    result = leave_one_out(store, seeds=seeds, config=config, experiments=experiments)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     reference = REFERENCE.get(row)  # the singlet row has no reference figures (all cells were used)
     experiments = {}
     for exp, s in result["summary"].items():
@@ -149,11 +156,13 @@ def _accuracy(row: str, store: Path, seeds: list[int], config) -> dict[str, Any]
         "above_kmeans_ae": None if "kmeans_ae" not in overall else mars_mean >= overall["kmeans_ae"]["ari"],
         "above_kmeans_pca": mars_mean >= overall["kmeans_pca"]["ari"],
     }
-    if reference:
+    if reference and experiments is None:
         # at the precision REFERENCE.md gives (3 decimals): its means are rounded figures
         checks["at_or_above_reference_mean"] = round(mars_mean, 3) >= reference["mean"]
     return {
         "store": str(store),
+        "n_genes_store": open_store(store).n_genes,
+        "n_top_genes": config.train.n_top_genes,
         "experiments": experiments,
         "mean_ari": {m: overall[m]["ari"] for m in overall},
         "mean_metrics": overall,
@@ -161,6 +170,7 @@ def _accuracy(row: str, store: Path, seeds: list[int], config) -> dict[str, Any]
         "reference_kmeans_ae_mean_ari": None if reference is None else reference["kmeans_ae"],
         "checks": checks,
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),  # this process's CPU time: robust to other load
     }
 
 
@@ -273,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="Seeds 0..N-1.")
     parser.add_argument("--config", type=Path, default=None, help="TOML run configuration (default: the package defaults).")
     parser.add_argument("--device", default="cpu", help="Training device (default cpu).")
+    parser.add_argument("--experiments", default=None,
+                        help="Comma-separated experiments to hold out (default: each in turn).")
+    parser.add_argument("--n-top-genes", type=int, default=None,
+                        help="Train on this many highly variable genes (train.n_top_genes; default: all genes).")
     parser.add_argument("--no-naming", action="store_true", help="Skip the naming figures.")
     parser.add_argument("--workdir", type=Path, default=None, help="Scratch directory for the stores (default: a temporary one).")
     parser.add_argument("--key", default=None, help="Key under runs[] in accuracy.json (default: <selection>-<N>seeds).")
@@ -285,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     from mars_scale.config import RunConfig, config_to_dict, load_config, override
 
     config = load_config(args.config) if args.config else RunConfig()
-    config = override(config, device=args.device)
+    config = override(config, device=args.device, n_top_genes=args.n_top_genes)
     available = sorted(p.stem for p in args.data.glob("*.h5ad"))
     rows_all = available + ([SINGLET_ROW] if SINGLET_SOURCE in available else [])
     selected = rows_all if args.datasets is None else [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -308,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return {
             "complete": complete,
             "parameters": {"datasets": selected, "seeds": seeds, "config": config_to_dict(config),
+                           "experiments": args.experiments, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                            "config_file": None if args.config is None else str(args.config),
                            "preprocessing": {"min_cells": 5, "min_counts": 1, "min_genes": 1, "target_sum": 1e4,
                                              "log1p": True, "max_value": 10}},
@@ -327,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             source = args.data / f"{SINGLET_SOURCE if singlets else row}.h5ad"
             store = _build_store(source, workdir, row, singlets=singlets)
             logger.info("%s: leave-one-out over %d seeds", row, len(seeds))
-            rows[row] = _accuracy(row, store, seeds, config)
+            held = None if args.experiments is None else [e.strip() for e in args.experiments.split(",") if e.strip()]
+            rows[row] = _accuracy(row, store, seeds, config, held)
             logger.info("%s: mean ARI %s in %.0f s", row, {m: round(v, 3) for m, v in rows[row]["mean_ari"].items()},
                         rows[row]["seconds"])
             if len(selected) > 1 or not args.no_naming:  # keep what is done if a later step dies

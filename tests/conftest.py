@@ -17,13 +17,20 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real-data tests read the shared benchmark files (README, "Real data"): the folder named by
+# $MARS_SCALE_DATA, else ../shared/data beside this checkout. They skip, naming the file and the
+# folder, when a file is not there.
+DATA_ENV = "MARS_SCALE_DATA"
+SHARED_DATA = Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def shared_file(name: str) -> Path:
+    """The path of a shared data file, or a skip that says what is missing and how to point to it."""
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"{path} is not available")
+        where = f"${DATA_ENV}={os.environ[DATA_ENV]}" if os.environ.get(DATA_ENV) else f"{SHARED_DATA} (the default)"
+        pytest.skip(f"real data: {name} is not in {where}; set {DATA_ENV} to the folder of the shared "
+                    ".h5ad files (README, 'Real data')")
     return path
 
 
@@ -120,3 +127,12 @@ def build_loader_store(
 def loader_store(tmp_path_factory) -> Path:
     """A read-only store for loader tests (do not modify it: it is shared by the session)."""
     return build_loader_store(tmp_path_factory.mktemp("loader"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say once, at the end, how many real-data tests skipped and how to run them."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "real data:" in str(getattr(r, "longrepr", ""))]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} real-data tests skipped: the shared .h5ad files are not in {SHARED_DATA}; "
+            f"set {DATA_ENV} to their folder (README, 'Real data')", yellow=True)

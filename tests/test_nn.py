@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from conftest import shared_file
 from mars_scale import nn as nn_module
 from mars_scale.errors import ConfigError, InputError
 from mars_scale.nn import (
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Sparse invariant checks are implicitly disabled:UserWarning",
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 N_OUT = 24
 
 
@@ -39,10 +38,7 @@ N_OUT = 24
 
 def _read_counts(name: str) -> sp.csr_matrix:
     anndata = pytest.importorskip("anndata")
-    path = DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} is not available")
-    return sp.csr_matrix(anndata.read_h5ad(path).X)
+    return sp.csr_matrix(anndata.read_h5ad(shared_file(name)).X)
 
 
 def _lognorm(counts: sp.csr_matrix) -> sp.csr_matrix:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from conftest import shared_file
 from mars_scale.errors import ConfigError, InputError
 from mars_scale.preprocess import (
     ScalingParams,
@@ -17,16 +17,12 @@ from mars_scale.preprocess import (
     scaled_nonzero_values,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = ["mesc_kolodziejczyk2015_mini.h5ad", "cellbench_3cl_3protocols_panel.h5ad"]
 
 
 def _read_counts(name: str) -> sp.csr_matrix:
     anndata = pytest.importorskip("anndata")
-    path = DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} is not available")
-    return sp.csr_matrix(anndata.read_h5ad(path).X)
+    return sp.csr_matrix(anndata.read_h5ad(shared_file(name)).X)
 
 
 def _dense_lognorm(counts: sp.csr_matrix, target_sum: float = 1e4) -> np.ndarray:
