@@ -548,6 +548,33 @@ class _RowSink:
         )
 
 
+class _CountSums:
+    """Per gene and experiment: sum and sum of squares of the raw values (float64).
+
+    Written to ``varm['mars_counts_sum']`` and ``varm['mars_counts_sumsq']`` (genes x
+    experiments, in store order), they give :func:`mars_scale.stats.highly_variable_genes` each
+    experiment's gene means and variances without a pass over X.
+    """
+
+    def __init__(self, n_genes: int, n_experiments: int) -> None:
+        self.s1 = np.zeros((n_experiments, n_genes))
+        self.s2 = np.zeros((n_experiments, n_genes))
+
+    def add(self, block: sp.csr_matrix, codes: np.ndarray) -> None:
+        rows = np.repeat(codes.astype(np.int64), np.diff(block.indptr))
+        values = block.data.astype(np.float64)
+        n_e, g = self.s1.shape
+        flat = rows * g + block.indices
+        self.s1 += np.bincount(flat, weights=values, minlength=n_e * g).reshape(n_e, g)
+        self.s2 += np.bincount(flat, weights=values * values, minlength=n_e * g).reshape(n_e, g)
+
+    def write(self, root) -> None:
+        from anndata.io import write_elem
+
+        write_elem(root["varm"], "mars_counts_sum", np.ascontiguousarray(self.s1.T))
+        write_elem(root["varm"], "mars_counts_sumsq", np.ascontiguousarray(self.s2.T))
+
+
 # The input's other obs and var columns, carried over with their types (as anndata reads them).
 _OBS_RESERVED = frozenset({*_CATEGORICAL, *_NUMERIC})
 _VAR_RESERVED = frozenset({"n_cells", "mean", "std"})
@@ -930,6 +957,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
         if not grouped:
             logger.info("experiments are interleaved in the inputs; spooling per experiment")
         moments = MomentAccumulator()
+        count_sums = _CountSums(len(out_genes), len(exp_names))
         written_codes: list[np.ndarray] = []
         try:
             with tqdm(total=total_blocks, desc="ingest 2/2 (write)", unit="block", disable=None) as bar:
@@ -961,6 +989,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
                             "n_genes": np.diff(block.indptr).astype(np.int32),
                         }
                         moments.add(block_moments(block, kind=input_kind))
+                        count_sums.add(block, codes)
                         names = src.obs_names(a, b)[keep]
                         if grouped:
                             sink.append(block, names, obs)
@@ -983,6 +1012,7 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
         sink.finish_obs({"experiment": exp_names, "cell_type": type_names})
         codes = np.concatenate(written_codes) if written_codes else np.zeros(0, np.int32)
         _write_extra_obs(root, plans, config, None if grouped else np.argsort(codes, kind="stable"))
+        count_sums.write(root)
         stats = moments.result()
         sources = {
             "name": np.asarray([p.source.name for p in plans], dtype=object),

@@ -305,6 +305,18 @@ def _count_sums(store, ranges, *, rows_per_block: int, clip: list[np.ndarray] | 
     return out
 
 
+def _stored_count_sums(store, names: list[str]):
+    """Per experiment (sum, sum of squares) of the raw counts from ``varm``, written by ingest."""
+    varm = store.root["varm"] if "varm" in store.root else None
+    if varm is None or "mars_counts_sum" not in varm or "mars_counts_sumsq" not in varm:
+        return None
+    s1, s2 = np.asarray(varm["mars_counts_sum"][...]), np.asarray(varm["mars_counts_sumsq"][...])
+    if s1.shape != (store.n_genes, len(store.experiments)) or s2.shape != s1.shape:
+        return None
+    order = list(store.experiments)
+    return [(s1[:, order.index(n)].astype(np.float64), s2[:, order.index(n)].astype(np.float64)) for n in names]
+
+
 def highly_variable_genes(
     store,
     *,
@@ -315,8 +327,9 @@ def highly_variable_genes(
     """Highly variable genes from raw counts over experiments, as scanpy's ``seurat_v3`` flavour.
 
     ``sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=N,
-    batch_key="experiment")`` on the store's counts, computed in two streaming passes over row
-    blocks (memory grows with genes x experiments, never with cells):
+    batch_key="experiment")`` on the store's counts, computed from the per-experiment count sums
+    that ingest keeps in ``varm`` and one streaming pass over row blocks (two for a store
+    without them); memory grows with genes x experiments, never with cells:
 
     1. per experiment, each gene's mean and variance (ddof = 1) of the raw counts; a loess
        (degree 2, ``span``) of log10 variance on log10 mean over the genes with non-zero
@@ -371,7 +384,10 @@ def highly_variable_genes(
     if not names:
         raise InputError(f"{store.path}: no experiment has 2 cells to estimate gene variances from")
     ranges = [store.experiment_ranges[n] for n in names]
-    sums = _count_sums(store, ranges, rows_per_block=step)
+    sums = _stored_count_sums(store, names)
+    passes = 1 if sums is not None else 2
+    if sums is None:  # a store from before ingest kept them: one more pass
+        sums = _count_sums(store, ranges, rows_per_block=step)
     means, reg_std, clip = [], [], []
     for (a, b), (s1, s2) in zip(ranges, sums):
         n = b - a
@@ -406,8 +422,8 @@ def highly_variable_genes(
     s2_all = sum(s[1] for s in sums)
     mean_all = s1_all / n_all
     var_all = np.maximum(s2_all - n_all * mean_all**2, 0.0) / max(n_all - 1, 1)
-    logger.info("highly variable genes: %d of %d (seurat_v3 over %d experiments) in %.1f s",
-                top, g, len(names), time.perf_counter() - t0)
+    logger.info("highly variable genes: %d of %d (seurat_v3 over %d experiments; %d pass%s over X) in %.1f s",
+                top, g, len(names), passes, "" if passes == 1 else "es", time.perf_counter() - t0)
     return HighlyVariableGenes(
         index=np.sort(chosen).astype(np.int64),
         highly_variable_rank=median,

@@ -177,3 +177,24 @@ def test_train_cli_n_top_genes(counts_store, tmp_path):
     assert r.exit_code == 2 and "n_top_genes must be >= 1" in r.stderr
     r = CliRunner().invoke(main, ["train", "--help"])
     assert "--n-top-genes" in r.output and "default: 25" in r.output
+
+
+def test_stored_count_sums_match_x_and_a_store_without_them_gives_the_same_genes(counts_store, tmp_path):
+    import shutil
+
+    from mars_scale.stats import _count_sums, _stored_count_sums
+
+    store = open_store(counts_store)
+    names = list(store.experiments)
+    stored = _stored_count_sums(store, names)
+    read = _count_sums(store, [store.experiment_ranges[n] for n in names], rows_per_block=50)
+    for (s1, s2), (r1, r2) in zip(stored, read):
+        np.testing.assert_allclose(s1, r1, rtol=1e-12)
+        np.testing.assert_allclose(s2, r2, rtol=1e-12)
+    older = tmp_path / "older.zarr"  # as ingested before the sums were kept
+    shutil.copytree(counts_store, older)
+    for name in ("mars_counts_sum", "mars_counts_sumsq"):
+        shutil.rmtree(older / "varm" / name)
+    assert _stored_count_sums(open_store(older), names) is None
+    np.testing.assert_array_equal(highly_variable_genes(open_store(older), n_top_genes=40).index,
+                                  highly_variable_genes(store, n_top_genes=40).index)

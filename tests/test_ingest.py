@@ -295,6 +295,12 @@ def test_obs_and_var_columns_are_carried_over_with_their_types(tmp_path):
     np.testing.assert_array_equal(stored.var["length"].to_numpy(), a.var.loc[stored.var_names, "length"].to_numpy())
     assert stored.var["length"].dtype == np.int64 and isinstance(stored.var["chromosome"].dtype, pd.CategoricalDtype)
     assert open_store(out).n_cells == stored.n_obs  # the store still opens
+    # per-experiment count sums for gene selection, from the interleaved input
+    x = np.asarray(ref[:, stored.var_names].X.toarray(), dtype=np.float64)
+    for e, name in enumerate(open_store(out).experiments):
+        rows = (ref.obs["experiment"] == name).to_numpy()
+        np.testing.assert_allclose(stored.varm["mars_counts_sum"][:, e], x[rows].sum(0))
+        np.testing.assert_allclose(stored.varm["mars_counts_sumsq"][:, e], (x[rows] ** 2).sum(0))
 
 
 def test_real_data_obs_columns_round_trip(tmp_path):
