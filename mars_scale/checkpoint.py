@@ -119,7 +119,8 @@ class StopSignals:
     install handlers) nothing is installed and :meth:`requested` stays false.
 
     Under DDP every rank must stop after the same step: :meth:`requested` takes the maximum
-    of the ranks' flags (one small all-reduce per step).
+    of the ranks' flags with one small all-reduce every ``every`` steps (so a GPU run does not
+    wait on the host after every step), and only then answers true.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -149,10 +150,18 @@ class StopSignals:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def requested(self, *, distributed: bool = False, device: torch.device | str = "cpu") -> bool:
-        """Whether a signal asked training to stop (on any rank, with ``distributed``)."""
+    def requested(self, *, distributed: bool = False, device: torch.device | str = "cpu", step: int = 0,
+                  every: int = 16, last: bool = False) -> bool:
+        """Whether a signal asked training to stop (on any rank, with ``distributed``).
+
+        With ``distributed`` the ranks compare flags only when ``step % every == 0`` or at the
+        ``last`` step of an epoch (every rank calls this after the same steps), and answer
+        false in between.
+        """
         if not distributed:
             return self.signum is not None
+        if step % every and not last:
+            return False
         import torch.distributed as dist
 
         flag = torch.tensor([0 if self.signum is None else self.signum], device=device)

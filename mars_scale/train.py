@@ -478,8 +478,10 @@ def _fit(
         if ckpt_path is not None and info.is_main:
             save_checkpoint(ckpt_path, payload())
 
-    def stop_requested() -> bool:
-        return signals is not None and signals.requested(distributed=info.initialized, device=device)
+    def stop_requested(step: int, steps: int) -> bool:
+        """After ``step`` of ``steps``; under DDP the ranks compare flags every 16 steps and at the last."""
+        return signals is not None and signals.requested(distributed=info.initialized, device=device, step=step,
+                                                         last=step == steps)
 
     def stop_now(phase: str, step: int, steps: int, totals: torch.Tensor, n_seen: int) -> Exception:
         """Checkpoint the middle of an epoch (after ``step`` steps) and return the error to raise."""
@@ -531,7 +533,7 @@ def _fit(
                 optimizer.step()
                 total += loss.detach()  # summed on the device: no host sync per step
                 n_seen += batch.n_rows
-                if stop_requested():  # after the last step too: the resume then only ends the epoch
+                if stop_requested(step + 1, steps):  # after the last step too: the resume then only ends the epoch
                     raise stop_now("pretrain", step + 1, steps, total, n_seen)
             mean_loss, seconds = total.item() / steps, time.perf_counter() - started
             state["epoch"] = epoch + 1
@@ -619,7 +621,7 @@ def _fit(
                 optimizer.step()
                 totals += torch.stack((loss, loss_a, loss_u)).detach()
                 n_seen += ba.n_rows + (bu.n_rows if bu is not None else 0)
-                if stop_requested():
+                if stop_requested(step + 1, steps):
                     if p_u is not None:
                         state["unannotated_landmarks"] = p_u.detach().cpu().clone()
                         state["landmark_optimizer"] = landmark_opt.state_dict()

@@ -107,3 +107,38 @@ def test_overwrite_starts_an_unfinished_run_over(tmp_path, straight, one_thread)
     _stop(proc, run, signal.SIGTERM, phase="pretrain")
     assert cli(*common, "-o", run, "--overwrite").exit_code == 0
     _assert_same_model(run / "model.pt", reference)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path, good_store, one_thread):  # noqa: F811
+    """Slurm signals the torchrun agent, which passes SIGTERM to its workers: both ranks stop
+    after the same step, rank 0 writes the checkpoint, and --resume ends with the model of an
+    uninterrupted two-process run."""
+    from test_reliability import _kill_group, _torchrun
+
+    config = write_toml(tmp_path / "ddp.toml", pretrain=6, finetune=1, batch=64, steps=20)
+    args = ["train", good_store, "--unannotated", "exp0", "--n-clusters", "3", "--config", config]
+    run = tmp_path / "run"
+    proc = _torchrun([*args, "-o", run])
+    try:
+        wait_for(lambda: (run / "checkpoint.pt").exists(), timeout=240, proc=proc, poll=0.01)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        proc.wait(timeout=120)
+        elapsed = time.monotonic() - sent
+    finally:
+        _kill_group(proc)
+    out = proc.stdout.read()
+    assert proc.returncode != 0 and elapsed < 60, (proc.returncode, elapsed, out[-3000:])
+    assert out.count("error: training stopped by SIGTERM") == 2, out[-3000:]  # one line per rank, same step
+    saved = load_checkpoint(run / "checkpoint.pt")
+    assert saved["step"] > 0 and not (run / "model.pt").exists()
+    for target, extra in ((run, ["--resume"]), (tmp_path / "straight", [])):
+        proc = _torchrun([*args, "-o", target, *extra])
+        try:
+            proc.wait(timeout=300)
+        finally:
+            _kill_group(proc)
+        assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    _assert_same_model(run / "model.pt", tmp_path / "straight" / "model.pt")
