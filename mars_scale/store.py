@@ -919,16 +919,23 @@ def x_rows_damage(
                 return "read back zeros (a chunk of X/data is missing)"
             return "hold values that are not finite and positive in X/data"
     if indices is not None and indices.size:
-        if indices.size - np.count_nonzero(indices) > indptr.shape[0] - 1:
-            return "read back zeros (a chunk of X/indices is missing)"
-        if indices.min() < 0 or (n_genes is not None and indices.max() >= n_genes):
-            return f"hold gene indices outside 0:{n_genes if n_genes is not None else 'n_genes'} in X/indices"
+        # One pass: strictly rising within each row. Then each row's first and last index are
+        # its smallest and largest, so the range check needs only those.
         rising = indices[1:] > indices[:-1]
-        starts = (indptr[1:-1] - indptr[0]).astype(np.int64, copy=False)
-        starts = starts[(starts > 0) & (starts < indices.size)]
-        rising[starts - 1] = True  # a row may start lower than the last one ended
-        if not rising.all():
+        bounds = (indptr - indptr[0]).astype(np.int64, copy=False)
+        starts = bounds[1:-1]
+        rising[starts[(starts > 0) & (starts < indices.size)] - 1] = True  # a row may start lower
+        outside = f"hold gene indices outside 0:{n_genes if n_genes is not None else 'n_genes'} in X/indices"
+        if not rising.all():  # say what is wrong (these passes run only on damage)
+            if indices.size - np.count_nonzero(indices) > indptr.shape[0] - 1:
+                return "read back zeros (a chunk of X/indices is missing)"
+            if indices.min() < 0 or (n_genes is not None and indices.max() >= n_genes):
+                return outside
             return "hold gene indices that are not sorted and unique within a row in X/indices"
+        full = bounds[1:] > bounds[:-1]  # rows with at least one value
+        first, last = indices[bounds[:-1][full]], indices[bounds[1:][full] - 1]
+        if first.min() < 0 or (n_genes is not None and last.max() >= n_genes):
+            return outside
     return None
 
 
