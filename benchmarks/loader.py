@@ -368,7 +368,54 @@ def measure_simulate(p: dict) -> dict:
     return {"simulate_s": round(time.perf_counter() - t0, 1)}
 
 
+def measure_check_costs(p: dict) -> dict:
+    """CPU cost per cell of the chunk checksums and of the row checks, by themselves.
+
+    Best of ``repeats`` passes over the whole of X (single thread): checking the checksum of
+    every chunk the loader reads (``X/data``, ``X/indices``, ``X/indptr``,
+    ``obs/cell_type/codes``; the encoded bytes are read into memory first), and the row
+    checks of ``x_rows_damage`` against those of before issue 17 over every row block.
+    """
+    from mars_scale.store import _strip_checksum, open_store, x_rows_damage
+
+    store = open_store(p["store"])
+    blobs, kinds = [], []
+    for key in ("X/data", "X/indices", "X/indptr", "obs/cell_type/codes"):
+        reader = store.reader(key)
+        files = reader._files
+        for i in range(-(-reader.size // files.chunk)):
+            blob = reader._chunk_bytes(i)
+            if blob is not None:
+                blobs.append(blob)
+                kinds.append(files.checksum)
+    n_bytes = sum(len(b) for b in blobs)
+    blocks = []
+    for a in range(0, store.n_cells, store.rows_per_chunk):
+        b = min(store.n_cells, a + store.rows_per_chunk)
+        ptr = store.reader("X/indptr").read(a, b + 1)
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        blocks.append((ptr, store.reader("X/data").read(lo, hi), store.reader("X/indices").read(lo, hi)))
+    nnz, n_genes = store.reader("X/data").size, store.n_genes
+    best = {"checksums": float("inf"), "row_checks": float("inf"), "row_checks_before": float("inf")}
+    for _ in range(p.get("repeats", 7)):
+        t0 = time.process_time()
+        for blob, kind in zip(blobs, kinds):
+            _strip_checksum(blob, kind)
+        t1 = time.process_time()
+        for ptr, data, indices in blocks:
+            x_rows_damage(ptr, data, indices, n_genes=n_genes, nnz=nnz)
+        t2 = time.process_time()
+        for ptr, data, indices in blocks:
+            _old_row_checks(ptr, data, indices)
+        t3 = time.process_time()
+        for k, v in zip(best, (t1 - t0, t2 - t1, t3 - t2)):
+            best[k] = min(best[k], v)
+    return {"encoded_mb": round(n_bytes / 1e6, 1), "checksum_kinds": sorted({str(k) for k in kinds}),
+            **{f"{k}_us_per_cell": round(v / store.n_cells * 1e6, 4) for k, v in best.items()}}
+
+
 MEASUREMENTS = {
+    "check_costs": measure_check_costs,
     "raw": measure_raw,
     "loader": measure_loader,
     "anndata_zarr": measure_anndata_zarr,
@@ -565,7 +612,8 @@ def main() -> None:
 def checksum_cost_main(args) -> None:
     """Loader throughput on one input ingested with and without chunk checksums, interleaved.
 
-    Per layout, three loader runs per repeat, their order rotated between repeats:
+    Per layout, three loader runs per repeat (three epochs each; the last is timed), their
+    order rotated between repeats:
     ``checksums`` (the current store), ``no_checksums`` (the same cells written as spec 0.1.0
     did) and ``no_checksums_old_row_checks`` (that store read with the row checks of before
     issue 17, which only looked for missing chunks). Plus the raw direct reads of X
@@ -608,7 +656,7 @@ def checksum_cost_main(args) -> None:
             for v in order:
                 res = run_measurement(script, "loader", {
                     "store": stores[v == "checksums"], "batch_size": args.batch_size, "rows_per_block": rows,
-                    "old_row_checks": v.endswith("old_row_checks"),
+                    "old_row_checks": v.endswith("old_row_checks"), "epochs": 3,
                 })
                 runs[v].append(res)
             for checksums in ((True, False) if rep % 2 == 0 else (False, True)):
@@ -616,8 +664,32 @@ def checksum_cost_main(args) -> None:
                     "store": stores[checksums], "chunks_per_block": [1, 4], "threads": [1, 4]}))
         entry["loader"] = runs
         entry["raw"] = {"checksums": raw[True], "no_checksums": raw[False]}
+        costs = entry["check_costs"] = run_measurement(script, "check_costs", {"store": stores[True]})
+        best_cpu = max(r["cells_per_cpu_s"] for r in runs["checksums"])  # least disturbed run
+        loader_us = 1e6 / best_cpu
         per_rep = lambda a, b: [x["cells_per_s"] / y["cells_per_s"] for x, y in zip(runs[a], runs[b])]  # noqa: E731
+        per_rep_cpu = lambda a, b: [x["cells_per_cpu_s"] / y["cells_per_cpu_s"] for x, y in zip(runs[a], runs[b])]  # noqa: E731
         entry["summary"] = {
+            # the costs by themselves, over the loader's CPU time per cell (its best run):
+            # robust on a busy machine, where whole-loader ratios scatter by tens of percent
+            "loader_cpu_us_per_cell_best": round(loader_us, 3),
+            "checksums_us_per_cell": costs["checksums_us_per_cell"],
+            "checksums_fraction_of_loader_cpu": round(costs["checksums_us_per_cell"] / loader_us, 4),
+            "row_checks_added_us_per_cell": round(costs["row_checks_us_per_cell"] - costs["row_checks_before_us_per_cell"], 4),
+            "row_checks_added_fraction_of_loader_cpu": round(
+                (costs["row_checks_us_per_cell"] - costs["row_checks_before_us_per_cell"]) / loader_us, 4),
+            "loader_best_cells_per_s": {v: max(r["cells_per_s"] for r in runs[v]) for v in variants},
+            "loader_best_checksums_over_no_checksums": round(
+                max(r["cells_per_s"] for r in runs["checksums"]) / max(r["cells_per_s"] for r in runs["no_checksums"]), 3),
+            # CPU time: what the checks cost, and far less sensitive than wall time to other
+            # work on a shared machine (the load average is recorded at the start and end)
+            "loader_cells_per_cpu_s_median": {v: _median([r["cells_per_cpu_s"] for r in runs[v]]) for v in variants},
+            "loader_cpu_checksums_over_no_checksums_median": _median(per_rep_cpu("checksums", "no_checksums")),
+            "loader_cpu_checksums_over_no_checksums_per_repeat": [
+                round(x, 3) for x in per_rep_cpu("checksums", "no_checksums")],
+            "loader_cpu_new_row_checks_over_old_median": _median(per_rep_cpu("no_checksums", "no_checksums_old_row_checks")),
+            "loader_cpu_checksums_and_new_checks_over_neither_median": _median(
+                per_rep_cpu("checksums", "no_checksums_old_row_checks")),
             "loader_cells_per_s_median": {v: _median([r["cells_per_s"] for r in runs[v]]) for v in variants},
             "loader_checksums_over_no_checksums_median": _median(per_rep("checksums", "no_checksums")),
             "loader_checksums_over_no_checksums_per_repeat": [round(x, 3) for x in per_rep("checksums", "no_checksums")],
