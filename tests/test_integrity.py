@@ -127,6 +127,8 @@ def test_older_store_opens_reads_and_info_says_it_has_no_checksums(tmp_path, mon
     assert "no chunk checksums" not in CliRunner().invoke(main, ["info", str(stores[3])]).output
     assert metadata_damage(old, required=False) is None
     assert metadata_damage(old) is not None  # a checksummed store may not lack them
+    result = CliRunner().invoke(main, ["verify", str(old)])
+    assert result.exit_code == 0 and "no checksums in spec 0.1.0: structure only" in result.output, result.output
 
 
 # ------------------------------------------------------------------------- structural checks
