@@ -395,6 +395,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS) + [SYNTHETIC])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--held-out", nargs="+", default=None,
+                        help="Only these held-out experiments (default: every experiment in turn).")
+    parser.add_argument("--nothing-removed", action="store_true", help="Only the scenarios with no type removed.")
     parser.add_argument("--workdir", type=Path, default=Path("/work/scratch/novelty"))
     parser.add_argument("--score-only", action="store_true", help="Score the cached runs; train nothing.")
     parser.add_argument("--extra-k", type=int, default=0,
@@ -416,7 +419,8 @@ def main() -> None:
     for dataset in args.datasets:
         source = _source(dataset, args.workdir)
         for sc in scenarios(source):
-            if args.extra_k and sc["removed"] is not None:
+            if ((args.extra_k or args.nothing_removed) and sc["removed"] is not None) or (
+                    args.held_out and sc["held_out"] not in args.held_out):
                 continue
             for seed in args.seeds:
                 tag = f"{sc['held_out']}__{sc['removed'] or 'none'}"
