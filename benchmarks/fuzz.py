@@ -190,7 +190,10 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def _prime(store: str) -> int:
-    """Read the undamaged store once (in the worker) as the reference."""
+    """Read the undamaged store once (in the worker) as the reference; silence the worker.
+
+    Only for the worker process: it turns off logging and warnings process-wide.
+    """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import warnings
 
