@@ -23,9 +23,11 @@ from mars_scale.errors import (
 class _DefaultLogHandler(logging.StreamHandler):
     """INFO lines of the library on stderr while the application has configured no logging.
 
-    A Python session then sees what the CLI shows (sizes, epochs, timings). Once the root
-    logger has a handler (``logging.basicConfig``, pytest, a notebook's own setup) this handler
-    stays silent and records propagate there as usual; ``mars-scale`` installs its own.
+    Installed at import only when logging is not configured yet (the root logger has no
+    handler), as in a plain Python session or a notebook, which then sees what the CLI shows
+    (sizes, epochs, timings). Once the root logger gets a handler (``logging.basicConfig``) this
+    handler stays silent and records propagate there as usual; ``mars-scale`` installs its own.
+    Where logging is configured before the import (an application, pytest) nothing is changed.
     ``logging.getLogger("mars_scale").setLevel(logging.WARNING)`` quiets the library.
     """
 
@@ -40,7 +42,7 @@ class _DefaultLogHandler(logging.StreamHandler):
 
 
 _logger = logging.getLogger("mars_scale")
-if not _logger.handlers:
+if not _logger.handlers and not logging.getLogger().handlers:
     _logger.addHandler(_DefaultLogHandler())
     if _logger.level == logging.NOTSET:
         _logger.setLevel(logging.INFO)
