@@ -143,13 +143,14 @@ def verify(store, quick) -> None:
 @click.option("--finetune-epochs", type=int, default=None, help="MARS fine-tuning epochs (default: 30, or the config file's).")
 @click.option("--batch-size", type=int, default=None, help="Cells per minibatch per process (under torchrun, per GPU) and per stream (default: 128, or the config file's).")
 @click.option("--n-top-genes", type=int, default=None, help="Train on this many highly variable genes (seurat_v3 over experiments, from the counts); the model records them for annotate (default: all genes, or the config file's).")
+@click.option("--annotated-contrast", type=float, default=None, help="Weight of the cross-entropy that pushes each annotated cell from its siblings' landmarks; 10 when the reference holds close subtypes (default: 0, or the config file's; docs/algorithm.md).")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto, or the config file's).")
 @click.option("--seed", type=int, default=None, help="Seeds weights, K-means and batch order (default: 0, or the config file's).")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model in RUN_DIR.")
 @_user_errors
 def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs, finetune_epochs,
-          batch_size, n_top_genes, device, seed, resume, overwrite) -> None:
+          batch_size, n_top_genes, annotated_contrast, device, seed, resume, overwrite) -> None:
     """Train MARS on STORE with one experiment held out as unannotated.
 
     Runs as one process, or on several GPUs or nodes under torchrun:
@@ -169,7 +170,8 @@ def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs,
 
     config = load_config(config_file) if config_file else RunConfig()
     config = override(config, pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
-                      batch_size=batch_size, n_top_genes=n_top_genes, device=device, seed=seed)
+                      batch_size=batch_size, n_top_genes=n_top_genes, annotated_contrast=annotated_contrast,
+                      device=device, seed=seed)
     if (Path(run_dir) / MODEL_NAME).exists() and not (overwrite or resume):
         raise InputError(f"{run_dir}: already holds a trained model (pass --overwrite to replace it)")
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)

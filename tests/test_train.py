@@ -431,3 +431,32 @@ def test_rows_per_block_reaches_the_training_loaders(tmp_path, monkeypatch):
     assert training[0] >= 100 // 16  # exp0's 100 cells in blocks of about 16 rows
     with pytest.raises(ConfigError, match="rows_per_block"):
         TrainConfig(rows_per_block=0)
+
+
+def test_cli_annotated_contrast_reaches_the_training_config(tmp_path, monkeypatch):
+    """``train --annotated-contrast W`` sets ``TrainConfig.annotated_contrast``; a negative weight
+    is refused with exit 2 before anything is trained."""
+    from click.testing import CliRunner
+
+    import mars_scale.model as model_module
+    from mars_scale.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_mars(store, *, unannotated, n_clusters, config):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(model_module, "Mars", fake_mars)
+    args = ["train", str(tmp_path / "atlas.zarr"), "--unannotated", "e", "--n-clusters", "3",
+            "-o", str(tmp_path / "run"), "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--annotated-contrast", "10"])
+    assert isinstance(result.exception, Stop), result.output
+    assert seen["config"].train.annotated_contrast == 10.0
+    result = CliRunner().invoke(main, args)
+    assert seen["config"].train.annotated_contrast == 0.0
+    refused = CliRunner().invoke(main, [*args, "--annotated-contrast", "-1"])
+    assert refused.exit_code == 2 and "annotated_contrast" in refused.output
