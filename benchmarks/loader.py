@@ -494,6 +494,22 @@ def _median(values: list[float]) -> float:
     return round(statistics.median(values), 3) if values else float("nan")
 
 
+def _start_run(args) -> tuple[Path, str, float, dict]:
+    """The scratch folder (refused inside the repository), the run key, the start time and the
+    record's opening fields, shared by the two benchmark modes."""
+    script = Path(__file__).resolve()
+    scratch = args.scratch.resolve()
+    if script.parents[1] in [scratch, *scratch.parents]:
+        raise SystemExit(f"--scratch {scratch} is inside the repository; use a directory outside it")
+    scratch.mkdir(parents=True, exist_ok=True)
+    record: dict = {
+        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": "python " + " ".join([f"benchmarks/{script.name}", *sys.argv[1:]]),
+        "load_average_start": load_average(),
+    }
+    return scratch, f"{args.n_cells}x{args.n_genes}", time.perf_counter(), record
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-cells", type=int, default=200_000)
@@ -524,17 +540,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
     script = Path(__file__).resolve()
-    scratch = args.scratch.resolve()
-    if Path(__file__).resolve().parents[1] in [scratch, *scratch.parents]:
-        raise SystemExit(f"--scratch {scratch} is inside the repository; use a directory outside it")
-    scratch.mkdir(parents=True, exist_ok=True)
-    key = f"{args.n_cells}x{args.n_genes}"
-    started = time.perf_counter()
-    record: dict = {
-        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "command": "python " + " ".join([f"benchmarks/{script.name}", *sys.argv[1:]]),
-        "load_average_start": load_average(),
-    }
+    scratch, key, started, record = _start_run(args)
 
     h5ad = scratch / f"sim_{key}.h5ad"
     if not h5ad.exists():
@@ -667,18 +673,8 @@ def checksum_cost_main(args) -> None:
     """
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     script = Path(__file__).resolve()
-    scratch = args.scratch.resolve()
-    if Path(__file__).resolve().parents[1] in [scratch, *scratch.parents]:
-        raise SystemExit(f"--scratch {scratch} is inside the repository; use a directory outside it")
-    scratch.mkdir(parents=True, exist_ok=True)
-    key = f"{args.n_cells}x{args.n_genes}"
-    started = time.perf_counter()
-    record: dict = {
-        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "command": "python " + " ".join([f"benchmarks/{script.name}", *sys.argv[1:]]),
-        "load_average_start": load_average(),
-        "layouts": {},
-    }
+    scratch, key, started, record = _start_run(args)
+    record["layouts"] = {}
     h5ad = scratch / f"sim_{key}.h5ad"
     if not h5ad.exists():
         record["simulate"] = run_measurement(script, "simulate", {
