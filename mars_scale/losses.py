@@ -88,14 +88,58 @@ def annotated_contrast_loss(
     return (weights * torch.where(weights > 0, ce, torch.zeros_like(ce))).sum()
 
 
-def unannotated_cell_loss(z: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over the batch of the squared distance to the nearest landmark, and the assignment."""
+def unannotated_cell_loss(
+    z: torch.Tensor, landmarks: torch.Tensor, *, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared distance of the batch's cells to their nearest landmark, and the assignment.
+
+    Parameters
+    ----------
+    z
+        Embeddings, shape ``(n, d)``.
+    landmarks
+        Landmarks, shape ``(k, d)``.
+    keep
+        Boolean mask of the rows that count, shape ``(n,)``: ``~batch.is_padding`` drops the
+        rows the loader repeats to give every rank the same batch count. ``None``: every row.
+
+    Returns
+    -------
+    loss
+        ``mean_j min_k d(z_j, p_k)`` over the kept rows (0 when none is kept, so a batch of
+        padding alone adds nothing).
+    assign
+        Index of the nearest landmark of every row, kept or not, shape ``(n,)``.
+    """
     dist = squared_distances(z, landmarks)
     best, assign = dist.min(dim=1)
-    return best.mean(), assign
+    if keep is None:
+        return best.mean(), assign
+    # No boolean indexing: the mask stays on the device (no host sync per step).
+    kept = torch.where(keep, best, torch.zeros_like(best)).sum()
+    return kept / keep.sum().clamp(min=1).to(best.dtype), assign
 
 
-def unannotated_landmark_loss(z: torch.Tensor, landmarks: torch.Tensor, *, lam: float) -> torch.Tensor:
-    """``L_u`` of eq. 2 on a batch, as a function of the landmarks (``z`` is held fixed)."""
-    cell, _ = unannotated_cell_loss(z, landmarks)
+def unannotated_landmark_loss(
+    z: torch.Tensor, landmarks: torch.Tensor, *, lam: float, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``L_u`` of eq. 2 on a batch, as a function of the landmarks (``z`` is held fixed).
+
+    Parameters
+    ----------
+    z
+        Embeddings, shape ``(n, d)``.
+    landmarks
+        Landmarks, shape ``(k, d)``.
+    lam
+        Weight of the landmark separation.
+    keep
+        Rows that count in the cell part (see :func:`unannotated_cell_loss`); ``None``: all.
+
+    Returns
+    -------
+    torch.Tensor
+        The scalar loss.
+    """
+    cell, _ = unannotated_cell_loss(z, landmarks, keep=keep)
     return cell - lam * landmark_separation(landmarks)

@@ -598,9 +598,10 @@ def _fit(
                 bu = next(stream_u).to(device) if p_u is not None else None
                 z = net(ba.x if bu is None else _cat_rows(ba.x, bu.x))
                 za, zu = z[: ba.x.shape[0]], z[ba.x.shape[0]:]
+                real_u = ~bu.is_padding if bu is not None else None  # padding rows count in no loss
                 if p_u is not None:  # landmarks step, encoder fixed
                     landmark_opt.zero_grad(set_to_none=True)
-                    loss_p = unannotated_landmark_loss(zu.detach(), p_u, lam=tc.lam)
+                    loss_p = unannotated_landmark_loss(zu.detach(), p_u, lam=tc.lam, keep=real_u)
                     loss_p.backward()
                     if info.initialized:
                         all_reduce_sum(p_u.grad, info).div_(info.world_size)
@@ -613,7 +614,8 @@ def _fit(
                 if tc.annotated_contrast > 0:
                     loss_a = loss_a + tc.annotated_contrast * annotated_contrast_loss(
                         za, p_a, annotated.experiment_of, ba.experiment, idx, w)
-                loss_u = unannotated_cell_loss(zu, p_u.detach())[0] if p_u is not None else torch.zeros((), device=device)
+                loss_u = (unannotated_cell_loss(zu, p_u.detach(), keep=real_u)[0] if p_u is not None
+                          else torch.zeros((), device=device))
                 loss = loss_a + tau * loss_u
                 _check_finite(loss, phase="warm-up" if p_u is None else "fine-tuning", epoch=epoch, step=step)
                 optimizer.zero_grad(set_to_none=True)

@@ -66,6 +66,73 @@ def test_unannotated_loss_matches_eq2_by_hand():
     assert unannotated_landmark_loss(z, p, lam=0.2).item() == pytest.approx(2 / 3 - 0.2 * 81.0)
 
 
+
+def test_padding_rows_count_in_no_unannotated_loss():
+    """The same batch with and without the loader's padding rows gives the same cell loss, the
+    same landmark loss and the same landmark gradient; a batch of padding alone gives 0."""
+    from mars_scale.losses import unannotated_cell_loss
+
+    rng = np.random.default_rng(4)
+    z = torch.tensor(rng.normal(size=(6, 3)))
+    pad = z[[0, 2]] + 50.0  # far from every landmark: counting them would move the loss a lot
+    padded = torch.cat([z, pad])
+    keep = torch.tensor([True] * 6 + [False] * 2)
+
+    def landmark_step(rows, keep):
+        p = torch.tensor(np.arange(9.0).reshape(3, 3) / 4, requires_grad=True)
+        loss = unannotated_landmark_loss(rows, p, lam=0.2, keep=keep)
+        loss.backward()
+        return loss.item(), p.grad
+
+    p = torch.tensor(np.arange(9.0).reshape(3, 3) / 4)
+    reference = ((z.unsqueeze(1) - p.unsqueeze(0)) ** 2).sum(-1).min(1).values.mean()  # eq. 2 by hand
+    loss, assign = unannotated_cell_loss(padded, p, keep=keep)
+    assert float(loss) == pytest.approx(float(reference), rel=1e-12)
+    assert float(unannotated_cell_loss(padded, p)[0]) > 10 * float(reference)  # unmasked, the padding counts
+    assert assign.shape == (8,)
+    loss_p, grad_p = landmark_step(padded, keep)
+    loss_ref, grad_ref = landmark_step(z, None)
+    assert loss_p == pytest.approx(loss_ref, rel=1e-12)
+    torch.testing.assert_close(grad_p, grad_ref)
+    only = unannotated_cell_loss(pad, p, keep=torch.zeros(2, dtype=torch.bool))[0]
+    assert float(only) == 0.0 and torch.isfinite(only)
+
+
+def test_training_ignores_padding_rows_in_the_unannotated_batches(tmp_path, monkeypatch):
+    """Fine-tuning on unannotated batches that carry extra padding rows (as a rank of a padded
+    DDP epoch does) gives the model trained on the same batches without them."""
+    import mars_scale.train as train_module
+    from mars_scale.loader import Batch, Loader
+
+    def with_padding(batch: Batch) -> Batch:
+        x = batch.x
+        csr = sp.csr_matrix((x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()), shape=x.shape)
+        rows = np.r_[np.arange(batch.n_rows), 0, 1, 2]  # the loader pads with repeats of real rows
+        grown = csr[rows]
+        dtype = x.crow_indices().numpy().dtype
+        return Batch(
+            x=torch.sparse_csr_tensor(torch.from_numpy(grown.indptr.astype(dtype)), torch.from_numpy(grown.indices.astype(dtype)),
+                                      torch.from_numpy(grown.data.astype(np.float32)), size=grown.shape),
+            experiment=batch.experiment[rows], label=batch.label[rows], index=batch.index[rows],
+            is_padding=torch.from_numpy(np.r_[batch.is_padding.numpy(), True, True, True]),
+            epoch=batch.epoch, step=batch.step,
+        )
+
+    fine_tune_seed = TINY.train.seed + 2  # the trainer's unannotated fine-tuning stream
+
+    class PaddedLoader(Loader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                yield with_padding(batch) if self.shuffle and self.seed == fine_tune_seed else batch
+
+    store = _balanced_store(tmp_path)
+    plain = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train()
+    monkeypatch.setattr(train_module, "Loader", PaddedLoader)
+    padded = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train()
+    finetune = [[h["unannotated"] for h in m.history if h["phase"] == "finetune"] for m in (plain, padded)]
+    np.testing.assert_allclose(finetune[1], finetune[0], rtol=1e-5)
+    np.testing.assert_allclose(padded.unannotated_landmarks, plain.unannotated_landmarks, rtol=1e-5, atol=1e-6)
+
 def test_minibatch_annotated_loss_sums_to_full_batch():
     """The Horvitz-Thompson weights make an epoch of batches add up to sum_i L_i (cell part)."""
     from mars_scale.losses import annotated_cell_loss
