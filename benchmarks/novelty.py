@@ -53,7 +53,8 @@ from _common import load_average, peak_rss_mb, write_result  # noqa: E402
 
 logger = logging.getLogger("benchmarks.novelty")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the shared data (tests/conftest.py): $MARS_SCALE_DATA, else ../shared/data beside the checkout
+DATA = Path(os.environ.get("MARS_SCALE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 DATASETS = (
     "mesc_kolodziejczyk2015_mini",
     "pancreas_3studies_beta_ductal_mini",
