@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 from mars_scale.errors import CheckpointMismatchError, InputError, TrainingInterrupted
+from mars_scale.store import Atlas, spec_compatible
 
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "check_genes",
+    "check_store",
     "StopSignals",
     "check_run_dir",
     "describe_checkpoint",
@@ -103,6 +105,43 @@ def check_genes(saved: list[str], store_genes: list[str], *, where: str) -> None
         f"{where}: the store's genes do not match the model's ({detail}); "
         "ingest the data with the model's gene list or train a new model"
     )
+
+
+def check_store(state: dict[str, Any], store: Atlas, *, source: str | os.PathLike) -> None:
+    """Refuse a store that a checkpoint or saved model does not fit.
+
+    The store's genes must be the model's (:func:`check_genes`), and its spec version must read
+    like the one the model was trained on (``state["store_spec"]``; same major version, and
+    same minor while the major is 0: :func:`mars_scale.store.spec_compatible`).
+
+    Parameters
+    ----------
+    state
+        A payload read by :func:`load_checkpoint` (or a trained model's state).
+    store
+        The store the model is to be used with.
+    source
+        The checkpoint or model file, named in the error.
+
+    Raises
+    ------
+    CheckpointMismatchError
+        If the genes differ, or the store spec is missing from ``state`` or differs from the
+        store's.
+    """
+    saved = state.get("store_spec")
+    if saved is None:
+        raise CheckpointMismatchError(
+            f"{source}: store_spec is missing, so the store it was trained on is unknown "
+            "(not written by mars-scale train; train a new model)"
+        )
+    if not spec_compatible(str(saved), store.spec_version):
+        raise CheckpointMismatchError(
+            f"{store.path}: store spec {store.spec_version} does not match the store_spec {saved} that "
+            f"{source} was trained on (re-ingest the data with the mars-scale release of the model, "
+            "or train a new model on this store)"
+        )
+    check_genes(state["gene_ids"], list(store.gene_ids), where=str(store.path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mars_scale.checkpoint import check_genes, describe_checkpoint, load_checkpoint, save_checkpoint
+from mars_scale.checkpoint import check_store, describe_checkpoint, load_checkpoint, save_checkpoint
 from mars_scale.config import RunConfig, config_from_dict
 from mars_scale.device import resolve_device
 from mars_scale.distributed import DistInfo
@@ -103,7 +103,7 @@ class Mars:
             # a finished run keeps model.pt only (save removes the checkpoint): nothing is left to do
             state = load_checkpoint(run_path / MODEL_NAME)
             if state.get("phase") == "done":
-                check_genes(state["gene_ids"], list(self.store.gene_ids), where=str(self.store.path))
+                check_store(state, self.store, source=run_path / MODEL_NAME)
                 logger.info("%s: training already finished; nothing to resume", run_path / MODEL_NAME)
                 self.state, self._encoder = state, None
                 return self
@@ -113,7 +113,7 @@ class Mars:
             resume = False
         if resume:
             saved = load_checkpoint(run_path / CHECKPOINT_NAME)
-            check_genes(saved["gene_ids"], list(self.store.gene_ids), where=str(self.store.path))
+            check_store(saved, self.store, source=run_path / CHECKPOINT_NAME)
         self.state = fit(
             self.store, self.plan, self.config, device=device, info=info, run_dir=run_path,
             resume=resume, stop_after_epoch=stop_after_epoch,
@@ -182,7 +182,7 @@ class Mars:
 
     def _check_store(self, store: Atlas | str | os.PathLike | None) -> Atlas:
         store = self.store if store is None else _as_store(store)
-        check_genes(self._require_trained()["gene_ids"], list(store.gene_ids), where=str(store.path))
+        check_store(self._require_trained(), store, source="the model")
         return store
 
     # -- persistence -------------------------------------------------------------------------
@@ -233,7 +233,8 @@ class Mars:
         Raises
         ------
         CheckpointMismatchError
-            If the file is missing or not a model, or the store's genes differ from the model's.
+            If the file is missing or not a model, or the store's genes or spec version differ
+            from the model's (:func:`~mars_scale.checkpoint.check_store`).
         """
         path = Path(run_dir)
         if path.is_dir() and not (path / MODEL_NAME).exists() and (path / CHECKPOINT_NAME).exists():
@@ -246,7 +247,7 @@ class Mars:
         if state.get("phase") != "done":
             raise CheckpointMismatchError(f"{path}: training did not finish (resume it with --resume)")
         store = _as_store(store)
-        check_genes(state["gene_ids"], list(store.gene_ids), where=str(store.path))
+        check_store(state, store, source=path)
         config = config_from_dict(state["config"], source=str(path))
         obj = cls.__new__(cls)
         obj.store, obj.config, obj.state, obj._encoder = store, config, state, None

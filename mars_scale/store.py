@@ -42,6 +42,7 @@ from mars_scale.errors import StoreError
 __all__ = [
     "SPEC_TYPE",
     "SPEC_VERSION",
+    "spec_compatible",
     "StoreLayout",
     "Atlas",
     "open_store",
@@ -671,6 +672,24 @@ def _compat_key(version: str) -> tuple[int, ...]:
     except ValueError:
         return (-1,)
     return (major,) if major >= 1 else (0, minor)
+
+
+def spec_compatible(version: str, other: str) -> bool:
+    """Whether two store spec versions read alike: the same major, and minor while major is 0.
+
+    Parameters
+    ----------
+    version, other
+        Spec versions such as ``"0.1.1"``.
+
+    Returns
+    -------
+    bool
+        True when a reader of one reads the other (``"0.1.0"`` and ``"0.1.1"``), False
+        otherwise or when either is not a version.
+    """
+    key = _compat_key(version)
+    return key != (-1,) and key == _compat_key(other)
 
 
 class Atlas:

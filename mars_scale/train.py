@@ -44,7 +44,7 @@ from mars_scale.losses import (
     unannotated_landmark_loss,
 )
 from mars_scale.nn import Autoencoder
-from mars_scale.store import SPEC_VERSION, Atlas
+from mars_scale.store import Atlas
 
 __all__ = ["TrainPlan", "plan_training", "fit", "embed", "select_genes", "CHECKPOINT_NAME"]
 
@@ -457,7 +457,7 @@ def _fit(
         "config": config_to_dict(config),
         "gene_ids": [str(g) for g in store.gene_ids],
         "gene_index": None if genes is None else torch.as_tensor(genes),
-        "store_spec": SPEC_VERSION,
+        "store_spec": store.spec_version,  # checked against the store on load (checkpoint.check_store)
         "unannotated": plan.unannotated,
         "annotated": list(plan.annotated),
         "experiments": list(plan.experiments),

@@ -263,6 +263,49 @@ def test_train_save_load_and_gene_check(tmp_path):
         Mars.load(tmp_path / "run", other)
 
 
+
+def test_store_spec_is_checked_when_a_model_or_checkpoint_is_loaded(tmp_path):
+    """The checkpoint records the spec of the store it was trained on; loading it for a store
+    whose spec reads differently (or with no spec recorded) is refused, naming the field."""
+    from mars_scale.checkpoint import load_checkpoint, save_checkpoint
+
+    store = _balanced_store(tmp_path)
+    atlas = open_store(store)
+    quick = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "pretrain_epochs": 1,
+                                                             "finetune_epochs": 1}))
+    model = Mars(store, unannotated="exp0", n_clusters=3, config=quick)
+    model.train(run_dir=tmp_path / "part", stop_after_epoch=1)  # leaves checkpoint.pt
+    model.train(run_dir=tmp_path / "run")
+    model.save(tmp_path / "run")
+    saved = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert saved["store_spec"] == atlas.spec_version
+    major, minor, patch = (int(v) for v in atlas.spec_version.split("."))
+
+    def with_spec(path: Path, spec):
+        payload = load_checkpoint(path)
+        if spec is None:
+            del payload["store_spec"]
+        else:
+            payload["store_spec"] = spec
+        save_checkpoint(path, payload)
+
+    # same major.minor while the major is 0: the spec reads alike, the model loads
+    with_spec(tmp_path / "run" / "model.pt", f"{major}.{minor}.{patch + 7}")
+    Mars.load(tmp_path / "run", store)
+    newer = f"{major}.{minor + 1}.0"
+    with_spec(tmp_path / "run" / "model.pt", newer)
+    with pytest.raises(CheckpointMismatchError, match=rf"store spec {atlas.spec_version} .*store_spec {newer}"):
+        Mars.load(tmp_path / "run", store)
+    with pytest.raises(CheckpointMismatchError, match="store_spec"):
+        Mars(store, unannotated="exp0", n_clusters=3, config=quick).train(run_dir=tmp_path / "run", resume=True)
+    with_spec(tmp_path / "run" / "model.pt", None)
+    with pytest.raises(CheckpointMismatchError, match="model.pt: store_spec is missing"):
+        Mars.load(tmp_path / "run", store)
+    # a training checkpoint is checked before a resume
+    with_spec(tmp_path / "part" / "checkpoint.pt", "9.0.0")
+    with pytest.raises(CheckpointMismatchError, match="store_spec 9.0.0"):
+        Mars(store, unannotated="exp0", n_clusters=3, config=quick).train(run_dir=tmp_path / "part", resume=True)
+
 def test_resume_gives_the_uninterrupted_result(tmp_path):
     store = _balanced_store(tmp_path)
     full = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "full")
