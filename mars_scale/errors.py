@@ -7,6 +7,8 @@ builtin, so ``except ValueError`` keeps working. The CLI prints the message of a
 
 from __future__ import annotations
 
+import numbers
+
 __all__ = [
     "MarsScaleError",
     "InputError",
@@ -15,6 +17,7 @@ __all__ = [
     "CheckpointMismatchError",
     "TrainingError",
     "TrainingInterrupted",
+    "positive_int",
 ]
 
 
@@ -57,3 +60,28 @@ class TrainingInterrupted(MarsScaleError, RuntimeError):
         super().__init__(message)
         self.signum = int(signum)
         self.exit_code = 128 + self.signum
+
+
+def positive_int(value: object, *, name: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer (a Python or numpy integer, not a bool).
+
+    Parameters
+    ----------
+    value
+        The value to check.
+    name
+        The option's name, for the message.
+
+    Returns
+    -------
+    int
+        ``int(value)``.
+
+    Raises
+    ------
+    ConfigError
+        If ``value`` is not a positive integer.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)

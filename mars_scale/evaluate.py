@@ -115,7 +115,7 @@ from mars_scale.landmarks import kmeans, nearest
 from mars_scale.metrics import clustering_metrics
 from mars_scale.model import Mars
 from mars_scale.preprocess import fold_scaling, normalize_log1p, scaled_nonzero_values
-from mars_scale.store import Atlas, open_store
+from mars_scale.store import Atlas, as_store, open_store
 
 __all__ = [
     "METHODS",
@@ -160,10 +160,6 @@ _NAMING_TITLES = {
 }
 
 Progress = Callable[[str], None]
-
-
-def _as_store(store: Atlas | str | os.PathLike) -> Atlas:
-    return store if isinstance(store, Atlas) else open_store(store)
 
 
 def _labels(codes: np.ndarray, categories: list[str]) -> np.ndarray:
@@ -963,7 +959,7 @@ def leave_one_out(
         For unknown or unlabelled experiments, fewer than two labelled experiments, bad seeds,
         a bad ``k`` or other option.
     """
-    store = _as_store(store)
+    store = as_store(store)
     config = config or RunConfig()
     seeds = _check_seeds(seeds)
     _check_protocol_options(k, pca_components, pca_max_cells)
@@ -1057,7 +1053,7 @@ def leave_type_out(
         For an unknown type, a type that no held-out experiment holds, no scenario left, or
         the errors of :func:`leave_one_out`.
     """
-    store = _as_store(store)
+    store = as_store(store)
     config = config or RunConfig()
     seeds = _check_seeds(seeds)
     _check_protocol_options(k, pca_components, pca_max_cells)
@@ -1182,7 +1178,7 @@ def score_annotation(
 
     from mars_scale.annotate import result_keys
 
-    store = _as_store(store)
+    store = as_store(store)
     _check_int("k_neighbours", k_neighbours, 1)
     _check_int("knn_max_cells", knn_max_cells, 1)
     keys = result_keys(key_added)

@@ -50,9 +50,9 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mars_scale.errors import ConfigError, StoreError
+from mars_scale.errors import ConfigError, StoreError, positive_int
 from mars_scale.preprocess import normalize_log1p
-from mars_scale.store import Atlas, RangeReader, open_store, x_rows_damage
+from mars_scale.store import Atlas, RangeReader, as_store, x_rows_damage
 
 __all__ = ["Batch", "Loader"]
 
@@ -230,12 +230,6 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(rank), int(world_size)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
-
-
 class Loader(IterableDataset):
     """Minibatches of sparse log1p-normalised cells streamed from an atlas store.
 
@@ -311,11 +305,11 @@ class Loader(IterableDataset):
         genes: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         super().__init__()
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.blocks_per_buffer = _positive_int("blocks_per_buffer", blocks_per_buffer)
-        self.prefetch = _positive_int("prefetch", prefetch)
-        self.n_threads = _positive_int(
-            "n_threads", min(self.blocks_per_buffer, 4) if n_threads is None else n_threads
+        self.batch_size = positive_int(batch_size, name="batch_size")
+        self.blocks_per_buffer = positive_int(blocks_per_buffer, name="blocks_per_buffer")
+        self.prefetch = positive_int(prefetch, name="prefetch")
+        self.n_threads = positive_int(
+            min(self.blocks_per_buffer, 4) if n_threads is None else n_threads, name="n_threads"
         )
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
@@ -328,7 +322,7 @@ class Loader(IterableDataset):
         self.target_sum = float(target_sum)
         self.rank, self.world_size = _resolve_rank(rank, world_size)
 
-        self._store: Atlas | None = store if isinstance(store, Atlas) else open_store(store)
+        self._store: Atlas | None = as_store(store)
         self.path = Path(self._store.path)
         self._store_genes = self._store.n_genes
         self.genes = None
@@ -341,9 +335,8 @@ class Loader(IterableDataset):
                 )
         self.n_genes = self._store_genes if self.genes is None else len(self.genes)
         self.input_kind = self._store.input_kind
-        self.rows_per_block = _positive_int(
-            "rows_per_block",
-            self._store.rows_per_chunk if rows_per_block is None else rows_per_block,
+        self.rows_per_block = positive_int(
+            self._store.rows_per_chunk if rows_per_block is None else rows_per_block, name="rows_per_block"
         )
         self.experiments = self._select(experiments)
         names = self._store.experiments

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from mars_scale.device import resolve_device
 from mars_scale.distributed import DistInfo
 from mars_scale.errors import CheckpointMismatchError, InputError
 from mars_scale.nn import Autoencoder
-from mars_scale.store import Atlas, open_store
+from mars_scale.store import Atlas, as_store
 from mars_scale.train import CHECKPOINT_NAME, embed, fit, plan_training
 
 __all__ = ["Mars", "MODEL_NAME"]
@@ -31,10 +30,6 @@ __all__ = ["Mars", "MODEL_NAME"]
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "model.pt"
-
-
-def _as_store(store: Atlas | str | os.PathLike) -> Atlas:
-    return store if isinstance(store, Atlas) else open_store(store)
 
 
 class Mars:
@@ -66,7 +61,7 @@ class Mars:
         n_clusters: int,
         config: RunConfig | None = None,
     ) -> None:
-        self.store = _as_store(store)
+        self.store = as_store(store)
         self.config = config or RunConfig()
         self.plan = plan_training(self.store, unannotated=unannotated, n_clusters=n_clusters)
         self.state: dict[str, Any] | None = None
@@ -181,7 +176,7 @@ class Mars:
         return np.concatenate(idx), np.concatenate(zs)
 
     def _check_store(self, store: Atlas | str | os.PathLike | None) -> Atlas:
-        store = self.store if store is None else _as_store(store)
+        store = self.store if store is None else as_store(store)
         check_store(self._require_trained(), store, source="the model")
         return store
 
@@ -246,7 +241,7 @@ class Mars:
         state = load_checkpoint(path)
         if state.get("phase") != "done":
             raise CheckpointMismatchError(f"{path}: training did not finish (resume it with --resume)")
-        store = _as_store(store)
+        store = as_store(store)
         check_store(state, store, source=path)
         config = config_from_dict(state["config"], source=str(path))
         obj = cls.__new__(cls)

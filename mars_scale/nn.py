@@ -28,7 +28,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import skip_init
 
-from mars_scale.errors import ConfigError, InputError
+from mars_scale.errors import ConfigError, InputError, positive_int
 from mars_scale.preprocess import ScalingParams, fold_scaling
 
 __all__ = [
@@ -91,9 +91,9 @@ class ModelConfig:
             raise ConfigError(
                 f"ModelConfig.hidden must be a sequence of positive integers, got {self.hidden!r}."
             )
-        hidden = tuple(_positive_int(h, "ModelConfig.hidden") for h in self.hidden)
+        hidden = tuple(positive_int(h, name="ModelConfig.hidden") for h in self.hidden)
         object.__setattr__(self, "hidden", hidden)
-        object.__setattr__(self, "n_latent", _positive_int(self.n_latent, "ModelConfig.n_latent"))
+        object.__setattr__(self, "n_latent", positive_int(self.n_latent, name="ModelConfig.n_latent"))
         dropout = self.dropout
         if (
             isinstance(dropout, bool)
@@ -102,13 +102,6 @@ class ModelConfig:
         ):
             raise ConfigError(f"ModelConfig.dropout must be a number in [0, 1), got {dropout!r}.")
         object.__setattr__(self, "dropout", float(dropout))
-
-
-def _positive_int(value: object, name: str) -> int:
-    """Return ``value`` as an ``int`` if it is a positive integer, else raise ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
 
 
 def _torch_generator(rng: RNGLike) -> torch.Generator:
@@ -201,8 +194,8 @@ class SparseScaledLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.n_genes = _positive_int(n_genes, "n_genes")
-        self.n_out = _positive_int(n_out, "n_out")
+        self.n_genes = positive_int(n_genes, name="n_genes")
+        self.n_out = positive_int(n_out, name="n_out")
         params = fold_scaling(_to_numpy(mean), _to_numpy(std), max_value=max_value)
         if params.n_genes != self.n_genes:
             raise InputError(
@@ -632,8 +625,8 @@ class FCBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        n_in = _positive_int(n_in, "n_in")
-        n_out = _positive_int(n_out, "n_out")
+        n_in = positive_int(n_in, name="n_in")
+        n_out = positive_int(n_out, name="n_out")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}.")
         if linear is None:
@@ -690,7 +683,7 @@ class MLP(nn.Sequential):
         rng: RNGLike = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        widths = [_positive_int(w, "widths") for w in widths]
+        widths = [positive_int(w, name="widths") for w in widths]
         if not widths:
             raise ConfigError("widths must hold at least the input width.")
         generator = _torch_generator(rng)
@@ -751,7 +744,7 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         self.config = ModelConfig(hidden=tuple(hidden), n_latent=n_latent, dropout=dropout)
-        self.n_genes = _positive_int(n_genes, "n_genes")
+        self.n_genes = positive_int(n_genes, name="n_genes")
         self.n_latent = self.config.n_latent
         widths = (*self.config.hidden, self.n_latent)
         generator = _torch_generator(rng)
@@ -838,7 +831,7 @@ class Decoder(nn.Module):
         self.config = ModelConfig(
             hidden=tuple(hidden), n_latent=n_latent, dropout=dropout, decoder_output=output
         )
-        self.n_genes = _positive_int(n_genes, "n_genes")
+        self.n_genes = positive_int(n_genes, name="n_genes")
         self.n_latent = self.config.n_latent
         widths = (self.n_latent, *reversed(self.config.hidden))
         generator = _torch_generator(rng)

@@ -46,6 +46,7 @@ __all__ = [
     "StoreLayout",
     "Atlas",
     "open_store",
+    "as_store",
     "atomic_directory",
     "check_replaceable",
     "store_lock",
@@ -467,26 +468,6 @@ class CSRWriter:
                 "shape": [self.n_rows, self.n_cols],
             }
         )
-
-
-def _stamp_array(array: zarr.Array) -> None:
-    array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-
-
-def write_categorical(group: zarr.Group, name: str, codes: np.ndarray, categories) -> None:
-    """Write an anndata ``categorical`` element (codes, -1 = missing)."""
-    from anndata.io import write_elem
-
-    cat = group.create_group(name)
-    cat.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
-    write_elem(cat, "categories", np.asarray([str(c) for c in categories], dtype=object))
-    arr = cat.create_array(
-        "codes", shape=codes.shape, dtype=codes.dtype, chunks=(max(1, min(len(codes), 1 << 20)),),
-        **chunk_codecs(group.metadata.zarr_format),
-    )
-    if len(codes):
-        arr[:] = codes
-    _stamp_array(arr)
 
 
 def init_anndata_root(path: Path, *, zarr_format: int) -> zarr.Group:
@@ -1276,6 +1257,27 @@ def _read_meta(path: Path, root: zarr.Group) -> dict:
     except Exception as exc:
         raise StoreError(f"{path}: uns/mars_scale cannot be read ({exc})") from exc
     return meta
+
+
+def as_store(store: Atlas | str | os.PathLike) -> Atlas:
+    """An opened store as it is, or a path opened with :func:`open_store`.
+
+    Parameters
+    ----------
+    store
+        An :class:`Atlas` or the path of a store.
+
+    Returns
+    -------
+    Atlas
+        ``store`` itself, or the store at that path.
+
+    Raises
+    ------
+    StoreError
+        As :func:`open_store`, for a path.
+    """
+    return store if isinstance(store, Atlas) else open_store(store)
 
 
 def open_store(path: str | os.PathLike) -> Atlas:

@@ -376,6 +376,11 @@ def test_bad_options(atlas, loader_store):
         Loader(atlas, batch_size=8, experiments=["nope"])
     with pytest.raises(ConfigError, match="batch_size"):
         Loader(atlas, batch_size=0)
+    with pytest.raises(ConfigError, match=r"batch_size must be a positive integer, got True"):
+        Loader(atlas, batch_size=True)
+    with pytest.raises(ConfigError, match=r"prefetch must be a positive integer, got 2\.0"):
+        Loader(atlas, batch_size=8, prefetch=2.0)
+    assert Loader(atlas, batch_size=np.int64(8)).batch_size == 8  # numpy integers are integers
     with pytest.raises(ConfigError, match="together"):
         Loader(atlas, batch_size=8, rank=1)
     with pytest.raises(ConfigError, match="rank must lie"):
