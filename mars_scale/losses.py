@@ -23,6 +23,7 @@ __all__ = [
     "squared_distances",
     "landmark_separation",
     "closed_form_landmarks",
+    "annotated_weights",
     "annotated_cell_loss",
     "unannotated_cell_loss",
     "unannotated_landmark_loss",
@@ -55,6 +56,32 @@ def closed_form_landmarks(
         return class_means.clone()
     others = previous.sum(0, keepdim=True) - previous
     return (class_means - lam / (k - 1) * others) / (1.0 - lam)
+
+
+def annotated_weights(
+    valid: torch.Tensor, experiment: torch.Tensor, n_labelled: torch.Tensor, n_annotated: float
+) -> torch.Tensor:
+    """The minibatch weights ``w_j = N_A / (B N_{e_j})`` of the annotated cell term.
+
+    Parameters
+    ----------
+    valid
+        Float 0/1 per row of the batch: 1 for a labelled, non-padding cell whose landmark exists.
+    experiment
+        Experiment code of each row (int64).
+    n_labelled
+        Labelled cells per experiment code, ``N_e`` (float; 0 for the other experiments).
+    n_annotated
+        Rows of all the annotated experiments, ``N_A`` (labelled or not): the population the
+        batch's ``B`` rows are drawn from.
+
+    Returns
+    -------
+    torch.Tensor
+        ``w`` per row, 0 where ``valid`` is 0. With these, :func:`annotated_cell_loss` is an
+        unbiased estimate of the cell part of ``sum_i L_i`` (``docs/algorithm.md``).
+    """
+    return valid * n_annotated / (valid.shape[0] * n_labelled[experiment].clamp(min=1))
 
 
 def annotated_cell_loss(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

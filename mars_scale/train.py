@@ -39,6 +39,7 @@ from mars_scale.loader import Loader
 from mars_scale.losses import (
     annotated_cell_loss,
     annotated_contrast_loss,
+    annotated_weights,
     closed_form_landmarks,
     unannotated_cell_loss,
     unannotated_landmark_loss,
@@ -609,7 +610,7 @@ def _fit(
                 # encoder step, landmarks fixed
                 idx = annotated.lookup[ba.experiment, ba.label.clamp(min=0)]
                 valid = ((ba.label >= 0) & (idx >= 0) & ~ba.is_padding).float()
-                w = valid * n_rows_a / (ba.x.shape[0] * n_labelled[ba.experiment].clamp(min=1))
+                w = annotated_weights(valid, ba.experiment, n_labelled, n_rows_a)
                 loss_a = annotated_cell_loss(za, p_a[idx.clamp(min=0)], w)
                 if tc.annotated_contrast > 0:
                     loss_a = loss_a + tc.annotated_contrast * annotated_contrast_loss(

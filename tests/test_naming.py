@@ -53,6 +53,16 @@ def test_clusters_at_landmarks_get_their_names():
     assert np.median(res.cell_novelty) < 0.15
 
 
+def _kernel_reference(x, landmarks, names):
+    """Name probabilities of a one-cluster embedding from the definition, independently of
+    mars_scale: sigma = standard deviation of the pairwise cell distances, a Gaussian kernel
+    exp(-d^2 / (2 sigma^2)) from the cluster mean to each landmark, summed per name."""
+    sigma = float(np.std(pdist(x)))
+    d2 = ((np.asarray(landmarks) - x.mean(axis=0)) ** 2).sum(axis=1)
+    w = np.exp(-d2 / (2 * sigma**2))
+    return sigma, {name: float(w[[i for i, n in enumerate(names) if n == name]].sum() / w.sum()) for name in names}
+
+
 def test_two_landmark_1d_probability_by_hand():
     # Cells 0, 1, 2 in 1-D: mu = 1. Pairwise distances 1, 2, 1: mean 4/3,
     # variance ((1/3)^2 + (2/3)^2 + (1/3)^2)/3 = 2/9, so sigma^2 = 2/9.
@@ -62,7 +72,8 @@ def test_two_landmark_1d_probability_by_hand():
     res = name_clusters(x, [0, 0, 0], [[1.0], [1.5]], ["A", "B"], rng=0)
     assert res.sigma[0] == pytest.approx(math.sqrt(2 / 9))
     expected = 1.0 / (1.0 + math.exp(-0.5625))
-    assert expected == pytest.approx(0.637030, abs=1e-6)
+    sigma, reference = _kernel_reference(x, [[1.0], [1.5]], ["A", "B"])  # the same from the definition
+    assert res.sigma[0] == pytest.approx(sigma) and reference["A"] == pytest.approx(expected)
     assert res.best_name[0] == "A"
     assert res.best_probability[0] == pytest.approx(expected)
     assert res.name_probabilities[0].tolist() == pytest.approx([expected, 1 - expected])
@@ -77,7 +88,10 @@ def test_landmarks_sharing_a_name_are_summed():
     res = name_clusters(x, [0, 0, 0], [[1.0], [1.5], [1.5]], ["A", "B", "B"], rng=0)
     w = math.exp(-0.5625)
     p_a, p_b = 1 / (1 + 2 * w), 2 * w / (1 + 2 * w)
-    assert (p_a, p_b) == pytest.approx((0.467385, 0.532615), abs=1e-6)
+    _, reference = _kernel_reference(x, [[1.0], [1.5], [1.5]], ["A", "B", "B"])
+    assert (reference["A"], reference["B"]) == pytest.approx((p_a, p_b))
+    # one B landmark alone loses to A: the name wins through the sum
+    assert name_clusters(x, [0, 0, 0], [[1.0], [1.5]], ["A", "B"], rng=0).best_name[0] == "A"
     assert res.names.tolist() == ["A", "B"]
     assert res.name_probabilities[0].tolist() == pytest.approx([p_a, p_b])
     assert res.best_name[0] == "B"
@@ -267,8 +281,11 @@ def test_parts_pulled_apart_but_close_compared_with_the_offset_keep_their_name()
     assert res.matched.tolist() == [True, True, False]
     assert res.distinctness[2] > 2.5
     assert res.label.tolist() == ["CD4 T", "monocyte", "CD4 T"] and not res.is_novel.any()
-    reach = np.sqrt(np.sum((res.centers[0] - SIBLINGS[0]) ** 2) + res.radius[0] ** 2)
-    gap = np.linalg.norm(res.centers[2] - res.centers[0])
+    # reach and gap from the cells themselves (not from the result's centres and radii)
+    holder, part = x[clusters == 10], x[clusters == 12]
+    radius = np.sqrt(((holder - holder.mean(axis=0)) ** 2).sum(axis=1).mean())
+    reach = np.sqrt(np.sum((holder.mean(axis=0) - SIBLINGS[0]) ** 2) + radius**2)
+    gap = np.linalg.norm(part.mean(axis=0) - holder.mean(axis=0))
     assert res.evidence[2] == pytest.approx(min(res.distinctness[2] / 2.5, gap / reach / 0.5))
 
 

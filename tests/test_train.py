@@ -134,22 +134,31 @@ def test_training_ignores_padding_rows_in_the_unannotated_batches(tmp_path, monk
     np.testing.assert_allclose(padded.unannotated_landmarks, plain.unannotated_landmarks, rtol=1e-5, atol=1e-6)
 
 def test_minibatch_annotated_loss_sums_to_full_batch():
-    """The Horvitz-Thompson weights make an epoch of batches add up to sum_i L_i (cell part)."""
-    from mars_scale.losses import annotated_cell_loss
+    """The trainer's weights (losses.annotated_weights) make an epoch of batches add up to the
+    cell part of sum_i L_i: each annotated experiment's mean over its labelled cells, computed
+    here by a plain loop. Unlabelled rows are drawn too (they count in N_A, not in N_e)."""
+    from mars_scale.losses import annotated_cell_loss, annotated_weights
 
     rng = np.random.default_rng(0)
-    n = 60
-    exp = np.repeat([0, 1, 2], [10, 20, 30])
-    z = torch.tensor(rng.normal(size=(n, 4)))
-    t = torch.tensor(rng.normal(size=(n, 4)))
-    sizes = np.bincount(exp)
-    full = sum(((z[exp == e] - t[exp == e]) ** 2).sum(-1).mean() for e in range(3))
-    perm = rng.permutation(n)
+    exp = np.repeat([1, 2, 3], [10, 20, 30])  # experiment 0 is the unannotated one: no rows here
+    label = np.where(rng.random(60) < 0.25, -1, 0)
+    z = rng.normal(size=(60, 4))
+    t = rng.normal(size=(60, 4))
+    full = 0.0
+    for e in (1, 2, 3):  # 1/N_i sum_{labelled j in i} d(z_j, p_{y_j})
+        cells = [j for j in range(60) if exp[j] == e and label[j] >= 0]
+        full += sum(float(((z[j] - t[j]) ** 2).sum()) for j in cells) / len(cells)
+    n_labelled = torch.zeros(4, dtype=torch.float64)
+    for e in (1, 2, 3):
+        n_labelled[e] = float(((exp == e) & (label >= 0)).sum())
+    batches = np.split(rng.permutation(60), 6)  # an epoch: 6 batches of B = 10
     total = 0.0
-    for batch in np.array_split(perm, 6):  # 6 batches of 10
-        w = torch.tensor(n / (len(batch) * sizes[exp[batch]]))
-        total += annotated_cell_loss(z[batch], t[batch], w) * len(batch) / n
-    assert float(total) == pytest.approx(float(full), rel=1e-12)
+    for batch in batches:
+        w = annotated_weights(torch.tensor(label[batch] >= 0, dtype=torch.float64), torch.tensor(exp[batch]),
+                              n_labelled, 60.0)
+        assert (w[torch.tensor(label[batch] < 0)] == 0).all()
+        total += float(annotated_cell_loss(torch.tensor(z[batch]), torch.tensor(t[batch]), w))
+    assert total / len(batches) == pytest.approx(full, rel=1e-12)  # the mean of the batch losses
 
 
 def test_annotated_contrast_loss_against_a_dense_loop():
