@@ -154,14 +154,10 @@ def unannotated_landmark_loss(
 
     Parameters
     ----------
-    z
-        Embeddings, shape ``(n, d)``.
-    landmarks
-        Landmarks, shape ``(k, d)``.
+    z, landmarks, keep
+        As :func:`unannotated_cell_loss` (``keep``: the rows that count in the cell part).
     lam
         Weight of the landmark separation.
-    keep
-        Rows that count in the cell part (see :func:`unannotated_cell_loss`); ``None``: all.
 
     Returns
     -------
