@@ -46,7 +46,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     """Return whether one label value counts as missing (None, NaN, pandas.NA)."""
     if value is None:
         return True
@@ -61,7 +61,7 @@ def _missing_mask(labels: np.ndarray) -> np.ndarray:
     if labels.dtype.kind == "f":
         return np.isnan(labels)
     if labels.dtype.kind == "O":
-        return np.fromiter((_is_missing(v) for v in labels), dtype=bool, count=labels.size)
+        return np.fromiter((is_missing(v) for v in labels), dtype=bool, count=labels.size)
     return np.zeros(labels.shape, dtype=bool)
 
 

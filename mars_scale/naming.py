@@ -95,6 +95,7 @@ from scipy.spatial.distance import cdist, pdist
 from scipy.special import logsumexp
 
 from mars_scale.errors import InputError
+from mars_scale.metrics import is_missing
 
 __all__ = ["NamingResult", "name_clusters"]
 
@@ -332,15 +333,6 @@ def _per_landmark(name: str, value: Any, n_landmarks: int) -> np.ndarray | None:
     return value
 
 
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    try:
-        return bool(value != value)
-    except (TypeError, ValueError):  # pandas.NA
-        return True
-
-
 def _validate_options(
     *,
     max_cells_per_cluster: int,
@@ -503,7 +495,7 @@ def name_clusters(
             f"landmark_names must have one name per landmark ({n_landmarks}), "
             f"got {names_in.shape[0]}."
         )
-    if any(_is_missing(v) for v in names_in):
+    if any(is_missing(v) for v in names_in):
         raise InputError(
             "landmark_names has missing values (every annotated landmark needs a name)."
         )

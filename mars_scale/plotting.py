@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mars_scale.errors import InputError, StoreError
-from mars_scale.store import Atlas, open_store, seal, store_lock
+from mars_scale.store import Atlas, as_store, seal, store_lock
 
 __all__ = ["plot"]
 
@@ -235,7 +235,7 @@ def plot(
     for name, value, low in (("max_cells", max_cells, 3), ("n_neighbors", n_neighbors, 2), ("dpi", dpi, 10)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise InputError(f"{name} must be an integer of at least {low} (got {value!r})")
-    store = store if isinstance(store, Atlas) else open_store(store)
+    store = as_store(store)
     obsm_key, cluster_key, name_key = f"X_{key_added}", f"{key_added}_cluster", f"{key_added}_cell_type"
     if obsm_key not in store.root["obsm"] or cluster_key not in store.obs_columns or key_added not in store.root["uns"]:
         raise StoreError(
