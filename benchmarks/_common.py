@@ -279,3 +279,33 @@ def measurement_main(measurements: Mapping[str, Callable[[dict], dict]]) -> bool
     sys.stdout.write(_MARK + json.dumps(result, default=_jsonable) + "\n")
     sys.stdout.flush()
     return True
+
+
+def writes_as_spec_0_1_0():
+    """A context manager under which mars-scale writes stores as spec 0.1.0 did: blosc chunks
+    without checksums and no metadata checksums (for the checksum-cost benchmark and the tests of
+    older stores)."""
+    import contextlib
+
+    import mars_scale.store as store_module
+
+    ingest_module = importlib.import_module("mars_scale.ingest")
+
+    def old_codecs(fmt, *, compression_level=3, strings=False):
+        if strings:
+            return {}
+        if fmt == 3:
+            from zarr.codecs import BloscCodec
+
+            return {"compressors": [BloscCodec(cname="lz4", clevel=compression_level, shuffle="shuffle")]}
+        from numcodecs import Blosc
+
+        return {"compressors": Blosc(cname="lz4", clevel=compression_level, shuffle=Blosc.SHUFFLE)}
+
+    stack = contextlib.ExitStack()
+    for module, name, value in ((store_module, "chunk_codecs", old_codecs), (store_module, "seal", lambda path: None),
+                                (store_module, "SPEC_VERSION", "0.1.0"), (ingest_module, "SPEC_VERSION", "0.1.0")):
+        old = getattr(module, name)
+        setattr(module, name, value)
+        stack.callback(setattr, module, name, old)
+    return stack

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_average, measurement_main, run_measurement, write_result  # noqa: E402
+from _common import load_average, measurement_main, run_measurement, write_result, writes_as_spec_0_1_0  # noqa: E402
 
 logger = logging.getLogger("benchmarks.loader")
 
@@ -293,35 +293,6 @@ def measure_inmemory(p: dict) -> dict:
             "cells_per_s": round(rows / wall), "cells_per_cpu_s": round(rows / cpu)}
 
 
-def _without_checksums():
-    """Write stores as spec 0.1.0 did: blosc chunks without checksums, no metadata checksums."""
-    import contextlib
-    import importlib
-
-    import mars_scale.store as store_module
-
-    ingest_module = importlib.import_module("mars_scale.ingest")
-
-    def old_codecs(fmt, *, compression_level=3, strings=False):
-        if strings:
-            return {}
-        if fmt == 3:
-            from zarr.codecs import BloscCodec
-
-            return {"compressors": [BloscCodec(cname="lz4", clevel=compression_level, shuffle="shuffle")]}
-        from numcodecs import Blosc
-
-        return {"compressors": Blosc(cname="lz4", clevel=compression_level, shuffle=Blosc.SHUFFLE)}
-
-    stack = contextlib.ExitStack()
-    for module, name, value in ((store_module, "chunk_codecs", old_codecs), (store_module, "seal", lambda path: None),
-                                (store_module, "SPEC_VERSION", "0.1.0"), (ingest_module, "SPEC_VERSION", "0.1.0")):
-        old = getattr(module, name)
-        setattr(module, name, value)
-        stack.callback(setattr, module, name, old)
-    return stack
-
-
 def _old_row_checks(indptr, data=None, indices=None, **_):
     """The row checks before issue 17 (missing chunks only), for measuring the new ones' cost."""
     if (np.diff(indptr) < 0).any():
@@ -341,7 +312,7 @@ def measure_ingest(p: dict) -> dict:
 
     fmt, rows = p["layout"]
     t0 = time.perf_counter()
-    with (contextlib.nullcontext() if p.get("checksums", True) else _without_checksums()):
+    with (contextlib.nullcontext() if p.get("checksums", True) else writes_as_spec_0_1_0()):
         _ingest_layout(p, ingest, IngestConfig, StoreLayout, fmt, rows)
     return {"ingest_s": round(time.perf_counter() - t0, 1)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ import zarr
 from click.testing import CliRunner
 
 from conftest import build_loader_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import writes_as_spec_0_1_0  # noqa: E402
 from mars_scale import store as store_module
 from mars_scale.errors import StoreError
 from mars_scale.store import has_checksum, metadata_damage, open_store, x_rows_damage
@@ -26,28 +30,9 @@ def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, zarr.Array]:
     return found
 
 
-def _old_store(directory: Path, monkeypatch, *, zarr_format: int = 3) -> Path:
+def _old_store(directory: Path, *, zarr_format: int = 3) -> Path:
     """A store as spec 0.1.0 wrote it: blosc chunks without checksums, no metadata checksums."""
-    import importlib
-
-    ingest_module = importlib.import_module("mars_scale.ingest")
-
-    def old_codecs(fmt, *, compression_level=3, strings=False):
-        if strings:
-            return {}
-        if fmt == 3:
-            from zarr.codecs import BloscCodec
-
-            return {"compressors": [BloscCodec(cname="lz4", clevel=compression_level, shuffle="shuffle")]}
-        from numcodecs import Blosc
-
-        return {"compressors": Blosc(cname="lz4", clevel=compression_level, shuffle=Blosc.SHUFFLE)}
-
-    with monkeypatch.context() as m:
-        m.setattr(store_module, "chunk_codecs", old_codecs)
-        m.setattr(store_module, "seal", lambda path: None)
-        m.setattr(store_module, "SPEC_VERSION", "0.1.0")
-        m.setattr(ingest_module, "SPEC_VERSION", "0.1.0")
+    with writes_as_spec_0_1_0():
         return build_loader_store(directory, zarr_format=zarr_format)
 
 
@@ -110,10 +95,10 @@ def test_metadata_checksum_catches_a_changed_value(tmp_path, stores):
     assert "X: metadata is not valid JSON" in metadata_damage(path)
 
 
-def test_older_store_opens_reads_and_info_says_it_has_no_checksums(tmp_path, monkeypatch, stores):
+def test_older_store_opens_reads_and_info_says_it_has_no_checksums(tmp_path, stores):
     from mars_scale.cli import main
 
-    old = _old_store(tmp_path, monkeypatch)
+    old = _old_store(tmp_path)
     root = zarr.open_group(old, mode="r")
     assert not has_checksum(root["X/data"])
     atlas = open_store(old)
@@ -162,9 +147,9 @@ def test_x_rows_damage_accepts_good_rows_and_names_each_problem():
         assert problem is not None and expected.strip() in problem, (expected, problem)
 
 
-def test_damage_that_decodes_cleanly_in_an_older_store_is_refused_not_returned(tmp_path, monkeypatch):
+def test_damage_that_decodes_cleanly_in_an_older_store_is_refused_not_returned(tmp_path):
     """Without checksums a chunk can decode to wrong values: the row checks stop them."""
-    old = _old_store(tmp_path, monkeypatch)
+    old = _old_store(tmp_path)
     atlas = open_store(old)
     n = atlas.n_cells
     writable = zarr.open_group(old, mode="r+")
