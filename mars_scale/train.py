@@ -326,22 +326,20 @@ def adam(params, *, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
-def select_genes(store: Atlas, n_top_genes: int | None, *, run_dir: Path | None = None) -> np.ndarray | None:
+def select_genes(store: Atlas, n_top_genes: int | None, *, saved: Any = None) -> np.ndarray | None:
     """Store positions of the genes a model is trained on: ``None`` for all of them.
 
     With ``n_top_genes``, the highly variable genes of
-    :func:`mars_scale.stats.highly_variable_genes`; when resuming (``run_dir``), the ones
-    recorded in its checkpoint.
+    :func:`mars_scale.stats.highly_variable_genes`; when resuming, ``saved``, the ones
+    recorded in the checkpoint (its ``gene_index``).
     """
     if n_top_genes is None:
         return None
     if n_top_genes >= store.n_genes:
         logger.info("n_top_genes %d: the store has %d genes, all are kept", n_top_genes, store.n_genes)
         return None
-    if run_dir is not None and (run_dir / CHECKPOINT_NAME).exists():
-        saved = load_checkpoint(run_dir / CHECKPOINT_NAME).get("gene_index")
-        if saved is not None:
-            return np.asarray(saved, dtype=np.int64)
+    if saved is not None:  # a tensor, on the training device when resuming
+        return torch.as_tensor(saved).cpu().numpy().astype(np.int64)
     from mars_scale.stats import highly_variable_genes
 
     return highly_variable_genes(store, n_top_genes=int(n_top_genes)).index
@@ -404,7 +402,13 @@ def _fit(
     """
     tc = config.train
     t0 = time.perf_counter()
-    genes = select_genes(store, tc.n_top_genes, run_dir=run_dir if resume else None)
+    ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    saved = None
+    if resume:
+        if ckpt_path is None or not ckpt_path.exists():
+            raise InputError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINT_NAME} missing)")
+        saved = load_checkpoint(ckpt_path, map_location=device)
+    genes = select_genes(store, tc.n_top_genes, saved=None if saved is None else saved.get("gene_index"))
     mean = store.var_column("mean")
     std = store.var_column("std")
     if genes is not None:
@@ -427,12 +431,7 @@ def _fit(
         "partial": None,  # that epoch's loss sums so far
         "torch_rng": None,
     }
-    ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
-    saved = None
-    if resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise InputError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINT_NAME} missing)")
-        saved = load_checkpoint(ckpt_path, map_location=device)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         state.update({k: saved.get(k) for k in state})
         state["step"] = state["step"] or 0
