@@ -51,7 +51,8 @@ from mars_scale.errors import InputError, StoreError
 from mars_scale.landmarks import nearest
 from mars_scale.model import Mars
 from mars_scale.naming import NamingResult, name_clusters
-from mars_scale.store import Atlas, chunk_codecs, open_store, seal, store_lock, write_attrs
+from mars_scale.store import (Atlas, atomic_file, chunk_codecs, column_array, commit_elements, encode_array,
+                               obs_publication, open_store, seal, store_lock, write_attrs, write_categorical)
 from mars_scale.train import embed
 
 __all__ = ["AnnotationResult", "annotate", "read_results", "result_keys"]
@@ -66,7 +67,6 @@ _TARGET_CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk of obsm/X_<key>
 _SHARD_CHUNKS = 16  # chunks per shard file of obsm/X_<key> (zarr v3)
 _COLUMN_CHUNK = 1 << 18  # cells per chunk of the obs result columns
 _RUN_ATTR = "mars-scale-run"  # the run id stamped on every result element
-_RUNS_ATTR = "mars-scale-runs"  # obs attribute: {key_added: run id} of the published results
 
 
 def result_keys(key_added: str = "mars") -> dict[str, Any]:
@@ -303,7 +303,7 @@ def annotate(
             for group, name in elements:  # chunk and metadata checksums (docs/store.md), run id
                 seal(staging / group / name)
                 write_attrs(staging / group / name, {_RUN_ATTR: run_id})
-            _commit(root_dir, fmt, staging, elements, keys["obs"], run=(keys["uns"], run_id))
+            _commit(root_dir, staging, elements, keys["obs"], run=(keys["uns"], run_id))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     written = tuple(f"{group}/{name}" for group, name in elements)
@@ -453,7 +453,7 @@ def _create_embedding_array(group: zarr.Group, name: str, n_cells: int, dim: int
         kwargs["shards"] = (unit, dim)
     array = group.create_array(name, shape=(n_cells, dim), dtype=np.float32, fill_value=np.nan, **kwargs,
                                **chunk_codecs(fmt))
-    array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    encode_array(array)
     return array, unit
 
 
@@ -586,36 +586,15 @@ def merge_small_clusters(embedding: np.ndarray, assignment: np.ndarray, landmark
 # staging the obs columns and the run record
 
 
-def _stamp(array: zarr.Array) -> None:
-    array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-
-
-def _column(group: zarr.Group, name: str, n_cells: int, dtype, fill) -> zarr.Array:
-    chunk = max(1, min(n_cells, _COLUMN_CHUNK))
-    return group.create_array(name, shape=(n_cells,), dtype=dtype, chunks=(chunk,), fill_value=fill,
-                              **chunk_codecs(group.metadata.zarr_format))
-
-
 def _write_categorical(group: zarr.Group, name: str, n_cells: int, rows: tuple[int, int],
                        codes: np.ndarray, categories: list[str]) -> None:
-    """An anndata categorical whose codes are -1 (missing) outside ``rows``."""
-    from anndata.io import write_elem
-
-    cat = group.create_group(name)
-    cat.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
-    write_elem(cat, "categories", np.asarray(categories, dtype=object))
-    dtype = np.int16 if len(categories) < 2**15 else np.int32
-    arr = _column(cat, "codes", n_cells, dtype, -1)
-    if rows[1] > rows[0]:
-        arr[rows[0] : rows[1]] = codes.astype(dtype)
-    _stamp(arr)
+    write_categorical(group, name, n_cells, rows, codes, categories, chunk=_COLUMN_CHUNK)
 
 
 def _write_float(group: zarr.Group, name: str, n_cells: int, rows: tuple[int, int], values: np.ndarray) -> None:
-    arr = _column(group, name, n_cells, np.float32, np.nan)
+    arr = column_array(group, name, n_cells, np.float32, np.nan, chunk=_COLUMN_CHUNK)
     if rows[1] > rows[0]:
         arr[rows[0] : rows[1]] = values.astype(np.float32)
-    _stamp(arr)
 
 
 def _stage_obs_and_uns(store: Atlas, staging: Path, fmt: int, keys: dict[str, Any], naming: NamingResult,
@@ -694,80 +673,9 @@ def _run_record(model: Mars, source: Any, naming: NamingResult, unused: np.ndarr
 # committing: renames, then the column-order attribute
 
 
-def _attrs_file(group_dir: Path, fmt: int) -> Path:
-    return group_dir / ("zarr.json" if fmt == 3 else ".zattrs")
-
-
-def _read_column_order(obs_dir: Path, fmt: int) -> list[str]:
-    payload = json.loads(_attrs_file(obs_dir, fmt).read_text())
-    attrs = payload.get("attributes", {}) if fmt == 3 else payload
-    return [str(c) for c in attrs.get("column-order", [])]
-
-
-def _read_runs(obs_dir: Path, fmt: int) -> dict[str, str]:
-    payload = json.loads(_attrs_file(obs_dir, fmt).read_text())
-    attrs = payload.get("attributes", {}) if fmt == 3 else payload
-    runs = attrs.get(_RUNS_ATTR, {})
-    return dict(runs) if isinstance(runs, dict) else {}
-
-
-def _write_column_order(obs_dir: Path, fmt: int, order: list[str], runs: dict[str, str] | None = None) -> None:
-    """Replace the ``column-order`` attribute of obs (and the published run ids) in one atomic file replace."""
-    write_attrs(obs_dir, {"column-order": list(order), **({_RUNS_ATTR: runs} if runs is not None else {})})
-
-
-def _move(src: Path, dst: Path) -> None:
-    os.replace(src, dst)
-
-
-def _restore_file(path: Path, content: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.restore-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
-
-
-def _commit(root_dir: Path, fmt: int, staging: Path, elements: list[tuple[str, str]], obs_columns: list[str],
+def _commit(root_dir: Path, staging: Path, elements: list[tuple[str, str]], obs_columns: list[str],
             *, run: tuple[str, str]) -> None:
-    """Move staged elements into place and publish the obs columns; undo everything on error.
-
-    ``run`` is ``(key_added, run id)``: the obs attribute ``mars-scale-runs`` names the
-    published run of each key. It is removed for this key in the same write that hides the
-    earlier columns, before any element moves, and set in the write that publishes the new
-    ones, so a reader (:func:`read_results`) that finds the same run id before and after its
-    reads, and on every element, read one whole run.
-    """
-    obs_dir = root_dir / "obs"
-    attrs_path = _attrs_file(obs_dir, fmt)
-    original = attrs_path.read_bytes()
-    order = _read_column_order(obs_dir, fmt)
-    runs = _read_runs(obs_dir, fmt)
-    runs.pop(run[0], None)
-    kept = [c for c in order if c not in obs_columns]
-    done: list[tuple[Path, Path | None]] = []
-    try:
-        if kept != order:  # hide the earlier result columns before their elements move
-            _write_column_order(obs_dir, fmt, kept, runs)
-        for group, name in elements:
-            src, dst = staging / group / name, root_dir / group / name
-            if not (root_dir / group).is_dir():
-                raise StoreError(f"{root_dir}: {group} is missing (re-run \"mars-scale ingest\")")
-            backup = None
-            if dst.exists():
-                backup = staging / "replaced" / group / name
-                backup.parent.mkdir(parents=True, exist_ok=True)
-                _move(dst, backup)
-            done.append((dst, backup))
-            _move(src, dst)
-        _write_column_order(obs_dir, fmt, kept + list(obs_columns), {**runs, run[0]: run[1]})
-    except BaseException:
-        logger.error("writing the results failed; restoring the store as it was")
-        for dst, backup in reversed(done):
-            if dst.exists():
-                shutil.rmtree(dst, ignore_errors=True)
-            if backup is not None and backup.exists():
-                os.replace(backup, dst)
-        _restore_file(attrs_path, original)
-        raise
+    commit_elements(root_dir, staging, elements, obs_columns=obs_columns, run=run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,10 +720,8 @@ def read_results(store_path: str | os.PathLike, *, key_added: str = "mars", atte
     keys = result_keys(key_added)
     for attempt in range(attempts):
         store = open_store(path)
-        fmt = int(store.root.metadata.zarr_format)
-        obs_dir = path / "obs"
-        before = _read_runs(obs_dir, fmt).get(keys["uns"])
-        order = _read_column_order(obs_dir, fmt)
+        order, runs = obs_publication(path)
+        before = runs.get(keys["uns"])
         if before is None and not set(keys["obs"]) <= set(order):
             return None
         root = zarr.open_group(path, mode="r")
@@ -838,7 +744,7 @@ def read_results(store_path: str | os.PathLike, *, key_added: str = "mars", atte
         if before is None:  # written before run ids: nothing to check against
             if len(seen) == 1 and None in seen:
                 return out
-        elif seen == {before} and _read_runs(obs_dir, fmt).get(keys["uns"]) == before:
+        elif seen == {before} and obs_publication(path)[1].get(keys["uns"]) == before:
             return out
         time.sleep(min(0.2, 0.005 * (attempt + 1)))
     raise StoreError(
@@ -873,8 +779,7 @@ def _export_h5ad(root_dir: Path, keys: dict[str, Any], target: Path) -> None:
             obs[column] = store.obs_column(column)
     record = _object_strings(read_elem(store.root["uns"][keys["uns"]]))
     adata = ad.AnnData(obs=obs, uns={keys["uns"]: record})
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_file(target) as tmp:
         adata.write_h5ad(tmp)
         with h5py.File(tmp, "a") as fh:
             for name in (keys["obsm"], keys["probabilities"]):
@@ -884,12 +789,7 @@ def _export_h5ad(root_dir: Path, keys: dict[str, Any], target: Path) -> None:
                 ds = fh["obsm"].create_dataset(name, shape=(n, d), dtype="f4",
                                                chunks=(max(1, min(n, 4096)), d) if n else None,
                                                compression="gzip" if n else None)
-                ds.attrs["encoding-type"] = "array"
-                ds.attrs["encoding-version"] = "0.2.0"
+                encode_array(ds)
                 for lo in range(0, n, rows):
                     hi = min(n, lo + rows)
                     ds[lo:hi] = np.asarray(source[lo:hi], dtype=np.float32)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from mars_scale.errors import CheckpointMismatchError, InputError, TrainingInterrupted
-from mars_scale.store import Atlas, spec_compatible
+from mars_scale.store import Atlas, atomic_file, spec_compatible
 
 __all__ = [
     "save_checkpoint",
@@ -53,16 +52,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     path = Path(path)
     payload = _plain(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
     return path
 
 

@@ -115,7 +115,7 @@ from mars_scale.landmarks import kmeans, nearest
 from mars_scale.metrics import clustering_metrics
 from mars_scale.model import Mars
 from mars_scale.preprocess import fold_scaling, normalize_log1p, scaled_nonzero_values
-from mars_scale.store import Atlas, as_store, open_store
+from mars_scale.store import Atlas, as_store, atomic_file, open_store
 
 __all__ = [
     "METHODS",
@@ -1464,9 +1464,8 @@ def write_report(result: dict[str, Any], output_dir: str | os.PathLike) -> dict[
     annotation = result["protocol"]["kind"] == "annotation"
 
     def atomic(path: Path, write) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            write(tmp)
 
     atomic(paths["json"], lambda p: p.write_text(json.dumps(_json_ready(result), indent=2) + "\n"))
     text = annotation_markdown(result) if annotation else markdown_table(result)

@@ -37,15 +37,17 @@ from tqdm.auto import tqdm
 from mars_scale.errors import ConfigError, InputError
 from mars_scale.stats import MomentAccumulator, block_moments
 from mars_scale.store import (
-    SPEC_TYPE,
-    SPEC_VERSION,
     AppendArray,
     CSRWriter,
     StoreLayout,
     StringAppendArray,
     atomic_directory,
     check_replaceable,
+    encode_array,
+    encode_categorical,
+    encode_dataframe,
     init_anndata_root,
+    spec_record,
     stamp_spec,
 )
 
@@ -529,23 +531,11 @@ class _RowSink:
             arr.close()
 
     def finish_obs(self, categories: dict[str, list[str]]) -> None:
-        from anndata.io import write_elem
-
         for name in _CATEGORICAL:
-            cat = self.obs[name]
-            cat.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
-            write_elem(cat, "categories", np.asarray(categories[name], dtype=object))
-            self.columns[name].array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            encode_categorical(self.obs[name], categories[name])
         for name in _NUMERIC:
-            self.columns[name].array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        self.obs.attrs.update(
-            {
-                "encoding-type": "dataframe",
-                "encoding-version": "0.2.0",
-                "_index": "_index",
-                "column-order": [*_CATEGORICAL, *_NUMERIC],
-            }
-        )
+            encode_array(self.columns[name].array)
+        encode_dataframe(self.obs, [*_CATEGORICAL, *_NUMERIC])
 
 
 class _CountSums:
@@ -1052,8 +1042,7 @@ def _write_var_and_uns(root, genes, stats, sources, exp_names, experiments, inpu
     stops = np.cumsum(counts)
     ranges = np.stack([stops - counts, stops], axis=1)
     meta = {
-        "encoding-type": SPEC_TYPE,
-        "encoding-version": SPEC_VERSION,
+        **spec_record(),
         "experiment_names": np.asarray(exp_names, dtype=object),
         "experiment_ranges": ranges,
         "input_kind": input_kind,

@@ -22,7 +22,7 @@ from mars_scale.device import resolve_device
 from mars_scale.distributed import DistInfo
 from mars_scale.errors import CheckpointMismatchError, InputError
 from mars_scale.nn import Autoencoder
-from mars_scale.store import Atlas, as_store
+from mars_scale.store import Atlas, as_store, atomic_file
 from mars_scale.train import CHECKPOINT_NAME, embed, fit, plan_training
 
 __all__ = ["Mars", "MODEL_NAME"]
@@ -211,9 +211,8 @@ class Mars:
             "train_seconds": state.get("train_seconds"),
             "config": state["config"],
         }
-        tmp = run_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, run_dir / "summary.json")
+        with atomic_file(run_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
         checkpoint = run_dir / CHECKPOINT_NAME
         if checkpoint.exists():
             size = checkpoint.stat().st_size

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mars_scale.errors import InputError, StoreError
-from mars_scale.store import Atlas, as_store, seal, store_lock
+from mars_scale.store import Atlas, as_store, atomic_file, commit_elements, seal, store_lock
 
 __all__ = ["plot"]
 
@@ -139,9 +139,8 @@ def _scatter(coords: np.ndarray, codes: np.ndarray, categories: list[str], *, ti
 
 
 def _save(fig, path: Path, dpi: int) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")  # a bare Figure renders with Agg
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")  # a bare Figure renders with Agg
 
 
 def _heatmap(truth: np.ndarray, truth_cats: list[str], pred: np.ndarray, pred_cats: list[str], *,
@@ -322,7 +321,6 @@ def _write_back(store: Atlas, elements: dict[tuple[str, str], np.ndarray]) -> li
 
     root_dir = Path(store.path)
     fmt = int(store.root.metadata.zarr_format)
-    done: list[tuple[Path, Path | None]] = []
     with store_lock(root_dir):
         staging = root_dir / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
         try:
@@ -331,21 +329,7 @@ def _write_back(store: Atlas, elements: dict[tuple[str, str], np.ndarray]) -> li
                 write_elem(g, name, value)
             for group in {group for group, _ in elements}:  # chunk and metadata checksums
                 seal(staging / group)
-            for group, name in elements:
-                dst = root_dir / group / name
-                backup = None
-                if dst.exists():
-                    backup = staging / "replaced" / group / name
-                    backup.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(dst, backup)
-                done.append((dst, backup))
-                os.replace(staging / group / name, dst)
-        except BaseException:
-            for dst, backup in reversed(done):
-                shutil.rmtree(dst, ignore_errors=True)
-                if backup is not None:
-                    os.replace(backup, dst)
-            raise
+            commit_elements(root_dir, staging, list(elements))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return [f"{group}/{name}" for group, name in elements]

@@ -1224,14 +1224,10 @@ def _write_file(
 
 
 def _write_atomic(path: Path, sim: Simulator, **kwargs: Any) -> dict[str, Any]:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        stats = _write_file(tmp, sim, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return stats
+    from mars_scale.store import atomic_file
+
+    with atomic_file(path) as tmp:
+        return _write_file(tmp, sim, **kwargs)
 
 
 def write_h5ad(

@@ -48,6 +48,7 @@ __all__ = [
     "open_store",
     "as_store",
     "atomic_directory",
+    "atomic_file",
     "check_replaceable",
     "store_lock",
     "RangeReader",
@@ -255,14 +256,51 @@ def _locked_error(path, lock: Path) -> StoreError:
     )
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a file under a unique temporary sibling name and move it into place on success.
+
+    The caller writes the yielded path (which keeps ``path``'s suffix, for writers that pick
+    the format from it). On success the temporary is flushed to disk (``fsync``) and renamed
+    over ``path``, so a reader or a crash sees the old file or the new one, never a part. If
+    the block raises (or the process is interrupted), the temporary is removed and ``path`` is
+    untouched. Every file that mars-scale replaces atomically is written through this.
+
+    Parameters
+    ----------
+    path
+        The file to write; its directory must exist.
+
+    Yields
+    ------
+    Path
+        The temporary file to write.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}{path.suffix}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Replace a JSON file atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Replace a JSON file atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
+
+
+def replace_file_bytes(path: Path, content: bytes) -> None:
+    """Replace a file's content atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(content)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +429,7 @@ class StringAppendArray:
             name, shape=(0,), dtype=str, chunks=(chunk,),
             **chunk_codecs(group.metadata.zarr_format, strings=True),
         )
-        self.array.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+        encode(self.array, "string-array", "0.2.0")
         self._pending: list[str] = []
         self.size = 0
 
@@ -461,19 +499,13 @@ class CSRWriter:
     def close(self) -> None:
         for arr in (self.data, self.indices, self.indptr):
             arr.close()
-        self.group.attrs.update(
-            {
-                "encoding-type": "csr_matrix",
-                "encoding-version": "0.1.0",
-                "shape": [self.n_rows, self.n_cols],
-            }
-        )
+        encode(self.group, "csr_matrix", "0.1.0", shape=[self.n_rows, self.n_cols])
 
 
 def init_anndata_root(path: Path, *, zarr_format: int) -> zarr.Group:
     """Create an empty anndata root group at ``path``."""
     root = zarr.open_group(path, mode="w", zarr_format=zarr_format)
-    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    encode(root, "anndata", "0.1.0")
     from anndata.io import write_elem
 
     for key in _ANNDATA_GROUPS:
@@ -487,8 +519,164 @@ def stamp_spec(root: zarr.Group) -> None:
     This is the last write of a new store: every array gets chunk checksums and every node's
     metadata its own checksum.
     """
-    root.attrs[_SPEC_ATTR] = {"encoding-type": SPEC_TYPE, "encoding-version": SPEC_VERSION}
+    root.attrs[_SPEC_ATTR] = spec_record()
     seal(Path(root.store_path.store.root) / root.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# anndata elements: the one place that writes their encoding attributes
+
+_ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
+
+
+def encode(node, encoding_type: str, encoding_version: str, **attrs: Any) -> None:
+    """Stamp anndata's ``encoding-type``/``-version`` (and ``attrs``) on a zarr or h5py node.
+
+    Every element mars-scale writes by hand (streamed columns, ``X`` of a new store, the
+    h5ad export) is stamped through this function, so the format is spelled in one module.
+    """
+    node.attrs.update({"encoding-type": encoding_type, "encoding-version": encoding_version, **attrs})
+
+
+def encode_array(array) -> None:
+    """Stamp a dense array element (anndata ``array`` 0.2.0) on a zarr or h5py array."""
+    encode(array, _ARRAY["encoding-type"], _ARRAY["encoding-version"])
+
+
+def _column_array(group: zarr.Group, name: str, n_cells: int, dtype, fill, chunk: int) -> zarr.Array:
+    return group.create_array(
+        name, shape=(n_cells,), dtype=dtype, chunks=(max(1, min(n_cells, chunk)),), fill_value=fill,
+        **chunk_codecs(group.metadata.zarr_format),
+    )
+
+
+def column_array(group: zarr.Group, name: str, n_cells: int, dtype, fill, *, chunk: int) -> zarr.Array:
+    """A new obs column of ``n_cells`` values filled with ``fill``, checksummed and stamped."""
+    array = _column_array(group, name, n_cells, dtype, fill, chunk)
+    encode_array(array)
+    return array
+
+
+def encode_categorical(group: zarr.Group, categories: list[str]) -> None:
+    """Make ``group`` (holding ``codes``) an anndata categorical with these categories.
+
+    This is the one categorical writer: ingest streams the codes into the group before the
+    categories are written, annotate fills them in place (:func:`write_categorical`).
+    """
+    from anndata.io import write_elem
+
+    encode(group, "categorical", "0.2.0", ordered=False)
+    write_elem(group, "categories", np.asarray(categories, dtype=object))
+    encode_array(group["codes"])
+
+
+def write_categorical(group: zarr.Group, name: str, n_cells: int, rows: tuple[int, int],
+                      codes: np.ndarray, categories: list[str], *, chunk: int) -> None:
+    """A categorical obs column whose codes are ``codes`` in ``rows`` and missing (-1) elsewhere."""
+    cat = group.create_group(name)
+    dtype = np.int16 if len(categories) < 2**15 else np.int32
+    arr = _column_array(cat, "codes", n_cells, dtype, -1, chunk)
+    if rows[1] > rows[0]:
+        arr[rows[0] : rows[1]] = codes.astype(dtype)
+    encode_categorical(cat, categories)
+
+
+def encode_dataframe(group: zarr.Group, column_order: list[str]) -> None:
+    """Stamp ``group`` as an anndata dataframe indexed by its ``_index`` array."""
+    encode(group, "dataframe", "0.2.0", _index="_index", **{"column-order": list(column_order)})
+
+
+def spec_record() -> dict:
+    """The spec fields that open ``uns['mars_scale']``."""
+    return {"encoding-type": SPEC_TYPE, "encoding-version": SPEC_VERSION}
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing staged elements into a store (annotate, plot)
+
+_RUNS_ATTR = "mars-scale-runs"  # obs attribute: {key_added: run id} of the published results
+
+
+def obs_publication(root_dir: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """``obs``'s ``column-order`` and published run ids, read from its metadata file now.
+
+    Read from the file rather than through an opened group, so a reader that polls during a
+    commit sees each atomic replace of the file.
+    """
+    found = _node_metadata(Path(root_dir) / "obs")
+    if found is None:
+        raise StoreError(f"{root_dir}: obs is missing (re-run \"mars-scale ingest\")")
+    attrs = found[2]
+    runs = attrs.get(_RUNS_ATTR, {})
+    return [str(c) for c in attrs.get("column-order", [])], dict(runs) if isinstance(runs, dict) else {}
+
+
+def write_obs_publication(root_dir: str | os.PathLike, order: list[str], runs: dict[str, str] | None = None) -> None:
+    """Replace ``obs``'s ``column-order`` (and the published run ids) in one atomic file replace."""
+    write_attrs(Path(root_dir) / "obs", {"column-order": list(order), **({_RUNS_ATTR: runs} if runs is not None else {})})
+
+
+def _move(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+
+
+def commit_elements(root_dir: str | os.PathLike, staging: Path, elements: list[tuple[str, str]], *,
+                    obs_columns: list[str] = (), run: tuple[str, str] | None = None) -> None:
+    """Move staged elements into place and publish the obs columns; undo everything on error.
+
+    Each element ``(group, name)`` is moved from ``staging/group/name`` to the store; one that
+    is already there is moved aside (into ``staging/replaced``) first and put back if anything
+    fails. ``obs_columns`` are then published by one replace of ``obs``'s metadata.
+
+    ``run`` is ``(key, run id)``: the obs attribute ``mars-scale-runs`` names the published run
+    of each key. It is removed for this key in the same write that hides the earlier columns,
+    before any element moves, and set in the write that publishes the new ones, so a reader
+    that finds the same run id before and after its reads, and on every element, read one
+    whole run. The caller holds the :func:`store_lock`.
+
+    Raises
+    ------
+    StoreError
+        If a group of the store is missing; anything raised while moving, after the store was
+        restored.
+    """
+    root_dir = Path(root_dir)
+    found = _node_metadata(root_dir / "obs")
+    if found is None:
+        raise StoreError(f"{root_dir}: obs is missing (re-run \"mars-scale ingest\")")
+    attrs_path = found[3]
+    original = attrs_path.read_bytes()
+    order, runs = obs_publication(root_dir)
+    if run is not None:
+        runs.pop(run[0], None)
+    kept = [c for c in order if c not in obs_columns]
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        if kept != order:  # hide the earlier result columns before their elements move
+            write_obs_publication(root_dir, kept, runs)
+        for group, name in elements:
+            src, dst = staging / group / name, root_dir / group / name
+            if not (root_dir / group).is_dir():
+                raise StoreError(f"{root_dir}: {group} is missing (re-run \"mars-scale ingest\")")
+            backup = None
+            if dst.exists():
+                backup = staging / "replaced" / group / name
+                backup.parent.mkdir(parents=True, exist_ok=True)
+                _move(dst, backup)
+            done.append((dst, backup))
+            _move(src, dst)
+        if obs_columns or run is not None:
+            published = {**runs, run[0]: run[1]} if run is not None else None
+            write_obs_publication(root_dir, kept + list(obs_columns), published)
+    except BaseException:
+        logger.error("writing into %s failed; restoring the store as it was", root_dir)
+        for dst, backup in reversed(done):
+            if dst.exists():
+                shutil.rmtree(dst, ignore_errors=True)
+            if backup is not None and backup.exists():
+                os.replace(backup, dst)
+        replace_file_bytes(attrs_path, original)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

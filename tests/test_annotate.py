@@ -28,6 +28,7 @@ from mars_scale.store import StoreLayout, open_store, store_lock
 
 # the module (mars_scale.annotate is the function, as in scanpy)
 annotate_module = importlib.import_module("mars_scale.annotate")
+store_module = importlib.import_module("mars_scale.store")
 
 TINY = RunConfig(
     model=ModelConfig(hidden=(32,), n_latent=8),
@@ -215,9 +216,9 @@ def test_a_failure_mid_write_leaves_the_store_as_before(store_copy, monkeypatch,
     if where == "naming":
         monkeypatch.setattr(annotate_module, "name_clusters", boom)
     elif where == "first_move":
-        monkeypatch.setattr(annotate_module, "_move", boom)
+        monkeypatch.setattr(store_module, "_move", boom)
     else:
-        monkeypatch.setattr(annotate_module, "_write_column_order", boom)
+        monkeypatch.setattr(store_module, "write_obs_publication", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         annotate(path, run_dir, device="cpu")
     assert _snapshot(path) == before
@@ -230,7 +231,7 @@ def test_a_failed_overwrite_keeps_the_earlier_results(store_copy, monkeypatch, f
     annotate(path, run_dir, device="cpu")
     before = _snapshot(path)
     old = ad.read_zarr(path)
-    real_move = annotate_module._move
+    real_move = store_module._move
     calls = []
 
     def flaky(src, dst):
@@ -239,7 +240,7 @@ def test_a_failed_overwrite_keeps_the_earlier_results(store_copy, monkeypatch, f
             raise OSError("interrupted")
         real_move(src, dst)
 
-    monkeypatch.setattr(annotate_module, "_move", flaky)
+    monkeypatch.setattr(store_module, "_move", flaky)
     with pytest.raises(OSError, match="interrupted"):
         annotate(path, run_dir, device="cpu", overwrite=True, novelty_threshold=1e-9)
     assert _snapshot(path) == before

@@ -497,9 +497,10 @@ KILL_DRIVER = textwrap.dedent("""
     import json, os, signal, sys
     import importlib
     A = importlib.import_module("mars_scale.annotate")
+    S = importlib.import_module("mars_scale.store")
 
     run_dir, plan = sys.argv[1], json.loads(sys.argv[2])
-    original = {"move": A._move, "order": A._write_column_order}
+    original = {"move": S._move, "order": S.write_obs_publication}
     for store, step in plan:
         pid = os.fork()
         if pid == 0:  # the child writes, and dies by SIGKILL before commit mutation number `step`
@@ -508,8 +509,8 @@ KILL_DRIVER = textwrap.dedent("""
                 if calls[0] == step:
                     os.kill(os.getpid(), signal.SIGKILL)
                 calls[0] += 1
-            A._move = lambda src, dst: (hit(), original["move"](src, dst))
-            A._write_column_order = lambda *a: (hit(), original["order"](*a))
+            S._move = lambda src, dst: (hit(), original["move"](src, dst))
+            S.write_obs_publication = lambda *a: (hit(), original["order"](*a))
             A.annotate(store, run_dir, overwrite=True, device="cpu", seed=0)
             os._exit(0)
         _, status = os.waitpid(pid, 0)
