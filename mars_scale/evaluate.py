@@ -993,6 +993,59 @@ def _protocol_record(*, seeds: list[int], k: str | int, experiments: list[str], 
     }
 
 
+def _removed_type_scenarios(
+    store: Atlas, types: Sequence[str] | str, chosen: list[str], min_type_cells: int
+) -> tuple[list[str] | None, list[tuple[str, str]], list[dict[str, str]], dict[str, list[str]]]:
+    """:func:`leave_type_out`'s scenarios: the wanted types (``None`` for all), the (held-out
+    experiment, hidden type) pairs to run, the skipped ones with a reason, and per scenario the
+    annotated experiments left with a single type."""
+    categories = store.cell_types
+    if isinstance(types, str) and types == "all":
+        wanted = None
+    else:
+        wanted = [types] if isinstance(types, str) else [str(t) for t in types]
+        if not wanted:
+            raise InputError("types is empty (pass a cell type, or 'all')")
+        unknown = [t for t in wanted if t not in categories]
+        if unknown:
+            raise InputError(f"{store.path}: unknown cell type {unknown[0]!r} (known: {', '.join(categories)})")
+    counts = {}  # per experiment, cells of each type
+    for name, (a, b) in store.experiment_ranges.items():
+        codes, _ = store.categorical_codes("cell_type", a, b)
+        counts[name] = np.bincount(codes[codes >= 0], minlength=len(categories))
+    scenarios, skipped, single = [], [], {}
+    for experiment in chosen:
+        held = counts[experiment]
+        if wanted is None:
+            hide = [t for i, t in enumerate(categories) if held[i] >= min_type_cells]
+        else:
+            hide = [t for t in wanted if held[categories.index(t)] > 0]
+        for t in hide:
+            i = categories.index(t)
+            left = {e: c.copy() for e, c in counts.items() if e != experiment}
+            for c in left.values():
+                c[i] = 0
+            label = _scenario_label(experiment, t)
+            if not any(c.sum() for c in left.values()):
+                skipped.append({"scenario": label, "reason": "no labelled cell left in the other experiments"})
+                logger.warning("%s: skipped, no labelled cell left in the other experiments", label)
+                continue
+            one = sorted(e for e, c in left.items() if (c > 0).sum() == 1)
+            if one:
+                single[label] = one
+            scenarios.append((experiment, t))
+    if wanted is not None:
+        for t in wanted:
+            ran = any(s[1] == t for s in scenarios)
+            if not ran and not any(s["scenario"].endswith(f" without {t}") for s in skipped):
+                raise InputError(f"{store.path}: no held-out experiment holds cell type {t!r} "
+                                 f"(held-out experiments: {', '.join(chosen)})")
+    if not scenarios:
+        raise InputError(f"{store.path}: no removed-type scenario to run"
+                         + (f" ({skipped[0]['scenario']}: {skipped[0]['reason']})" if skipped else ""))
+    return wanted, scenarios, skipped, single
+
+
 def leave_type_out(
     store: Atlas | str | os.PathLike,
     types: Sequence[str] | str,
@@ -1061,50 +1114,7 @@ def leave_type_out(
     options = _NamingOptions(min_cluster_cells, novelty_threshold, k_neighbours, knn_max_cells)
     chosen = _resolve_experiments(store, experiments)
     _check_k(store, chosen, k)
-    categories = store.cell_types
-    if isinstance(types, str) and types == "all":
-        wanted = None
-    else:
-        wanted = [types] if isinstance(types, str) else [str(t) for t in types]
-        if not wanted:
-            raise InputError("types is empty (pass a cell type, or 'all')")
-        unknown = [t for t in wanted if t not in categories]
-        if unknown:
-            raise InputError(f"{store.path}: unknown cell type {unknown[0]!r} (known: {', '.join(categories)})")
-    counts = {}  # per experiment, cells of each type
-    for name, (a, b) in store.experiment_ranges.items():
-        codes, _ = store.categorical_codes("cell_type", a, b)
-        counts[name] = np.bincount(codes[codes >= 0], minlength=len(categories))
-    scenarios, skipped, single = [], [], {}
-    for experiment in chosen:
-        held = counts[experiment]
-        if wanted is None:
-            hide = [t for i, t in enumerate(categories) if held[i] >= min_type_cells]
-        else:
-            hide = [t for t in wanted if held[categories.index(t)] > 0]
-        for t in hide:
-            i = categories.index(t)
-            left = {e: c.copy() for e, c in counts.items() if e != experiment}
-            for c in left.values():
-                c[i] = 0
-            label = _scenario_label(experiment, t)
-            if not any(c.sum() for c in left.values()):
-                skipped.append({"scenario": label, "reason": "no labelled cell left in the other experiments"})
-                logger.warning("%s: skipped, no labelled cell left in the other experiments", label)
-                continue
-            one = sorted(e for e, c in left.items() if (c > 0).sum() == 1)
-            if one:
-                single[label] = one
-            scenarios.append((experiment, t))
-    if wanted is not None:
-        for t in wanted:
-            ran = any(s[1] == t for s in scenarios)
-            if not ran and not any(s["scenario"].endswith(f" without {t}") for s in skipped):
-                raise InputError(f"{store.path}: no held-out experiment holds cell type {t!r} "
-                                 f"(held-out experiments: {', '.join(chosen)})")
-    if not scenarios:
-        raise InputError(f"{store.path}: no removed-type scenario to run"
-                         + (f" ({skipped[0]['scenario']}: {skipped[0]['reason']})" if skipped else ""))
+    wanted, scenarios, skipped, single = _removed_type_scenarios(store, types, chosen, min_type_cells)
     started = time.perf_counter()
     runs = _run_scenarios(store, scenarios, seeds=seeds, config=config, k=k, pca_components=pca_components,
                           pca_max_cells=pca_max_cells, options=options, workdir=workdir,
@@ -1127,6 +1137,44 @@ def leave_type_out(
 
 def _plain_strings(values: Any) -> list[str]:
     return [str(v) for v in np.asarray(values, dtype=object).ravel()]
+
+
+def _embedding_rows(store: Atlas, emb: Any, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (any order) of a stored embedding, reading only the blocks that hold them."""
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    block = 65_536
+
+    def blocks():
+        for lo in range(0, store.n_cells, block):
+            hi = min(store.n_cells, lo + block)
+            first = int(np.searchsorted(sorted_rows, lo))
+            if first < sorted_rows.size and sorted_rows[first] < hi:  # read only blocks holding rows
+                yield np.arange(lo, hi), np.asarray(emb[lo:hi], dtype=np.float32)
+
+    taken = np.empty((rows.size, emb.shape[1]), dtype=np.float32)
+    taken[order] = _take_rows(blocks(), sorted_rows, int(emb.shape[1]))
+    return taken
+
+
+def _annotation_record(store: Atlas, keys: dict[str, Any], key_added: str) -> tuple[dict[str, Any], str]:
+    """The run record ``uns[key_added]`` of a stored annotation and its experiment, after checking
+    that every element the annotation writes is there."""
+    from anndata.io import read_elem
+
+    cluster_col, type_col, _, novelty_col, _, _ = keys["obs"]
+    root = store.root
+    missing = [f"obs/{c}" for c in (cluster_col, type_col, novelty_col) if c not in root["obs"]]
+    missing += [f"{g}/{n}" for g, n in (("obsm", keys["obsm"]), ("uns", keys["uns"]))
+                if g not in root or n not in root[g]]
+    if missing:
+        raise InputError(f"{store.path}: no annotation under key {key_added!r} ({missing[0]} is missing; "
+                         f"run \"mars-scale annotate --key {key_added}\" first, or pass the key it used)")
+    record = read_elem(root["uns"][keys["uns"]])
+    unannotated = str(record["unannotated"])
+    if unannotated not in store.experiment_ranges:
+        raise InputError(f"{store.path}: uns/{key_added} names experiment {unannotated!r}, which the store lacks")
+    return record, unannotated
 
 
 def score_annotation(
@@ -1174,8 +1222,6 @@ def score_annotation(
         If the store has no annotation under ``key_added``, or the annotated experiment has no
         ``cell_type`` labels.
     """
-    from anndata.io import read_elem
-
     from mars_scale.annotate import result_keys
 
     store = as_store(store)
@@ -1184,16 +1230,7 @@ def score_annotation(
     keys = result_keys(key_added)
     cluster_col, type_col, _, novelty_col, _, _ = keys["obs"]
     root = store.root
-    missing = [f"obs/{c}" for c in (cluster_col, type_col, novelty_col) if c not in root["obs"]]
-    missing += [f"{g}/{n}" for g, n in (("obsm", keys["obsm"]), ("uns", keys["uns"]))
-                if g not in root or n not in root[g]]
-    if missing:
-        raise InputError(f"{store.path}: no annotation under key {key_added!r} ({missing[0]} is missing; "
-                         f"run \"mars-scale annotate --key {key_added}\" first, or pass the key it used)")
-    record = read_elem(root["uns"][keys["uns"]])
-    unannotated = str(record["unannotated"])
-    if unannotated not in store.experiment_ranges:
-        raise InputError(f"{store.path}: uns/{key_added} names experiment {unannotated!r}, which the store lacks")
+    record, unannotated = _annotation_record(store, keys, key_added)
     a, b = store.experiment_ranges[unannotated]
     truth, n_types = _held_out_truth(store, unannotated)
     if n_types == 0:
@@ -1222,21 +1259,7 @@ def score_annotation(
     ref_rows, ref_labels = _reference_rows(store, others, set(known), max_cells=knn_max_cells, rng=rng)
     query_ok = np.array([not _missing(t) and str(t) in set(known) for t in truth], dtype=bool)
     query = a + _sample(np.flatnonzero(query_ok), knn_max_cells, rng)
-    emb = root["obsm"][keys["obsm"]]
-    rows = np.concatenate([ref_rows, query])
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    block = 65_536
-
-    def blocks():
-        for lo in range(0, store.n_cells, block):
-            hi = min(store.n_cells, lo + block)
-            first = int(np.searchsorted(sorted_rows, lo))
-            if first < sorted_rows.size and sorted_rows[first] < hi:  # read only blocks holding rows
-                yield np.arange(lo, hi), np.asarray(emb[lo:hi], dtype=np.float32)
-
-    taken = np.empty((rows.size, emb.shape[1]), dtype=np.float32)
-    taken[order] = _take_rows(blocks(), sorted_rows, int(emb.shape[1]))
+    taken = _embedding_rows(store, root["obsm"][keys["obsm"]], np.concatenate([ref_rows, query]))
     z_ref, z_query = taken[: ref_rows.size], taken[ref_rows.size:]
     metrics["integration_knn"] = integration_knn(
         z_ref, ref_labels, z_query, np.asarray([str(t) for t in truth[query - a]], dtype=object), k=k_neighbours)

@@ -441,12 +441,7 @@ def name_clusters(
     Returns
     -------
     NamingResult
-        Per cluster: ``clusters``, ``n_cells``, ``n_sampled``, ``centers``, ``sigma``,
-        ``radius``, ``name_probabilities`` over ``names``, ``top_names``,
-        ``top_probabilities``, ``best_name``, ``best_probability``, ``novelty_distance``,
-        ``nearest_landmark``, ``novelty``, ``is_novel``, ``label``, ``compared_name``,
-        ``matched``, ``evidence``, ``split_of``, ``distinctness``. Per cell: ``cell_type``,
-        ``confidence``, ``cell_novelty``, ``cell_name_probabilities`` and ``cell_closest``.
+        Per cluster names, probabilities and novelty, and per cell the same (its fields).
 
     Raises
     ------
@@ -454,6 +449,61 @@ def name_clusters(
         If shapes disagree, values are not finite, a landmark name is missing or equals
         ``novel_label``, or an option is out of range.
     """
+    rng = np.random.default_rng(rng)
+    embedding, clusters, landmarks, names_in, landmark_weights, landmark_radius = _checked_inputs(
+        embedding, clusters, landmarks, landmark_names, landmark_weights=landmark_weights,
+        landmark_radius=landmark_radius, novelty_method=novelty_method,
+        max_cells_per_cluster=max_cells_per_cluster, top=top, novelty_threshold=novelty_threshold,
+        novel_label=novel_label, space=space, umap_max_cells=umap_max_cells,
+        umap_n_neighbors=umap_n_neighbors, block_size=block_size,
+    )
+    n_cells, dim = (int(v) for v in embedding.shape)
+    start = time.perf_counter()
+    cluster_ids, codes = np.unique(clusters, return_inverse=True)
+    codes = codes.reshape(-1).astype(np.int64, copy=False)
+    names, name_codes = np.unique(names_in, return_inverse=True)
+    name_codes = name_codes.reshape(-1)
+    logger.info(
+        "naming %d clusters of %d cells (%d dims, %s space) after %d landmarks with %d names",
+        cluster_ids.shape[0], n_cells, dim, space, landmarks.shape[0], names.shape[0],
+    )
+    if space == "umap":
+        embedding, landmarks = _umap_embed(
+            embedding, landmarks, max_cells=umap_max_cells, n_neighbors=umap_n_neighbors,
+            block_size=block_size, rng=rng,
+        )
+    result = _name(
+        embedding, codes, cluster_ids, landmarks, name_codes, names,
+        landmark_weights=landmark_weights, landmark_radius=landmark_radius,
+        novelty_method=novelty_method, max_cells_per_cluster=max_cells_per_cluster, top=top,
+        novelty_threshold=float(novelty_threshold), novel_label=novel_label, space=space,
+        block_size=block_size, rng=rng,
+    )
+    logger.info("named %d clusters in %.2f s, %d of them novel",
+                result.n_clusters, time.perf_counter() - start, int(result.is_novel.sum()))
+    return result
+
+
+def _checked_inputs(
+    embedding: Any,
+    clusters: Any,
+    landmarks: Any,
+    landmark_names: Any,
+    *,
+    landmark_weights: np.ndarray | None,
+    landmark_radius: np.ndarray | None,
+    novelty_method: str,
+    max_cells_per_cluster: int,
+    top: int,
+    novelty_threshold: float,
+    novel_label: str,
+    space: str,
+    umap_max_cells: int,
+    umap_n_neighbors: int,
+    block_size: int,
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """:func:`name_clusters`' inputs checked and converted (embedding, clusters, landmarks,
+    landmark names as str, weights, radius); raises :class:`InputError` naming the problem."""
     _validate_options(
         max_cells_per_cluster=max_cells_per_cluster,
         top=top,
@@ -464,7 +514,6 @@ def name_clusters(
         umap_n_neighbors=umap_n_neighbors,
         block_size=block_size,
     )
-    rng = np.random.default_rng(rng)
     if not hasattr(embedding, "shape") or not hasattr(embedding, "ndim"):
         embedding = np.asarray(embedding)
     if embedding.ndim != 2:
@@ -519,47 +568,7 @@ def name_clusters(
             f"(got {min(n_cells, umap_max_cells)} cells and {n_landmarks} landmarks)."
         )
 
-    start = time.perf_counter()
-    cluster_ids, codes = np.unique(clusters, return_inverse=True)
-    codes = codes.reshape(-1).astype(np.int64, copy=False)
-    names, name_codes = np.unique(names_in, return_inverse=True)
-    name_codes = name_codes.reshape(-1)
-    logger.info(
-        "naming %d clusters of %d cells (%d dims, %s space) after %d landmarks with %d names",
-        cluster_ids.shape[0], n_cells, dim, space, n_landmarks, names.shape[0],
-    )
-    if space == "umap":
-        embedding, landmarks = _umap_embed(
-            embedding,
-            landmarks,
-            max_cells=umap_max_cells,
-            n_neighbors=umap_n_neighbors,
-            block_size=block_size,
-            rng=rng,
-        )
-    result = _name(
-        embedding,
-        codes,
-        cluster_ids,
-        landmarks,
-        name_codes,
-        names,
-        landmark_weights=landmark_weights,
-        landmark_radius=landmark_radius,
-        novelty_method=novelty_method,
-        max_cells_per_cluster=max_cells_per_cluster,
-        top=top,
-        novelty_threshold=float(novelty_threshold),
-        novel_label=novel_label,
-        space=space,
-        block_size=block_size,
-        rng=rng,
-    )
-    logger.info(
-        "named %d clusters in %.2f s, %d of them novel",
-        result.n_clusters, time.perf_counter() - start, int(result.is_novel.sum()),
-    )
-    return result
+    return embedding, clusters, landmarks, names_in, landmark_weights, landmark_radius
 
 
 def _row_blocks(n: int, rows: int):
@@ -594,52 +603,13 @@ def _name(
     rng: np.random.Generator,
 ) -> NamingResult:
     """The naming kernel on validated inputs (cluster codes 0..J-1, landmark name codes)."""
-    n_cells, dim = embedding.shape
     n_clusters = cluster_ids.shape[0]
-    n_landmarks = landmarks.shape[0]
     n_names = names.shape[0]
-
-    # Pass 1: exact cluster means and mean squared norms. Shifting by the landmarks' mean keeps
-    # E||x - c||^2 - ||mu - c||^2 accurate when the data sit far from the origin.
+    # Shifting by the landmarks' mean keeps E||x - c||^2 - ||mu - c||^2 accurate when the data
+    # sit far from the origin.
     shift = landmarks.mean(axis=0)
-    counts = np.bincount(codes, minlength=n_clusters).astype(np.float64)
-    sums = np.zeros((n_clusters, dim))
-    sum_sq = np.zeros(n_clusters)
-    for begin, end in _row_blocks(n_cells, block_size):
-        block = _read_block(embedding, begin, end) - shift
-        block_codes = codes[begin:end]
-        indicator = sparse.csr_matrix(
-            (np.ones(end - begin), (block_codes, np.arange(end - begin))),
-            shape=(n_clusters, end - begin),
-        )
-        sums += indicator @ block
-        sq_norms = np.einsum("ij,ij->i", block, block)
-        sum_sq += np.bincount(block_codes, weights=sq_norms, minlength=n_clusters)
-    mean_shifted = sums / counts[:, None]
-    centers = shift + mean_shifted
-    mean_sq = np.einsum("ij,ij->i", mean_shifted, mean_shifted)
-    radius = np.sqrt(np.maximum(sum_sq / counts - mean_sq, 0.0))
-
-    # sigma_j on a bounded random sample of each cluster.
-    order = np.argsort(codes, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(counts.astype(np.int64))])
-    sigma = np.zeros(n_clusters)
-    n_sampled = np.zeros(n_clusters, dtype=np.int64)
-    for j in range(n_clusters):
-        members = order[bounds[j] : bounds[j + 1]]
-        if members.shape[0] > max_cells_per_cluster:
-            members = np.sort(rng.choice(members, size=max_cells_per_cluster, replace=False))
-        n_sampled[j] = members.shape[0]
-        if members.shape[0] >= 2:
-            sigma[j] = float(np.std(pdist(np.asarray(embedding[members], dtype=np.float64))))
-    degenerate = np.flatnonzero(sigma == 0)
-    if degenerate.size:
-        logger.warning(
-            "%d clusters have a kernel width sigma of 0 (fewer than 3 cells, or all pairwise "
-            "distances equal); they take the nearest landmark's name with probability 1: %s",
-            degenerate.size,
-            ", ".join(str(_to_python(cluster_ids[j])) for j in degenerate[:10]),
-        )
+    counts, centers, radius = _cluster_moments(embedding, codes, n_clusters, shift, block_size)
+    sigma, n_sampled = _kernel_widths(embedding, codes, counts, cluster_ids, max_cells_per_cluster, rng)
 
     # Names: Gaussian kernel over all landmarks, normalised with a log-sum-exp, summed per name.
     center_sq = cdist(centers, landmarks, "sqeuclidean")  # (J, K), exact
@@ -650,67 +620,29 @@ def _name(
     top_probabilities = np.take_along_axis(name_probabilities, top_index, axis=1)
     best_name = top_names[:, 0].copy()
     best_probability = top_probabilities[:, 0].copy()
-    center_dist = np.sqrt(center_sq)
     prototypes = _name_prototypes(landmarks, name_codes, n_names, landmark_weights)
-
-    if novelty_method == "matching":
-        m = _match(centers, radius, prototypes, embedding, codes, shift, block_size)
-        compared, evidence = m["compared"], m["evidence"]
-        matched, split_of, distinctness = m["matched"], m["split_of"], m["distinctness"]
-        novelty_distance = m["distance"]
-        nearest_landmark = np.argmin(center_dist, axis=1)
-        novelty = _hill(evidence, 1.0, _EVIDENCE_POWER)
-        compared_name = names[compared]
-    else:
-        compared = np.searchsorted(names, best_name)
-        compared_name = best_name
-        matched = np.zeros(n_clusters, dtype=bool)
-        split_of = np.full(n_clusters, -1, dtype=np.int64)
-        distinctness = np.full(n_clusters, np.nan)
-        novelty_distance, nearest_landmark, scale = _margin_scores(
-            center_dist, radius, name_codes, landmark_radius
-        )
-        evidence = novelty_distance
-        novelty = _novelty(novelty_distance, np.unique(name_codes).shape[0] > 1)
+    calls = _cluster_calls(
+        novelty_method, centers=centers, radius=radius, prototypes=prototypes, embedding=embedding,
+        codes=codes, shift=shift, block_size=block_size, center_dist=np.sqrt(center_sq),
+        names=names, best_name=best_name, name_codes=name_codes, landmark_radius=landmark_radius,
+    )
+    novelty = calls["novelty"]
     is_novel = novelty >= novelty_threshold
+    compared_name = calls["compared_name"]
     label = np.where(is_novel, novel_label, compared_name).astype(object)
-
-    # Pass 2: per cell, in blocks small enough for the cells x landmarks matrix.
-    cell_novelty = np.empty(n_cells)
-    cell_probs = np.empty((n_cells, n_names), dtype=np.float32)
-    rows = max(1, min(block_size, _BLOCK_ELEMENTS // max(n_landmarks, n_names)))
-    landmarks_shifted = landmarks - shift
-    prototypes_shifted = prototypes - shift
-    # root-mean-square distance of a cluster's cells to the prototype it was compared with
-    typical = np.sqrt(np.sum((centers - prototypes[compared]) ** 2, axis=1) + radius**2)
-    odds = np.clip(novelty, 1e-12, 1 - 1e-12)
-    odds = odds / (1 - odds)
-    several_names = np.unique(name_codes).shape[0] > 1
-    for begin, end in _row_blocks(n_cells, rows):
-        block = _read_block(embedding, begin, end) - shift
-        block_codes = codes[begin:end]
-        dist_sq = np.maximum(_squared_distances(block, landmarks_shifted), 0.0)
-        cell_probs[begin:end] = _kernel_name_probabilities(dist_sq, sigma[block_codes], name_codes, n_names)
-        if novelty_method == "matching":
-            own = np.sqrt(np.sum((block - prototypes_shifted[compared[block_codes]]) ** 2, axis=1))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(typical[block_codes] > 0, own / typical[block_codes], 1.0)
-            cell_odds = odds[block_codes] * ratio**_CELL_POWER
-            cell_novelty[begin:end] = cell_odds / (1.0 + cell_odds)
-        else:
-            dist = np.sqrt(dist_sq)
-            if several_names:
-                z = _margin_ratio(dist, name_codes)
-            elif landmark_radius is None:
-                z = _scaled(dist.min(axis=1), radius[block_codes])
-            else:
-                z = _scaled(dist, scale[block_codes]).min(axis=1)
-            cell_novelty[begin:end] = _novelty(z, several_names)
+    cell_novelty, cell_probs = _per_cell(
+        embedding, codes, landmarks, name_codes, n_names, shift=shift, sigma=sigma,
+        prototypes=prototypes, centers=centers, radius=radius, calls=calls,
+        novelty_method=novelty_method, landmark_radius=landmark_radius, block_size=block_size,
+    )
     cell_type = label[codes]
     cell_closest = names[np.argmax(cell_probs, axis=1)]
     label_code = np.searchsorted(names, np.where(is_novel, compared_name, label).astype(object))[codes]
-    p_label = cell_probs[np.arange(n_cells), label_code].astype(np.float64)
+    p_label = cell_probs[np.arange(codes.shape[0]), label_code].astype(np.float64)
     confidence = np.where(is_novel[codes], cell_novelty, p_label * (1.0 - cell_novelty))
+    novelty_distance, nearest_landmark = calls["novelty_distance"], calls["nearest_landmark"]
+    matched, evidence = calls["matched"], calls["evidence"]
+    split_of, distinctness = calls["split_of"], calls["distinctness"]
 
     return NamingResult(
         clusters=cluster_ids,
@@ -746,6 +678,133 @@ def _name(
         novelty_threshold=novelty_threshold,
         novel_label=novel_label,
     )
+
+
+def _cluster_moments(
+    embedding: Any, codes: np.ndarray, n_clusters: int, shift: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact cluster sizes, means and radii (root-mean-square distance to the mean), with sums
+    accumulated over row blocks of ``embedding - shift``."""
+    n_cells, dim = embedding.shape
+    counts = np.bincount(codes, minlength=n_clusters).astype(np.float64)
+    sums = np.zeros((n_clusters, dim))
+    sum_sq = np.zeros(n_clusters)
+    for begin, end in _row_blocks(n_cells, block_size):
+        block = _read_block(embedding, begin, end) - shift
+        block_codes = codes[begin:end]
+        indicator = sparse.csr_matrix(
+            (np.ones(end - begin), (block_codes, np.arange(end - begin))),
+            shape=(n_clusters, end - begin),
+        )
+        sums += indicator @ block
+        sq_norms = np.einsum("ij,ij->i", block, block)
+        sum_sq += np.bincount(block_codes, weights=sq_norms, minlength=n_clusters)
+    mean_shifted = sums / counts[:, None]
+    mean_sq = np.einsum("ij,ij->i", mean_shifted, mean_shifted)
+    radius = np.sqrt(np.maximum(sum_sq / counts - mean_sq, 0.0))
+    return counts, shift + mean_shifted, radius
+
+
+def _kernel_widths(
+    embedding: Any, codes: np.ndarray, counts: np.ndarray, cluster_ids: np.ndarray,
+    max_cells: int, rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``sigma_j``, the standard deviation of pairwise distances among at most ``max_cells``
+    random cells of each cluster, and the sample sizes."""
+    n_clusters = counts.shape[0]
+    order = np.argsort(codes, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(counts.astype(np.int64))])
+    sigma = np.zeros(n_clusters)
+    n_sampled = np.zeros(n_clusters, dtype=np.int64)
+    for j in range(n_clusters):
+        members = order[bounds[j] : bounds[j + 1]]
+        if members.shape[0] > max_cells:
+            members = np.sort(rng.choice(members, size=max_cells, replace=False))
+        n_sampled[j] = members.shape[0]
+        if members.shape[0] >= 2:
+            sigma[j] = float(np.std(pdist(np.asarray(embedding[members], dtype=np.float64))))
+    degenerate = np.flatnonzero(sigma == 0)
+    if degenerate.size:
+        logger.warning(
+            "%d clusters have a kernel width sigma of 0 (fewer than 3 cells, or all pairwise "
+            "distances equal); they take the nearest landmark's name with probability 1: %s",
+            degenerate.size,
+            ", ".join(str(_to_python(cluster_ids[j])) for j in degenerate[:10]),
+        )
+    return sigma, n_sampled
+
+
+def _cluster_calls(
+    novelty_method: str, *, centers: np.ndarray, radius: np.ndarray, prototypes: np.ndarray,
+    embedding: Any, codes: np.ndarray, shift: np.ndarray, block_size: int,
+    center_dist: np.ndarray, names: np.ndarray, best_name: np.ndarray, name_codes: np.ndarray,
+    landmark_radius: np.ndarray | None,
+) -> dict[str, Any]:
+    """Per cluster: the name it is compared with, its evidence and novelty, by the matching
+    rule or the margin score (keys of :class:`NamingResult` plus ``compared``, ``scale``)."""
+    n_clusters = centers.shape[0]
+    if novelty_method == "matching":
+        m = _match(centers, radius, prototypes, embedding, codes, shift, block_size)
+        return {
+            "compared": m["compared"], "compared_name": names[m["compared"]],
+            "evidence": m["evidence"], "novelty": _hill(m["evidence"], 1.0, _EVIDENCE_POWER),
+            "matched": m["matched"], "split_of": m["split_of"], "distinctness": m["distinctness"],
+            "novelty_distance": m["distance"], "nearest_landmark": np.argmin(center_dist, axis=1),
+            "scale": None,
+        }
+    novelty_distance, nearest_landmark, scale = _margin_scores(center_dist, radius, name_codes, landmark_radius)
+    return {
+        "compared": np.searchsorted(names, best_name), "compared_name": best_name,
+        "evidence": novelty_distance,
+        "novelty": _novelty(novelty_distance, np.unique(name_codes).shape[0] > 1),
+        "matched": np.zeros(n_clusters, dtype=bool), "split_of": np.full(n_clusters, -1, dtype=np.int64),
+        "distinctness": np.full(n_clusters, np.nan), "novelty_distance": novelty_distance,
+        "nearest_landmark": nearest_landmark, "scale": scale,
+    }
+
+
+def _per_cell(
+    embedding: Any, codes: np.ndarray, landmarks: np.ndarray, name_codes: np.ndarray, n_names: int,
+    *, shift: np.ndarray, sigma: np.ndarray, prototypes: np.ndarray, centers: np.ndarray,
+    radius: np.ndarray, calls: dict[str, Any], novelty_method: str,
+    landmark_radius: np.ndarray | None, block_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell novelty and name probabilities, in blocks small enough for the cells x
+    landmarks matrix."""
+    n_cells = codes.shape[0]
+    n_landmarks = landmarks.shape[0]
+    compared, novelty, scale = calls["compared"], calls["novelty"], calls["scale"]
+    cell_novelty = np.empty(n_cells)
+    cell_probs = np.empty((n_cells, n_names), dtype=np.float32)
+    rows = max(1, min(block_size, _BLOCK_ELEMENTS // max(n_landmarks, n_names)))
+    landmarks_shifted = landmarks - shift
+    prototypes_shifted = prototypes - shift
+    # root-mean-square distance of a cluster's cells to the prototype it was compared with
+    typical = np.sqrt(np.sum((centers - prototypes[compared]) ** 2, axis=1) + radius**2)
+    odds = np.clip(novelty, 1e-12, 1 - 1e-12)
+    odds = odds / (1 - odds)
+    several_names = np.unique(name_codes).shape[0] > 1
+    for begin, end in _row_blocks(n_cells, rows):
+        block = _read_block(embedding, begin, end) - shift
+        block_codes = codes[begin:end]
+        dist_sq = np.maximum(_squared_distances(block, landmarks_shifted), 0.0)
+        cell_probs[begin:end] = _kernel_name_probabilities(dist_sq, sigma[block_codes], name_codes, n_names)
+        if novelty_method == "matching":
+            own = np.sqrt(np.sum((block - prototypes_shifted[compared[block_codes]]) ** 2, axis=1))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(typical[block_codes] > 0, own / typical[block_codes], 1.0)
+            cell_odds = odds[block_codes] * ratio**_CELL_POWER
+            cell_novelty[begin:end] = cell_odds / (1.0 + cell_odds)
+        else:
+            dist = np.sqrt(dist_sq)
+            if several_names:
+                z = _margin_ratio(dist, name_codes)
+            elif landmark_radius is None:
+                z = _scaled(dist.min(axis=1), radius[block_codes])
+            else:
+                z = _scaled(dist, scale[block_codes]).min(axis=1)
+            cell_novelty[begin:end] = _novelty(z, several_names)
+    return cell_novelty, cell_probs
 
 
 def _squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
