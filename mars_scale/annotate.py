@@ -264,51 +264,21 @@ def annotate(
         If the model's genes differ from the store's.
     """
     started = time.perf_counter()
-    _check_options(key_added=key_added, space=space, batch_size=batch_size)
-    if isinstance(min_cluster_cells, bool) or not isinstance(min_cluster_cells, (int, np.integer)) or min_cluster_cells < 1:
-        raise InputError(f"min_cluster_cells must be a positive integer (got {min_cluster_cells!r})")
-    if novelty_method not in ("matching", "margin"):
-        raise InputError(f"novelty_method must be 'matching' or 'margin' (got {novelty_method!r})")
+    _check_options(key_added=key_added, space=space, batch_size=batch_size, min_cluster_cells=min_cluster_cells,
+                   novelty_method=novelty_method)
     export_path = _check_export(export, overwrite=overwrite)
     store = open_store(store_path)
     model = _load_model(model_or_run_dir, store)
     unannotated = str(model.state["unannotated"])
-    if unannotated not in store.experiment_ranges:
-        raise StoreError(
-            f"{store.path}: the model's unannotated experiment {unannotated!r} is not in this "
-            f"store (experiments: {', '.join(store.experiments)})"
-        )
     keys = result_keys(key_added)
-    dev = resolve_device(device)
     root_dir = Path(store.path)
-    fmt = int(store.root.metadata.zarr_format)
-
-    with store_lock(root_dir):
-        _remove_stale_staging(root_dir)
-        _check_existing(store, keys, overwrite=overwrite)
-        staging = root_dir / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
-        staging.mkdir()
-        try:
-            computed = _compute(store, model, staging, fmt, keys, device=dev, batch_size=batch_size,
-                                space=space, seed=seed, novelty_threshold=novelty_threshold,
-                                novelty_method=novelty_method, min_cluster_cells=min_cluster_cells,
-                                max_cells_per_cluster=max_cells_per_cluster)
-            naming, unused, merged, radius = computed
-            record = _run_record(model, model_or_run_dir, naming, unused, merged, radius, keys=keys,
-                                 space=space, seed=seed, unannotated=unannotated)
-            run_id = record["run_id"] = uuid.uuid4().hex[:16]
-            _stage_obs_and_uns(store, staging, fmt, keys, naming, record, unannotated)
-            elements = ([("obs", name) for name in keys["obs"]]
-                        + [("obsm", keys["obsm"]), ("obsm", keys["probabilities"]), ("uns", keys["uns"])])
-            for group, name in elements:  # chunk and metadata checksums (docs/store.md), run id
-                seal(staging / group / name)
-                write_attrs(staging / group / name, {_RUN_ATTR: run_id})
-            _commit(root_dir, staging, elements, keys["obs"], run=(keys["uns"], run_id))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    options = dict(device=resolve_device(device), batch_size=batch_size, space=space, seed=seed,
+                   novelty_threshold=novelty_threshold, novelty_method=novelty_method,
+                   min_cluster_cells=min_cluster_cells, max_cells_per_cluster=max_cells_per_cluster)
+    naming, unused, merged, radius, elements = _annotate_locked(
+        store, model, model_or_run_dir, keys, unannotated, overwrite=overwrite, options=options)
     written = tuple(f"{group}/{name}" for group, name in elements)
     logger.info("wrote %s into %s", ", ".join(written), root_dir)
-
     if export_path is not None:
         _export_h5ad(root_dir, keys, export_path)
         logger.info("exported the results to %s", export_path)
@@ -322,11 +292,41 @@ def annotate(
     )
 
 
+def _annotate_locked(store: Atlas, model: Mars, source: Any, keys: dict[str, Any], unannotated: str, *,
+                     overwrite: bool, options: dict[str, Any]) -> tuple:
+    """Under the store's lock: compute everything into a staging folder, seal it and publish it
+    in one commit (docs/store.md). Returns the naming, unused and merged landmarks, the landmark
+    radii and the elements written."""
+    root_dir = Path(store.path)
+    fmt = int(store.root.metadata.zarr_format)
+    with store_lock(root_dir):
+        _remove_stale_staging(root_dir)
+        _check_existing(store, keys, overwrite=overwrite)
+        staging = root_dir / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
+        try:
+            naming, unused, merged, radius = _compute(store, model, staging, fmt, keys, **options)
+            record = _run_record(model, source, naming, unused, merged, radius, keys=keys,
+                                 space=options["space"], seed=options["seed"], unannotated=unannotated)
+            run_id = record["run_id"] = uuid.uuid4().hex[:16]
+            _stage_obs_and_uns(store, staging, fmt, keys, naming, record, unannotated)
+            elements = ([("obs", name) for name in keys["obs"]]
+                        + [("obsm", keys["obsm"]), ("obsm", keys["probabilities"]), ("uns", keys["uns"])])
+            for group, name in elements:  # chunk and metadata checksums (docs/store.md), run id
+                seal(staging / group / name)
+                write_attrs(staging / group / name, {_RUN_ATTR: run_id})
+            _commit(root_dir, staging, elements, keys["obs"], run=(keys["uns"], run_id))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return naming, unused, merged, radius, elements
+
+
 # ---------------------------------------------------------------------------------------------
 # checks
 
 
-def _check_options(*, key_added: str, space: str, batch_size: int) -> None:
+def _check_options(*, key_added: str, space: str, batch_size: int, min_cluster_cells: int = 1,
+                   novelty_method: str = "matching") -> None:
     if not isinstance(key_added, str) or not _KEY_PATTERN.match(key_added):
         raise InputError(
             f"key_added must start with a letter and hold only letters, digits and underscores "
@@ -338,6 +338,10 @@ def _check_options(*, key_added: str, space: str, batch_size: int) -> None:
         raise InputError(f"space must be 'latent' or 'umap' (got {space!r})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer (got {batch_size!r})")
+    if isinstance(min_cluster_cells, bool) or not isinstance(min_cluster_cells, (int, np.integer)) or min_cluster_cells < 1:
+        raise InputError(f"min_cluster_cells must be a positive integer (got {min_cluster_cells!r})")
+    if novelty_method not in ("matching", "margin"):
+        raise InputError(f"novelty_method must be 'matching' or 'margin' (got {novelty_method!r})")
 
 
 def _check_export(export: str | os.PathLike | None, *, overwrite: bool) -> Path | None:
@@ -356,8 +360,16 @@ def _check_export(export: str | os.PathLike | None, *, overwrite: bool) -> Path 
 def _load_model(model_or_run_dir: Mars | str | os.PathLike, store: Atlas) -> Mars:
     if isinstance(model_or_run_dir, Mars):
         model_or_run_dir._check_store(store)  # trained, and the same genes
-        return model_or_run_dir
-    return Mars.load(model_or_run_dir, store)
+        model = model_or_run_dir
+    else:
+        model = Mars.load(model_or_run_dir, store)
+    unannotated = str(model.state["unannotated"])
+    if unannotated not in store.experiment_ranges:
+        raise StoreError(
+            f"{store.path}: the model's unannotated experiment {unannotated!r} is not in this "
+            f"store (experiments: {', '.join(store.experiments)})"
+        )
+    return model
 
 
 def _existing_keys(store: Atlas, keys: dict[str, Any]) -> list[str]:
