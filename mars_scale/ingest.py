@@ -108,14 +108,14 @@ class IngestConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "unlabeled_values", tuple(str(v) for v in self.unlabeled_values))
         if self.genes not in ("intersection", "union"):
-            raise ValueError(f"genes must be 'intersection' or 'union', got {self.genes!r}")
+            raise ConfigError(f"genes must be 'intersection' or 'union', got {self.genes!r}")
         for name in ("min_counts", "min_genes", "min_cells"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading one h5ad file with h5py
+# Reading one h5ad file (or AnnData .zarr) through anndata's element readers
 
 
 def _decode(values: np.ndarray, where: str) -> np.ndarray:
@@ -130,12 +130,14 @@ def _decode(values: np.ndarray, where: str) -> np.ndarray:
             try:
                 v = v.decode("utf-8")
             except UnicodeDecodeError:
-                raise InputError(
-                    f"{where} holds a value that is not valid UTF-8 ({v[:40]!r}); "
-                    "re-encode the names as UTF-8"
-                ) from None
+                raise _not_utf8(where, v) from None
         out[i] = v
     return out
+
+
+def _not_utf8(where: str, value: bytes | None = None) -> InputError:
+    shown = f" ({value[:40]!r})" if value is not None else ""
+    return InputError(f"{where} holds a value that is not valid UTF-8{shown}; re-encode the names as UTF-8")
 
 
 def _is_array(elem) -> bool:
@@ -144,10 +146,39 @@ def _is_array(elem) -> bool:
     return isinstance(elem, (h5py.Dataset, zarr.Array))
 
 
-def _is_group(elem) -> bool:
-    import zarr
+def _objects(values, where: str) -> np.ndarray:
+    """A column as anndata reads it, as an object array with ``None`` for missing values."""
+    if isinstance(values, pd.api.extensions.ExtensionArray):  # nullable integer, boolean, string
+        return values.to_numpy(dtype=object, na_value=None)
+    values = np.asarray(values)
+    out = _decode(values, where).astype(object)
+    if values.dtype.kind == "f":
+        out[np.isnan(values)] = None
+    return out
 
-    return isinstance(elem, (h5py.Group, zarr.Group))
+
+class _Column:
+    """Rows a:b of one obs or var column as objects (``None`` = missing).
+
+    The column is read once, whole, by ``anndata.io.read_elem`` (a categorical keeps only its
+    codes: one or two bytes per cell) and sliced per block.
+    """
+
+    def __init__(self, values, where: str) -> None:
+        self._where = where
+        if isinstance(values, pd.Categorical):  # slice the codes, not an object array
+            self._codes = values.codes
+            categories = _objects(values.categories.to_numpy(), f"{where}/categories")
+            self._lookup = np.array([*categories, None], dtype=object)
+            self._values = None
+        else:
+            self._values = _objects(values, where)
+
+    def __call__(self, a: int, b: int) -> np.ndarray:
+        if self._values is not None:
+            return self._values[a:b]
+        codes = self._codes[a:b]
+        return self._lookup[np.where(codes < 0, len(self._lookup) - 1, codes)]
 
 
 class _ZarrFile:
@@ -176,15 +207,18 @@ def _open_anndata_zarr(path: Path) -> _ZarrFile:
         raise InputError(
             f"{path}: is a directory but not a zarr store; expected an .h5ad file or an AnnData .zarr"
         ) from exc
-    enc = group.attrs.get("encoding-type")
-    if enc != "anndata" and not ("obs" in group and "var" in group):
+    if not ("obs" in group and "var" in group):
         raise InputError(f"{path}: is a zarr store but not an AnnData one (no obs and var); "
                          "expected an .h5ad file or an AnnData .zarr")
     return _ZarrFile(group)
 
 
 class _H5adSource:
-    """Row-block access to one h5ad file or AnnData ``.zarr`` store, validated up front."""
+    """Row-block access to one h5ad file or AnnData ``.zarr`` store, validated up front.
+
+    Elements are read with anndata's readers: ``read_elem`` for obs and var columns,
+    ``sparse_dataset`` row slices for a sparse X (a dense X is a plain array, sliced as is).
+    """
 
     def __init__(self, path: Path, config: IngestConfig) -> None:
         self.path = path
@@ -213,28 +247,7 @@ class _H5adSource:
         if xkey not in f:
             what = f"layer {config.layer!r}" if config.layer else "X"
             raise InputError(f"{self.path}: has no {what}")
-        x = f[xkey]
-        if _is_array(x):
-            if x.ndim != 2:
-                raise InputError(f"{self.path}: {xkey} is not a matrix (shape {x.shape})")
-            self.kind, self.shape = "dense", tuple(int(s) for s in x.shape)
-        else:
-            enc = x.attrs.get("encoding-type", x.attrs.get("h5sparse_format", ""))
-            enc = enc.decode() if isinstance(enc, bytes) else str(enc)
-            if enc.startswith("csr"):
-                self.kind = "csr"
-            elif enc.startswith("csc"):
-                self.kind = "csc"
-            else:
-                raise InputError(f"{self.path}: {xkey} has unsupported encoding {enc!r}")
-            self.shape = tuple(int(s) for s in x.attrs["shape"])
-            for part in ("data", "indices", "indptr"):
-                if part not in x:
-                    raise InputError(f"{self.path}: {xkey}/{part} is missing")
-        self.x = x
-        dtype = x.dtype if _is_array(x) else x["data"].dtype
-        if dtype.kind not in "biuf":
-            raise InputError(f"{self.path}: {xkey} has non-numeric dtype {dtype} (numbers expected)")
+        self._open_x(f[xkey], xkey)
         if "obs" not in f or "var" not in f:
             raise InputError(f"{self.path}: obs or var is missing")
         self.obs_names_key = self._index_key("obs")
@@ -249,8 +262,8 @@ class _H5adSource:
                 f"{self.path}: {xkey} has shape {self.shape} but obs x var is {n_obs} x {n_var}"
             )
         if self.kind != "dense":
-            major = 0 if self.kind == "csr" else 1
-            if x["indptr"].shape[0] != self.shape[major] + 1:
+            x = f[xkey]
+            if x["indptr"].shape[0] != self.shape[0 if self.kind == "csr" else 1] + 1:
                 raise InputError(f"{self.path}: {xkey}/indptr length disagrees with the shape")
             if x["data"].shape[0] != x["indices"].shape[0]:
                 raise InputError(f"{self.path}: {xkey}/data and indices differ in length")
@@ -263,7 +276,7 @@ class _H5adSource:
                 )
             genes = self._column("var", config.gene_key)(0, n_var)
         else:
-            genes = _decode(f["var"][self.var_names_key][:], f"{self.path}: var/{self.var_names_key}")
+            genes = self._column("var", self.var_names_key)(0, n_var)
         self.genes = pd.Index([str(g) for g in genes])
         dup = self.genes[self.genes.duplicated()]
         if len(dup):
@@ -272,6 +285,26 @@ class _H5adSource:
                 f"{'...' if len(dup) > 3 else ''}); make them unique or pass --gene-key"
             )
         self._csc = None
+
+    def _open_x(self, x, xkey: str) -> None:
+        """Check X (or the layer) and keep a reader of its rows: the array or a sparse dataset."""
+        from anndata.io import sparse_dataset
+
+        if _is_array(x):
+            if x.ndim != 2:
+                raise InputError(f"{self.path}: {xkey} is not a matrix (shape {x.shape})")
+            self.kind, self.shape, self.x, dtype = "dense", tuple(int(s) for s in x.shape), x, x.dtype
+        else:
+            for part in ("data", "indices", "indptr"):
+                if part not in x:
+                    raise InputError(f"{self.path}: {xkey}/{part} is missing")
+            try:
+                self.x = sparse_dataset(x)
+            except Exception as exc:
+                raise InputError(f"{self.path}: {xkey} has an unsupported encoding ({exc})") from None
+            self.kind, self.shape, dtype = self.x.format, tuple(int(s) for s in self.x.shape), x["data"].dtype
+        if dtype.kind not in "biuf":
+            raise InputError(f"{self.path}: {xkey} has non-numeric dtype {dtype} (numbers expected)")
 
     def _index_key(self, group: str) -> str:
         key = self.file[group].attrs.get("_index", "_index")
@@ -283,42 +316,33 @@ class _H5adSource:
     def has_column(self, name: str) -> bool:
         return name in self.obs_columns
 
-    def _column(self, group: str, name: str) -> Callable[[int, int], np.ndarray]:
-        """A reader of rows a:b of a column as an object array (None = missing)."""
+    def _column(self, group: str, name: str) -> _Column:
+        """A reader of rows a:b of a column, read whole by ``anndata.io.read_elem``."""
+        from anndata.io import read_elem
+
         elem = self.file[group][name]
-        enc = elem.attrs.get("encoding-type", "")
-        enc = enc.decode() if isinstance(enc, bytes) else str(enc)
-        if _is_group(elem) and enc == "categorical":
-            categories = _decode(elem["categories"][:], f"{self.path}: {group}/{name}/categories")
-            cats = np.array(list(categories) + [None], dtype=object)
-            codes = elem["codes"]
-            return lambda a, b: cats[np.where(codes[a:b] < 0, len(categories), codes[a:b])]
-        if _is_group(elem) and enc.startswith("nullable"):
-            values, mask = elem["values"], elem["mask"]
-
-            def read_nullable(a: int, b: int) -> np.ndarray:
-                out = _decode(values[a:b], f"{self.path}: {group}/{name}").astype(object)
-                out[mask[a:b]] = None
-                return out
-
-            return read_nullable
-        if _is_array(elem):
-            if elem.dtype.kind not in "biufSOUT":
-                raise InputError(f"{self.path}: {group}/{name} has unsupported dtype {elem.dtype}")
-
-            def read_plain(a: int, b: int) -> np.ndarray:
-                out = _decode(elem[a:b], f"{self.path}: {group}/{name}").astype(object)
-                if elem.dtype.kind == "f":
-                    out[np.isnan(elem[a:b])] = None
-                return out
-
-            return read_plain
-        raise InputError(f"{self.path}: {group}/{name} has unsupported encoding {enc!r}")
+        where = f"{self.path}: {group}/{name}"
+        if _is_array(elem) and elem.dtype.kind not in "biufSOUT":  # never hand opaque bytes to a reader
+            raise InputError(f"{where} has unsupported dtype {elem.dtype}")
+        try:
+            values = read_elem(elem)
+        except Exception as exc:
+            cause = exc
+            while cause is not None and not isinstance(cause, UnicodeDecodeError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                part = "/categories" if not _is_array(elem) and "categories" in elem else ""
+                raise _not_utf8(where + part) from None
+            raise InputError(f"{where} cannot be read ({type(exc).__name__}: {exc})") from None
+        if isinstance(values, (pd.DataFrame, dict)) or getattr(values, "ndim", 1) != 1:
+            raise InputError(f"{where} is not a column (a {type(values).__name__})")
+        return _Column(values, where)
 
     def obs_reader(self, name: str) -> Callable[[int, int], np.ndarray]:
         return self._column("obs", name)
 
     def obs_names(self, a: int, b: int) -> np.ndarray:
+        # A plain string array, sliced per block: memory does not grow with the number of cells.
         return _decode(self.file["obs"][self.obs_names_key][a:b], f"{self.path}: obs/{self.obs_names_key}")
 
     def row_blocks(self) -> list[tuple[int, int]]:
@@ -329,7 +353,7 @@ class _H5adSource:
         if self.kind == "csc":
             step = 8192
             return [(a, min(a + step, n)) for a in range(0, n, step)]
-        indptr = self.x["indptr"]
+        indptr = self.x.group["indptr"]
         blocks: list[tuple[int, int]] = []
         # Cut blocks of about _READ_NNZ non-zeros, reading indptr in windows so memory does
         # not grow with the number of cells.
@@ -345,26 +369,19 @@ class _H5adSource:
 
     def read(self, a: int, b: int) -> sp.csr_matrix:
         """Rows a:b as CSR with the stored dtype."""
-        g = self.shape[1]
         try:
             if self.kind == "dense":
                 return sp.csr_matrix(np.asarray(self.x[a:b]))
             if self.kind == "csr":
-                ptr = self.x["indptr"][a : b + 1].astype(np.int64)
-                lo, hi = int(ptr[0]), int(ptr[-1])
-                data = self.x["data"][lo:hi]
-                indices = self.x["indices"][lo:hi]
-                return sp.csr_matrix((data, indices, ptr - lo), shape=(b - a, g))
+                return self.x[a:b]
             if self._csc is None:
-                nnz = int(self.x["data"].shape[0])
+                nnz = int(self.x.group["data"].shape[0])
                 if nnz * 12 > 2 * 1024**3:
                     raise InputError(
                         f"{self.path}: CSC X with {nnz} non-zeros is too large to convert in "
                         "memory; write it as CSR (adata.X = adata.X.tocsr())"
                     )
-                self._csc = sp.csc_matrix(
-                    (self.x["data"][:], self.x["indices"][:], self.x["indptr"][:]), shape=self.shape
-                ).tocsr()
+                self._csc = self.x.to_memory().tocsr()
             return self._csc[a:b]
         except InputError:
             raise
@@ -778,7 +795,7 @@ def ingest(
     try:
         for p in paths:
             sources.append(_H5adSource(p, config))
-        return _ingest(sources, output, config, overwrite)
+        return _ingest(sources, output, config, overwrite, _Runner())
     finally:
         for s in sources:
             s.close()
@@ -814,84 +831,137 @@ def _plan(sources: list[_H5adSource], config: IngestConfig) -> tuple[list[_FileP
     return plans, genes
 
 
-def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, overwrite: bool) -> Path:
-    plans, genes = _plan(sources, config)
-    n_out = len(genes)
+@dataclass
+class _BlockCheck:
+    """What the quality-control pass learns from one read block (merged in order by :class:`_Census`)."""
 
-    # ---- pass 1: quality control --------------------------------------------------------
-    n_cells_per_gene = np.zeros(n_out, dtype=np.int64)
-    experiments: dict[str, int] = {}
-    cell_types: dict[str, None] = {}
-    finished: set[str] = set()
-    experiment_nonint: dict[str, int] = {}
-    unlabeled = set(config.unlabeled_values)
-    unlabeled_seen: dict[str, int] = {}
-    current: str | None = None
-    grouped = True
-    total_blocks = sum(len(p.source.row_blocks()) for p in plans)
-    with tqdm(total=total_blocks, desc="ingest 1/2 (check)", unit="block", disable=None) as bar:
-        for plan in plans:
-            src = plan.source
-            for a, b in src.row_blocks():
-                block = src.read(a, b)
-                _check_values(src, block, a, b)
-                frac = None
-                if block.data.dtype.kind == "f":
-                    frac = block.data != np.floor(block.data)
-                    plan.non_integer += int(frac.sum())
-                    if plan.non_integer and block.data.size and block.data.max() > _LOGNORM_MAX:
-                        plan.kind = "noninteger_counts"
-                keep = _cell_mask(block, config)
-                plan.n_kept += int(keep.sum())
-                exps = plan.experiment(a, b)[keep]
-                for e in exps:
-                    if e is None:
-                        raise InputError(
-                            f"{src.path}: obs column {config.experiment_key!r} has missing values"
-                        )
-                # Track whether each experiment's rows form one contiguous run.
-                if len(exps):
-                    runs = exps[np.r_[True, exps[1:] != exps[:-1]]]
-                    for e in runs:
-                        e = str(e)
-                        if e != current:
-                            if e in finished:
-                                grouped = False
-                            if current is not None:
-                                finished.add(current)
-                            current = e
-                        experiments[e] = experiments.get(e, 0)
-                    uniq, counts = np.unique(exps.astype(str), return_counts=True)
-                    for e, c in zip(uniq, counts):
-                        experiments[str(e)] += int(c)
-                    if frac is not None and frac.any():
-                        # non-integer values per experiment, so a mixed file is recorded per
-                        # experiment (e.g. one study of expected counts among UMI counts)
-                        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-                        per_row = np.bincount(rows[frac], minlength=block.shape[0])[keep]
-                        for e in np.unique(exps[per_row > 0].astype(str)):
-                            experiment_nonint[str(e)] = experiment_nonint.get(str(e), 0) + int(
-                                per_row[exps.astype(str) == e].sum())
-                if plan.label is not None:
-                    labs = plan.label(a, b)[keep]
-                    for lab in pd.unique(labs):
-                        if lab is None:
-                            continue
-                        if str(lab) in unlabeled:
-                            unlabeled_seen[str(lab)] = unlabeled_seen.get(str(lab), 0) + int((labs == lab).sum())
-                        else:
-                            cell_types[str(lab)] = None
-                kept = block if keep.all() else block[keep]
-                cols = plan.gene_map[kept.indices[kept.data > 0]]
-                n_cells_per_gene += np.bincount(cols[cols >= 0], minlength=n_out)
-                bar.update(1)
-            if plan.non_integer and plan.kind == "counts":
-                plan.kind = "lognorm"
-            if plan.n_kept == 0:
-                raise InputError(
-                    f"{src.path}: no cell passes the filters (min_counts={config.min_counts}, "
-                    f"min_genes={config.min_genes})"
-                )
+    n_kept: int
+    non_integer: int  # non-integer values in the block
+    max_value: float  # largest value (float inputs; -inf otherwise)
+    runs: list[str]  # experiments of the kept cells, one entry per contiguous run
+    experiment_cells: dict[str, int]
+    experiment_nonint: dict[str, int]  # non-integer values per experiment
+    labels: list[str]  # cell types seen
+    unlabeled: dict[str, int]  # cells per label value that means "no cell type"
+    n_cells_per_gene: np.ndarray  # in the aligned gene space
+
+
+class _Runner:
+    """Runs the per-block work of both passes: in this process, in input order."""
+
+    def map(self, fn: Callable, tasks: list[tuple], **kwargs) -> Iterator:
+        """``fn(*task, **kwargs)`` for each task, yielded in the order of ``tasks``."""
+        return (fn(*task, **kwargs) for task in tasks)
+
+    def close(self) -> None:
+        pass
+
+
+def _check_block(plan: _FilePlan, a: int, b: int, config: IngestConfig, n_out: int) -> _BlockCheck:
+    """Read rows a:b of one input and check them (pass 1)."""
+    src = plan.source
+    block = src.read(a, b)
+    _check_values(src, block, a, b)
+    frac = block.data != np.floor(block.data) if block.data.dtype.kind == "f" else None
+    keep = _cell_mask(block, config)
+    exps = plan.experiment(a, b)[keep]
+    if any(e is None for e in exps):
+        raise InputError(f"{src.path}: obs column {config.experiment_key!r} has missing values")
+    check = _BlockCheck(
+        n_kept=int(keep.sum()), non_integer=int(frac.sum()) if frac is not None else 0,
+        max_value=float(block.data.max()) if frac is not None and block.data.size else -np.inf,
+        runs=[], experiment_cells={}, experiment_nonint={}, labels=[], unlabeled={},
+        n_cells_per_gene=np.zeros(0, dtype=np.int64),
+    )
+    if len(exps):
+        names = exps.astype(str)
+        check.runs = [str(e) for e in names[np.r_[True, names[1:] != names[:-1]]]]
+        uniq, counts = np.unique(names, return_counts=True)
+        check.experiment_cells = {str(e): int(c) for e, c in zip(uniq, counts)}
+        if frac is not None and frac.any():
+            # non-integer values per experiment, so a mixed file is recorded per experiment
+            # (e.g. one study of expected counts among UMI counts)
+            rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+            per_row = np.bincount(rows[frac], minlength=block.shape[0])[keep]
+            for e in np.unique(names[per_row > 0]):
+                check.experiment_nonint[str(e)] = int(per_row[names == e].sum())
+    if plan.label is not None:
+        labs = plan.label(a, b)[keep]
+        unlabeled = set(config.unlabeled_values)
+        for lab in pd.unique(labs):
+            if lab is None:
+                continue
+            if str(lab) in unlabeled:
+                check.unlabeled[str(lab)] = check.unlabeled.get(str(lab), 0) + int((labs == lab).sum())
+            else:
+                check.labels.append(str(lab))
+    kept = block if keep.all() else block[keep]
+    cols = plan.gene_map[kept.indices[kept.data > 0]]
+    check.n_cells_per_gene = np.bincount(cols[cols >= 0], minlength=n_out)
+    return check
+
+
+@dataclass
+class _Census:
+    """The quality-control pass over every input: block checks merged in input order."""
+
+    n_cells_per_gene: np.ndarray
+    experiments: dict[str, int] = field(default_factory=dict)  # kept cells, in order of appearance
+    cell_types: dict[str, None] = field(default_factory=dict)
+    experiment_nonint: dict[str, int] = field(default_factory=dict)
+    unlabeled: dict[str, int] = field(default_factory=dict)
+    grouped: bool = True  # each experiment's cells form one contiguous run over the inputs
+    _current: str | None = None
+    _finished: set = field(default_factory=set)
+
+    def add(self, plan: _FilePlan, check: _BlockCheck) -> None:
+        plan.non_integer += check.non_integer
+        if plan.non_integer and check.max_value > _LOGNORM_MAX:
+            plan.kind = "noninteger_counts"
+        plan.n_kept += check.n_kept
+        for e in check.runs:
+            if e != self._current:
+                if e in self._finished:
+                    self.grouped = False
+                if self._current is not None:
+                    self._finished.add(self._current)
+                self._current = e
+            self.experiments.setdefault(e, 0)
+        for e, c in check.experiment_cells.items():
+            self.experiments[e] += c
+        for e, c in check.experiment_nonint.items():
+            self.experiment_nonint[e] = self.experiment_nonint.get(e, 0) + c
+        for lab, c in check.unlabeled.items():
+            self.unlabeled[lab] = self.unlabeled.get(lab, 0) + c
+        self.cell_types.update(dict.fromkeys(check.labels))
+        self.n_cells_per_gene += check.n_cells_per_gene
+
+    def finish_file(self, plan: _FilePlan, config: IngestConfig) -> None:
+        if plan.non_integer and plan.kind == "counts":
+            plan.kind = "lognorm"
+        if plan.n_kept == 0:
+            raise InputError(
+                f"{plan.source.path}: no cell passes the filters (min_counts={config.min_counts}, "
+                f"min_genes={config.min_genes})"
+            )
+
+
+def _check_pass(plans: list[_FilePlan], n_out: int, config: IngestConfig, runner: "_Runner") -> _Census:
+    """Pass 1 over every input (quality control), its blocks run by ``runner``."""
+    census = _Census(np.zeros(n_out, dtype=np.int64))
+    tasks = [(plan, a, b) for plan in plans for a, b in plan.source.row_blocks()]
+    with tqdm(total=len(tasks), desc="ingest 1/2 (check)", unit="block", disable=None) as bar:
+        results = runner.map(_check_block, tasks, config=config, n_out=n_out)
+        for i, ((plan, _, _), check) in enumerate(zip(tasks, results)):
+            census.add(plan, check)
+            if i + 1 == len(tasks) or tasks[i + 1][0] is not plan:
+                census.finish_file(plan, config)
+            bar.update(1)
+    return census
+
+
+def _input_kind(plans: list[_FilePlan], config: IngestConfig) -> str:
+    """``"counts"`` or ``"lognorm"`` for the inputs together; refuses a mix, warns on odd values."""
     kinds = {p.kind for p in plans}
     if "lognorm" in kinds and len(kinds) > 1:
         bad = [p for p in plans if p.kind == "lognorm"]
@@ -899,7 +969,6 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
             f"{bad[0].source.name}: holds log-normalised values while other inputs hold counts; "
             f"ingest raw counts ({_layer_hint(bad[0].source, config) or 'or pass --layer with the counts layer'})"
         )
-    input_kind = "lognorm" if kinds == {"lognorm"} else "counts"
     for p in plans:
         if p.kind == "lognorm":
             hint = _layer_hint(p.source, config)
@@ -907,120 +976,185 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
                            p.source.name, f" ({hint})" if hint else "")
         elif p.kind == "noninteger_counts":
             logger.warning("%s: %d non-integer counts (expected counts?); treated as counts", p.source.name, p.non_integer)
+    return "lognorm" if kinds == {"lognorm"} else "counts"
 
-    gene_keep = n_cells_per_gene >= max(config.min_cells, 1)
+
+def _filter_genes(plans: list[_FilePlan], genes: pd.Index, census: _Census,
+                  config: IngestConfig) -> tuple[pd.Index, int]:
+    """The genes kept by ``min_cells`` and their non-zeros; every plan's gene map is redirected onto them."""
+    gene_keep = census.n_cells_per_gene >= max(config.min_cells, 1)
     if not gene_keep.any():
         raise InputError(f"no gene is expressed in at least {config.min_cells} cells (--min-cells)")
     new_index = np.cumsum(gene_keep) - 1
-    out_genes = genes[gene_keep]
     for p in plans:
         mapped = p.gene_map.copy()
         ok = mapped >= 0
         mapped[ok] = np.where(gene_keep[mapped[ok]], new_index[mapped[ok]], -1)
         p.gene_map = mapped
         p.increasing = bool(np.all(np.diff(mapped[mapped >= 0]) > 0))
-    if unlabeled_seen:
-        logger.info("%d cells with label values %s are unannotated (--unlabeled-values)",
-                    sum(unlabeled_seen.values()), ", ".join(f"{v!r} ({n})" for v, n in unlabeled_seen.items()))
-    exp_names = list(experiments)
-    exp_code = {e: i for i, e in enumerate(exp_names)}
-    type_names = sorted(cell_types)
-    type_code = {t: i for i, t in enumerate(type_names)}
-    n_total = sum(experiments.values())
-    nnz_total = int(n_cells_per_gene[gene_keep].sum())
+    return genes[gene_keep], int(census.n_cells_per_gene[gene_keep].sum())
+
+
+@dataclass(frozen=True)
+class _Codes:
+    """Output codes of experiments and cell types, for pass 2."""
+
+    experiments: dict[str, int]
+    cell_types: dict[str, int]
+    n_genes: int
+    input_kind: str
+
+
+@dataclass
+class _WriteBlock:
+    """One read block ready to append (pass 2): filtered, aligned rows and their obs columns."""
+
+    keep: np.ndarray
+    x: sp.csr_matrix | None  # None: no cell kept
+    names: np.ndarray | None = None
+    obs: dict[str, np.ndarray] | None = None
+    moments: Any = None
+
+
+def _prepare_block(plan: _FilePlan, a: int, b: int, config: IngestConfig, codes: _Codes) -> _WriteBlock:
+    """Read rows a:b of one input and make them ready to append: filter, align, obs, moments."""
+    src = plan.source
+    raw = src.read(a, b)
+    keep = _cell_mask(raw, config)
+    block = _align_block(raw if keep.all() else raw[keep], plan, codes.n_genes)
+    if block.shape[0] == 0:
+        return _WriteBlock(keep, None)
+    exps = plan.experiment(a, b)[keep]
+    exp_codes = np.fromiter((codes.experiments[str(e)] for e in exps), np.int32, len(exps))
+    if plan.label is not None:
+        labs = plan.label(a, b)[keep]
+        types = np.fromiter((codes.cell_types.get(str(v), -1) if v is not None else -1 for v in labs),
+                            np.int32, len(labs))
+    else:
+        types = np.full(block.shape[0], -1, np.int32)
+    obs = {
+        "experiment": exp_codes,
+        "cell_type": types,
+        "n_counts": np.asarray(block.sum(axis=1), dtype=np.float64).ravel(),
+        "n_genes": np.diff(block.indptr).astype(np.int32),
+    }
+    return _WriteBlock(keep, block, src.obs_names(a, b)[keep], obs,
+                       block_moments(block, kind=codes.input_kind))
+
+
+class _Spools:
+    """Rows spooled per experiment (when the inputs interleave experiments), then replayed in order."""
+
+    def __init__(self, directory: Path, *, n_genes: int, nnz_per_chunk: int, layout: StoreLayout) -> None:
+        self.directory = directory
+        self.sinks: dict[int, _RowSink] = {}
+        self._args = {"n_genes": n_genes, "nnz_per_chunk": nnz_per_chunk,
+                      "layout": StoreLayout(rows_per_chunk=layout.rows_per_chunk, compression_level=1)}
+
+    def append(self, block: _WriteBlock) -> None:
+        import zarr
+
+        codes = block.obs["experiment"]
+        for c in np.unique(codes):
+            sel = codes == c
+            if c not in self.sinks:
+                group = zarr.open_group(self.directory / str(c), mode="w", zarr_format=3)
+                self.sinks[c] = _RowSink(group, **self._args)
+            self.sinks[c].append(block.x[sel], block.names[sel], {k: v[sel] for k, v in block.obs.items()})
+
+    def replay(self, sink: "_RowSink", n_experiments: int) -> None:
+        for c in range(n_experiments):
+            self.sinks[c].close()
+            _replay(self.sinks[c], sink, 8192)
+
+
+def _write_pass(plans: list[_FilePlan], root, census: _Census, codes: _Codes, config: IngestConfig,
+                runner: "_Runner", nnz_per_chunk: int) -> tuple[Any, np.ndarray]:
+    """Pass 2: rows, obs columns and count sums into ``root``; returns the moments and row codes."""
     layout = config.layout
-    nnz_per_chunk = int(max(4096, round(layout.rows_per_chunk * nnz_total / max(n_total, 1))))
+    sink = _RowSink(root, n_genes=codes.n_genes, nnz_per_chunk=nnz_per_chunk, layout=layout)
+    spools = None
+    if not census.grouped:
+        logger.info("experiments are interleaved in the inputs; spooling per experiment")
+        tmp = Path(root.store_path.store.root)
+        spools = _Spools(tmp.parent / f"{tmp.name}.spool", n_genes=codes.n_genes,
+                         nnz_per_chunk=nnz_per_chunk, layout=layout)
+    moments = MomentAccumulator()
+    count_sums = _CountSums(codes.n_genes, len(codes.experiments))
+    written: list[np.ndarray] = []
+    tasks = [(plan, a, b) for plan in plans for a, b in plan.source.row_blocks()]
+    try:
+        with tqdm(total=len(tasks), desc="ingest 2/2 (write)", unit="block", disable=None) as bar:
+            for (plan, _, _), block in zip(tasks, runner.map(_prepare_block, tasks, config=config, codes=codes)):
+                plan.keep.append(block.keep)
+                if block.x is not None:
+                    written.append(block.obs["experiment"])
+                    moments.add(block.moments)
+                    count_sums.add(block.x, block.obs["experiment"])
+                    if spools is None:
+                        sink.append(block.x, block.names, block.obs)
+                    else:
+                        spools.append(block)
+                bar.update(1)
+        if spools is not None:
+            spools.replay(sink, len(codes.experiments))
+    finally:
+        if spools is not None:
+            shutil.rmtree(spools.directory, ignore_errors=True)
+    sink.close()
+    sink.finish_obs({"experiment": list(codes.experiments), "cell_type": list(codes.cell_types)})
+    count_sums.write(root)
+    return moments.result(), np.concatenate(written) if written else np.zeros(0, np.int32)
+
+
+def _sources_record(plans: list[_FilePlan]) -> dict[str, np.ndarray]:
+    return {
+        "name": np.asarray([p.source.name for p in plans], dtype=object),
+        "size": np.asarray([_size(p.source.path) for p in plans], dtype=np.int64),
+        "sha256": np.asarray([_sha256(p.source.path) for p in plans], dtype=object),
+        "kind": np.asarray([p.kind for p in plans], dtype=object),
+    }
+
+
+def _experiment_kinds(exp_names: list[str], census: _Census, input_kind: str) -> list[str]:
+    kind = "lognorm" if input_kind == "lognorm" else "noninteger_counts"
+    kinds = [kind if census.experiment_nonint.get(e) else "counts" for e in exp_names]
+    if len(set(kinds)) > 1:
+        logger.warning(
+            "experiments hold different kinds of values: %s",
+            ", ".join(f"{e} {k}" for e, k in zip(exp_names, kinds) if k != "counts"),
+        )
+    return kinds
+
+
+def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, overwrite: bool,
+            runner: "_Runner") -> Path:
+    plans, genes = _plan(sources, config)
+    census = _check_pass(plans, len(genes), config, runner)
+    input_kind = _input_kind(plans, config)
+    out_genes, nnz_total = _filter_genes(plans, genes, census, config)
+    if census.unlabeled:
+        logger.info("%d cells with label values %s are unannotated (--unlabeled-values)",
+                    sum(census.unlabeled.values()), ", ".join(f"{v!r} ({n})" for v, n in census.unlabeled.items()))
+    exp_names = list(census.experiments)
+    type_names = sorted(census.cell_types)
+    codes = _Codes({e: i for i, e in enumerate(exp_names)}, {t: i for i, t in enumerate(type_names)},
+                   len(out_genes), input_kind)
+    n_total = sum(census.experiments.values())
+    nnz_per_chunk = int(max(4096, round(config.layout.rows_per_chunk * nnz_total / max(n_total, 1))))
     logger.info(
         "%d cells (of %d), %d genes (of %d), %d experiments, %d cell types, %.0f non-zeros per cell",
-        n_total, sum(p.source.shape[0] for p in plans), len(out_genes), n_out,
+        n_total, sum(p.source.shape[0] for p in plans), len(out_genes), len(genes),
         len(exp_names), len(type_names), nnz_total / max(n_total, 1),
     )
-
-    # ---- pass 2: write --------------------------------------------------------------------
-    import zarr
-
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        root = init_anndata_root(tmp, zarr_format=layout.zarr_format)
-        sink = _RowSink(root, n_genes=len(out_genes), nnz_per_chunk=nnz_per_chunk, layout=layout)
-        spool_dir = tmp.parent / f"{tmp.name}.spool"
-        spools: dict[int, tuple] = {}
-        if not grouped:
-            logger.info("experiments are interleaved in the inputs; spooling per experiment")
-        moments = MomentAccumulator()
-        count_sums = _CountSums(len(out_genes), len(exp_names))
-        written_codes: list[np.ndarray] = []
-        try:
-            with tqdm(total=total_blocks, desc="ingest 2/2 (write)", unit="block", disable=None) as bar:
-                for plan in plans:
-                    src = plan.source
-                    for a, b in src.row_blocks():
-                        raw = src.read(a, b)
-                        keep = _cell_mask(raw, config)
-                        plan.keep.append(keep)
-                        block = _align_block(raw if keep.all() else raw[keep], plan, len(out_genes))
-                        if block.shape[0] == 0:
-                            bar.update(1)
-                            continue
-                        exps = plan.experiment(a, b)[keep]
-                        codes = np.fromiter((exp_code[str(e)] for e in exps), np.int32, len(exps))
-                        written_codes.append(codes)
-                        if plan.label is not None:
-                            labs = plan.label(a, b)[keep]
-                            lcodes = np.fromiter(
-                                (type_code.get(str(l), -1) if l is not None else -1 for l in labs),
-                                np.int32, len(labs),
-                            )
-                        else:
-                            lcodes = np.full(block.shape[0], -1, np.int32)
-                        obs = {
-                            "experiment": codes,
-                            "cell_type": lcodes,
-                            "n_counts": np.asarray(block.sum(axis=1), dtype=np.float64).ravel(),
-                            "n_genes": np.diff(block.indptr).astype(np.int32),
-                        }
-                        moments.add(block_moments(block, kind=input_kind))
-                        count_sums.add(block, codes)
-                        names = src.obs_names(a, b)[keep]
-                        if grouped:
-                            sink.append(block, names, obs)
-                        else:
-                            for c in np.unique(codes):
-                                sel = codes == c
-                                if c not in spools:
-                                    g = zarr.open_group(spool_dir / str(c), mode="w", zarr_format=3)
-                                    spools[c] = (g, _RowSink(g, n_genes=len(out_genes), nnz_per_chunk=nnz_per_chunk, layout=StoreLayout(rows_per_chunk=layout.rows_per_chunk, compression_level=1)))
-                                spools[c][1].append(block[sel], names[sel], {k: v[sel] for k, v in obs.items()})
-                        bar.update(1)
-            if not grouped:
-                for c in range(len(exp_names)):
-                    spool = spools[c][1]
-                    spool.close()
-                    _replay(spool, sink, 8192)
-        finally:
-            shutil.rmtree(spool_dir, ignore_errors=True)
-        sink.close()
-        sink.finish_obs({"experiment": exp_names, "cell_type": type_names})
-        codes = np.concatenate(written_codes) if written_codes else np.zeros(0, np.int32)
-        _write_extra_obs(root, plans, config, None if grouped else np.argsort(codes, kind="stable"))
-        count_sums.write(root)
-        stats = moments.result()
-        sources = {
-            "name": np.asarray([p.source.name for p in plans], dtype=object),
-            "size": np.asarray([_size(p.source.path) for p in plans], dtype=np.int64),
-            "sha256": np.asarray([_sha256(p.source.path) for p in plans], dtype=object),
-            "kind": np.asarray([p.kind for p in plans], dtype=object),
-        }
-        kind = "lognorm" if input_kind == "lognorm" else "noninteger_counts"
-        experiment_kinds = [kind if experiment_nonint.get(e) else "counts" for e in exp_names]
-        mixed = sorted({k for k in experiment_kinds})
-        if len(mixed) > 1:
-            logger.warning(
-                "experiments hold different kinds of values: %s",
-                ", ".join(f"{e} {k}" for e, k in zip(exp_names, experiment_kinds) if k != "counts"),
-            )
+        root = init_anndata_root(tmp, zarr_format=config.layout.zarr_format)
+        stats, row_codes = _write_pass(plans, root, census, codes, config, runner, nnz_per_chunk)
+        _write_extra_obs(root, plans, config, None if census.grouped else np.argsort(row_codes, kind="stable"))
         _write_var_and_uns(
-            root, out_genes, stats, sources, exp_names, experiments, input_kind, config,
-            experiment_kinds=experiment_kinds, extra_var=_extra_var(plans, out_genes),
+            root, out_genes, stats, _sources_record(plans), exp_names, census.experiments, input_kind, config,
+            experiment_kinds=_experiment_kinds(exp_names, census, input_kind),
+            extra_var=_extra_var(plans, out_genes),
         )
         stamp_spec(root)
     logger.info("wrote %s", output)
@@ -1163,6 +1297,50 @@ def ingest_blocks(
     """
     config = config or IngestConfig(min_cells=0)
     output = Path(output)
+    _check_block_args(output, config, input_kind, genes, experiments, cell_types, uns, overwrite)
+    gene_index = pd.Index([str(g) for g in genes])
+    exp_names = [str(e) for e in experiments]
+    type_names = [str(t) for t in cell_types]
+
+    stream = iter(blocks)
+    first = next(stream, None)
+    if first is None:
+        raise InputError(f"{output}: no cells given")
+    if nnz_per_cell is None:
+        nnz_per_cell = first.counts.nnz / max(first.counts.shape[0], 1)
+    layout = config.layout
+    nnz_per_chunk = int(max(4096, round(layout.rows_per_chunk * max(nnz_per_cell, 1.0))))
+    started = time.perf_counter()
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        root = init_anndata_root(tmp, zarr_format=layout.zarr_format)
+        sink = _RowSink(root, n_genes=len(gene_index), nnz_per_chunk=nnz_per_chunk, layout=layout)
+        moments = MomentAccumulator()
+        counts = _write_cell_blocks(itertools.chain([first], stream), sink, moments, output=output,
+                                    exp_names=exp_names, n_types=len(type_names), config=config,
+                                    input_kind=input_kind, n_cells=n_cells)
+        sink.close()
+        sink.finish_obs({"experiment": exp_names, "cell_type": type_names})
+        sources = {
+            "name": np.asarray([], dtype=object),
+            "size": np.asarray([], dtype=np.int64),
+            "sha256": np.asarray([], dtype=object),
+            "kind": np.asarray([], dtype=object),
+        }
+        _write_var_and_uns(root, gene_index, moments.result(), sources, exp_names, counts,
+                           input_kind, config, extra_uns=dict(uns or {}))
+        stamp_spec(root)
+    total = sum(counts.values())
+    seconds = time.perf_counter() - started
+    logger.info(
+        "wrote %s: %d cells x %d genes, %d experiments, in %.1f s (%.0f cells/s)",
+        output, total, len(gene_index), len(exp_names), seconds, total / max(seconds, 1e-9),
+    )
+    return output
+
+
+def _check_block_args(output: Path, config: IngestConfig, input_kind: str, genes, experiments, cell_types,
+                      uns, overwrite: bool) -> None:
+    """The checks of :func:`ingest_blocks` that come before any block is read."""
     if config.min_cells != 0:
         raise ConfigError(
             f"ingest_blocks writes in one pass and cannot filter genes (min_cells="
@@ -1181,76 +1359,47 @@ def ingest_blocks(
         raise InputError(f"{output}: uns['mars_scale'] is the store's own record; choose another key")
     if output.exists() and not overwrite:
         raise InputError(f"{output}: already exists (pass --overwrite to replace it)")
-    gene_index = pd.Index([str(g) for g in genes])
-    exp_names = [str(e) for e in experiments]
-    type_names = [str(t) for t in cell_types]
-    n_genes = len(gene_index)
 
-    stream = iter(blocks)
-    first = next(stream, None)
-    if first is None:
-        raise InputError(f"{output}: no cells given")
-    if nnz_per_cell is None:
-        nnz_per_cell = first.counts.nnz / max(first.counts.shape[0], 1)
-    layout = config.layout
-    nnz_per_chunk = int(max(4096, round(layout.rows_per_chunk * max(nnz_per_cell, 1.0))))
+
+def _write_cell_blocks(blocks: Iterable[CellBlock], sink: "_RowSink", moments: MomentAccumulator, *,
+                       output: Path, exp_names: list[str], n_types: int, config: IngestConfig,
+                       input_kind: str, n_cells: int | None) -> dict[str, int]:
+    """Check, filter and append every block (:func:`ingest_blocks`); returns cells per experiment."""
     counts = dict.fromkeys(exp_names, 0)
-    started = time.perf_counter()
     current = 0
-    with atomic_directory(output, overwrite=overwrite) as tmp:
-        root = init_anndata_root(tmp, zarr_format=layout.zarr_format)
-        sink = _RowSink(root, n_genes=n_genes, nnz_per_chunk=nnz_per_chunk, layout=layout)
-        moments = MomentAccumulator()
-        with tqdm(total=n_cells, desc="write store", unit="cells", disable=None) as bar:
-            for block in itertools.chain([first], stream):
-                e = int(block.experiment)
-                if not 0 <= e < len(exp_names):
-                    raise InputError(f"{output}: block experiment index {e} is out of range")
-                if e < current:
-                    raise InputError(
-                        f"{output}: a block of experiment {exp_names[e]!r} comes after "
-                        f"experiment {exp_names[current]!r}; blocks must be grouped by experiment, in order"
-                    )
-                current = e
-                x, codes, obs_names = _checked_block(block, output, n_genes, len(type_names), input_kind)
-                keep = _cell_mask(x, config)
-                if not keep.all():
-                    x, codes, obs_names = x[keep], codes[keep], obs_names[keep]
-                if x.shape[0]:
-                    obs = {
-                        "experiment": np.full(x.shape[0], e, dtype=np.int32),
-                        "cell_type": codes,
-                        "n_counts": np.asarray(x.sum(axis=1), dtype=np.float64).ravel(),
-                        "n_genes": np.diff(x.indptr).astype(np.int32),
-                    }
-                    moments.add(block_moments(x, kind=input_kind))
-                    sink.append(x, obs_names, obs)
-                    counts[exp_names[e]] += x.shape[0]
-                bar.update(block.counts.shape[0])
-        empty = [name for name, n in counts.items() if n == 0]
-        if empty:
-            raise InputError(
-                f"{output}: experiment {empty[0]!r} has no cells passing the filters "
-                f"(min_counts={config.min_counts}, min_genes={config.min_genes})"
-            )
-        sink.close()
-        sink.finish_obs({"experiment": exp_names, "cell_type": type_names})
-        sources = {
-            "name": np.asarray([], dtype=object),
-            "size": np.asarray([], dtype=np.int64),
-            "sha256": np.asarray([], dtype=object),
-            "kind": np.asarray([], dtype=object),
-        }
-        _write_var_and_uns(root, gene_index, moments.result(), sources, exp_names, counts,
-                           input_kind, config, extra_uns=dict(uns or {}))
-        stamp_spec(root)
-    total = sum(counts.values())
-    seconds = time.perf_counter() - started
-    logger.info(
-        "wrote %s: %d cells x %d genes, %d experiments, in %.1f s (%.0f cells/s)",
-        output, total, n_genes, len(exp_names), seconds, total / max(seconds, 1e-9),
-    )
-    return output
+    with tqdm(total=n_cells, desc="write store", unit="cells", disable=None) as bar:
+        for block in blocks:
+            e = int(block.experiment)
+            if not 0 <= e < len(exp_names):
+                raise InputError(f"{output}: block experiment index {e} is out of range")
+            if e < current:
+                raise InputError(
+                    f"{output}: a block of experiment {exp_names[e]!r} comes after "
+                    f"experiment {exp_names[current]!r}; blocks must be grouped by experiment, in order"
+                )
+            current = e
+            x, codes, obs_names = _checked_block(block, output, sink.x.n_cols, n_types, input_kind)
+            keep = _cell_mask(x, config)
+            if not keep.all():
+                x, codes, obs_names = x[keep], codes[keep], obs_names[keep]
+            if x.shape[0]:
+                obs = {
+                    "experiment": np.full(x.shape[0], e, dtype=np.int32),
+                    "cell_type": codes,
+                    "n_counts": np.asarray(x.sum(axis=1), dtype=np.float64).ravel(),
+                    "n_genes": np.diff(x.indptr).astype(np.int32),
+                }
+                moments.add(block_moments(x, kind=input_kind))
+                sink.append(x, obs_names, obs)
+                counts[exp_names[e]] += x.shape[0]
+            bar.update(block.counts.shape[0])
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        raise InputError(
+            f"{output}: experiment {empty[0]!r} has no cells passing the filters "
+            f"(min_counts={config.min_counts}, min_genes={config.min_genes})"
+        )
+    return counts
 
 
 def _checked_block(

@@ -37,7 +37,7 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
-from mars_scale.errors import StoreError
+from mars_scale.errors import ConfigError, StoreError
 
 __all__ = [
     "SPEC_TYPE",
@@ -98,13 +98,13 @@ class StoreLayout:
 
     def __post_init__(self) -> None:
         if self.rows_per_chunk < 1:
-            raise ValueError(f"rows_per_chunk must be >= 1, got {self.rows_per_chunk}")
+            raise ConfigError(f"rows_per_chunk must be >= 1, got {self.rows_per_chunk}")
         if self.zarr_format not in (2, 3):
-            raise ValueError(f"zarr_format must be 2 or 3, got {self.zarr_format}")
+            raise ConfigError(f"zarr_format must be 2 or 3, got {self.zarr_format}")
         if self.chunks_per_shard < 1:
-            raise ValueError(f"chunks_per_shard must be >= 1, got {self.chunks_per_shard}")
+            raise ConfigError(f"chunks_per_shard must be >= 1, got {self.chunks_per_shard}")
         if not 0 <= self.compression_level <= 9:
-            raise ValueError(f"compression_level must be in 0..9, got {self.compression_level}")
+            raise ConfigError(f"compression_level must be in 0..9, got {self.compression_level}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import zarr
 
 from conftest import make_adata, shared_file
-from mars_scale.errors import InputError, StoreError
+from mars_scale.errors import ConfigError, InputError, StoreError
 from mars_scale.ingest import IngestConfig, ingest
 from mars_scale.stats import compute_stats
 from mars_scale.store import SPEC_VERSION, StoreLayout, open_store
@@ -368,3 +368,13 @@ def test_anndata_zarr_inputs(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(InputError, match="plain: is a directory but not a zarr store"):
         ingest([tmp_path / "plain"], tmp_path / "c.zarr", config=config)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: StoreLayout(rows_per_chunk=0), lambda: StoreLayout(zarr_format=4),
+     lambda: IngestConfig(genes="all"), lambda: IngestConfig(min_cells=-1)],
+)
+def test_option_errors_are_config_errors(make):
+    with pytest.raises(ConfigError, match="must be"):
+        make()
