@@ -1019,42 +1019,11 @@ def _zero_truncated_nb(rng: np.random.Generator, mean: np.ndarray, theta: np.nda
 
 
 # ---------------------------------------------------------------------- h5ad writing
-def _attrs(obj: h5py.Group | h5py.Dataset, encoding_type: str, encoding_version: str) -> None:
-    obj.attrs["encoding-type"] = encoding_type
-    obj.attrs["encoding-version"] = encoding_version
-
-
+# Small elements (var, uns, the empty groups) go through anndata's ``write_elem``, X through
+# ``write_elem`` and ``sparse_dataset(...).append`` (CSR, streamed); obs and a dense X are
+# streamed into datasets created here and stamped by :mod:`mars_scale.store`, since
+# ``write_elem`` takes an element whole.
 _STR = h5py.string_dtype("utf-8")
-
-
-def _write_string_array(
-    group: h5py.Group, key: str, values: Sequence[str], **kwargs: Any
-) -> h5py.Dataset:
-    ds = group.create_dataset(key, data=np.asarray(values, dtype=object), dtype=_STR, **kwargs)
-    _attrs(ds, "string-array", "0.2.0")
-    return ds
-
-
-def _write_uns_value(group: h5py.Group, key: str, value: Any) -> None:
-    """Write a value with anndata's encoding (dict, string, scalar, array)."""
-    if isinstance(value, Mapping):
-        sub = group.create_group(key)
-        _attrs(sub, "dict", "0.1.0")
-        for k, v in value.items():
-            _write_uns_value(sub, str(k), v)
-    elif isinstance(value, str):
-        ds = group.create_dataset(key, data=value, dtype=_STR)
-        _attrs(ds, "string", "0.2.0")
-    elif isinstance(value, (bool, np.bool_, numbers.Number)):
-        ds = group.create_dataset(key, data=np.asarray(value))
-        _attrs(ds, "numeric-scalar", "0.2.0")
-    else:
-        arr = np.asarray(value)
-        if arr.dtype.kind in "USO":
-            _write_string_array(group, key, arr.astype(str).astype(object))
-        else:
-            ds = group.create_dataset(key, data=arr)
-            _attrs(ds, "array", "0.2.0")
 
 
 def _code_dtype(n_categories: int) -> np.dtype:
@@ -1067,14 +1036,37 @@ def _code_dtype(n_categories: int) -> np.dtype:
 def _create_categorical(
     group: h5py.Group, key: str, categories: np.ndarray, n: int
 ) -> h5py.Dataset:
+    from mars_scale.store import encode_categorical
+
     cat = group.create_group(key)
-    _attrs(cat, "categorical", "0.2.0")
-    cat.attrs["ordered"] = False
-    _write_string_array(cat, "categories", categories)
     codes = cat.create_dataset("codes", shape=(n,), dtype=_code_dtype(len(categories)),
                                chunks=(min(n, _H5_CHUNK),) if n else None)
-    _attrs(codes, "array", "0.2.0")
+    encode_categorical(cat, [str(c) for c in categories])
     return codes
+
+
+def _with_index_dtypes(matrix):
+    """``matrix`` with int32 indices and int64 indptr, as h5ad files of any size hold them."""
+    matrix.indices = matrix.indices.astype(np.int32, copy=False)
+    matrix.indptr = matrix.indptr.astype(np.int64, copy=False)
+    return matrix
+
+
+def _create_obs(f: h5py.File, sim: "Simulator", experiments: Sequence[int], n_rows: int):
+    """obs with its cell ids and categorical columns, to be filled block by block."""
+    from mars_scale.store import encode, encode_dataframe
+
+    obs = f.create_group("obs")
+    extras = sim.obs_columns(0, np.zeros(0, dtype=np.int64))
+    encode_dataframe(obs, ["experiment", "cell_type", *extras])
+    index = obs.create_dataset("_index", shape=(n_rows,), dtype=_STR,
+                               chunks=(min(n_rows, _H5_CHUNK),) if n_rows else None)
+    encode(index, "string-array", "0.2.0")
+    exp_codes = _create_categorical(obs, "experiment", sim.experiments[list(experiments)], n_rows)
+    type_codes = _create_categorical(obs, "cell_type", sim.cell_types, n_rows)
+    extra_codes = {key: _create_categorical(obs, key, categories, n_rows)
+                   for key, (categories, _) in extras.items()}
+    return index, exp_codes, type_codes, extra_codes
 
 
 def _check_write_args(path: str | os.PathLike, layout: str, dtype: Any, compression: Any,
@@ -1123,55 +1115,29 @@ def _write_file(
     n_jobs: int,
 ) -> dict[str, Any]:
     """Stream the selected experiments of ``sim`` into a new h5ad file at ``path``."""
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+
+    from mars_scale.store import encode, encode_array
+
     sizes = np.diff(sim.experiment_offsets)
     n_rows = int(sizes[list(experiments)].sum())
     n_g = sim.n_genes
     comp = {"compression": compression} if compression else {}
     stats = {"n_obs": n_rows, "nnz": 0}
     with h5py.File(path, "w") as f:
-        _attrs(f, "anndata", "0.1.0")
+        encode(f, "anndata", "0.1.0")
         for key in ("layers", "obsm", "obsp", "varm", "varp"):
-            _attrs(f.create_group(key), "dict", "0.1.0")
-        # var
-        var = f.create_group("var")
-        _attrs(var, "dataframe", "0.2.0")
-        var.attrs["_index"] = "_index"
-        var.attrs["column-order"] = np.array([], dtype="float64")
-        _write_string_array(var, "_index", sim.gene_ids)
-        # obs
-        obs = f.create_group("obs")
-        _attrs(obs, "dataframe", "0.2.0")
-        obs.attrs["_index"] = "_index"
-        extras = sim.obs_columns(0, np.zeros(0, dtype=np.int64))
-        obs.attrs["column-order"] = ["experiment", "cell_type", *extras]
-        chunk_rows = (min(n_rows, _H5_CHUNK),) if n_rows else None
-        index = obs.create_dataset("_index", shape=(n_rows,), dtype=_STR, chunks=chunk_rows)
-        _attrs(index, "string-array", "0.2.0")
-        exp_codes = _create_categorical(obs, "experiment", sim.experiments[list(experiments)],
-                                        n_rows)
-        type_codes = _create_categorical(obs, "cell_type", sim.cell_types, n_rows)
-        extra_codes = {key: _create_categorical(obs, key, categories, n_rows)
-                       for key, (categories, _) in extras.items()}
-        # X
-        if layout == "csr":
-            x = f.create_group("X")
-            _attrs(x, "csr_matrix", "0.1.0")
-            x.attrs["shape"] = np.array([n_rows, n_g], dtype=np.int64)
-            data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=dtype,
-                                    chunks=(_H5_CHUNK,), **comp)
-            indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32,
-                                       chunks=(_H5_CHUNK,), **comp)
-            indptr = x.create_dataset("indptr", shape=(n_rows + 1,), maxshape=(None,),
-                                      dtype=np.int64, chunks=(min(n_rows + 1, _H5_CHUNK),))
-            indptr[0] = 0
-        elif layout == "dense":
+            write_elem(f, key, {})
+        write_elem(f, "var", pd.DataFrame(index=pd.Index(np.asarray(sim.gene_ids, dtype=object))))
+        index, exp_codes, type_codes, extra_codes = _create_obs(f, sim, experiments, n_rows)
+        if layout == "dense":
             rows_chunk = max(1, min(n_rows, (1 << 20) // (n_g * dtype.itemsize)))
             dense = f.create_dataset("X", shape=(n_rows, n_g), dtype=dtype,
                                      chunks=(rows_chunk, n_g) if n_rows else None, **comp)
-            _attrs(dense, "array", "0.2.0")
-        else:
-            csc_parts: list[sp.csr_matrix] = []
-
+            encode_array(dense)
+        x = None  # CSR: anndata's sparse dataset, appended to block by block
+        csc_parts: list[sp.csr_matrix] = []
         row = 0
         exp_code = {e: i for i, e in enumerate(experiments)}
         with tqdm(total=n_rows, unit="cells", disable=None, desc=path.name) as bar:
@@ -1187,13 +1153,13 @@ def _write_file(
                     extra_codes[key][row:end] = codes
                 counts = block.counts
                 if layout == "csr":
-                    nnz0 = stats["nnz"]
-                    nnz1 = nnz0 + counts.nnz
-                    data.resize((nnz1,))
-                    indices.resize((nnz1,))
-                    data[nnz0:nnz1] = counts.data.astype(dtype, copy=False)
-                    indices[nnz0:nnz1] = counts.indices
-                    indptr[row + 1:end + 1] = counts.indptr[1:].astype(np.int64) + nnz0
+                    counts = _with_index_dtypes(sp.csr_matrix(
+                        (counts.data.astype(dtype, copy=False), counts.indices, counts.indptr), shape=counts.shape))
+                    if x is None:
+                        write_elem(f, "X", counts, dataset_kwargs={"chunks": (_H5_CHUNK,), **comp})
+                        x = sparse_dataset(f["X"])
+                    else:
+                        x.append(counts)
                 elif layout == "dense":
                     dense[row:end] = counts.toarray().astype(dtype, copy=False)
                 else:
@@ -1201,25 +1167,20 @@ def _write_file(
                 stats["nnz"] += counts.nnz
                 row = end
                 bar.update(m)
-        if layout == "csc":
+        if layout != "dense" and x is None:
             whole = (sp.vstack(csc_parts, format="csr") if csc_parts
-                     else sp.csr_matrix((0, n_g), dtype=np.int32)).tocsc()
-            whole.sort_indices()
+                     else sp.csr_matrix((n_rows, n_g), dtype=dtype))
             del csc_parts
-            x = f.create_group("X")
-            _attrs(x, "csc_matrix", "0.1.0")
-            x.attrs["shape"] = np.array([n_rows, n_g], dtype=np.int64)
-            for key, arr in (("data", whole.data.astype(dtype)),
-                             ("indices", whole.indices.astype(np.int32)),
-                             ("indptr", whole.indptr.astype(np.int64))):
-                x.create_dataset(key, data=arr, maxshape=(None,),
-                                 chunks=(max(1, min(len(arr), _H5_CHUNK)),), **comp)
-        uns = f.create_group("uns")
-        _attrs(uns, "dict", "0.1.0")
+            if layout == "csc":
+                whole = whole.tocsc()
+                whole.sort_indices()
+            whole = _with_index_dtypes(type(whole)((whole.data.astype(dtype), whole.indices, whole.indptr),
+                                                   shape=whole.shape))
+            write_elem(f, "X", whole, dataset_kwargs={"chunks": (max(1, min(whole.nnz, _H5_CHUNK)),), **comp})
         description = sim.describe()
         if len(experiments) != sim.config.n_experiments or list(experiments) != sorted(experiments):
             description["file_experiments"] = sim.experiments[list(experiments)].astype(str)
-        _write_uns_value(uns, "simulation", description)
+        write_elem(f, "uns", {"simulation": description})
     return stats
 
 
