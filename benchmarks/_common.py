@@ -218,10 +218,13 @@ def run_measurement(
     params: Mapping[str, Any],
     *,
     timeout: float = 1800,
+    python: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter and return its result.
 
     The child is ``python SCRIPT --measure NAME --params JSON``; see :func:`measurement_main`.
+    ``python`` is the child's interpreter (default: this one), e.g. another virtual
+    environment's for a peer package that needs another Python.
 
     Returns
     -------
@@ -235,7 +238,7 @@ def run_measurement(
     RuntimeError
         If the child fails or prints no result.
     """
-    cmd = [sys.executable, str(script), "--measure", name, "--params", json.dumps(dict(params), default=_jsonable)]
+    cmd = [str(python or sys.executable), str(script), "--measure", name, "--params", json.dumps(dict(params), default=_jsonable)]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)]
@@ -283,13 +286,11 @@ def measurement_main(measurements: Mapping[str, Callable[[dict], dict]]) -> bool
 
 def writes_as_spec_0_1_0():
     """A context manager under which mars-scale writes stores as spec 0.1.0 did: blosc chunks
-    without checksums and no metadata checksums (for the checksum-cost benchmark and the tests of
-    older stores)."""
+    without checksums, no metadata checksums and int32 column indices (for the checksum-cost
+    benchmark and the tests of older stores)."""
     import contextlib
 
     import mars_scale.store as store_module
-
-    ingest_module = importlib.import_module("mars_scale.ingest")
 
     def old_codecs(fmt, *, compression_level=3, strings=False):
         if strings:
@@ -304,7 +305,7 @@ def writes_as_spec_0_1_0():
 
     stack = contextlib.ExitStack()
     for module, name, value in ((store_module, "chunk_codecs", old_codecs), (store_module, "seal", lambda path: None),
-                                (store_module, "SPEC_VERSION", "0.1.0"), (ingest_module, "SPEC_VERSION", "0.1.0")):
+                                (store_module, "SPEC_VERSION", "0.1.0"), (store_module, "UINT16_GENES", 0)):
         old = getattr(module, name)
         setattr(module, name, value)
         stack.callback(setattr, module, name, old)

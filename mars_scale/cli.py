@@ -65,7 +65,7 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--min-counts", type=float, default=1.0, show_default=True, help="Drop cells with fewer total counts (paper: 5000 reads).")
 @click.option("--min-genes", type=int, default=1, show_default=True, help="Drop cells with fewer expressed genes (paper: 500).")
 @click.option("--min-cells", type=int, default=5, show_default=True, help="Drop genes expressed in fewer cells (paper: 5).")
-@click.option("--rows-per-chunk", type=int, default=1024, show_default=True, help="Cells per chunk of X.")
+@click.option("--rows-per-chunk", type=int, default=128, show_default=True, help="Cells per chunk of X.")
 @click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @_user_errors
@@ -329,7 +329,7 @@ def plot(store, output_dir, key_added, max_cells, seed) -> None:
               help="zarr: an atlas store, streamed without an intermediate file; h5ad: input for "
                    "\"mars-scale ingest\". Default: h5ad if OUTPUT ends in .h5ad or with --per-experiment, else zarr.")
 @click.option("--per-experiment", is_flag=True, help="Write one .h5ad file per experiment into the directory OUTPUT (h5ad only).")
-@click.option("--rows-per-chunk", type=int, default=1024, show_default=True, help="Cells per chunk of X (zarr).")
+@click.option("--rows-per-chunk", type=int, default=128, show_default=True, help="Cells per chunk of X (zarr).")
 @click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True)
 @click.option("--jobs", type=int, default=1, show_default=True, help="Worker processes generating cells (same output for any value).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")

@@ -22,8 +22,10 @@ How an epoch is drawn (all of it a function of ``(seed, epoch)``, nothing global
 5. **Within a buffer.** The row pointers of its blocks are read first; then a thread pool
    decompresses each block straight into its place in the buffer's values and indices
    (:class:`~mars_scale.store.RangeReader`, which bypasses zarr's per-call machinery; blosc
-   releases the GIL) and normalises it there while it is still in cache (log1p of counts
-   scaled to ``target_sum``). The buffer's rows are shuffled with a generator seeded by
+   releases the GIL; uint16 indices are widened to int32 chunk by chunk) and normalises it
+   there while it is still in cache (log1p of counts scaled to ``target_sum``), unless
+   ``normalize=False``: then the batches hold the stored counts and :func:`normalize_batch`
+   normalises them wherever they go (e.g. on the GPU). The buffer's rows are shuffled with a generator seeded by
    ``(seed, epoch, rank, first batch)`` and gathered into batches. A background thread reads
    the next buffer (into a second set of arrays) while the current one is consumed and keeps
    at most ``prefetch`` batches ready.
@@ -54,7 +56,7 @@ from mars_scale.errors import ConfigError, StoreError, positive_int
 from mars_scale.preprocess import normalize_log1p
 from mars_scale.store import Atlas, RangeReader, as_store, x_rows_damage
 
-__all__ = ["Batch", "Loader"]
+__all__ = ["Batch", "Loader", "normalize_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class Batch:
     x
         ``torch.sparse_csr_tensor`` of shape ``(n_rows, n_genes)``, float32: the
         log1p-normalised values (target sum 10,000), or the stored values of a ``lognorm``
-        store. Row pointer and column indices share one dtype: int32, or int64 for a batch of
+        store or of a raw loader (``Loader(normalize=False)``). Row pointer and column indices share one dtype: int32, or int64 for a batch of
         2**31 values or more.
     experiment
         int64 experiment code of each row (position in ``Atlas.experiments``).
@@ -99,6 +101,10 @@ class Batch:
     x_csc
         The same values as a ``torch.sparse_csc_tensor`` (``Loader(csc=True)``), for the
         column-wise weight gradient of :class:`mars_scale.nn.SparseScaledLinear`; else ``None``.
+    total
+        float32 total of each row over all of the store's genes, given by a raw loader
+        (``Loader(normalize=False)``) with a gene selection, for :func:`normalize_batch`;
+        else ``None`` (the rows of ``x`` hold every gene, so their sums are the totals).
     """
 
     x: torch.Tensor
@@ -109,6 +115,7 @@ class Batch:
     epoch: int = 0
     step: int = 0
     x_csc: torch.Tensor | None = None
+    total: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -169,11 +176,12 @@ class _Buffer:
 
 @dataclass
 class _BufferData:
-    csr: sp.csr_matrix  # normalised values
+    csr: sp.csr_matrix  # normalised or stored values
     experiment: np.ndarray
     label: np.ndarray
     index: np.ndarray
     is_padding: np.ndarray
+    total: np.ndarray | None = None  # row totals over all genes (raw mode with a gene selection)
 
 
 class _Scratch:
@@ -216,6 +224,66 @@ def _to_torch(matrix: sp.csr_matrix | sp.csc_matrix, factory) -> torch.Tensor:
     )
 
 
+def normalize_batch(
+    x: torch.Tensor, *, target_sum: float = 1e4, total: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Normalise each row of a raw batch to ``target_sum`` and take ``log1p``, on its device.
+
+    The loader's normalised mode, for the batches of ``Loader(normalize=False)`` (raw counts
+    of a ``counts`` store), so that normalisation can run where the batch goes, e.g. on the
+    GPU after ``batch.to("cuda")``: ``normalize_batch(batch.x, total=batch.total)`` equals the
+    ``batch.x`` of ``Loader(normalize=True)`` (to float32 rounding). Zeros stay zero, a row
+    whose total is zero stays zero. A ``lognorm`` store's values are already normalised.
+
+    Parameters
+    ----------
+    x
+        Raw values: a ``torch.sparse_csr_tensor`` (as the loader yields) or a dense 2-D tensor,
+        floating point.
+    target_sum
+        Total of each row after normalisation.
+    total
+        Total of each row before normalisation, shape ``(n_rows,)``; default: the row sums of
+        ``x``. A loader with a gene selection gives it as ``Batch.total``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``log1p(x * target_sum / total)`` in the layout, dtype and device of ``x``.
+
+    Raises
+    ------
+    ConfigError
+        If ``x`` is not a 2-D floating CSR or dense tensor, ``total`` has the wrong shape or
+        ``target_sum`` is not a positive number.
+    """
+    if not (np.isfinite(target_sum) and target_sum > 0):
+        raise ConfigError(f"target_sum must be a positive number, got {target_sum!r}.")
+    if x.dim() != 2 or not x.dtype.is_floating_point or x.layout not in (torch.sparse_csr, torch.strided):
+        raise ConfigError(
+            f"x must be a 2-D floating sparse CSR or dense tensor, got {x.layout} {x.dtype} "
+            f"of {x.dim()} dimensions."
+        )
+    if total is not None and tuple(total.shape) != (x.shape[0],):
+        raise ConfigError(f"total must have shape ({x.shape[0]},), got {tuple(total.shape)}.")
+    sparse = x.layout == torch.sparse_csr
+    values = x.values() if sparse else x
+    if total is None:
+        if sparse:
+            total = torch.segment_reduce(values, "sum", offsets=x.crow_indices())
+        else:
+            total = x.sum(dim=1)
+    total = total.to(device=x.device, dtype=x.dtype)
+    scale = torch.where(total > 0, target_sum / total, torch.zeros_like(total))
+    if sparse:
+        counts = x.crow_indices().diff()
+        out = torch.log1p(values * torch.repeat_interleave(scale, counts))
+        return torch.sparse_csr_tensor(
+            x.crow_indices(), x.col_indices(), out, size=x.shape, check_invariants=False
+        )
+    return torch.log1p(x * scale[:, None])
+
+
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None and world_size is None:
         import torch.distributed as dist
@@ -231,7 +299,7 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 class Loader(IterableDataset):
-    """Minibatches of sparse log1p-normalised cells streamed from an atlas store.
+    """Minibatches of sparse log1p-normalised (or raw) cells streamed from an atlas store.
 
     Iterate it directly (one process, one background reader thread) or wrap it in a torch
     ``DataLoader(loader, batch_size=None, num_workers=W)``; :meth:`data_loader` does that and
@@ -257,7 +325,8 @@ class Loader(IterableDataset):
         This process's rank and the number of ranks. By default from an initialised
         ``torch.distributed`` process group, else 0 and 1.
     rows_per_block
-        Target rows per I/O block (default: the store's ``rows_per_chunk``). Blocks are
+        Target rows per I/O block (default: ``Atlas.rows_per_block``, whole chunks of at
+        least 1,024 rows). Blocks are
         aligned to whole chunks of ``X/data`` when at least one chunk long.
     blocks_per_buffer
         Blocks per shuffle buffer: rows are shuffled within a buffer. Memory grows with it.
@@ -276,6 +345,11 @@ class Loader(IterableDataset):
         Store positions of the genes to yield (ascending), e.g. a model's highly variable
         genes; cells are still normalised by their total over all genes, as scanpy normalises
         before selecting genes. Default: every gene.
+    normalize
+        Yield log1p-normalised values (default). ``False`` yields the stored values (the raw
+        counts of a ``counts`` store) and leaves normalisation to the consumer, for example on
+        the GPU with :func:`normalize_batch`; with ``genes``, each batch then carries the row
+        totals over all genes (``Batch.total``).
 
     Raises
     ------
@@ -303,6 +377,7 @@ class Loader(IterableDataset):
         target_sum: float = 1e4,
         csc: bool = False,
         genes: Sequence[int] | np.ndarray | None = None,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         self.batch_size = positive_int(batch_size, name="batch_size")
@@ -319,6 +394,7 @@ class Loader(IterableDataset):
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.csc = bool(csc)
+        self.normalize = bool(normalize)
         self.target_sum = float(target_sum)
         self.rank, self.world_size = _resolve_rank(rank, world_size)
 
@@ -336,7 +412,7 @@ class Loader(IterableDataset):
         self.n_genes = self._store_genes if self.genes is None else len(self.genes)
         self.input_kind = self._store.input_kind
         self.rows_per_block = positive_int(
-            self._store.rows_per_chunk if rows_per_block is None else rows_per_block, name="rows_per_block"
+            self._store.rows_per_block if rows_per_block is None else rows_per_block, name="rows_per_block"
         )
         self.experiments = self._select(experiments)
         names = self._store.experiments
@@ -709,10 +785,11 @@ class Loader(IterableDataset):
         problem = x_rows_damage(ptr, values, indices, n_genes=self.store.n_genes)
         if problem:
             raise self._damaged(f"X rows {a}:{b} {problem}")
-        normalize_log1p(
-            ptr - lo, indices, values, target_sum=self.target_sum, kind=self.input_kind,
-            out=values,
-        )
+        if self.normalize:
+            normalize_log1p(
+                ptr - lo, indices, values, target_sum=self.target_sum, kind=self.input_kind,
+                out=values,
+            )
         try:
             return readers["label"].read(a, b).astype(np.int64, copy=False)
         except Exception as exc:
@@ -749,13 +826,16 @@ class Loader(IterableDataset):
         csr = sp.csr_matrix(
             (pending.values, pending.indices, indptr), shape=(n, self._store_genes), copy=False
         )
+        total = None
         if self.genes is not None:  # after normalising by the total over all genes
+            if not self.normalize:
+                total = np.asarray(csr.sum(axis=1), dtype=np.float32).reshape(-1)
             csr = csr[:, self.genes]
         spans = pending.spans
         index = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b, _ in spans])
         pad = np.concatenate([np.full(b - a, p, dtype=bool) for a, b, p in spans])
         experiment = np.searchsorted(self._exp_starts, index, side="right") - 1
-        return _BufferData(csr, experiment.astype(np.int64), label, index, pad)
+        return _BufferData(csr, experiment.astype(np.int64), label, index, pad, total)
 
     def _make_batch(self, data: _BufferData, rows: np.ndarray | slice, epoch: int, step: int):
         sub = data.csr[rows]
@@ -770,6 +850,7 @@ class Loader(IterableDataset):
             epoch=epoch,
             step=step,
             x_csc=x_csc,
+            total=None if data.total is None else torch.from_numpy(data.total[rows]),
         )
 
     # -- iteration ------------------------------------------------------------------------

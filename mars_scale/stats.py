@@ -379,7 +379,7 @@ def highly_variable_genes(
         )
     t0 = time.perf_counter()
     g = store.n_genes
-    step = rows_per_block or store.rows_per_chunk
+    step = rows_per_block or store.rows_per_block
     names = [n for n, (a, b) in store.experiment_ranges.items() if b - a >= 2]
     if not names:
         raise InputError(f"{store.path}: no experiment has 2 cells to estimate gene variances from")

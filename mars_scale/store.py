@@ -63,7 +63,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SPEC_TYPE = "mars-scale-atlas"
-SPEC_VERSION = "0.1.1"
+SPEC_VERSION = "0.1.2"
 #: The first spec version whose chunks and metadata carry checksums (see ``docs/store.md``).
 CHECKSUM_SPEC = (0, 1, 1)
 #: Attribute holding the crc32c of a node's own metadata (see :func:`seal`).
@@ -71,6 +71,10 @@ METADATA_CHECKSUM_ATTR = "mars-scale-crc32c"
 _SPEC_ATTR = "mars-scale"
 _LOCK_NAME = ".mars-scale.lock"
 _ANNDATA_GROUPS = ("obsm", "varm", "obsp", "varp", "layers")
+#: Default cells per row block of readers (whole chunks of X, at least this many cells).
+ROWS_PER_BLOCK = 1024
+#: Gene counts up to this store ``X/indices`` as uint16 (spec 0.1.2), above it as int32.
+UINT16_GENES = 2**16
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,10 @@ class StoreLayout:
     rows_per_chunk
         Target number of cells per chunk of ``X/data`` and ``X/indices``. The chunk length in
         non-zeros is ``rows_per_chunk`` times the mean non-zeros per cell, so one chunk holds
-        about this many cells; the loader reads blocks of whole chunks.
+        about this many cells; the loader reads blocks of whole chunks (at least
+        :data:`ROWS_PER_BLOCK` cells). Small chunks cost little inside shards and keep a block's
+        overlap into the next chunk cheap to decode (docs/benchmarks.md, "Loader against
+        annbatch").
     zarr_format
         3 (default: chunks grouped into shard files) or 2 (one file per chunk).
     chunks_per_shard
@@ -91,9 +98,9 @@ class StoreLayout:
         Blosc lz4 level (0 disables compression).
     """
 
-    rows_per_chunk: int = 1024
+    rows_per_chunk: int = 128
     zarr_format: int = 3
-    chunks_per_shard: int = 32
+    chunks_per_shard: int = 256
     compression_level: int = 3
 
     def __post_init__(self) -> None:
@@ -458,7 +465,8 @@ class CSRWriter:
     group
         Parent group; the matrix is written as ``group[name]``.
     n_cols
-        Number of columns.
+        Number of columns. Column indices are stored as uint16 up to :data:`UINT16_GENES`
+        columns (half the bytes to store and decompress), else as int32.
     nnz_per_chunk
         Chunk length of ``data`` and ``indices`` in non-zeros.
     """
@@ -477,7 +485,8 @@ class CSRWriter:
         self.n_cols = n_cols
         self.data = AppendArray(self.group, "data", np.float32, chunk=nnz_per_chunk, layout=layout)
         self.indices = AppendArray(
-            self.group, "indices", np.int32, chunk=nnz_per_chunk, layout=layout
+            self.group, "indices", np.uint16 if n_cols <= UINT16_GENES else np.int32,
+            chunk=nnz_per_chunk, layout=layout,
         )
         self.indptr = AppendArray(
             self.group, "indptr", np.int64, chunk=rows_per_chunk * 16, layout=layout
@@ -1017,9 +1026,14 @@ class Atlas:
         except Exception as exc:
             raise _damaged(self.path, "X/indptr", exc) from exc
 
+    @property
+    def rows_per_block(self) -> int:
+        """Default rows per read block: whole chunks of X, at least :data:`ROWS_PER_BLOCK`."""
+        return self.rows_per_chunk * max(1, -(-ROWS_PER_BLOCK // self.rows_per_chunk))
+
     def row_blocks(self, *, rows_per_block: int | None = None) -> list[tuple[int, int]]:
-        """Row ranges of about ``rows_per_block`` rows (default: one chunk) covering the store."""
-        step = rows_per_block or self.rows_per_chunk
+        """Row ranges of ``rows_per_block`` rows (default: :attr:`rows_per_block`) covering the store."""
+        step = rows_per_block or self.rows_per_block
         return [(a, min(a + step, self.n_cells)) for a in range(0, self.n_cells, step)]
 
     def summary(self) -> dict:
@@ -1286,7 +1300,9 @@ class RangeReader:
         start, stop
             The range, ``0 <= start <= stop <= size``.
         out
-            Array of ``stop - start`` elements to fill (e.g. a slice of a larger buffer).
+            Array of ``stop - start`` elements to fill (e.g. a slice of a larger buffer); of
+            the array's dtype, or a wider one (uint16 indices widen into an int32 buffer chunk
+            by chunk, while each decoded chunk is still in cache).
 
         Returns
         -------
@@ -1306,8 +1322,8 @@ class RangeReader:
             out = np.empty(stop - start, dtype=self.dtype)
         elif out.shape != (stop - start,):
             raise ValueError(f"out has shape {out.shape}, expected ({stop - start},)")
-        if self._files is None or out.dtype != self.dtype:
-            out[:] = self.array[start:stop] if self._files is None else self.read(start, stop)
+        if self._files is None:
+            out[:] = self.array[start:stop]
             return out
         chunk = self._files.chunk
         for i in range(start // chunk, -(-stop // chunk)):
@@ -1320,7 +1336,7 @@ class RangeReader:
             blob = self._chunk_bytes(i)
             if blob is None:
                 dest[:] = self._fill
-            elif hi - lo == chunk:  # covered whole: decompress in place
+            elif hi - lo == chunk and out.dtype == self.dtype:  # covered whole: in place
                 self._decode(blob, dest)
             else:
                 whole = self._decode(blob, self._whole_chunk())

@@ -223,7 +223,7 @@ def verify_store(path: str | os.PathLike, *, quick: bool = False, rows_per_block
             raise _damaged(path, f"X/indptr cannot be read ({type(exc).__name__}: {exc})") from exc
         if int(ends[0][0]) != 0 or int(ends[1][0]) != sizes["X/data"]:
             raise _damaged(path, f"X/indptr runs {int(ends[0][0])}:{int(ends[1][0])}, expected 0:{sizes['X/data']}")
-        step = rows_per_block or atlas.rows_per_chunk * 16
+        step = rows_per_block or atlas.rows_per_block * 16
         for a in range(0, atlas.n_cells, step):
             atlas.read_rows(a, min(atlas.n_cells, a + step))  # raises StoreError naming the rows
         n_cells = atlas.n_cells

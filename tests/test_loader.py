@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from conftest import build_loader_store
 from mars_scale.errors import ConfigError, StoreError
-from mars_scale.loader import Batch, Loader
+from mars_scale.loader import Batch, Loader, normalize_batch
 from mars_scale.store import open_store
 
 pytestmark = pytest.mark.timeout(120)
@@ -166,8 +166,8 @@ def test_shuffle_false_gives_store_order(atlas):
 
 
 def test_batches_mix_blocks(atlas):
-    """Rows are shuffled within the buffer: a batch draws on several blocks."""
-    loader = Loader(atlas, batch_size=64, blocks_per_buffer=8)
+    """Rows are shuffled within the buffer: a batch draws on several blocks (of one chunk)."""
+    loader = Loader(atlas, batch_size=64, blocks_per_buffer=8, rows_per_block=atlas.rows_per_chunk)
     starts, _ = loader.block_bounds()
     per_batch = [
         len(np.unique(np.searchsorted(starts, b.index.numpy(), side="right")))
@@ -272,6 +272,84 @@ def test_csc_copy_holds_the_same_values(atlas):
         assert b.x_csc.layout == torch.sparse_csc
         assert torch.equal(b.x_csc.to_dense(), b.x.to_dense())
     assert next(iter(Loader(atlas, batch_size=100))).x_csc is None
+
+
+# ------------------------------------------------------------------------------ raw mode
+
+
+def test_raw_mode_yields_the_stored_counts(loader_store, atlas):
+    stored = ad.read_zarr(loader_store).X.toarray()
+    batches = collect(Loader(atlas, batch_size=100, normalize=False, seed=4))
+    assert_each_once(all_index(batches), np.arange(atlas.n_cells))
+    for b in batches:
+        assert b.x.dtype == torch.float32 and b.total is None
+        np.testing.assert_array_equal(b.x.to_dense().numpy(), stored[b.index.numpy()])
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_normalize_batch_equals_the_normalised_mode(loader_store, atlas, dense):
+    """normalize_batch on raw batches gives the loader's normalised batches and the dense
+    float64 reference; the same seed gives the same rows in both modes."""
+    expected = dense_reference(loader_store)
+    raw = collect(Loader(atlas, batch_size=64, normalize=False, seed=5, rank=0, world_size=2))
+    norm = collect(Loader(atlas, batch_size=64, seed=5, rank=0, world_size=2))
+    assert len(raw) == len(norm)
+    for r, n in zip(raw, norm):
+        np.testing.assert_array_equal(r.index.numpy(), n.index.numpy())
+        x = normalize_batch(r.x.to_dense() if dense else r.x)
+        assert x.layout == (torch.strided if dense else torch.sparse_csr)
+        got = x.to_dense().numpy() if not dense else x.numpy()
+        np.testing.assert_allclose(got, n.x.to_dense().numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got, expected[r.index.numpy()], rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_batch_with_a_gene_selection_uses_the_total_over_all_genes(loader_store, atlas):
+    genes = np.arange(3, atlas.n_genes, 4)
+    counts = ad.read_zarr(loader_store).X.toarray().astype(np.float64)
+    raw = collect(Loader(atlas, batch_size=50, normalize=False, genes=genes, seed=6))
+    norm = collect(Loader(atlas, batch_size=50, genes=genes, seed=6))
+    for r, n in zip(raw, norm, strict=True):
+        rows = r.index.numpy()
+        np.testing.assert_allclose(r.total.numpy(), counts[rows].sum(axis=1), rtol=1e-6)
+        got = normalize_batch(r.x, total=r.total).to_dense().numpy()
+        np.testing.assert_allclose(got, n.x.to_dense().numpy(), rtol=1e-6, atol=1e-6)
+        reference = np.log1p(counts[rows][:, genes] / counts[rows].sum(axis=1, keepdims=True) * 1e4)
+        np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_batch_keeps_empty_rows_zero_and_rejects_bad_input():
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 3.0]])
+    got = normalize_batch(x.to_sparse_csr(), target_sum=4.0).to_dense()
+    np.testing.assert_allclose(got.numpy(), [[0, 0, 0], [np.log1p(1.0), 0, np.log1p(3.0)]], rtol=1e-6)
+    for bad in (torch.ones(3), torch.ones(2, 3, dtype=torch.int64)):
+        with pytest.raises(ConfigError, match="2-D floating"):
+            normalize_batch(bad)
+    with pytest.raises(ConfigError, match="total must have shape"):
+        normalize_batch(x, total=torch.ones(3))
+    with pytest.raises(ConfigError, match="target_sum"):
+        normalize_batch(x, target_sum=0.0)
+
+
+def test_uint16_and_int32_indices_read_the_same_cells(tmp_path, monkeypatch, loader_store, atlas):
+    """Spec 0.1.2 stores column indices as uint16 (up to 65,536 genes); a store written as
+    0.1.1 did (int32) reads the same cells, through the loader, read_rows and anndata."""
+    import mars_scale.store as store_module
+
+    assert atlas.spec_version == "0.1.2" and atlas.x_group["indices"].dtype == np.uint16
+    monkeypatch.setattr(store_module, "UINT16_GENES", 0)
+    monkeypatch.setattr(store_module, "SPEC_VERSION", "0.1.1")
+    older = open_store(build_loader_store(tmp_path))  # the same seed: the same cells
+    monkeypatch.undo()
+    assert older.spec_version == "0.1.1" and older.x_group["indices"].dtype == np.int32
+    assert (older.read_rows(0, older.n_cells) != atlas.read_rows(0, atlas.n_cells)).nnz == 0
+    assert (ad.read_zarr(older.path).X != ad.read_zarr(loader_store).X).nnz == 0
+    for normalize in (True, False):
+        a = collect(Loader(older, batch_size=64, seed=3, normalize=normalize))
+        b = collect(Loader(atlas, batch_size=64, seed=3, normalize=normalize))
+        for got, want in zip(a, b, strict=True):
+            np.testing.assert_array_equal(got.index.numpy(), want.index.numpy())
+            assert got.x.col_indices().dtype == want.x.col_indices().dtype == torch.int32
+            assert torch.equal(got.x.to_dense(), want.x.to_dense())
 
 
 def test_lognorm_store_passes_values_through(tmp_path):

@@ -386,8 +386,9 @@ def big_h5ad(work) -> Path:
 
 
 def _ingest_proc(src: Path, out: Path, *extra) -> subprocess.Popen:
-    # 64 cells per chunk: X/data is written as about ten shard files, one after the other
-    return subprocess.Popen(mars_cmd("ingest", src, "-o", out, "--rows-per-chunk", "64", *extra),
+    # 8 cells per chunk (4,096 values, the least), 256 chunks per shard: X/data is written as
+    # about six shard files, one after the other
+    return subprocess.Popen(mars_cmd("ingest", src, "-o", out, "--rows-per-chunk", "8", *extra),
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
