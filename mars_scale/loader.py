@@ -50,6 +50,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.sparse import _sparsetools
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mars_scale.errors import ConfigError, StoreError, positive_int
@@ -210,6 +211,25 @@ class _Pending:
     values: np.ndarray
     indices: np.ndarray
     futures: list[Future]  # label codes of each span
+
+
+def _gather_rows(csr: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows ``rows`` of ``csr``, in that order, as a new CSR matrix.
+
+    scipy's own row gather (``csr[rows]`` calls the same compiled loop) without the index
+    checks and conversions of its ``__getitem__``, which took a quarter of the gather's time
+    on batches of 256 rows: the rows are the loader's own permutation, in range by construction.
+    """
+    indptr = csr.indptr
+    rows = rows.astype(indptr.dtype, copy=False)
+    ptr = np.empty(rows.shape[0] + 1, dtype=indptr.dtype)
+    ptr[0] = 0
+    np.cumsum(indptr[rows + 1] - indptr[rows], out=ptr[1:])
+    n = int(ptr[-1])
+    indices = np.empty(n, dtype=csr.indices.dtype)
+    data = np.empty(n, dtype=csr.data.dtype)
+    _sparsetools.csr_row_index(rows.shape[0], rows, indptr, csr.indices, csr.data, indices, data)
+    return sp.csr_matrix((data, indices, ptr), shape=(rows.shape[0], csr.shape[1]), copy=False)
 
 
 def _to_torch(matrix: sp.csr_matrix | sp.csc_matrix, factory) -> torch.Tensor:
@@ -838,7 +858,7 @@ class Loader(IterableDataset):
         return _BufferData(csr, experiment.astype(np.int64), label, index, pad, total)
 
     def _make_batch(self, data: _BufferData, rows: np.ndarray | slice, epoch: int, step: int):
-        sub = data.csr[rows]
+        sub = data.csr[rows] if isinstance(rows, slice) else _gather_rows(data.csr, rows)
         x = _to_torch(sub, torch.sparse_csr_tensor)
         x_csc = _to_torch(sub.tocsc(), torch.sparse_csc_tensor) if self.csc else None
         return Batch(
