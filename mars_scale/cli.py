@@ -68,13 +68,23 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--rows-per-chunk", type=int, default=128, show_default=True, help="Cells per chunk of X.")
 @click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--append", "append_", is_flag=True,
+              help="Add the experiments of INPUTS to the existing store OUTPUT (its genes and chunking; "
+                   "atomic; an experiment name it has is refused).")
+@click.option("--workers", type=int, default=None,
+              help="Read, check and summarise blocks on a dask LocalCluster of this many processes "
+                   "(same store as without).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run the block work on the dask cluster of this scheduler (tcp://host:8786); "
+                   "its workers must read INPUTS at the same paths.")
 @_user_errors
 def ingest(inputs, output, experiment_key, label_key, unlabeled_values, genes, gene_key, layer, min_counts,
-           min_genes, min_cells, rows_per_chunk, zarr_format, overwrite) -> None:
-    """Stream h5ad files or AnnData .zarr stores INPUTS into a new atlas store.
+           min_genes, min_cells, rows_per_chunk, zarr_format, overwrite, append_, workers, scheduler) -> None:
+    """Stream h5ad files or AnnData .zarr stores INPUTS into a new atlas store (or add them to one).
 
     Every other obs and var column of the inputs is carried over with its type.
     """
+    from mars_scale.append import append as run_append
     from mars_scale.ingest import IngestConfig, ingest as run_ingest
     from mars_scale.store import StoreLayout
 
@@ -87,7 +97,19 @@ def ingest(inputs, output, experiment_key, label_key, unlabeled_values, genes, g
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    path = run_ingest(list(inputs), output, config=config, overwrite=overwrite)
+    if append_:
+        if overwrite:
+            raise click.UsageError("--append adds to OUTPUT; it cannot be combined with --overwrite")
+        result = run_append(list(inputs), output, config=config, workers=workers, scheduler=scheduler)
+        for name, n in result.experiments.items():
+            click.echo(f"appended {name}: {n:,} cells ({result.absent_genes[name]:,} store genes absent, read as zero)")
+        for name, n in result.dropped_genes.items():
+            if n:
+                click.echo(f"{name}: {n:,} genes not in the store, dropped")
+        click.echo(f"wrote {result.store}")
+        return
+    path = run_ingest(list(inputs), output, config=config, overwrite=overwrite, workers=workers,
+                      scheduler=scheduler)
     click.echo(f"wrote {path}")
 
 
@@ -116,10 +138,18 @@ def info(store, as_json) -> None:
     width = max(len(e["name"]) for e in s["experiments"])
     for e in s["experiments"]:
         types = ", ".join(f"{t} {n}" for t, n in e["cell_types"].items()) or "-"
+        notes = [f"appended ({e['appended']})"] if e["appended"] else []
+        if e["absent_genes"]:
+            notes.append(f"{e['absent_genes']:,} genes absent")
+        notes += [f"MARS results {key}" for key in e["annotation_runs"]]
         click.echo(
             f"  {e['name']:<{width}}  {e['n_cells']:>10,} cells  "
             f"{100 * e['annotated_fraction']:5.1f}% annotated  {types}"
+            + (f"  [{'; '.join(notes)}]" if notes else "")
         )
+    for run in s["annotation_runs"]:
+        click.echo(f"annotation run {run['key']}: {', '.join(run['experiments']) or '?'} "
+                   f"(run {run['run_id']}, {run['date'] or 'date unknown'}, model {run['model'] or '?'})")
 
 
 @main.command()

@@ -18,12 +18,14 @@ the simulator's), without a gene filter.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -51,7 +53,7 @@ from mars_scale.store import (
     stamp_spec,
 )
 
-__all__ = ["CellBlock", "IngestConfig", "ingest", "ingest_blocks", "UNLABELED_VALUES"]
+__all__ = ["CellBlock", "IngestConfig", "ingest", "ingest_blocks", "make_runner", "UNLABELED_VALUES"]
 
 logger = logging.getLogger(__name__)
 
@@ -432,6 +434,8 @@ class _FilePlan:
     n_kept: int = 0
     increasing: bool = False  # gene_map keeps the order of the genes it keeps
     keep: list = field(default_factory=list)  # per read block of pass 2: the cells kept
+    experiments: dict = field(default_factory=dict)  # experiments seen in pass 1 (in order)
+    experiment_name: str | None = None  # the file's one experiment (no experiment key)
 
 
 def _check_values(src: _H5adSource, block: sp.csr_matrix, a: int, b: int) -> None:
@@ -532,6 +536,17 @@ class _RowSink:
         for name, dtype in _NUMERIC.items():
             self.columns[name] = AppendArray(self.obs, name, dtype, chunk=chunk, layout=layout)
 
+    @classmethod
+    def resume(cls, group) -> "_RowSink":
+        """Append to the rows and obs columns of an existing store (``--append``)."""
+        self = cls.__new__(cls)
+        self.x = CSRWriter.resume(group["X"])
+        self.obs = group["obs"]
+        self.names = StringAppendArray.resume(self.obs["_index"])
+        self.columns = {name: AppendArray.resume(self.obs[name]["codes"]) for name in _CATEGORICAL}
+        self.columns.update({name: AppendArray.resume(self.obs[name]) for name in _NUMERIC})
+        return self
+
     def append(self, block: sp.csr_matrix, names, obs: dict[str, np.ndarray]) -> None:
         self.x.append(block)
         self.names.append(names)
@@ -547,12 +562,12 @@ class _RowSink:
         for arr in self.columns.values():
             arr.close()
 
-    def finish_obs(self, categories: dict[str, list[str]]) -> None:
+    def finish_obs(self, categories: dict[str, list[str]], column_order: list[str] | None = None) -> None:
         for name in _CATEGORICAL:
             encode_categorical(self.obs[name], categories[name])
         for name in _NUMERIC:
             encode_array(self.columns[name].array)
-        encode_dataframe(self.obs, [*_CATEGORICAL, *_NUMERIC])
+        encode_dataframe(self.obs, column_order or [*_CATEGORICAL, *_NUMERIC])
 
 
 class _CountSums:
@@ -563,12 +578,13 @@ class _CountSums:
     experiment's gene means and variances without a pass over X.
     """
 
-    def __init__(self, n_genes: int, n_experiments: int) -> None:
+    def __init__(self, n_genes: int, n_experiments: int, *, first: int = 0) -> None:
         self.s1 = np.zeros((n_experiments, n_genes))
         self.s2 = np.zeros((n_experiments, n_genes))
+        self.first = first  # code of the first experiment counted here (an append counts the new ones)
 
     def add(self, block: sp.csr_matrix, codes: np.ndarray) -> None:
-        rows = np.repeat(codes.astype(np.int64), np.diff(block.indptr))
+        rows = np.repeat(codes.astype(np.int64) - self.first, np.diff(block.indptr))
         values = block.data.astype(np.float64)
         n_e, g = self.s1.shape
         flat = rows * g + block.indices
@@ -665,25 +681,11 @@ def _write_extra_obs(root, plans: list["_FilePlan"], config: IngestConfig, order
             names.setdefault(c, out)
     if not names:
         return
-    masks = [np.concatenate(p.keep) if p.keep else np.zeros(0, bool) for p in plans]
     written = []
     for col, out in names.items():
-        parts = []
-        for p, mask in zip(plans, masks):
-            if col not in [str(c) for c in p.source.file["obs"].attrs.get("column-order", [])]:
-                parts.append(None)
-                continue
-            try:
-                values = read_elem(p.source.file["obs"][col])
-            except Exception as exc:
-                logger.warning("%s: obs column %r cannot be read (%s: %s); not carried over",
-                               p.source.name, col, type(exc).__name__, exc)
-                parts = []
-                break
-            parts.append(pd.Series(values)[mask].reset_index(drop=True))
-        if not parts:
+        column = _input_obs_column(plans, col)
+        if column is None:
             continue
-        column = _concat_columns(parts, [int(m.sum()) for m in masks])
         if order is not None:
             column = column.iloc[order].reset_index(drop=True)
         write_elem(root["obs"], out, _anndata_column(column))
@@ -693,6 +695,29 @@ def _write_extra_obs(root, plans: list["_FilePlan"], config: IngestConfig, order
         logger.info("obs columns renamed (their names are the store's own): %s", ", ".join(renamed))
     order_attr = [str(c) for c in root["obs"].attrs["column-order"]]
     root["obs"].attrs["column-order"] = [*order_attr, *written]
+
+
+def _input_obs_column(plans: list["_FilePlan"], col: str) -> pd.Series | None:
+    """The inputs' obs column ``col`` for the cells kept, in input order (missing where a file
+    lacks it), or ``None`` if no file has it or one cannot be read."""
+    from anndata.io import read_elem
+
+    masks = [np.concatenate(p.keep) if p.keep else np.zeros(0, bool) for p in plans]
+    parts = []
+    for p, mask in zip(plans, masks):
+        if col not in [str(c) for c in p.source.file["obs"].attrs.get("column-order", [])]:
+            parts.append(None)
+            continue
+        try:
+            values = read_elem(p.source.file["obs"][col])
+        except Exception as exc:
+            logger.warning("%s: obs column %r cannot be read (%s: %s); not carried over",
+                           p.source.name, col, type(exc).__name__, exc)
+            return None
+        parts.append(pd.Series(values)[mask].reset_index(drop=True))
+    if all(part is None for part in parts):
+        return None
+    return _concat_columns(parts, [int(m.sum()) for m in masks])
 
 
 def _extra_var(plans: list["_FilePlan"], out_genes: pd.Index) -> pd.DataFrame:
@@ -751,6 +776,8 @@ def ingest(
     *,
     config: IngestConfig | None = None,
     overwrite: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> Path:
     """Stream h5ad files into a new atlas store.
 
@@ -765,6 +792,10 @@ def ingest(
         :class:`IngestConfig`.
     overwrite
         Replace an existing store.
+    workers, scheduler
+        Run the reading, checks and statistics of each block on a ``dask.distributed``
+        LocalCluster of ``workers`` processes, or on the cluster of the scheduler at
+        ``scheduler`` (see :func:`make_runner`); the store is byte-identical to a serial ingest.
 
     Returns
     -------
@@ -792,17 +823,24 @@ def ingest(
     if len(set(p.resolve() for p in paths)) != len(paths):
         raise InputError("the same input file is given twice")
     sources: list[_H5adSource] = []
+    runner = make_runner(workers, scheduler)
     try:
         for p in paths:
             sources.append(_H5adSource(p, config))
-        return _ingest(sources, output, config, overwrite, _Runner())
+        return _ingest(sources, output, config, overwrite, runner)
     finally:
+        runner.close()
         for s in sources:
             s.close()
 
 
 def _plan(sources: list[_H5adSource], config: IngestConfig) -> tuple[list[_FilePlan], pd.Index]:
     genes = _align_genes(sources, config.genes)
+    return _plan_experiments(sources, config, genes), genes
+
+
+def _plan_experiments(sources: list[_H5adSource], config: IngestConfig, genes: pd.Index) -> list[_FilePlan]:
+    """One plan per input: its experiments, labels and the map of its genes onto ``genes``."""
     gene_pos = pd.Index(genes)
     plans = []
     if config.label_key and not any(s.has_column(config.label_key) for s in sources):
@@ -812,6 +850,7 @@ def _plan(sources: list[_H5adSource], config: IngestConfig) -> tuple[list[_FileP
         )
     stems = [s.path.stem for s in sources]
     for src, stem in zip(sources, stems):
+        name = None
         if config.experiment_key:
             if not src.has_column(config.experiment_key):
                 raise InputError(
@@ -827,8 +866,9 @@ def _plan(sources: list[_H5adSource], config: IngestConfig) -> tuple[list[_FileP
             label = src.obs_reader(config.label_key)
         elif config.label_key:
             logger.info("%s: no obs column %r; its cells are unannotated", src.name, config.label_key)
-        plans.append(_FilePlan(src, gene_pos.get_indexer(src.genes).astype(np.int64), experiment, label))
-    return plans, genes
+        plans.append(_FilePlan(src, gene_pos.get_indexer(src.genes).astype(np.int64), experiment, label,
+                               experiment_name=name))
+    return plans
 
 
 @dataclass
@@ -850,11 +890,115 @@ class _Runner:
     """Runs the per-block work of both passes: in this process, in input order."""
 
     def map(self, fn: Callable, tasks: list[tuple], **kwargs) -> Iterator:
-        """``fn(*task, **kwargs)`` for each task, yielded in the order of ``tasks``."""
+        """``fn(plan, a, b, **kwargs)`` for each task ``(plan, a, b)``, yielded in task order."""
         return (fn(*task, **kwargs) for task in tasks)
 
     def close(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class _PlanSpec:
+    """What a dask worker needs to rebuild a :class:`_FilePlan` (an open file cannot travel)."""
+
+    path: str
+    config: IngestConfig
+    gene_map: np.ndarray
+    increasing: bool
+    experiment: str | None  # the file's one experiment, or None: read config.experiment_key
+    label: bool  # read config.label_key
+
+
+@functools.lru_cache(maxsize=8)
+def _worker_source(path: str, config: IngestConfig, call: str) -> _H5adSource:
+    """One opened input per worker process and ingest call (its columns are read once)."""
+    return _H5adSource(Path(path), config)
+
+
+def _run_remote(fn: Callable, spec: _PlanSpec, a: int, b: int, call: str, kwargs: dict):
+    src = _worker_source(spec.path, spec.config, call)
+    experiment = (src.obs_reader(spec.config.experiment_key) if spec.experiment is None
+                  else (lambda name: lambda lo, hi: np.full(hi - lo, name, dtype=object))(spec.experiment))
+    plan = _FilePlan(src, spec.gene_map, experiment, src.obs_reader(spec.config.label_key) if spec.label else None,
+                     increasing=spec.increasing)
+    return fn(plan, a, b, **kwargs)
+
+
+class _DaskRunner(_Runner):
+    """Runs the per-block work on a ``dask.distributed`` cluster; results come back in task order.
+
+    Each worker opens the input files itself (they must be readable at the same paths). At most
+    ``window`` blocks are in flight, so memory stays bounded whatever the number of blocks; the
+    caller merges the results in order, which is why the store is byte-identical to a serial
+    ingest.
+    """
+
+    def __init__(self, client, *, cluster=None) -> None:
+        self.client, self.cluster = client, cluster
+        self.call = uuid.uuid4().hex
+        self.window = 2 * max(1, len(client.scheduler_info().get("workers", {})))
+
+    def map(self, fn: Callable, tasks: list[tuple], **kwargs) -> Iterator:
+        from collections import deque
+
+        specs = {}
+        for plan, _, _ in tasks:
+            if id(plan) not in specs:
+                specs[id(plan)] = self.client.scatter(_spec(plan, kwargs["config"]), broadcast=True)
+        pending: deque = deque()
+        todo = iter(tasks)
+        for plan, a, b in itertools.islice(todo, self.window):
+            pending.append(self.client.submit(_run_remote, fn, specs[id(plan)], a, b, self.call, kwargs, pure=False))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                plan, a, b = nxt
+                pending.append(self.client.submit(_run_remote, fn, specs[id(plan)], a, b, self.call, kwargs, pure=False))
+            yield result
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _spec(plan: _FilePlan, config: IngestConfig) -> _PlanSpec:
+    return _PlanSpec(str(plan.source.path), config, plan.gene_map, plan.increasing, plan.experiment_name,
+                     plan.label is not None)
+
+
+def make_runner(workers: int | None = None, scheduler: str | None = None) -> _Runner:
+    """Where ingest runs its per-block work: this process, a LocalCluster, or a cluster.
+
+    Parameters
+    ----------
+    workers
+        Worker processes of a ``dask.distributed.LocalCluster`` (one thread each).
+    scheduler
+        Address of a running dask scheduler (``tcp://host:8786``); its workers must read the
+        inputs at the same paths.
+
+    Raises
+    ------
+    ConfigError
+        If both or a worker count below 1 are given, or the scheduler cannot be reached.
+    """
+    if workers is not None and scheduler is not None:
+        raise ConfigError("give --workers or --scheduler, not both")
+    if workers is None and scheduler is None:
+        return _Runner()
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            return _DaskRunner(Client(scheduler, timeout=30))
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc})") from None
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    return _DaskRunner(Client(cluster), cluster=cluster)
 
 
 def _check_block(plan: _FilePlan, a: int, b: int, config: IngestConfig, n_out: int) -> _BlockCheck:
@@ -929,6 +1073,7 @@ class _Census:
             self.experiments.setdefault(e, 0)
         for e, c in check.experiment_cells.items():
             self.experiments[e] += c
+            plan.experiments[e] = None
         for e, c in check.experiment_nonint.items():
             self.experiment_nonint[e] = self.experiment_nonint.get(e, 0) + c
         for lab, c in check.unlabeled.items():
@@ -1062,25 +1207,24 @@ class _Spools:
                 self.sinks[c] = _RowSink(group, **self._args)
             self.sinks[c].append(block.x[sel], block.names[sel], {k: v[sel] for k, v in block.obs.items()})
 
-    def replay(self, sink: "_RowSink", n_experiments: int) -> None:
-        for c in range(n_experiments):
+    def replay(self, sink: "_RowSink", experiments: Iterable[int]) -> None:
+        for c in experiments:
             self.sinks[c].close()
             _replay(self.sinks[c], sink, 8192)
 
 
-def _write_pass(plans: list[_FilePlan], root, census: _Census, codes: _Codes, config: IngestConfig,
-                runner: "_Runner", nnz_per_chunk: int) -> tuple[Any, np.ndarray]:
-    """Pass 2: rows, obs columns and count sums into ``root``; returns the moments and row codes."""
-    layout = config.layout
-    sink = _RowSink(root, n_genes=codes.n_genes, nnz_per_chunk=nnz_per_chunk, layout=layout)
+def _write_pass(plans: list[_FilePlan], sink: _RowSink, count_sums: _CountSums, census: _Census,
+                codes: _Codes, config: IngestConfig, runner: "_Runner", spool_dir: Path,
+                nnz_per_chunk: int) -> tuple[Any, np.ndarray]:
+    """Pass 2: rows, obs codes and count sums into ``sink``; returns the moments and row codes.
+
+    The caller writes the categories (:meth:`_RowSink.finish_obs`) and the count sums.
+    """
     spools = None
     if not census.grouped:
         logger.info("experiments are interleaved in the inputs; spooling per experiment")
-        tmp = Path(root.store_path.store.root)
-        spools = _Spools(tmp.parent / f"{tmp.name}.spool", n_genes=codes.n_genes,
-                         nnz_per_chunk=nnz_per_chunk, layout=layout)
+        spools = _Spools(spool_dir, n_genes=codes.n_genes, nnz_per_chunk=nnz_per_chunk, layout=config.layout)
     moments = MomentAccumulator()
-    count_sums = _CountSums(codes.n_genes, len(codes.experiments))
     written: list[np.ndarray] = []
     tasks = [(plan, a, b) for plan in plans for a, b in plan.source.row_blocks()]
     try:
@@ -1097,13 +1241,11 @@ def _write_pass(plans: list[_FilePlan], root, census: _Census, codes: _Codes, co
                         spools.append(block)
                 bar.update(1)
         if spools is not None:
-            spools.replay(sink, len(codes.experiments))
+            spools.replay(sink, range(count_sums.first, len(codes.experiments)))
     finally:
         if spools is not None:
             shutil.rmtree(spools.directory, ignore_errors=True)
     sink.close()
-    sink.finish_obs({"experiment": list(codes.experiments), "cell_type": list(codes.cell_types)})
-    count_sums.write(root)
     return moments.result(), np.concatenate(written) if written else np.zeros(0, np.int32)
 
 
@@ -1149,7 +1291,12 @@ def _ingest(sources: list[_H5adSource], output: Path, config: IngestConfig, over
     )
     with atomic_directory(output, overwrite=overwrite) as tmp:
         root = init_anndata_root(tmp, zarr_format=config.layout.zarr_format)
-        stats, row_codes = _write_pass(plans, root, census, codes, config, runner, nnz_per_chunk)
+        sink = _RowSink(root, n_genes=codes.n_genes, nnz_per_chunk=nnz_per_chunk, layout=config.layout)
+        count_sums = _CountSums(codes.n_genes, len(codes.experiments))
+        stats, row_codes = _write_pass(plans, sink, count_sums, census, codes, config, runner,
+                                       tmp.parent / f"{tmp.name}.spool", nnz_per_chunk)
+        sink.finish_obs({"experiment": exp_names, "cell_type": type_names})
+        count_sums.write(root)
         _write_extra_obs(root, plans, config, None if census.grouped else np.argsort(row_codes, kind="stable"))
         _write_var_and_uns(
             root, out_genes, stats, _sources_record(plans), exp_names, census.experiments, input_kind, config,

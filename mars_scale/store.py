@@ -173,6 +173,62 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         shutil.rmtree(old, ignore_errors=True)
 
 
+def clone_for_append(path: str | os.PathLike, target: str | os.PathLike, arrays: list[str]) -> None:
+    """Copy the store at ``path`` to the new directory ``target``, sharing what an append keeps.
+
+    The full write units (shard files, or chunk files without shards) of the 1-D ``arrays``
+    (written by :class:`AppendArray` or :class:`StringAppendArray`) are hard links to the
+    store's own files, which an append never writes; everything else (metadata, the last,
+    partial unit of each array, the small elements) is copied. Hidden directories (staging,
+    temporaries) and the writer lock are left out. Where hard links are not supported the
+    units are copied.
+    """
+    path, target = Path(path), Path(target)
+    root = zarr.open_group(path, mode="r")
+    linked: set[str] = set()
+    for key in arrays:
+        array = root[key]
+        shards = getattr(array, "shards", None)
+        unit = int(shards[0] if shards else array.chunks[0])
+        linked.update(f"{key}/{array.metadata.encode_chunk_key((i,))}" for i in range(int(array.shape[0]) // unit))
+    for dirpath, dirnames, files in os.walk(path):
+        rel = Path(dirpath).relative_to(path)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        (target / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name == _LOCK_NAME:
+                continue
+            src, dst = Path(dirpath) / name, target / rel / name
+            if (rel / name).as_posix() in linked:
+                try:
+                    os.link(src, dst)
+                    continue
+                except OSError:  # no hard links here: copy
+                    pass
+            shutil.copy2(src, dst)
+
+
+def exchange_directories(a: str | os.PathLike, b: str | os.PathLike) -> None:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Where the call is not available (another OS, an old kernel, some network filesystems),
+    ``b`` is renamed to ``a``'s place in two steps, with a warning: between them ``b`` does not
+    exist, though one complete version always exists under one of the two names.
+    """
+    import ctypes
+
+    a, b = os.fsencode(a), os.fsencode(b)
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None and renameat2(-100, a, -100, b, 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
+        return
+    logger.warning("%s: no atomic directory exchange here; replacing it in two renames", b.decode())
+    aside = Path(b.decode()).with_name(f".{Path(b.decode()).name}.swap-{uuid.uuid4().hex[:12]}")
+    os.replace(b, aside)
+    os.replace(a, b)
+    os.replace(aside, a)
+
+
 def check_replaceable(target: str | os.PathLike) -> None:
     """Refuse to let ``--overwrite`` replace anything but a mars-scale store or an empty directory.
 
@@ -395,22 +451,40 @@ class AppendArray:
             **chunk_codecs(fmt, compression_level=layout.compression_level),
             **kwargs,
         )
-        self.dtype = np.dtype(dtype)
+        self._start(np.dtype(dtype), size=0)
+
+    @classmethod
+    def resume(cls, array: zarr.Array) -> "AppendArray":
+        """Append to an existing array (written by this class) after its last element.
+
+        The first write completes the array's last, partial write unit (chunk or shard); every
+        full unit before it is left as it is.
+        """
+        self = cls.__new__(cls)
+        self.array = array
+        shards = getattr(array, "shards", None)
+        self._unit = int(shards[0] if shards else array.chunks[0])
+        self._start(np.dtype(array.dtype), size=int(array.shape[0]))
+        return self
+
+    def _start(self, dtype: np.dtype, *, size: int) -> None:
+        self.dtype = dtype
         # One preallocated write unit, filled in place: no list of pieces, no concatenation.
         self._buffer = np.empty(0, dtype=self.dtype)
         self._n_pending = 0
-        self.size = 0  # elements written to disk
+        self.size = size  # elements written to disk
 
     def append(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=self.dtype).reshape(-1)
         while values.size:
             if self._buffer.size == 0:
                 self._buffer = np.empty(self._unit, dtype=self.dtype)
-            take = min(values.size, self._unit - self._n_pending)
+            room = self._unit - self.size % self._unit  # writes end on a unit boundary
+            take = min(values.size, room - self._n_pending)
             self._buffer[self._n_pending : self._n_pending + take] = values[:take]
             self._n_pending += take
             values = values[take:]
-            if self._n_pending == self._unit:
+            if self._n_pending == room:
                 self._flush()
 
     def _flush(self) -> None:
@@ -440,14 +514,23 @@ class StringAppendArray:
         self._pending: list[str] = []
         self.size = 0
 
+    @classmethod
+    def resume(cls, array: zarr.Array) -> "StringAppendArray":
+        """Append to an existing string array after its last element."""
+        self = cls.__new__(cls)
+        self.array, self._chunk = array, int(array.chunks[0])
+        self._pending, self.size = [], int(array.shape[0])
+        return self
+
     def append(self, values) -> None:
         self._pending.extend(str(v) for v in values)
         if len(self._pending) >= self._chunk:
             self._flush(final=False)
 
     def _flush(self, *, final: bool) -> None:
-        n = len(self._pending) if final else (len(self._pending) // self._chunk) * self._chunk
-        if n:
+        end = self.size + len(self._pending)
+        n = len(self._pending) if final else (end // self._chunk) * self._chunk - self.size
+        if n > 0:
             self.array.resize((self.size + n,))
             self.array[self.size : self.size + n] = np.array(self._pending[:n], dtype=object)
             self.size += n
@@ -494,6 +577,16 @@ class CSRWriter:
         self.indptr.append(np.zeros(1, dtype=np.int64))
         self.n_rows = 0
         self.nnz = 0
+
+    @classmethod
+    def resume(cls, group: zarr.Group) -> "CSRWriter":
+        """Append rows to an existing ``csr_matrix`` group (written by this class)."""
+        self = cls.__new__(cls)
+        self.group = group
+        self.n_rows, self.n_cols = (int(v) for v in group.attrs["shape"])
+        self.data, self.indices, self.indptr = (AppendArray.resume(group[k]) for k in ("data", "indices", "indptr"))
+        self.nnz = int(group["indptr"][self.n_rows])
+        return self
 
     def append(self, block: sp.csr_matrix) -> None:
         """Append the rows of ``block`` (a CSR matrix with ``n_cols`` columns)."""
@@ -1054,6 +1147,13 @@ class Atlas:
                     "cell_types": {t: int(k) for t, k in zip(types, counts[1:]) if k},
                 }
             )
+        appended = np.asarray(self.meta.get("experiment_appended", np.zeros(len(experiments))), dtype=np.int64)
+        absent = np.asarray(self.meta.get("experiment_absent_genes", np.zeros(len(experiments))), dtype=np.int64)
+        runs = self.annotation_runs()
+        for e, k, m in zip(experiments, appended, absent):
+            e["appended"] = int(k)  # 0: the first ingest; k: the k-th append
+            e["absent_genes"] = int(m)
+            e["annotation_runs"] = [r["key"] for r in runs if e["name"] in r["experiments"]]
         nnz = self.nnz
         return {
             "path": str(self.path),
@@ -1065,10 +1165,31 @@ class Atlas:
             "input_kind": self.input_kind,
             "size_bytes": size_on_disk(self.path),
             "experiments": experiments,
+            "annotation_runs": runs,
             "cell_types": types,
             "zarr_format": int(self.root.metadata.zarr_format),
             "checksums": self.checksummed,
         }
+
+    def annotation_runs(self) -> list[dict]:
+        """The published annotation runs: ``key``, ``run_id``, ``experiments`` annotated, ``date``, ``model``."""
+        from anndata.io import read_elem
+
+        _, published = obs_publication(self.path)
+        runs = []
+        for key, run_id in published.items():
+            record = {"key": key, "run_id": run_id, "experiments": [], "date": "", "model": ""}
+            try:
+                node = zarr.open_group(self.path / "uns" / key, mode="r")
+                for field in ("unannotated", "date", "model"):
+                    if field in node:
+                        value = read_elem(node[field])
+                        value = [str(v) for v in np.atleast_1d(value)] if field == "unannotated" else str(value)
+                        record["experiments" if field == "unannotated" else field] = value
+            except Exception as exc:  # a record that cannot be read is still listed
+                logger.warning("%s: uns/%s cannot be read (%s)", self.path, key, exc)
+            runs.append(record)
+        return runs
 
     def __repr__(self) -> str:
         return (
