@@ -64,7 +64,6 @@ from mars_scale.store import (
     exchange_directories,
     open_store,
     seal,
-    spec_record,
     store_lock,
 )
 
@@ -334,8 +333,7 @@ def _write_meta(root, store: Atlas, plans, census, codes: _Codes, experiments: l
     added = np.asarray(meta.get("experiment_appended", np.zeros(n_before, dtype=np.int64)), dtype=np.int64)
     run = int(added.max(initial=0)) + 1
     absent_old = np.asarray(meta.get("experiment_absent_genes", np.zeros(n_before, dtype=np.int64)), dtype=np.int64)
-    meta.update({
-        **spec_record(),
+    meta.update({  # the store keeps its own spec version: its layout is not changed
         "experiment_names": np.asarray(experiments, dtype=object),
         "experiment_ranges": ranges,
         "experiment_kinds": kinds,
