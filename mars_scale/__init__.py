@@ -64,7 +64,7 @@ _LAZY = {
     "Mars": "mars_scale.model",
     "RunConfig": "mars_scale.config",
     "TrainConfig": "mars_scale.config",
-    "ModelConfig": "mars_scale.nn",
+    "ModelConfig": "mars_scale.config",
     "load_config": "mars_scale.config",
     "annotate": "mars_scale.annotate",
     "leave_one_out": "mars_scale.evaluate",

@@ -26,7 +26,7 @@ __all__ = [
     "check_genes",
     "check_store",
     "StopSignals",
-    "check_run_dir",
+    "restart_point",
     "describe_checkpoint",
     "interrupted_error",
 ]
@@ -215,22 +215,59 @@ def interrupted_error(signum: int, path: Path | None, *, phase: str, epoch: int,
     )
 
 
-def check_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool, checkpoint_name: str = "checkpoint.pt") -> None:
-    """Refuse to start training over an unfinished run unless asked to resume or overwrite.
+def restart_point(
+    run_dir: str | os.PathLike | None,
+    *,
+    resume: bool,
+    overwrite: bool,
+    checkpoint_name: str = "checkpoint.pt",
+    model_name: str = "model.pt",
+) -> tuple[Path, dict[str, Any]] | None:
+    """Where a training run in ``run_dir`` starts: the one place that decides between a fresh
+    start, a resume and a finished run.
+
+    With ``resume``, the run continues from ``checkpoint_name``; without one yet it starts from
+    the beginning (so the same command serves the first start and every ``torchrun
+    --max-restarts`` restart), and a finished run (``model_name`` with phase ``done``, the
+    checkpoint removed by ``Mars.save``) is returned as it is. Without ``resume`` or
+    ``overwrite`` a run directory that holds a model or an unfinished checkpoint is refused.
+
+    Returns
+    -------
+    tuple or None
+        ``(path, payload)`` of the checkpoint or finished model to continue from; ``None`` to
+        start from the beginning.
 
     Raises
     ------
     InputError
-        If ``run_dir`` holds a training checkpoint and neither ``resume`` nor ``overwrite``
-        is set.
+        If ``run_dir`` holds a trained model or an unfinished run and neither ``resume`` nor
+        ``overwrite`` is set.
     """
-    path = Path(run_dir) / checkpoint_name
-    if resume or overwrite or not path.exists():
-        return
-    raise InputError(
-        f"{run_dir}: holds an unfinished training run ({describe_checkpoint(path)}); "
-        "pass --resume to continue it or --overwrite to start over"
-    )
+    if run_dir is None:
+        return None
+    checkpoint, model = Path(run_dir) / checkpoint_name, Path(run_dir) / model_name
+    if not (resume or overwrite):
+        if model.exists():
+            raise InputError(f"{run_dir}: already holds a trained model (pass --overwrite to replace it)")
+        if checkpoint.exists():
+            raise InputError(
+                f"{run_dir}: holds an unfinished training run ({describe_checkpoint(checkpoint)}); "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+    if not resume:
+        return None
+    if checkpoint.exists():
+        return checkpoint, load_checkpoint(checkpoint)
+    if model.exists():
+        payload = load_checkpoint(model)
+        if payload.get("phase") == "done":
+            logger.info("%s: training already finished; nothing to resume", model)
+            return model, payload
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    logger.info("no checkpoint in %s yet: starting from the beginning%s", run_dir,
+                f" (attempt {attempt} under torchrun)" if attempt is not None else "")
+    return None
 
 
 def describe_checkpoint(path: Path) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 
 import click
@@ -188,34 +187,21 @@ def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs,
     Under torchrun, --resume without a checkpoint yet starts from the beginning, so that
     torchrun --max-restarts N ... train --resume restarts from the last checkpoint.
     """
-    from pathlib import Path
-
-    from mars_scale.checkpoint import check_run_dir
     from mars_scale.config import RunConfig, load_config, override
     from mars_scale.device import resolve_device
     from mars_scale.distributed import init_distributed, shutdown
-    from mars_scale.errors import InputError
-    from mars_scale.model import MODEL_NAME, Mars
-    from mars_scale.train import CHECKPOINT_NAME
+    from mars_scale.model import Mars
 
     config = load_config(config_file) if config_file else RunConfig()
     config = override(config, pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
                       batch_size=batch_size, n_top_genes=n_top_genes, annotated_contrast=annotated_contrast,
                       device=device, seed=seed)
-    if (Path(run_dir) / MODEL_NAME).exists() and not (overwrite or resume):
-        raise InputError(f"{run_dir}: already holds a trained model (pass --overwrite to replace it)")
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    if resume and "TORCHELASTIC_RESTART_COUNT" in os.environ and not (Path(run_dir) / CHECKPOINT_NAME).exists():
-        # torchrun --max-restarts reruns the same command: the first attempt starts fresh.
-        logger.warning("%s: no checkpoint yet (attempt %s under torchrun); starting from the beginning",
-                       run_dir, os.environ["TORCHELASTIC_RESTART_COUNT"])
-        resume = False
     info = init_distributed(resolve_device(config.train.device))
     if not info.is_main:
         logging.getLogger("mars_scale").setLevel(logging.WARNING)
     try:
         model = Mars(store, unannotated=unannotated, n_clusters=n_clusters, config=config)
-        model.train(run_dir=run_dir, resume=resume, info=info)
+        model.train(run_dir=run_dir, resume=resume, overwrite=overwrite, info=info)
         if info.is_main:
             path = model.save(run_dir, overwrite=True)
             usage = model.state.get("landmark_usage")

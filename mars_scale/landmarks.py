@@ -33,6 +33,7 @@ import torch
 
 from mars_scale.device import faiss_gpu_count, resolve_device
 from mars_scale.errors import ConfigError, InputError
+from mars_scale.rng import RNGLike, SeedLike
 
 __all__ = ["KMeansResult", "kmeans", "nearest", "reservoir_sample"]
 
@@ -47,7 +48,6 @@ SEED_POINTS_PER_CENTROID = 50
 MIN_SEED_POINTS = 10_000
 
 _Backend = Literal["faiss-cpu", "faiss-gpu", "torch"]
-SeedLike = int | np.random.Generator | np.random.SeedSequence
 
 
 @dataclass(frozen=True, eq=False)
@@ -478,7 +478,7 @@ def kmeans(
     x: np.ndarray | torch.Tensor,
     k: int,
     *,
-    seed: SeedLike,
+    seed: SeedLike | RNGLike,
     n_init: int = 10,
     max_iter: int = 100,
     tol: float = 1e-4,
@@ -556,36 +556,14 @@ def kmeans(
     backend = _choose_backend(compute, use_faiss_gpu)
 
     started = time.perf_counter()
-    root = np.random.default_rng(seed)
-    sample_rng, *restart_rngs = root.spawn(n_init + 1)
+    sample_rng, *restart_rngs = np.random.default_rng(seed).spawn(n_init + 1)
     n_train = min(n, sample_size if sample_size is not None else max(k, MAX_TRAIN_POINTS))
     if n_train < n:
         train = points[np.sort(sample_rng.choice(n, size=n_train, replace=False))]
     else:
         train = points
     tol_abs = float(tol) * _mean_variance(train, block_size)
-
-    if backend == "torch":
-        data = torch.from_numpy(train).to(compute)
-
-        def assign(values: torch.Tensor, centroids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            return _nearest_torch(values, torch.from_numpy(centroids).to(compute), block_size=block_size)
-
-    else:
-        data = torch.from_numpy(train)
-        gpu = _gpu_index(compute) if backend == "faiss-gpu" else None
-        resources = None
-        if gpu is not None:
-            import faiss
-
-            resources = faiss.StandardGpuResources()
-
-        def assign(values: torch.Tensor, centroids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            found_i, found_d = _nearest_faiss(
-                values.numpy(), centroids, block_size=block_size, gpu=gpu, resources=resources
-            )
-            return torch.from_numpy(found_i), torch.from_numpy(found_d)
-
+    data, assign = _assigner(train, backend, compute, block_size)
     n_seed = min(n_train, max(SEED_POINTS_PER_CENTROID * k, MIN_SEED_POINTS))
     runs: list[tuple[np.ndarray, int, bool]] = []
     inertias: list[float] = []
@@ -593,58 +571,49 @@ def kmeans(
         seed_points = train[np.sort(rng.choice(n_train, size=n_seed, replace=False))].astype(np.float64)
         init = _kmeans_plusplus(seed_points, k, rng)
         centroids, n_iter, converged = _lloyd(
-            data,
-            init,
-            assign,
-            max_iter=max_iter,
-            tol_abs=tol_abs,
-            block_size=block_size,
+            data, init, assign, max_iter=max_iter, tol_abs=tol_abs, block_size=block_size,
             sparse=backend != "torch",
         )
-        if train is points:
-            _, distance = assign(data, centroids)
-        else:
-            _, distance = assign(torch.from_numpy(points), centroids)
-        inertia = float(distance.to(torch.float64).sum())
-        inertias.append(inertia)
+        _, distance = assign(data if train is points else torch.from_numpy(points), centroids)
+        inertias.append(float(distance.to(torch.float64).sum()))
         runs.append((centroids, n_iter, converged))
-        logger.debug(
-            "k-means restart %d: inertia %.6g after %d iteration(s)%s",
-            restart,
-            inertia,
-            n_iter,
-            "" if converged else " (max_iter reached)",
-        )
+        logger.debug("k-means restart %d: inertia %.6g after %d iteration(s)%s", restart, inertias[-1], n_iter,
+                     "" if converged else " (max_iter reached)")
 
     best_restart = int(np.argmin(inertias))  # first of equal inertias
-    inertia = inertias[best_restart]
     centroids, n_iter, converged = runs[best_restart]
     logger.info(
         "k-means: %d points x %d dims, k=%d, %d restart(s) on %d points with %s on %s: "
         "inertia %.6g (restarts %.6g to %.6g) in %.2f s",
-        n,
-        d,
-        k,
-        n_init,
-        n_train,
-        backend,
-        compute,
-        inertia,
-        min(inertias),
-        max(inertias),
+        n, d, k, n_init, n_train, backend, compute, inertias[best_restart], min(inertias), max(inertias),
         time.perf_counter() - started,
     )
     if not converged:
         logger.info("k-means: the best restart stopped at max_iter=%d before converging", max_iter)
-    return KMeansResult(
-        centroids=centroids,
-        inertia=inertia,
-        n_iter=n_iter,
-        converged=converged,
-        inertias=tuple(inertias),
-        best_restart=best_restart,
-        n_train=n_train,
-    )
+    return KMeansResult(centroids=centroids, inertia=inertias[best_restart], n_iter=n_iter, converged=converged,
+                        inertias=tuple(inertias), best_restart=best_restart, n_train=n_train)
+
+
+def _assigner(train: np.ndarray, backend: _Backend, compute: torch.device, block_size: int):
+    """The training points as a tensor, and the nearest-centroid function of ``backend``."""
+    if backend == "torch":
+        def assign(values: torch.Tensor, centroids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            return _nearest_torch(values, torch.from_numpy(centroids).to(compute), block_size=block_size)
+
+        return torch.from_numpy(train).to(compute), assign
+    gpu = _gpu_index(compute) if backend == "faiss-gpu" else None
+    resources = None
+    if gpu is not None:
+        import faiss
+
+        resources = faiss.StandardGpuResources()
+
+    def assign(values: torch.Tensor, centroids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        found_i, found_d = _nearest_faiss(values.numpy(), centroids, block_size=block_size, gpu=gpu,
+                                          resources=resources)
+        return torch.from_numpy(found_i), torch.from_numpy(found_d)
+
+    return torch.from_numpy(train), assign
 
 
 # ----------------------------------------------------------------------------------------------
@@ -655,7 +624,7 @@ def reservoir_sample(
     blocks: Iterable[np.ndarray | torch.Tensor],
     *,
     max_points: int,
-    seed: SeedLike,
+    seed: SeedLike | RNGLike,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keep a uniform random subsample (without replacement) of the rows of a stream of blocks.
 

@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "squared_distances",
+    "reconstruction_loss",
     "landmark_separation",
     "closed_form_landmarks",
     "annotated_weights",
@@ -33,6 +34,17 @@ __all__ = [
 def squared_distances(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """All squared Euclidean distances between rows of ``z`` (n, d) and ``p`` (k, d)."""
     return (z.unsqueeze(1) - p.unsqueeze(0)).pow(2).sum(-1)
+
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, *, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The pretraining loss: mean squared error over the rows of ``keep`` (all rows for ``None``).
+
+    Rows outside ``keep`` (the loader's padding rows) count in neither the sum nor the mean.
+    """
+    if keep is None:
+        return torch.nn.functional.mse_loss(recon, target)
+    diff = (recon - target)[keep]
+    return diff.pow(2).sum() / max(diff.numel(), 1)
 
 
 def landmark_separation(p: torch.Tensor) -> torch.Tensor:
@@ -59,7 +71,11 @@ def closed_form_landmarks(
 
 
 def annotated_weights(
-    valid: torch.Tensor, experiment: torch.Tensor, n_labelled: torch.Tensor, n_annotated: float
+    valid: torch.Tensor,
+    experiment: torch.Tensor,
+    n_labelled: torch.Tensor,
+    n_annotated: float,
+    n_rows: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """The minibatch weights ``w_j = N_A / (B N_{e_j})`` of the annotated cell term.
 
@@ -74,6 +90,8 @@ def annotated_weights(
     n_annotated
         Rows of all the annotated experiments, ``N_A`` (labelled or not): the population the
         batch's ``B`` rows are drawn from.
+    n_rows
+        ``B``: the rows of the batch that are not loader padding (default: all of its rows).
 
     Returns
     -------
@@ -81,7 +99,8 @@ def annotated_weights(
         ``w`` per row, 0 where ``valid`` is 0. With these, :func:`annotated_cell_loss` is an
         unbiased estimate of the cell part of ``sum_i L_i`` (``docs/algorithm.md``).
     """
-    return valid * n_annotated / (valid.shape[0] * n_labelled[experiment].clamp(min=1))
+    b = valid.shape[0] if n_rows is None else n_rows
+    return valid * n_annotated / (b * n_labelled[experiment].clamp(min=1))
 
 
 def annotated_cell_loss(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

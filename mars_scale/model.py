@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mars_scale.checkpoint import check_store, describe_checkpoint, load_checkpoint, save_checkpoint
+from mars_scale.checkpoint import check_store, describe_checkpoint, load_checkpoint, restart_point, save_checkpoint
 from mars_scale.config import RunConfig, config_from_dict
 from mars_scale.device import resolve_device
 from mars_scale.distributed import DistInfo
@@ -73,6 +73,7 @@ class Mars:
         *,
         run_dir: str | os.PathLike | None = None,
         resume: bool = False,
+        overwrite: bool = False,
         info: DistInfo | None = None,
         stop_after_epoch: int | None = None,
     ) -> "Mars":
@@ -83,35 +84,39 @@ class Mars:
         run_dir
             Checkpoints go to ``run_dir/checkpoint.pt`` after every epoch.
         resume
-            Continue from the checkpoint in ``run_dir`` (start from the beginning if there is
-            none yet).
+            Continue from the checkpoint in ``run_dir``: start from the beginning if there is
+            none yet, and do nothing if the run there has finished
+            (:func:`~mars_scale.checkpoint.restart_point`).
+        overwrite
+            Start over even if ``run_dir`` holds a model or an unfinished run.
         info
             Rank and world size under torchrun (default: one process).
         stop_after_epoch
             Stop after this many epochs in total (for resume tests).
+
+        Raises
+        ------
+        InputError
+            If ``run_dir`` holds a model or an unfinished run and neither ``resume`` nor
+            ``overwrite`` is set.
+        CheckpointMismatchError
+            If the checkpoint to resume from does not fit the store.
         """
         info = info or DistInfo()
         device = resolve_device(self.config.train.device)
         run_path = Path(run_dir) if run_dir is not None else None
-        if resume and run_path is not None and not (run_path / CHECKPOINT_NAME).exists() \
-                and (run_path / MODEL_NAME).exists():
-            # a finished run keeps model.pt only (save removes the checkpoint): nothing is left to do
-            state = load_checkpoint(run_path / MODEL_NAME)
-            if state.get("phase") == "done":
-                check_store(state, self.store, source=run_path / MODEL_NAME)
-                logger.info("%s: training already finished; nothing to resume", run_path / MODEL_NAME)
-                self.state, self._encoder = state, None
+        start = restart_point(run_path, resume=resume, overwrite=overwrite, checkpoint_name=CHECKPOINT_NAME,
+                              model_name=MODEL_NAME)
+        checkpoint = None
+        if start is not None:
+            source, checkpoint = start
+            check_store(checkpoint, self.store, source=source)
+            if checkpoint.get("phase") == "done":
+                self.state, self._encoder = checkpoint, None
                 return self
-        if resume and (run_path is None or not (run_path / CHECKPOINT_NAME).exists()):
-            # the same command line serves the first start and every elastic restart
-            logger.info("no checkpoint in %s yet: starting from the beginning", run_path)
-            resume = False
-        if resume:
-            saved = load_checkpoint(run_path / CHECKPOINT_NAME)
-            check_store(saved, self.store, source=run_path / CHECKPOINT_NAME)
         self.state = fit(
             self.store, self.plan, self.config, device=device, info=info, run_dir=run_path,
-            resume=resume, stop_after_epoch=stop_after_epoch,
+            checkpoint=checkpoint, stop_after_epoch=stop_after_epoch,
         )
         self._encoder = None
         return self

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +25,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import skip_init
 
+from mars_scale.config import ModelConfig
 from mars_scale.errors import ConfigError, InputError, positive_int
+from mars_scale.rng import RNGLike, SeedLike
 from mars_scale.preprocess import ScalingParams, fold_scaling
 
 __all__ = [
@@ -44,68 +43,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RNGLike = Union[np.random.Generator, torch.Generator, int, None]
-"""A seed, a numpy generator or a (CPU) torch generator; ``None`` draws fresh entropy."""
 
 
 # --------------------------------------------------------------------------------------------
 # configuration
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of the MARS autoencoder.
-
-    Parameters
-    ----------
-    hidden
-        Widths of the hidden layers from the input side, e.g. ``(1000,)`` as in MARS. The
-        decoder uses them in reverse order. May be empty.
-    n_latent
-        Dimension of the embedding (MARS: 100).
-    dropout
-        Dropout probability after each ELU (MARS: 0). ``0`` adds no dropout module.
-    decoder_output
-        ``"block"`` (default, as the MARS reference: the decoder's last layer is Linear ->
-        LayerNorm -> ELU like every other) or ``"linear"`` (a plain linear map). Measured on
-        the shipped data, ``"block"`` gives clearly better pretrained embeddings (K-means ARI
-        0.83 against 0.59 on mesc batch3; see docs/algorithm.md).
-
-    Raises
-    ------
-    ConfigError
-        If a width is not a positive integer or ``dropout`` is outside ``[0, 1)``.
-    """
-
-    hidden: tuple[int, ...] = (1000,)
-    n_latent: int = 100
-    dropout: float = 0.0
-    decoder_output: str = "block"
-
-    def __post_init__(self) -> None:
-        if self.decoder_output not in ("block", "linear"):
-            raise ConfigError(
-                f"ModelConfig.decoder_output must be 'block' or 'linear', got {self.decoder_output!r}."
-            )
-        if isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Sequence):
-            raise ConfigError(
-                f"ModelConfig.hidden must be a sequence of positive integers, got {self.hidden!r}."
-            )
-        hidden = tuple(positive_int(h, name="ModelConfig.hidden") for h in self.hidden)
-        object.__setattr__(self, "hidden", hidden)
-        object.__setattr__(self, "n_latent", positive_int(self.n_latent, name="ModelConfig.n_latent"))
-        dropout = self.dropout
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, numbers.Real)
-            or not 0.0 <= float(dropout) < 1.0
-        ):
-            raise ConfigError(f"ModelConfig.dropout must be a number in [0, 1), got {dropout!r}.")
-        object.__setattr__(self, "dropout", float(dropout))
-
-
-def _torch_generator(rng: RNGLike) -> torch.Generator:
-    """Normalise ``rng`` to a CPU torch generator (a given torch generator is used as is)."""
+def _torch_generator(rng: SeedLike | RNGLike | torch.Generator | None) -> torch.Generator:
+    """Normalise ``rng`` (:mod:`mars_scale.rng`; ``None`` draws fresh entropy) to a CPU torch
+    generator, once per constructor; a given torch generator is used as is."""
     if isinstance(rng, torch.Generator):
         return rng
     seed = int(np.random.default_rng(rng).integers(2**63 - 1))
@@ -190,7 +136,7 @@ class SparseScaledLinear(nn.Module):
         mean: npt.ArrayLike | torch.Tensor,
         std: npt.ArrayLike | torch.Tensor,
         max_value: float | None = 10.0,
-        rng: RNGLike = None,
+        rng: SeedLike | RNGLike | torch.Generator | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -621,7 +567,7 @@ class FCBlock(nn.Module):
         *,
         dropout: float = 0.0,
         linear: nn.Module | None = None,
-        rng: RNGLike = None,
+        rng: SeedLike | RNGLike | torch.Generator | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -680,7 +626,7 @@ class MLP(nn.Sequential):
         widths: Sequence[int],
         *,
         dropout: float = 0.0,
-        rng: RNGLike = None,
+        rng: SeedLike | RNGLike | torch.Generator | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         widths = [positive_int(w, name="widths") for w in widths]
@@ -739,7 +685,7 @@ class Encoder(nn.Module):
         std: npt.ArrayLike | torch.Tensor,
         max_value: float | None = 10.0,
         dropout: float = 0.0,
-        rng: RNGLike = None,
+        rng: SeedLike | RNGLike | torch.Generator | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -824,7 +770,7 @@ class Decoder(nn.Module):
         hidden: Sequence[int] = (1000,),
         dropout: float = 0.0,
         output: str = "block",
-        rng: RNGLike = None,
+        rng: SeedLike | RNGLike | torch.Generator | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -892,7 +838,7 @@ class Autoencoder(nn.Module):
         mean: npt.ArrayLike | torch.Tensor,
         std: npt.ArrayLike | torch.Tensor,
         max_value: float | None = 10.0,
-        rng: RNGLike = None,
+        rng: SeedLike | RNGLike | torch.Generator | None = None,
         dtype: torch.dtype | None = None,
     ) -> Autoencoder:
         """Build the encoder and its mirror decoder from a :class:`ModelConfig`.

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from mars_scale.errors import InputError, StoreError
+from mars_scale.rng import RNGLike, SeedLike
 from mars_scale.store import Atlas, as_store, atomic_file, commit_elements, seal, store_lock
 
 __all__ = ["plot"]
@@ -189,7 +190,7 @@ def plot(
     output_dir: str | os.PathLike,
     key_added: str = "mars",
     max_cells: int = 50_000,
-    seed: int = 0,
+    seed: SeedLike | RNGLike = 0,
     n_neighbors: int = 30,
     dpi: int = 150,
 ) -> list[Path]:
@@ -206,7 +207,7 @@ def plot(
     max_cells
         Most cells in the UMAP (a uniform random subsample beyond).
     seed
-        Seeds the subsample and UMAP.
+        Seed or generator of the subsample and UMAP (:mod:`mars_scale.rng`).
     n_neighbors
         UMAP neighbourhood size (capped below the number of cells drawn).
     dpi
@@ -255,7 +256,24 @@ def plot(
     coords = _umap(x, n_neighbors=n_neighbors, seed=int(rng.integers(2**31 - 1)))
     logger.info("UMAP of %d of %d cells in %.1f s", len(rows), n, time.perf_counter() - t0)
 
-    paths = []
+    paths, colours = _umap_figures(store, coords, rows, unannotated=unannotated, keys=(cluster_key, name_key),
+                                   out=out, dpi=dpi)
+    umap_full = np.full((n, 2), np.nan, dtype=np.float32)
+    umap_full[rows] = coords
+    written = _write_back(store, {("obsm", "X_umap"): umap_full,
+                                  **{("uns", f"{k}_colors"): np.asarray(v, dtype=object) for k, v in colours.items()}})
+    logger.info("wrote %s into %s", ", ".join(written), store.path)
+    paths += _confusion_figures(store, unannotated=unannotated, keys=(cluster_key, name_key), out=out, dpi=dpi)
+    logger.info("wrote %d figures to %s", len(paths), out)
+    return paths
+
+
+def _umap_figures(store: Atlas, coords: np.ndarray, rows: np.ndarray, *, unannotated: str, keys: tuple[str, str],
+                  out: Path, dpi: int) -> tuple[list[Path], dict[str, list[str]]]:
+    """The UMAP scatter plots of the drawn ``rows``; returns the files and the colours per column."""
+    cluster_key, name_key = keys
+    n = store.n_cells
+    paths: list[Path] = []
     exp_codes = store.experiment_codes()[rows].astype(np.int64)
     u_code = list(store.experiments).index(unannotated)
     in_u = exp_codes == u_code
@@ -288,11 +306,13 @@ def plot(
                               missing="unlabelled or other experiments", dpi=dpi))
     else:
         logger.info("%s has no ground truth: no umap_truth.png or confusion figures", unannotated)
-    umap_full = np.full((n, 2), np.nan, dtype=np.float32)
-    umap_full[rows] = coords
-    written = _write_back(store, {("obsm", "X_umap"): umap_full,
-                                  **{("uns", f"{k}_colors"): np.asarray(v, dtype=object) for k, v in colours.items()}})
-    logger.info("wrote %s into %s", ", ".join(written), store.path)
+    return paths, colours
+
+
+def _confusion_figures(store: Atlas, *, unannotated: str, keys: tuple[str, str], out: Path, dpi: int) -> list[Path]:
+    """Ground truth of the unannotated experiment against its clusters and names (none without truth)."""
+    cluster_key, name_key = keys
+    paths: list[Path] = []
     a, b = store.experiment_ranges[unannotated]
     truth_u, truth_cats = store.categorical_codes("cell_type", a, b)
     if (np.asarray(truth_u) >= 0).any():
@@ -304,7 +324,6 @@ def plot(
         paths.append(_heatmap(np.asarray(truth_u, dtype=np.int64), truth_cats, np.asarray(nm, dtype=np.int64), nm_cats,
                               title=f"{unannotated}: ground truth against MARS names", xlabel="MARS name",
                               path=out / "confusion_name.png", dpi=dpi))
-    logger.info("wrote %d figures to %s", len(paths), out)
     return paths
 
 

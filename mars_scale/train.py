@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,10 +30,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from mars_scale.checkpoint import StopSignals, interrupted_error, load_checkpoint, save_checkpoint
-from mars_scale.config import RunConfig, config_to_dict
+from mars_scale.checkpoint import StopSignals, interrupted_error, save_checkpoint
+from mars_scale.config import RunConfig, TrainConfig, config_to_dict
 from mars_scale.distributed import DistInfo, all_reduce_sum, broadcast
-from mars_scale.errors import InputError, TrainingError
+from mars_scale.errors import CheckpointMismatchError, InputError, TrainingError
 from mars_scale.landmarks import kmeans, nearest
 from mars_scale.loader import Loader
 from mars_scale.losses import (
@@ -41,6 +41,7 @@ from mars_scale.losses import (
     annotated_contrast_loss,
     annotated_weights,
     closed_form_landmarks,
+    reconstruction_loss,
     unannotated_cell_loss,
     unannotated_landmark_loss,
 )
@@ -345,8 +346,217 @@ def select_genes(store: Atlas, n_top_genes: int | None, *, saved: Any = None) ->
     return highly_variable_genes(store, n_top_genes=int(n_top_genes)).index
 
 
-def _checkpoint_payload(state: dict[str, Any]) -> dict[str, Any]:
-    return {"format": "mars-scale-checkpoint", "format_version": 1, **state}
+# ---------------------------------------------------------------------------------------------
+# the state of a run (what its checkpoint holds) and what every phase reads
+
+PHASES = ("pretrain", "warmup", "init", "finetune", "done")
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where a training run stands; with the run's provenance, this is the checkpoint.
+
+    A run goes through the phases ``pretrain -> warmup -> init -> finetune -> done`` (the
+    warm-up only when it has epochs); a resume starts the phase named here. ``epoch`` epochs
+    of it are done; when a signal stopped the run inside the next one, ``step`` of its steps
+    are done, ``partial`` holds their loss sums and ``torch_rng`` the dropout generator.
+    ``model`` and ``optimizer`` (the phase's) are the state dicts as last saved.
+    """
+
+    phase: str = "pretrain"
+    epoch: int = 0
+    step: int = 0
+    partial: dict[str, Any] | None = None
+    torch_rng: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    model: dict[str, torch.Tensor] | None = None
+    optimizer: dict[str, Any] | None = None
+    landmark_optimizer: dict[str, Any] | None = None
+    unannotated_landmarks: torch.Tensor | None = None  # K x d
+    annotated_landmarks: torch.Tensor | None = None  # L x d
+    annotated_pairs: torch.Tensor | None = None  # L x 2: experiment and cell-type codes
+    kmeans_init: dict[str, torch.Tensor] | None = None  # K-means that set the unannotated landmarks
+    kmeans_pretrained: dict[str, torch.Tensor] | None = None  # K-means before the warm-up (a baseline)
+    landmark_usage: torch.Tensor | None = None
+    train_seconds: float | None = None
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict[str, Any], *, source: Any = "checkpoint") -> "TrainState":
+        """The state saved in a checkpoint payload (:func:`~mars_scale.checkpoint.load_checkpoint`).
+
+        Raises
+        ------
+        CheckpointMismatchError
+            If the payload was written in another checkpoint format version.
+        """
+        version = payload.get("format_version")
+        if version != CHECKPOINT_FORMAT_VERSION or payload.get("phase") not in PHASES:
+            raise CheckpointMismatchError(
+                f"{source}: checkpoint format version {version} (phase {payload.get('phase')!r}) is not the "
+                f"version {CHECKPOINT_FORMAT_VERSION} this mars-scale reads; train a new model"
+            )
+        state = cls()
+        for f in fields(cls):
+            if payload.get(f.name) is not None:
+                setattr(state, f.name, payload[f.name])
+        return state
+
+    def advance(self, phase: str) -> None:
+        """Start ``phase`` at its first epoch, with a fresh optimiser."""
+        self.phase, self.epoch, self.optimizer = phase, 0, None
+
+    def resume_point(self, device: torch.device) -> tuple[int, torch.Tensor | None, int]:
+        """Steps already done in this epoch and their loss sums and rows (0, None, 0 at an epoch start)."""
+        step, partial = self.step, self.partial
+        self.step, self.partial = 0, None
+        if not step:
+            return 0, None, 0
+        return step, partial["totals"].to(device), int(partial["n_seen"])
+
+
+@dataclass
+class _Run:
+    """What every phase reads, fixed for the run: data, options, network, rank, checkpoint file."""
+
+    store: Atlas
+    plan: TrainPlan
+    config: RunConfig
+    model: Autoencoder
+    genes: np.ndarray | None
+    device: torch.device
+    info: DistInfo
+    ckpt_path: Path | None
+    provenance: dict[str, Any]
+    signals: StopSignals | None
+    stop_after_epoch: int | None
+    started: float
+    _encoder_net: torch.nn.Module | None = None
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.config.train
+
+    @property
+    def tau(self) -> float:
+        """Weight of the unannotated term: the number of annotated experiments unless configured."""
+        return float(len(self.plan.annotated)) if self.tc.tau is None else self.tc.tau
+
+    @property
+    def eval_batch_size(self) -> int:
+        return max(self.tc.batch_size, 1024)
+
+    def ddp(self, module: torch.nn.Module) -> torch.nn.Module:
+        return DistributedDataParallel(module) if self.info.initialized else module
+
+    @property
+    def encoder_net(self) -> torch.nn.Module:
+        """The encoder as trained in the warm-up and fine-tuning (one DDP wrapper for both)."""
+        if self._encoder_net is None:
+            self._encoder_net = self.ddp(self.model.encoder)
+        return self._encoder_net
+
+    def loader(self, experiments: list[str], seed: int) -> Loader:
+        tc = self.tc
+        return Loader(self.store, batch_size=tc.batch_size, experiments=experiments, shuffle=True, seed=seed,
+                      rank=self.info.rank, world_size=self.info.world_size, genes=self.genes,
+                      blocks_per_buffer=tc.blocks_per_buffer, rows_per_block=tc.rows_per_block)
+
+    def annotated_steps(self, loader: Loader) -> int:
+        """Steps of an epoch over the annotated stream (capped by ``annotated_cells_per_epoch``)."""
+        cap = self.tc.annotated_cells_per_epoch
+        steps = len(loader)
+        return steps if cap is None else min(steps, -(-cap // (self.tc.batch_size * self.info.world_size)))
+
+    def make_optimizer(self, state: TrainState, params, *, lr: float) -> torch.optim.Adam:
+        """The phase's Adam, with its saved state when the run resumes inside the phase."""
+        opt = adam(params, lr=lr)
+        if state.optimizer:
+            opt.load_state_dict(state.optimizer)
+        return opt
+
+    def class_means(self, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _class_means(self.model.encoder, self.store, self.plan, batch_size=self.eval_batch_size,
+                            device=self.device, info=self.info, n_latent=self.config.model.n_latent,
+                            max_cells=self.tc.annotated_cells_per_epoch, seed=seed)
+
+    def progress(self, steps: range, desc: str):
+        return tqdm(steps, desc=desc, disable=None if self.info.is_main else True, leave=False)
+
+    def checkpoint(self, state: TrainState) -> dict[str, Any]:
+        """The checkpoint payload: the state (with the current weights) and the provenance."""
+        state.model = self.model.state_dict()
+        return {"format": "mars-scale-checkpoint", "format_version": CHECKPOINT_FORMAT_VERSION,
+                **{f.name: getattr(state, f.name) for f in fields(state)}, **self.provenance}
+
+    def save(self, state: TrainState, optimizer: torch.optim.Optimizer) -> None:
+        """Keep the phase's optimiser state in ``state``; rank 0 writes the checkpoint."""
+        state.optimizer = optimizer.state_dict()
+        if self.ckpt_path is not None and self.info.is_main:
+            save_checkpoint(self.ckpt_path, self.checkpoint(state))
+
+    def stop_requested(self, step: int, steps: int) -> bool:
+        """After ``step`` of ``steps``; under DDP the ranks compare flags every 16 steps and at the last."""
+        return self.signals is not None and self.signals.requested(
+            distributed=self.info.initialized, device=self.device, step=step, last=step == steps)
+
+    def stop_now(self, state: TrainState, optimizer, *, step: int, steps: int, totals: torch.Tensor,
+                 n_seen: int) -> Exception:
+        """Checkpoint the middle of an epoch (after ``step`` steps) and return the error to raise."""
+        state.step, state.partial = step, {"totals": totals.detach().cpu(), "n_seen": n_seen}
+        state.torch_rng = torch.get_rng_state()
+        self.save(state, optimizer)
+        return interrupted_error(self.signals.signum, self.ckpt_path, phase=state.phase, epoch=state.epoch,
+                                 step=step, steps=steps)
+
+    def end_epoch(self, state: TrainState, optimizer, record: dict[str, Any]) -> bool:
+        """Record and save a finished epoch; True when ``stop_after_epoch`` epochs are done."""
+        state.history.append(record)
+        self.save(state, optimizer)
+        if self.stop_after_epoch is None:
+            return False
+        ran = sum(h["phase"] == "warmup" for h in state.history)  # the auto warm-up may stop early
+        before = {"pretrain": 0, "warmup": self.tc.pretrain_epochs}.get(state.phase, self.tc.pretrain_epochs + ran)
+        return before + state.epoch >= self.stop_after_epoch
+
+
+def _start(store: Atlas, plan: TrainPlan, config: RunConfig, *, device, info, run_dir, checkpoint,
+           stop_after_epoch, signals) -> tuple[_Run, TrainState]:
+    """Build the network (from the checkpoint's weights when resuming) and the state to start from."""
+    tc = config.train
+    ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    state = TrainState() if checkpoint is None else TrainState.from_checkpoint(checkpoint, source=ckpt_path)
+    genes = select_genes(store, tc.n_top_genes, saved=None if checkpoint is None else checkpoint.get("gene_index"))
+    mean, std = store.var_column("mean"), store.var_column("std")
+    if genes is not None:
+        mean, std = mean[genes], std[genes]
+    model = Autoencoder.from_config(
+        len(mean), config.model, mean=torch.as_tensor(mean), std=torch.as_tensor(std), rng=_generator(tc.seed, 0)
+    ).to(device)
+    model.encoder.gene_index = genes  # embed() reads these store columns
+    if checkpoint is not None:
+        model.load_state_dict(state.model)
+        state.model = None
+        if state.torch_rng is not None:  # saved in mid-epoch (dropout draws from it)
+            torch.set_rng_state(state.torch_rng)
+            state.torch_rng = None
+        logger.info("resuming from %s (phase %s, epoch %d, step %d)", ckpt_path, state.phase, state.epoch, state.step)
+    provenance = {  # what every checkpoint carries besides the state (the gene ids are read once)
+        "config": config_to_dict(config),
+        "gene_ids": [str(g) for g in store.gene_ids],
+        "gene_index": None if genes is None else torch.as_tensor(genes),
+        "store_spec": store.spec_version,  # checked against the store on load (checkpoint.check_store)
+        "unannotated": plan.unannotated,
+        "annotated": list(plan.annotated),
+        "experiments": list(plan.experiments),
+        "cell_types": list(plan.cell_types),
+        "n_clusters": plan.n_clusters,
+        "versions": {"torch": str(torch.__version__)},
+    }
+    run = _Run(store=store, plan=plan, config=config, model=model, genes=genes, device=device, info=info,
+               ckpt_path=ckpt_path, provenance=provenance, signals=signals, stop_after_epoch=stop_after_epoch,
+               started=time.perf_counter())
+    return run, state
 
 
 def fit(store: Atlas, plan: TrainPlan, config: RunConfig, **kwargs) -> dict[str, Any]:
@@ -354,7 +564,7 @@ def fit(store: Atlas, plan: TrainPlan, config: RunConfig, **kwargs) -> dict[str,
 
     SIGTERM or SIGINT during training lets the current step finish, writes a checkpoint of
     that point (mid-epoch) and raises :class:`~mars_scale.errors.TrainingInterrupted`;
-    ``resume=True`` continues from it to the same model as an uninterrupted run
+    resuming from it (``checkpoint=``) ends with the same model as an uninterrupted run
     (:class:`~mars_scale.checkpoint.StopSignals`). Arguments as :func:`_fit`.
     """
     with StopSignals() as signals:
@@ -369,11 +579,14 @@ def _fit(
     device: torch.device,
     info: DistInfo,
     run_dir: Path | None = None,
-    resume: bool = False,
+    checkpoint: dict[str, Any] | None = None,
     stop_after_epoch: int | None = None,
     signals: StopSignals | None = None,
 ) -> dict[str, Any]:
     """Train MARS and return the final checkpoint dict (also written to ``run_dir``).
+
+    The phases run in order from the one the state names, each a plain loop over epochs and
+    steps: :func:`pretrain`, :func:`warmup`, :func:`init_landmarks`, :func:`finetune`.
 
     Parameters
     ----------
@@ -385,8 +598,9 @@ def _fit(
         Where this rank computes, and its place in the process group.
     run_dir
         Where rank 0 writes ``checkpoint.pt`` after every epoch (``None``: no checkpoints).
-    resume
-        Continue from ``run_dir/checkpoint.pt``.
+    checkpoint
+        A checkpoint of this run to continue from (read by the caller, which checked it
+        against the store: :meth:`mars_scale.model.Mars.train`); ``None`` starts afresh.
     stop_after_epoch
         Stop (as if interrupted) after this many epochs in total, pretraining included; for
         tests of resume.
@@ -396,324 +610,302 @@ def _fit(
     Returns
     -------
     dict
-        The checkpoint: ``model`` (state dict), ``unannotated_landmarks`` (K x d),
-        ``annotated_landmarks`` (L x d) with ``annotated_pairs`` (experiment and cell-type
-        codes), ``history``, ``config``, ``gene_ids`` and provenance.
+        The checkpoint: the :class:`TrainState` fields (``model`` state dict,
+        ``unannotated_landmarks`` K x d, ``annotated_landmarks`` L x d with ``annotated_pairs``,
+        ``history``, ...) and the provenance (``config``, ``gene_ids``, ``store_spec``, ...).
     """
-    tc = config.train
-    t0 = time.perf_counter()
-    ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
-    saved = None
-    if resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise InputError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINT_NAME} missing)")
-        saved = load_checkpoint(ckpt_path, map_location=device)
-    genes = select_genes(store, tc.n_top_genes, saved=None if saved is None else saved.get("gene_index"))
-    mean = store.var_column("mean")
-    std = store.var_column("std")
-    if genes is not None:
-        mean, std = mean[genes], std[genes]
-    model = Autoencoder.from_config(
-        len(mean), config.model, mean=torch.as_tensor(mean), std=torch.as_tensor(std), rng=_generator(tc.seed, 0)
-    ).to(device)
-    model.encoder.gene_index = genes  # embed() reads these store columns
-    state: dict[str, Any] = {
-        "phase": "pretrain",
-        "epoch": 0,
-        "history": [],
-        "unannotated_landmarks": None,
-        "annotated_landmarks": None,
-        "annotated_pairs": None,
-        "landmark_optimizer": None,
-        "kmeans_init": None,
-        "kmeans_pretrained": None,
-        "step": 0,  # steps done in the current epoch when a signal stopped it (else 0)
-        "partial": None,  # that epoch's loss sums so far
-        "torch_rng": None,
-    }
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        state.update({k: saved.get(k) for k in state})
-        state["step"] = state["step"] or 0
-        if state["torch_rng"] is not None:  # saved in mid-epoch (dropout draws from it)
-            torch.set_rng_state(state["torch_rng"])
-            state["torch_rng"] = None
-        logger.info("resuming from %s (phase %s, epoch %d, step %d)", ckpt_path, state["phase"], state["epoch"],
-                    state["step"])
+    run, state = _start(store, plan, config, device=device, info=info, run_dir=run_dir, checkpoint=checkpoint,
+                        stop_after_epoch=stop_after_epoch, signals=signals)
+    phases = {"pretrain": pretrain, "warmup": warmup, "init": init_landmarks, "finetune": finetune}
+    while state.phase != "done":
+        if phases[state.phase](run, state):  # stop_after_epoch reached (saved)
+            break
+    return run.checkpoint(state)
 
-    def make_optimizer(params, phase: str) -> torch.optim.Adam:
-        lr = {"pretrain": tc.lr, "warmup": tc.warmup_lr, "finetune": tc.finetune_lr}[phase]
-        opt = adam(params, lr=lr)
-        if saved is not None and saved["phase"] == phase and saved.get("optimizer"):
-            opt.load_state_dict(saved["optimizer"])
-        return opt
 
-    optimizer: torch.optim.Adam | None = None
-    warmup_epochs = resolve_warmup_epochs(tc.warmup_epochs, n_annotated=len(plan.annotated))
-    warmup_stops_early = tc.warmup_epochs is None  # auto: up to warmup_epochs, until aligned
+# ---------------------------------------------------------------------------------------------
+# the phases: each runs the epochs left of it, saves after every epoch and moves the state on
 
-    # What every checkpoint carries besides the training state (the gene ids are read once).
-    provenance = {
-        "config": config_to_dict(config),
-        "gene_ids": [str(g) for g in store.gene_ids],
-        "gene_index": None if genes is None else torch.as_tensor(genes),
-        "store_spec": store.spec_version,  # checked against the store on load (checkpoint.check_store)
-        "unannotated": plan.unannotated,
-        "annotated": list(plan.annotated),
-        "experiments": list(plan.experiments),
-        "cell_types": list(plan.cell_types),
-        "n_clusters": plan.n_clusters,
-        "versions": {"torch": str(torch.__version__)},
-    }
 
-    def payload() -> dict[str, Any]:
-        return _checkpoint_payload({
-            **state,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            **provenance,
-        })
+def pretrain(run: _Run, state: TrainState) -> bool:
+    """Autoencoder pretraining: MSE between the decoder's output and the scaled input.
 
-    def save() -> None:
-        if ckpt_path is not None and info.is_main:
-            save_checkpoint(ckpt_path, payload())
+    Returns True when ``stop_after_epoch`` asks the run to stop.
+    """
+    tc, plan, device = run.tc, run.plan, run.device
+    experiments = [plan.unannotated] if tc.pretrain_on == "unannotated" else [plan.unannotated, *plan.annotated]
+    loader = run.loader(experiments, tc.seed)
+    net = run.ddp(run.model)
+    optimizer = run.make_optimizer(state, run.model.parameters(), lr=tc.lr)
+    steps = max(len(loader), tc.min_steps_per_epoch)
+    for epoch in range(state.epoch, tc.pretrain_epochs):
+        first, total, n_seen = state.resume_point(device)
+        stream = _forever(loader, epoch * 1000, skip=first)
+        total, started = (torch.zeros((), device=device) if total is None else total), time.perf_counter()
+        for step in run.progress(range(first, steps), f"pretrain {epoch + 1}/{tc.pretrain_epochs}"):
+            batch = next(stream)
+            n_padding = batch.n_padding  # read on the host before the copy: no device sync
+            batch = batch.to(device)
+            _, recon = net(batch.x)
+            loss = reconstruction_loss(recon, run.model.scaled_target(batch.x),
+                                       keep=~batch.is_padding if n_padding else None)
+            _check_finite(loss, phase="pretraining", epoch=epoch, step=step)
+            _optimizer_step(optimizer, loss)
+            total += loss.detach()  # summed on the device: no host sync per step
+            n_seen += batch.n_rows
+            if run.stop_requested(step + 1, steps):  # after the last step too: the resume then only ends the epoch
+                raise run.stop_now(state, optimizer, step=step + 1, steps=steps, totals=total, n_seen=n_seen)
+        mean_loss, seconds = total.item() / steps, time.perf_counter() - started
+        state.epoch = epoch + 1
+        if run.info.is_main:
+            logger.info("pretrain epoch %d/%d: mse %.4f (%.1f s, %.0f cells/s per rank)",
+                        epoch + 1, tc.pretrain_epochs, mean_loss, seconds, n_seen / seconds)
+        if run.end_epoch(state, optimizer, {"phase": "pretrain", "epoch": epoch + 1, "loss": mean_loss}):
+            return True
+    n_warmup = resolve_warmup_epochs(tc.warmup_epochs, n_annotated=len(plan.annotated))
+    state.advance("warmup" if n_warmup else "init")
+    return False
 
-    def stop_requested(step: int, steps: int) -> bool:
-        """After ``step`` of ``steps``; under DDP the ranks compare flags every 16 steps and at the last."""
-        return signals is not None and signals.requested(distributed=info.initialized, device=device, step=step,
-                                                         last=step == steps)
 
-    def stop_now(phase: str, step: int, steps: int, totals: torch.Tensor, n_seen: int) -> Exception:
-        """Checkpoint the middle of an epoch (after ``step`` steps) and return the error to raise."""
-        state["step"], state["partial"] = step, {"totals": totals.detach().cpu(), "n_seen": n_seen}
-        state["torch_rng"] = torch.get_rng_state()
-        save()
-        return interrupted_error(signals.signum, ckpt_path, phase=phase, epoch=state["epoch"], step=step, steps=steps)
+def warmup(run: _Run, state: TrainState) -> bool:
+    """Supervised warm-up: the annotated term of eq. 3 alone, so that K-means initialises the
+    unannotated landmarks on an embedding shaped by the reference annotations.
 
-    def resumed_step() -> tuple[int, torch.Tensor | None, int]:
-        """Steps already done in this epoch, with their loss sums (0, None, 0 at an epoch start)."""
-        step, partial = state["step"], state["partial"]
-        state["step"], state["partial"] = 0, None
-        if not step:
-            return 0, None, 0
-        return step, partial["totals"].to(device), int(partial["n_seen"])
+    In auto mode (``warmup_epochs=None``) it stops once the annotated experiments agree
+    (:func:`warmup_should_stop`). Returns True when ``stop_after_epoch`` asks the run to stop.
+    """
+    tc, plan, device, net = run.tc, run.plan, run.device, run.encoder_net
+    n_epochs = resolve_warmup_epochs(tc.warmup_epochs, n_annotated=len(plan.annotated))
+    stops_early = tc.warmup_epochs is None
+    if state.kmeans_pretrained is None:  # the "K-means on the autoencoder" baseline
+        _, state.kmeans_pretrained = _init_unannotated(run.model.encoder, run.store, plan, tc, device, run.info)
+    optimizer = run.make_optimizer(state, run.model.encoder.parameters(), lr=tc.warmup_lr)
+    loader_a = run.loader(list(plan.annotated), tc.seed + 1)
+    weights = _AnnotatedWeights(plan, run.store, device=device)
+    steps = run.annotated_steps(loader_a)
+    next_means = None  # the alignment check computes the next epoch's class means
+    for epoch in range(state.epoch, n_epochs):
+        first, totals, n_seen = state.resume_point(device)
+        if first:  # resumed inside the epoch: its landmarks were saved
+            means = None
+        else:
+            means = next_means if next_means is not None else run.class_means(seed=tc.seed + 1000 + epoch + 500)
+        annotated = _epoch_landmarks(run, state, means)
+        stream_a = _forever(loader_a, epoch * 1000 + 500, skip=first)
+        totals, started = (torch.zeros(3, device=device) if totals is None else totals), time.perf_counter()
+        for step in run.progress(range(first, steps), f"warm-up {epoch + 1}/{n_epochs}"):
+            ba = next(stream_a).to(device)
+            loss_a = _annotated_loss(run, annotated, weights, ba, net(ba.x))
+            loss_u = torch.zeros((), device=device)
+            loss = loss_a + run.tau * loss_u
+            _check_finite(loss, phase="warm-up", epoch=epoch, step=step)
+            _optimizer_step(optimizer, loss)
+            totals += torch.stack((loss, loss_a, loss_u)).detach()
+            n_seen += ba.n_rows
+            if run.stop_requested(step + 1, steps):
+                raise run.stop_now(state, optimizer, step=step + 1, steps=steps, totals=totals, n_seen=n_seen)
+        state.epoch = epoch + 1
+        record = _epoch_record("warmup", epoch, totals, steps)
+        aligned = False
+        if stops_early:
+            next_means = run.class_means(seed=tc.seed + 1000 + epoch + 1 + 500)
+            record["alignment"] = _alignment(
+                run.model.encoder, run.store, plan, *next_means, batch_size=run.eval_batch_size, device=device,
+                info=run.info, max_cells=tc.annotated_cells_per_epoch, seed=tc.seed + 2000 + epoch)
+            aligned = warmup_should_stop(
+                [h["alignment"] for h in state.history if h["phase"] == "warmup"] + [record["alignment"]])
+        _log_epoch(run, "warm-up", epoch, n_epochs, record, started, n_seen)
+        if aligned:  # saved as done, so a resume goes on to the landmarks
+            state.advance("init")
+            if run.info.is_main and epoch + 1 < n_epochs:
+                logger.info("warm-up stops after %d of at most %d epochs: the annotated experiments agree",
+                            epoch + 1, n_epochs)
+        if run.end_epoch(state, optimizer, record):
+            return True
+        if aligned:
+            return False
+    state.advance("init")
+    return False
 
-    def epochs_done() -> int:
-        ran = sum(h["phase"] == "warmup" for h in state["history"])  # the auto warm-up may stop early
-        before = {"pretrain": 0, "warmup": tc.pretrain_epochs, "init": tc.pretrain_epochs + ran,
-                  "finetune": tc.pretrain_epochs + ran}
-        return before.get(state["phase"], 0) + state["epoch"]
-    ddp = (lambda m: DistributedDataParallel(m)) if info.initialized else (lambda m: m)
-    bs = tc.batch_size
-    main = info.is_main
 
-    def training_loader(experiments: list[str], seed: int) -> Loader:
-        return Loader(store, batch_size=bs, experiments=experiments, shuffle=True, seed=seed,
-                      rank=info.rank, world_size=info.world_size, genes=genes,
-                      blocks_per_buffer=tc.blocks_per_buffer, rows_per_block=tc.rows_per_block)
+def init_landmarks(run: _Run, state: TrainState) -> bool:
+    """The unannotated landmarks: K-means on the embedded unannotated cells."""
+    state.unannotated_landmarks, state.kmeans_init = _init_unannotated(
+        run.model.encoder, run.store, run.plan, run.tc, run.device, run.info)
+    state.advance("finetune")
+    state.landmark_optimizer = None
+    return False
 
-    # ---- 1. pretraining -------------------------------------------------------------------
-    if state["phase"] == "pretrain":
-        pre_exps = [plan.unannotated] if tc.pretrain_on == "unannotated" else [plan.unannotated, *plan.annotated]
-        loader = training_loader(pre_exps, tc.seed)
-        net = ddp(model)
-        optimizer = make_optimizer(model.parameters(), "pretrain")
-        steps = max(len(loader), tc.min_steps_per_epoch)
-        for epoch in range(state["epoch"], tc.pretrain_epochs):
-            first, total, n_seen = resumed_step()
-            stream = _forever(loader, epoch * 1000, skip=first)
-            total, started = (torch.zeros((), device=device) if total is None else total), time.perf_counter()
-            for step in tqdm(range(first, steps), desc=f"pretrain {epoch + 1}/{tc.pretrain_epochs}", disable=None if main else True, leave=False):
-                batch = next(stream).to(device)
-                _, recon = net(batch.x)
-                loss = torch.nn.functional.mse_loss(recon, model.scaled_target(batch.x))
-                _check_finite(loss, phase="pretraining", epoch=epoch, step=step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach()  # summed on the device: no host sync per step
-                n_seen += batch.n_rows
-                if stop_requested(step + 1, steps):  # after the last step too: the resume then only ends the epoch
-                    raise stop_now("pretrain", step + 1, steps, total, n_seen)
-            mean_loss, seconds = total.item() / steps, time.perf_counter() - started
-            state["epoch"] = epoch + 1
-            state["history"].append({"phase": "pretrain", "epoch": epoch + 1, "loss": mean_loss})
-            if main:
-                logger.info("pretrain epoch %d/%d: mse %.4f (%.1f s, %.0f cells/s per rank)",
-                            epoch + 1, tc.pretrain_epochs, mean_loss, seconds, n_seen / seconds)
-            save()
-            if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
-                return state
-        del net
-        state["phase"], state["epoch"] = ("warmup" if warmup_epochs else "init"), 0
 
-    encoder = model.encoder
-    net = ddp(encoder)
-    loader_a = training_loader(list(plan.annotated), tc.seed + 1)
-    loader_u = training_loader([plan.unannotated], tc.seed + 2)
-    n_labelled = torch.zeros(len(plan.experiments), dtype=torch.float32, device=device)
-    for name, n in plan.n_labelled.items():
-        n_labelled[plan.experiments.index(name)] = n
-    n_rows_a = float(sum(store.experiment_ranges[e][1] - store.experiment_ranges[e][0] for e in plan.annotated))
-    tau = float(len(plan.annotated)) if tc.tau is None else tc.tau
-    steps_a = len(loader_a)
-    if tc.annotated_cells_per_epoch is not None:
-        steps_a = min(steps_a, -(-tc.annotated_cells_per_epoch // (bs * info.world_size)))
-    annotated = None
+def finetune(run: _Run, state: TrainState) -> bool:
+    """MARS fine-tuning (eq. 3), then the final landmarks, their usage and pruning.
 
-    def run_epochs(n_epochs: int, p_u: torch.nn.Parameter | None, landmark_opt) -> bool:
-        """Epochs of the MARS objective (eq. 3); without ``p_u`` (the warm-up) only its annotated
-        part. Returns True when ``stop_after_epoch`` asks to stop.
-        """
-        nonlocal annotated
-        phase, label = ("warmup", "warm-up") if p_u is None else ("finetune", "fine-tune")
-        steps = steps_a if p_u is None else max(steps_a, len(loader_u))
-
-        def class_means(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info,
-                                n_latent=config.model.n_latent, max_cells=tc.annotated_cells_per_epoch,
-                                seed=tc.seed + 1000 + epoch + (500 if p_u is None else 0))
-
-        next_means = None  # the warm-up's alignment check computes the next epoch's class means
-        for epoch in range(state["epoch"], n_epochs):
-            first, totals, n_seen = resumed_step()
-            # a. annotated landmarks in closed form from the current class means
-            annotated = _AnnotatedLandmarks(plan, device)
-            if first:  # resumed in mid-epoch: this epoch's landmarks were saved
-                annotated.values = state["annotated_landmarks"].to(device)
-            else:
-                sums, counts = next_means if next_means is not None else class_means(epoch)
-                if state["annotated_landmarks"] is not None and len(state["annotated_landmarks"]) == len(annotated.pairs):
-                    annotated.values = state["annotated_landmarks"].to(device)
-                annotated.update(sums, counts, lam=tc.lam)
-            state["annotated_landmarks"] = annotated.values.detach().cpu()
-            state["annotated_pairs"] = annotated.pairs.clone()
-            p_a = annotated.values
-            # b. alternating steps over minibatch pairs (annotated batches alone in the warm-up)
-            stream_a = _forever(loader_a, epoch * 1000 + (500 if p_u is None else 0), skip=first)
-            stream_u = _forever(loader_u, epoch * 1000, skip=first) if p_u is not None else None
-            totals, started = (torch.zeros(3, device=device) if totals is None else totals), time.perf_counter()
-            for step in tqdm(range(first, steps), desc=f"{label} {epoch + 1}/{n_epochs}", disable=None if main else True, leave=False):
-                ba = next(stream_a).to(device)
-                bu = next(stream_u).to(device) if p_u is not None else None
-                z = net(ba.x if bu is None else _cat_rows(ba.x, bu.x))
-                za, zu = z[: ba.x.shape[0]], z[ba.x.shape[0]:]
-                real_u = ~bu.is_padding if bu is not None else None  # padding rows count in no loss
-                if p_u is not None:  # landmarks step, encoder fixed
-                    landmark_opt.zero_grad(set_to_none=True)
-                    loss_p = unannotated_landmark_loss(zu.detach(), p_u, lam=tc.lam, keep=real_u)
-                    loss_p.backward()
-                    if info.initialized:
-                        all_reduce_sum(p_u.grad, info).div_(info.world_size)
-                    landmark_opt.step()
-                # encoder step, landmarks fixed
-                idx = annotated.lookup[ba.experiment, ba.label.clamp(min=0)]
-                valid = ((ba.label >= 0) & (idx >= 0) & ~ba.is_padding).float()
-                w = annotated_weights(valid, ba.experiment, n_labelled, n_rows_a)
-                loss_a = annotated_cell_loss(za, p_a[idx.clamp(min=0)], w)
-                if tc.annotated_contrast > 0:
-                    loss_a = loss_a + tc.annotated_contrast * annotated_contrast_loss(
-                        za, p_a, annotated.experiment_of, ba.experiment, idx, w)
-                loss_u = (unannotated_cell_loss(zu, p_u.detach(), keep=real_u)[0] if p_u is not None
-                          else torch.zeros((), device=device))
-                loss = loss_a + tau * loss_u
-                _check_finite(loss, phase="warm-up" if p_u is None else "fine-tuning", epoch=epoch, step=step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                totals += torch.stack((loss, loss_a, loss_u)).detach()
-                n_seen += ba.n_rows + (bu.n_rows if bu is not None else 0)
-                if stop_requested(step + 1, steps):
-                    if p_u is not None:
-                        state["unannotated_landmarks"] = p_u.detach().cpu().clone()
-                        state["landmark_optimizer"] = landmark_opt.state_dict()
-                    raise stop_now(phase, step + 1, steps, totals, n_seen)
-            totals_mean, seconds = totals.cpu().numpy() / steps, time.perf_counter() - started
-            state["epoch"] = epoch + 1
-            if p_u is not None:
-                state["unannotated_landmarks"] = p_u.detach().cpu().clone()
-                state["landmark_optimizer"] = landmark_opt.state_dict()
-            record = {"phase": phase, "epoch": epoch + 1, "loss": float(totals_mean[0]),
-                      "annotated": float(totals_mean[1]), "unannotated": float(totals_mean[2])}
-            aligned = False
-            if p_u is None and warmup_stops_early:
-                next_means = class_means(epoch + 1)
-                record["alignment"] = _alignment(
-                    encoder, store, plan, *next_means, batch_size=max(bs, 1024), device=device, info=info,
-                    max_cells=tc.annotated_cells_per_epoch, seed=tc.seed + 2000 + epoch)
-                aligned = warmup_should_stop(
-                    [h["alignment"] for h in state["history"] if h["phase"] == "warmup"] + [record["alignment"]])
-            state["history"].append(record)
-            if main:
-                logger.info("%s epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f; %.1f s, %.0f cells/s per rank)%s",
-                            label, epoch + 1, n_epochs, *totals_mean, seconds, n_seen / seconds,
-                            f"; annotated experiments aligned {record['alignment']:.4f}" if "alignment" in record else "")
-            if aligned:  # saved as done, so a resume goes on to the landmarks
-                state["phase"], state["epoch"] = "init", 0
-                if main and epoch + 1 < n_epochs:
-                    logger.info("warm-up stops after %d of at most %d epochs: the annotated experiments agree",
-                                epoch + 1, n_epochs)
-            save()
-            if stop_after_epoch is not None and epochs_done() >= stop_after_epoch:
-                return True
-            if aligned:
-                break
-        return False
-
-    # ---- 2. supervised warm-up (annotated term only), so K-means sees an informed embedding ----
-    if state["phase"] == "warmup":
-        if state["kmeans_pretrained"] is None:  # the "K-means on the autoencoder" baseline
-            _, state["kmeans_pretrained"] = _init_unannotated(encoder, store, plan, tc, device, info)
-        optimizer = make_optimizer(encoder.parameters(), "warmup")
-        if run_epochs(warmup_epochs, None, None):
-            return state
-        state["phase"], state["epoch"] = "init", 0
-
-    # ---- 3. landmark initialisation ---------------------------------------------------------
-    if state["phase"] == "init":
-        state["unannotated_landmarks"], state["kmeans_init"] = _init_unannotated(encoder, store, plan, tc, device, info)
-        state["phase"], state["epoch"] = "finetune", 0
-        state["landmark_optimizer"] = None
-
-    # ---- 4. fine-tuning -------------------------------------------------------------------
-    p_u = torch.nn.Parameter(state["unannotated_landmarks"].to(device).float())
+    Each epoch sets the annotated landmarks in closed form from the class means, then per
+    minibatch pair (annotated, unannotated) takes an Adam step on the unannotated landmarks
+    with the encoder fixed and an Adam step on the encoder with all landmarks fixed.
+    Returns True when ``stop_after_epoch`` asks the run to stop.
+    """
+    tc, plan, device, net = run.tc, run.plan, run.device, run.encoder_net
+    p_u = torch.nn.Parameter(state.unannotated_landmarks.to(device).float())
     landmark_opt = torch.optim.Adam([p_u], lr=tc.landmark_lr)
-    if state["landmark_optimizer"] is not None:
-        landmark_opt.load_state_dict(state["landmark_optimizer"])
-    if state["phase"] == "finetune":
-        if main and state["epoch"] == 0 and tc.finetune_epochs:
-            logger.info("fine-tuning: the loss logged is the cells' squared distance to their landmarks; it can rise "
-                        "while clusters improve, as the lambda terms push the landmarks apart and the embedding "
-                        "spreads (docs/algorithm.md, \"Why the fine-tuning loss rises\")")
-        optimizer = make_optimizer(encoder.parameters(), "finetune")
-        if run_epochs(tc.finetune_epochs, p_u, landmark_opt):
-            return state
+    if state.landmark_optimizer is not None:
+        landmark_opt.load_state_dict(state.landmark_optimizer)
+    if run.info.is_main and state.epoch == 0 and state.step == 0 and tc.finetune_epochs:
+        logger.info("fine-tuning: the loss logged is the cells' squared distance to their landmarks; it can rise "
+                    "while clusters improve, as the lambda terms push the landmarks apart and the embedding "
+                    "spreads (docs/algorithm.md, \"Why the fine-tuning loss rises\")")
+    optimizer = run.make_optimizer(state, run.model.encoder.parameters(), lr=tc.finetune_lr)
+    loader_a = run.loader(list(plan.annotated), tc.seed + 1)
+    loader_u = run.loader([plan.unannotated], tc.seed + 2)
+    weights = _AnnotatedWeights(plan, run.store, device=device)
+    steps = max(run.annotated_steps(loader_a), len(loader_u))
 
-    # ---- 5. final landmarks, usage, pruning ---------------------------------------------------
-    if state["phase"] == "finetune":
-        if annotated is None or tc.finetune_epochs == 0:
-            sums, counts = _class_means(encoder, store, plan, batch_size=max(bs, 1024), device=device, info=info,
-                                        n_latent=config.model.n_latent, max_cells=tc.annotated_cells_per_epoch,
-                                        seed=tc.seed)
-            annotated = _AnnotatedLandmarks(plan, device)
-            annotated.values = (sums[annotated.flat] / counts[annotated.flat].clamp(min=1).unsqueeze(1)).float()
-            state["annotated_landmarks"] = annotated.values.cpu()
-            state["annotated_pairs"] = annotated.pairs.clone()
-        usage = _landmark_usage(encoder, store, plan, p_u.detach(), device=device, info=info, batch_size=max(bs, 1024))
-        unused = (usage == 0).nonzero().flatten().tolist()
-        if unused and main:
-            logger.warning("%d of %d unannotated landmarks have no cells: %s%s", len(unused), len(usage),
-                           unused, " (pruned)" if tc.prune_unused else " (pass prune_unused to drop them)")
-        landmarks = p_u.detach().cpu()
-        if tc.prune_unused and unused:
-            landmarks = landmarks[usage.cpu() > 0]
-            usage = usage[usage > 0]
-        state["unannotated_landmarks"] = landmarks
-        state["landmark_usage"] = usage.cpu().long()
-        state["phase"] = "done"
-        state["train_seconds"] = time.perf_counter() - t0
-        save()
-    return payload()
+    def keep_landmarks() -> None:
+        state.unannotated_landmarks = p_u.detach().cpu().clone()
+        state.landmark_optimizer = landmark_opt.state_dict()
+
+    for epoch in range(state.epoch, tc.finetune_epochs):
+        first, totals, n_seen = state.resume_point(device)
+        means = None if first else run.class_means(seed=tc.seed + 1000 + epoch)  # None: resumed, as saved
+        annotated = _epoch_landmarks(run, state, means)
+        p_a = annotated.values
+        stream_a = _forever(loader_a, epoch * 1000, skip=first)
+        stream_u = _forever(loader_u, epoch * 1000, skip=first)
+        totals, started = (torch.zeros(3, device=device) if totals is None else totals), time.perf_counter()
+        for step in run.progress(range(first, steps), f"fine-tune {epoch + 1}/{tc.finetune_epochs}"):
+            ba, bu = next(stream_a).to(device), next(stream_u).to(device)
+            z = net(_cat_rows(ba.x, bu.x))  # one forward pass through DDP per step
+            za, zu = z[: ba.x.shape[0]], z[ba.x.shape[0]:]
+            real_u = ~bu.is_padding  # padding rows count in no loss
+            # landmarks step, encoder fixed
+            landmark_opt.zero_grad(set_to_none=True)
+            unannotated_landmark_loss(zu.detach(), p_u, lam=tc.lam, keep=real_u).backward()
+            if run.info.initialized:
+                all_reduce_sum(p_u.grad, run.info).div_(run.info.world_size)
+            landmark_opt.step()
+            # encoder step, landmarks fixed
+            loss_a = _annotated_loss(run, annotated, weights, ba, za, landmarks=p_a)
+            loss_u = unannotated_cell_loss(zu, p_u.detach(), keep=real_u)[0]
+            loss = loss_a + run.tau * loss_u
+            _check_finite(loss, phase="fine-tuning", epoch=epoch, step=step)
+            _optimizer_step(optimizer, loss)
+            totals += torch.stack((loss, loss_a, loss_u)).detach()
+            n_seen += ba.n_rows + bu.n_rows
+            if run.stop_requested(step + 1, steps):
+                keep_landmarks()
+                raise run.stop_now(state, optimizer, step=step + 1, steps=steps, totals=totals, n_seen=n_seen)
+        state.epoch = epoch + 1
+        keep_landmarks()
+        record = _epoch_record("finetune", epoch, totals, steps)
+        _log_epoch(run, "fine-tune", epoch, tc.finetune_epochs, record, started, n_seen)
+        if run.end_epoch(state, optimizer, record):
+            return True
+    _finish(run, state, p_u.detach())
+    run.save(state, optimizer)
+    return False
+
+
+def _finish(run: _Run, state: TrainState, landmarks: torch.Tensor) -> None:
+    """Final annotated landmarks (plain class means when there was no fine-tuning), the cells per
+    unannotated landmark, and pruning of the unused ones."""
+    if run.tc.finetune_epochs == 0 or state.annotated_landmarks is None:
+        sums, counts = _class_means(run.model.encoder, run.store, run.plan, batch_size=run.eval_batch_size,
+                                    device=run.device, info=run.info, n_latent=run.config.model.n_latent,
+                                    max_cells=run.tc.annotated_cells_per_epoch, seed=run.tc.seed)
+        annotated = _AnnotatedLandmarks(run.plan, run.device)
+        state.annotated_landmarks = (sums[annotated.flat] / counts[annotated.flat].clamp(min=1).unsqueeze(1)).float().cpu()
+        state.annotated_pairs = annotated.pairs.clone()
+    usage = _landmark_usage(run.model.encoder, run.store, run.plan, landmarks, device=run.device, info=run.info,
+                            batch_size=run.eval_batch_size)
+    unused = (usage == 0).nonzero().flatten().tolist()
+    if unused and run.info.is_main:
+        logger.warning("%d of %d unannotated landmarks have no cells: %s%s", len(unused), len(usage), unused,
+                       " (pruned)" if run.tc.prune_unused else " (pass prune_unused to drop them)")
+    landmarks = landmarks.cpu()
+    if run.tc.prune_unused and unused:
+        landmarks = landmarks[usage.cpu() > 0]
+        usage = usage[usage > 0]
+    state.unannotated_landmarks = landmarks
+    state.landmark_usage = usage.cpu().long()
+    state.phase = "done"
+    state.train_seconds = time.perf_counter() - run.started
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces the warm-up and fine-tuning share
+
+
+class _AnnotatedWeights:
+    """The minibatch weights ``N_A / (B N_e)`` of the annotated cell term for a batch
+    (:func:`~mars_scale.losses.annotated_weights`): labelled rows whose landmark exists, padding
+    rows dropped; ``N_e`` the labelled cells of each annotated experiment, ``N_A`` their rows."""
+
+    def __init__(self, plan: TrainPlan, store: Atlas, *, device: torch.device) -> None:
+        ranges = store.experiment_ranges
+        self.n_labelled = torch.zeros(len(plan.experiments), dtype=torch.float32, device=device)
+        for name, n in plan.n_labelled.items():
+            self.n_labelled[plan.experiments.index(name)] = n
+        self.n_rows = float(sum(ranges[e][1] - ranges[e][0] for e in plan.annotated))
+
+    def __call__(self, batch, landmark: torch.Tensor) -> torch.Tensor:
+        """Weights of the rows of ``batch`` given each row's landmark index (-1: none)."""
+        real = ~batch.is_padding  # padding rows weigh 0 and count not in B
+        valid = ((batch.label >= 0) & (landmark >= 0) & real).float()
+        return annotated_weights(valid, batch.experiment, self.n_labelled, self.n_rows, n_rows=real.sum())
+
+
+def _annotated_loss(run: _Run, annotated: "_AnnotatedLandmarks", weights: _AnnotatedWeights, batch,
+                    z: torch.Tensor, *, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+    """The annotated term of a batch: weighted distance to its own landmark, plus the contrast term."""
+    p_a = annotated.values if landmarks is None else landmarks
+    idx = annotated.lookup[batch.experiment, batch.label.clamp(min=0)]
+    w = weights(batch, idx)
+    loss = annotated_cell_loss(z, p_a[idx.clamp(min=0)], w)
+    if run.tc.annotated_contrast > 0:
+        loss = loss + run.tc.annotated_contrast * annotated_contrast_loss(
+            z, p_a, annotated.experiment_of, batch.experiment, idx, w)
+    return loss
+
+
+def _epoch_landmarks(run: _Run, state: TrainState, means: tuple[torch.Tensor, torch.Tensor] | None,
+                     ) -> "_AnnotatedLandmarks":
+    """The epoch's annotated landmarks: in closed form from the class means (sums and counts),
+    or, for ``None`` (the run resumes inside the epoch), as saved. Kept in ``state``."""
+    annotated = _AnnotatedLandmarks(run.plan, run.device)
+    if means is None:
+        annotated.values = state.annotated_landmarks.to(run.device)
+    else:
+        sums, counts = means
+        if state.annotated_landmarks is not None and len(state.annotated_landmarks) == len(annotated.pairs):
+            annotated.values = state.annotated_landmarks.to(run.device)
+        annotated.update(sums, counts, lam=run.tc.lam)
+    state.annotated_landmarks = annotated.values.detach().cpu()
+    state.annotated_pairs = annotated.pairs.clone()
+    return annotated
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _epoch_record(phase: str, epoch: int, totals: torch.Tensor, steps: int) -> dict[str, Any]:
+    mean = totals.cpu().numpy() / steps
+    return {"phase": phase, "epoch": epoch + 1, "loss": float(mean[0]), "annotated": float(mean[1]),
+            "unannotated": float(mean[2])}
+
+
+def _log_epoch(run: _Run, label: str, epoch: int, n_epochs: int, record: dict[str, Any], started: float,
+               n_seen: int) -> None:
+    if not run.info.is_main:
+        return
+    seconds = time.perf_counter() - started
+    aligned = f"; annotated experiments aligned {record['alignment']:.4f}" if "alignment" in record else ""
+    logger.info("%s epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f; %.1f s, %.0f cells/s per rank)%s",
+                label, epoch + 1, n_epochs, record["loss"], record["annotated"], record["unannotated"], seconds,
+                n_seen / seconds, aligned)
+
 
 
 def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:

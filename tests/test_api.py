@@ -32,3 +32,10 @@ def test_ingest_and_annotate_stay_functions_after_their_modules_are_imported():
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_config_imports_without_torch():
+    """Reading a config file (the CLI's first step) loads neither torch nor numpy."""
+    code = "import sys, mars_scale.config; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:] + result.stdout

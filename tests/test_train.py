@@ -98,32 +98,36 @@ def test_padding_rows_count_in_no_unannotated_loss():
     assert float(only) == 0.0 and torch.isfinite(only)
 
 
+def _with_padding(batch, n_extra: int):
+    """``batch`` with ``n_extra`` padding rows appended (repeats of its first rows, as the loader pads)."""
+    from mars_scale.loader import Batch
+
+    x = batch.x
+    csr = sp.csr_matrix((x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()), shape=x.shape)
+    rows = np.r_[np.arange(batch.n_rows), np.arange(n_extra)]
+    grown = csr[rows]
+    dtype = x.crow_indices().numpy().dtype
+    return Batch(
+        x=torch.sparse_csr_tensor(torch.from_numpy(grown.indptr.astype(dtype)), torch.from_numpy(grown.indices.astype(dtype)),
+                                  torch.from_numpy(grown.data.astype(np.float32)), size=grown.shape),
+        experiment=batch.experiment[rows], label=batch.label[rows], index=batch.index[rows],
+        is_padding=torch.from_numpy(np.r_[batch.is_padding.numpy(), np.ones(n_extra, dtype=bool)]),
+        epoch=batch.epoch, step=batch.step,
+    )
+
+
 def test_training_ignores_padding_rows_in_the_unannotated_batches(tmp_path, monkeypatch):
     """Fine-tuning on unannotated batches that carry extra padding rows (as a rank of a padded
     DDP epoch does) gives the model trained on the same batches without them."""
     import mars_scale.train as train_module
-    from mars_scale.loader import Batch, Loader
-
-    def with_padding(batch: Batch) -> Batch:
-        x = batch.x
-        csr = sp.csr_matrix((x.values().numpy(), x.col_indices().numpy(), x.crow_indices().numpy()), shape=x.shape)
-        rows = np.r_[np.arange(batch.n_rows), 0, 1, 2]  # the loader pads with repeats of real rows
-        grown = csr[rows]
-        dtype = x.crow_indices().numpy().dtype
-        return Batch(
-            x=torch.sparse_csr_tensor(torch.from_numpy(grown.indptr.astype(dtype)), torch.from_numpy(grown.indices.astype(dtype)),
-                                      torch.from_numpy(grown.data.astype(np.float32)), size=grown.shape),
-            experiment=batch.experiment[rows], label=batch.label[rows], index=batch.index[rows],
-            is_padding=torch.from_numpy(np.r_[batch.is_padding.numpy(), True, True, True]),
-            epoch=batch.epoch, step=batch.step,
-        )
+    from mars_scale.loader import Loader
 
     fine_tune_seed = TINY.train.seed + 2  # the trainer's unannotated fine-tuning stream
 
     class PaddedLoader(Loader):
         def __iter__(self):
             for batch in super().__iter__():
-                yield with_padding(batch) if self.shuffle and self.seed == fine_tune_seed else batch
+                yield _with_padding(batch, 3) if self.shuffle and self.seed == fine_tune_seed else batch
 
     store = _balanced_store(tmp_path)
     plain = Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train()
@@ -132,6 +136,77 @@ def test_training_ignores_padding_rows_in_the_unannotated_batches(tmp_path, monk
     finetune = [[h["unannotated"] for h in m.history if h["phase"] == "finetune"] for m in (plain, padded)]
     np.testing.assert_allclose(finetune[1], finetune[0], rtol=1e-5)
     np.testing.assert_allclose(padded.unannotated_landmarks, plain.unannotated_landmarks, rtol=1e-5, atol=1e-6)
+
+def test_training_ignores_padding_rows_in_every_stream(tmp_path, monkeypatch):
+    """Padding rows in the pretraining, annotated and unannotated batches (a warm-up included)
+    change no loss and no weight: the same history and model as without them."""
+    import mars_scale.train as train_module
+    from mars_scale.loader import Loader
+
+    class PaddedLoader(Loader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                yield _with_padding(batch, 2) if self.shuffle else batch
+
+    store = _balanced_store(tmp_path)
+    config = RunConfig(model=TINY.model, train=TrainConfig(**{**TINY.train.__dict__, "warmup_epochs": 1}))
+    plain = Mars(store, unannotated="exp0", n_clusters=3, config=config).train()
+    monkeypatch.setattr(train_module, "Loader", PaddedLoader)
+    padded = Mars(store, unannotated="exp0", n_clusters=3, config=config).train()
+    assert [h["phase"] for h in padded.history] == ["pretrain"] * 2 + ["warmup"] + ["finetune"] * 3
+    for key in ("loss", "annotated", "unannotated"):
+        np.testing.assert_allclose([h.get(key, 0) for h in padded.history], [h.get(key, 0) for h in plain.history],
+                                   rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(padded.unannotated_landmarks, plain.unannotated_landmarks, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainers_minibatch_weights_add_up_to_the_full_annotated_term(tmp_path):
+    """The trainer's own weights (train._AnnotatedWeights on the landmark lookup of
+    train._AnnotatedLandmarks), over an epoch of the annotated training loader, make the mean
+    batch loss the cell part of sum_i L_i computed by a dense loop; unlabelled rows weigh 0, and
+    so do the padding rows of a rank in a two-rank epoch."""
+    from mars_scale.loader import Loader
+    from mars_scale.losses import annotated_cell_loss
+    from mars_scale.train import _AnnotatedLandmarks, _AnnotatedWeights, plan_training
+
+    sizes = (50, 121, 80)
+    adata = make_adata(sum(sizes), 40, n_experiments=3, seed=5)
+    adata.obs["experiment"] = pd.Categorical(np.repeat(["exp0", "exp1", "exp2"], sizes))
+    types = adata.obs["cell_type"].astype(object).to_numpy()
+    types[np.random.default_rng(2).random(len(types)) < 0.3] = np.nan  # unlabelled cells
+    adata.obs["cell_type"] = pd.Categorical(types)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    store = open_store(ingest([tmp_path / "in.h5ad"], tmp_path / "a.zarr",
+                              config=IngestConfig(experiment_key="experiment", label_key="cell_type", min_cells=1)))
+    plan = plan_training(store, unannotated="exp0", n_clusters=2)
+    cpu = torch.device("cpu")
+    annotated, weights = _AnnotatedLandmarks(plan, cpu), _AnnotatedWeights(plan, store, device=cpu)
+    rng = np.random.default_rng(0)
+    z = torch.tensor(rng.normal(size=(store.n_cells, 4)))  # a stand-in embedding per store row
+    p = torch.tensor(rng.normal(size=(len(annotated.pairs), 4)))
+    codes, _ = store.categorical_codes("cell_type", 0, store.n_cells)
+    full = 0.0
+    for name in plan.annotated:  # 1/N_e sum over the labelled cells j of e of d(z_j, p_{e, y_j})
+        e, (lo, hi) = plan.experiments.index(name), store.experiment_ranges[name]
+        cells = [j for j in range(lo, hi) if codes[j] >= 0]
+        full += sum(float(((z[j] - p[int(annotated.lookup[e, codes[j]])]) ** 2).sum()) for j in cells) / len(cells)
+    loader = Loader(store, batch_size=67, experiments=list(plan.annotated), shuffle=True, seed=1)  # 201 rows: 3 batches
+    losses = []
+    for batch in loader:
+        idx = annotated.lookup[batch.experiment, batch.label.clamp(min=0)]
+        w = weights(batch, idx)
+        assert (w[batch.label < 0] == 0).all() and (w[batch.label >= 0] > 0).all()
+        losses.append(float(annotated_cell_loss(z[batch.index], p[idx.clamp(min=0)], w)))
+    assert len(losses) == 3 and np.mean(losses) == pytest.approx(full, rel=1e-6)
+    padded = 0
+    for rank in (0, 1):  # 201 rows over 2 ranks: one rank's last batch carries a padding row
+        for batch in Loader(store, batch_size=60, experiments=list(plan.annotated), shuffle=True, seed=1,
+                            rank=rank, world_size=2):
+            w = weights(batch, annotated.lookup[batch.experiment, batch.label.clamp(min=0)])
+            assert (w[batch.is_padding] == 0).all()
+            padded += batch.n_padding
+    assert padded > 0
+
 
 def test_minibatch_annotated_loss_sums_to_full_batch():
     """The trainer's weights (losses.annotated_weights) make an epoch of batches add up to the
