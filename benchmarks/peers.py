@@ -293,6 +293,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     script = Path(__file__).resolve()
     scratch, key, started, record = _start_run(args)
+    record["command"] = "python " + " ".join([f"benchmarks/{script.name}", *sys.argv[1:]])
     h5ad = scratch / f"sim_{key}.h5ad"
     if not h5ad.exists():
         record["simulate"] = run_measurement(script, "simulate", {
