@@ -12,7 +12,11 @@ file, each route runs in its own process, so that its peak RSS is its own:
     statistics, checksums of the inputs);
 ``in_memory``
     ``anndata.read_h5ad(FILE)`` then ``AnnData.write_zarr(OUT)`` (anndata's defaults: zarr
-    format 2, Blosc lz4).
+    format 2, Blosc lz4);
+``workers_N``
+    the ``mars_scale`` command with ``--workers N``: reading, checks and statistics of each
+    block on a ``dask.distributed`` LocalCluster of N worker processes (cluster start included;
+    the peak RSS is the main process's: the workers are not its waited-for children).
 
 Wall time, CPU time and peak RSS (``ru_maxrss`` of the child, from ``os.wait4``) are taken
 around the whole child process, interpreter start and imports included, for both routes.
@@ -23,8 +27,10 @@ it in the page cache.
 Example::
 
     OMP_NUM_THREADS=1 python benchmarks/ingest.py --scratch /work/scratch/bench_ingest
+    OMP_NUM_THREADS=1 python benchmarks/ingest.py --sizes 100000 --routes mars_scale,workers_1,workers_2 \
+        --name ingest_workers
 
-Results go to ``benchmarks/results/ingest.json``.
+Results go to ``benchmarks/results/ingest.json`` (``--name``).
 """
 
 from __future__ import annotations
@@ -159,6 +165,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="measurements per route and size, interleaved")
     ap.add_argument("--scratch", type=Path, default=Path("/work/scratch/bench_ingest"))
     ap.add_argument("--name", default="ingest", help="results file stem")
+    ap.add_argument("--routes", default=",".join(ROUTES),
+                    help="comma-separated: mars_scale, in_memory, workers_N (mars_scale with --workers N)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -171,10 +179,16 @@ def main() -> None:
         raise SystemExit(f"--scratch {args.scratch} is inside the repository; choose a directory outside it")
     args.scratch.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
+    routes = tuple(args.routes.split(","))
+    for route in routes:
+        if route not in ROUTES and not (route.startswith("workers_") and route[8:].isdigit()):
+            raise SystemExit(f"unknown route {route!r}")
     script = str(Path(__file__).resolve())
     commands = {
         "mars_scale": "python -m mars_scale -q ingest INPUT -o OUTPUT --experiment-key experiment --label-key cell_type",
         "in_memory": "anndata.read_h5ad(INPUT).write_zarr(OUTPUT)",
+        "workers_N": "python -m mars_scale -q ingest INPUT -o OUTPUT --experiment-key experiment "
+                     "--label-key cell_type --workers N",
     }
     results: dict[str, dict] = {}
     for n_cells in sizes:
@@ -186,15 +200,17 @@ def main() -> None:
         entry: dict = {"input": {"path": str(h5ad), **_ensure_input(h5ad, config),
                                  "size_bytes": h5ad.stat().st_size, "simulation": config.to_dict()}}
         _warm_page_cache(h5ad)
-        runs: dict[str, list[dict]] = {r: [] for r in ROUTES}
+        runs: dict[str, list[dict]] = {r: [] for r in routes}
         for rep in range(args.repeats):
-            order = ROUTES if rep % 2 == 0 else ROUTES[::-1]
+            order = routes if rep % 2 == 0 else routes[::-1]
             for route in order:
                 out = args.scratch / f"out_{tag}_{route}.zarr"
                 shutil.rmtree(out, ignore_errors=True)
-                if route == "mars_scale":
+                if route == "mars_scale" or route.startswith("workers_"):
                     cmd = [sys.executable, "-m", "mars_scale", "-q", "ingest", str(h5ad), "-o", str(out),
                            "--experiment-key", "experiment", "--label-key", "cell_type"]
+                    if route.startswith("workers_"):
+                        cmd += ["--workers", route[8:]]
                 else:
                     cmd = [sys.executable, script, "--measure", "in_memory",
                            "--params", json.dumps({"input": str(h5ad), "output": str(out)})]
@@ -207,7 +223,7 @@ def main() -> None:
                             n_cells / res["wall_s"], res["peak_rss_mb"])
                 shutil.rmtree(out, ignore_errors=True)
         summary = {}
-        for route in ROUTES:
+        for route in routes:
             wall = _median([r["wall_s"] for r in runs[route]])
             summary[route] = {
                 "wall_s": wall,
@@ -216,10 +232,12 @@ def main() -> None:
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[route]),
                 "size_on_disk_mb": round(runs[route][-1]["output"]["size_bytes"] / 2**20, 1),
             }
-        summary["ratio_mars_scale_over_in_memory"] = {
-            key: round(summary["mars_scale"][key] / summary["in_memory"][key], 3)
-            for key in ("wall_s", "cells_per_s", "cpu_s", "peak_rss_mb")
-        }
+        for route in routes:
+            if route != "mars_scale" and "mars_scale" in summary:
+                summary[f"ratio_mars_scale_over_{route}"] = {
+                    key: round(summary["mars_scale"][key] / summary[route][key], 3)
+                    for key in ("wall_s", "cells_per_s", "cpu_s", "peak_rss_mb")
+                }
         entry["runs"] = runs
         entry["summary"] = summary
         results[tag] = entry
@@ -233,7 +251,7 @@ def main() -> None:
             **{
                 f"{route}_peak_rss_ratio": round(results[large]["summary"][route]["peak_rss_mb"]
                                                  / results[small]["summary"][route]["peak_rss_mb"], 3)
-                for route in ROUTES
+                for route in routes
             },
         }
     write_result(args.name, {

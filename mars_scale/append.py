@@ -5,7 +5,7 @@ gene space: a store gene that a file lacks reads as zero (counted per experiment
 ``uns/mars_scale/absent_genes``), a file gene that the store lacks is dropped (counted in the
 log and the result). Rows are appended after the store's last row:
 
-1. the store is cloned into a hidden sibling, ``.atlas.zarr.tmp-<hex>``: the full shard (or
+1. the store is cloned into a hidden sibling, ``.atlas.zarr.append-<hex>``: the full shard (or
    chunk) files of ``X`` and of the per-cell obs arrays are hard links to the store's own, which
    no step writes; the rest (metadata, the last partial shard of each array, small elements) is
    copied;
@@ -175,7 +175,7 @@ def _check_extendable(store: Atlas) -> None:
 
 def _remove_leftovers(path: Path) -> None:
     """Temporaries of an append that was killed (the caller holds the writer lock)."""
-    for left in path.parent.glob(f".{path.name}.tmp-*"):
+    for left in path.parent.glob(f".{path.name}.append-*"):
         if left.is_dir():
             logger.warning("%s: removing %s, left by an interrupted append", path, left.name)
             shutil.rmtree(left, ignore_errors=True)
@@ -203,7 +203,7 @@ def _append(store: Atlas, sources: list[_H5adSource], config: IngestConfig, runn
     codes = _Codes({e: i for i, e in enumerate(experiments)}, {t: i for i, t in enumerate(types)},
                    len(genes), store.input_kind)
     absent = _absent_genes(plans, genes)
-    tmp = store.path.with_name(f".{store.path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = store.path.with_name(f".{store.path.name}.append-{uuid.uuid4().hex[:12]}")
     try:
         clone_for_append(store.path, tmp, list(_GROWING))
         _step("cloned")

@@ -148,7 +148,7 @@ def test_append_refuses_an_existing_experiment_and_changes_nothing(tmp_path):
     assert result.exit_code == 2, result.output
     assert "already has experiment 'a'" in result.output
     assert _files(store) == before
-    assert not list(tmp_path.glob(".s.zarr.tmp-*"))
+    assert not list(tmp_path.glob(".s.zarr.append-*"))
 
 
 def test_info_shows_appended_experiments(tmp_path, panel_parts):
@@ -213,7 +213,7 @@ def test_append_killed_at_each_step_leaves_a_whole_store(tmp_path, panel_parts, 
     verify_store(store)
     if where != "exchanged":  # the next append removes the leftovers and succeeds
         append([b], store, config=CONFIG)
-        assert not list(tmp_path.glob(".s.zarr.tmp-*"))
+        assert not list(tmp_path.glob(".s.zarr.append-*"))
         assert open_store(store).experiments == ["10x", "CELseq2", "Dropseq"]
 
 
@@ -243,3 +243,50 @@ def test_workers_and_scheduler_together_are_refused(tmp_path):
                                        "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
     assert result.exit_code == 2 and "not both" in result.output
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_append_to_an_annotated_store_extends_the_results_with_missing_values(tmp_path, panel_parts):
+    import zarr
+    from anndata.io import write_elem
+
+    from mars_scale.store import chunk_codecs, column_array, commit_elements, seal, store_lock, write_attrs, write_categorical
+
+    a, b = panel_parts
+    store = ingest([a], tmp_path / "s.zarr", config=CONFIG)
+    opened = open_store(store)
+    n, (lo, hi) = opened.n_cells, opened.experiment_ranges["CELseq2"]
+    staging = store / ".mars-scale-staging-test"
+    obs = zarr.open_group(staging / "obs", mode="w")
+    codes = np.arange(hi - lo) % 3
+    write_categorical(obs, "mars_cluster", n, (lo, hi), codes, ["0", "1", "2"], chunk=256)
+    column_array(obs, "mars_confidence", n, np.float32, np.nan, chunk=256)[lo:hi] = 0.5
+    obsm = zarr.open_group(staging / "obsm", mode="w")
+    emb = obsm.create_array("mars_embedding", shape=(n, 4), dtype=np.float32, chunks=(256, 4), fill_value=np.nan,
+                            **chunk_codecs(3))
+    emb[lo:hi] = 1.0
+    write_elem(zarr.open_group(staging / "uns", mode="w"), "mars",
+               {"unannotated": "CELseq2", "date": "2026-12-06", "model": "run/"})
+    elements = [("obs", "mars_cluster"), ("obs", "mars_confidence"), ("obsm", "mars_embedding"), ("uns", "mars")]
+    with store_lock(store):
+        for group, name in elements:
+            seal(staging / group / name)
+            write_attrs(staging / group / name, {"mars-scale-run": "r1"})
+        commit_elements(store, staging, elements, obs_columns=["mars_cluster", "mars_confidence"], run=("mars", "r1"))
+    import shutil
+    shutil.rmtree(staging)
+
+    append([b], store, config=CONFIG)
+    adata = ad.read_zarr(store)
+    assert adata.n_obs == n + 225
+    cluster = adata.obs["mars_cluster"]
+    np.testing.assert_array_equal(cluster.iloc[lo:hi].astype(int).to_numpy(), codes)
+    assert cluster.iloc[n:].isna().all() and cluster.iloc[:lo].isna().all()
+    conf = adata.obs["mars_confidence"].to_numpy()
+    assert (conf[lo:hi] == 0.5).all() and np.isnan(conf[n:]).all()
+    assert np.isnan(adata.obsm["mars_embedding"][n:]).all() and (adata.obsm["mars_embedding"][lo:hi] == 1).all()
+    root = zarr.open_group(store, mode="r")
+    assert root["obs/mars_cluster"].attrs["mars-scale-run"] == "r1"
+    summary = open_store(store).summary()
+    assert summary["annotation_runs"][0]["experiments"] == ["CELseq2"]
+    assert [e["annotation_runs"] for e in summary["experiments"]] == [[], ["mars"], []]
+    verify_store(store)
