@@ -53,7 +53,7 @@ from mars_scale.model import Mars
 from mars_scale.naming import NamingResult, name_clusters
 from mars_scale.store import (Atlas, atomic_file, chunk_codecs, column_array, commit_elements, encode_array,
                                obs_publication, open_store, seal, store_lock, write_attrs, write_categorical)
-from mars_scale.train import embed
+from mars_scale.train import embed, experiment_names
 
 __all__ = ["AnnotationResult", "annotate", "read_results", "result_keys"]
 
@@ -104,14 +104,15 @@ class AnnotationResult:
     key_added
         Prefix of the result elements (see :func:`result_keys`).
     unannotated
-        The experiment whose cells were clustered and named.
+        The experiment whose cells were clustered and named (several: their names joined by
+        ``", "``; they share the landmarks and the clusters).
     n_cells
         Cells embedded (all cells of the store).
     n_unannotated
-        Cells of the unannotated experiment.
+        Cells of the unannotated experiment(s).
     naming
         Per-cluster and per-cell naming (:class:`~mars_scale.naming.NamingResult`); per-cell
-        arrays follow the rows of the unannotated experiment.
+        arrays follow the rows of the unannotated experiment(s), in store order.
     unused_landmarks
         Unannotated landmarks that no cell chose.
     merged_landmarks
@@ -269,30 +270,31 @@ def annotate(
     export_path = _check_export(export, overwrite=overwrite)
     store = open_store(store_path)
     model = _load_model(model_or_run_dir, store)
-    unannotated = str(model.state["unannotated"])
+    names = experiment_names(model.state["unannotated"])  # checked by _load_model
+    unannotated = ", ".join(names)
     keys = result_keys(key_added)
     root_dir = Path(store.path)
     options = dict(device=resolve_device(device), batch_size=batch_size, space=space, seed=seed,
                    novelty_threshold=novelty_threshold, novelty_method=novelty_method,
                    min_cluster_cells=min_cluster_cells, max_cells_per_cluster=max_cells_per_cluster)
     naming, unused, merged, radius, elements = _annotate_locked(
-        store, model, model_or_run_dir, keys, unannotated, overwrite=overwrite, options=options)
+        store, model, model_or_run_dir, keys, names, overwrite=overwrite, options=options)
     written = tuple(f"{group}/{name}" for group, name in elements)
     logger.info("wrote %s into %s", ", ".join(written), root_dir)
     if export_path is not None:
         _export_h5ad(root_dir, keys, export_path)
         logger.info("exported the results to %s", export_path)
-    a, b = store.experiment_ranges[unannotated]
+    n_unannotated = sum(b - a for a, b in _spans(store, names))
     seconds = time.perf_counter() - started
-    logger.info("annotated %d cells (%d of experiment %r) in %.1f s", store.n_cells, b - a, unannotated, seconds)
+    logger.info("annotated %d cells (%d of experiment %s) in %.1f s", store.n_cells, n_unannotated, unannotated, seconds)
     return AnnotationResult(
         store=root_dir, key_added=key_added, unannotated=unannotated, n_cells=store.n_cells,
-        n_unannotated=b - a, naming=naming, unused_landmarks=tuple(int(u) for u in unused),
+        n_unannotated=n_unannotated, naming=naming, unused_landmarks=tuple(int(u) for u in unused),
         merged_landmarks=tuple(int(m) for m in merged), landmark_radius=radius, written=written, export=export_path, seconds=seconds,
     )
 
 
-def _annotate_locked(store: Atlas, model: Mars, source: Any, keys: dict[str, Any], unannotated: str, *,
+def _annotate_locked(store: Atlas, model: Mars, source: Any, keys: dict[str, Any], names: tuple[str, ...], *,
                      overwrite: bool, options: dict[str, Any]) -> tuple:
     """Under the store's lock: compute everything into a staging folder, seal it and publish it
     in one commit (docs/store.md). Returns the naming, unused and merged landmarks, the landmark
@@ -307,9 +309,10 @@ def _annotate_locked(store: Atlas, model: Mars, source: Any, keys: dict[str, Any
         try:
             naming, unused, merged, radius = _compute(store, model, staging, fmt, keys, **options)
             record = _run_record(model, source, naming, unused, merged, radius, keys=keys,
-                                 space=options["space"], seed=options["seed"], unannotated=unannotated)
+                                 space=options["space"], seed=options["seed"],
+                                 unannotated=names[0] if len(names) == 1 else np.asarray(names, dtype=object))
             run_id = record["run_id"] = uuid.uuid4().hex[:16]
-            _stage_obs_and_uns(store, staging, fmt, keys, naming, record, unannotated)
+            _stage_obs_and_uns(store, staging, fmt, keys, naming, record, names)
             elements = ([("obs", name) for name in keys["obs"]]
                         + [("obsm", keys["obsm"]), ("obsm", keys["probabilities"]), ("uns", keys["uns"])])
             for group, name in elements:  # chunk and metadata checksums (docs/store.md), run id
@@ -363,12 +366,16 @@ def _load_model(model_or_run_dir: Mars | str | os.PathLike, store: Atlas) -> Mar
         model = model_or_run_dir
     else:
         model = Mars.load(model_or_run_dir, store)
-    unannotated = str(model.state["unannotated"])
-    if unannotated not in store.experiment_ranges:
-        raise StoreError(
-            f"{store.path}: the model's unannotated experiment {unannotated!r} is not in this "
-            f"store (experiments: {', '.join(store.experiments)})"
-        )
+    names = experiment_names(model.state["unannotated"])
+    if not names:
+        raise InputError(f"{model_or_run_dir}: is a reference (trained with --reference-only), which clusters no "
+                         "experiment; train a run --from it and annotate with that")
+    for unannotated in names:  # one experiment, or several sharing the landmarks
+        if unannotated not in store.experiment_ranges:
+            raise StoreError(
+                f"{store.path}: the model's unannotated experiment {unannotated!r} is not in this "
+                f"store (experiments: {', '.join(store.experiments)})"
+            )
     return model
 
 
@@ -487,9 +494,10 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
              novelty_threshold: float, novelty_method: str, min_cluster_cells: int,
              max_cells_per_cluster: int) -> tuple[NamingResult, np.ndarray, np.ndarray, np.ndarray]:
     """Embed every cell into the staging obsm array; assign and name the unannotated cells."""
-    unannotated = str(model.state["unannotated"])
-    a, b = store.experiment_ranges[unannotated]
-    u_code = store.experiments.index(unannotated)
+    spans = _spans(store, experiment_names(model.state["unannotated"]))
+    starts = np.asarray([a for a, _ in spans])
+    offsets = np.cumsum([0] + [b - a for a, b in spans])  # held-out row of each span's first cell
+    u_codes = torch.as_tensor([store.experiments.index(e) for e in experiment_names(model.state["unannotated"])])
     landmarks_u = np.asarray(model.unannotated_landmarks, dtype=np.float32)
     landmarks_a, lookup, landmark_names = _landmark_lookup(model, store)
     dim = landmarks_u.shape[1]
@@ -498,7 +506,7 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
     obsm = _staging_group(staging, "obsm", fmt)
     array, unit = _create_embedding_array(obsm, keys["obsm"], store.n_cells, dim, fmt)
     writer = _RowWriter(array, unit)
-    held_out = np.lib.format.open_memmap(staging / "unannotated.npy", mode="w+", dtype=np.float32, shape=(b - a, dim))
+    held_out = np.lib.format.open_memmap(staging / "unannotated.npy", mode="w+", dtype=np.float32, shape=(int(offsets[-1]), dim))
     sum_sq = np.zeros(len(landmarks_a))
     count = np.zeros(len(landmarks_a))
     lookup_t = torch.as_tensor(lookup, device=device)
@@ -510,7 +518,7 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
         z = z.float()
         # squared distance of annotated cells to their own landmark (radius of each landmark)
         lm = lookup_t[exp, lab.clamp(min=0)]
-        ok = (lab >= 0) & (lm >= 0) & (exp != u_code)
+        ok = (lab >= 0) & (lm >= 0) & ~torch.isin(exp, u_codes.to(exp.device))
         if bool(ok.any()):
             d2 = ((z[ok] - landmarks_a_t[lm[ok]]) ** 2).sum(1).double().cpu().numpy()
             ids = lm[ok].cpu().numpy()
@@ -519,9 +527,10 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
         idx = index.cpu().numpy()
         z_np = z.cpu().numpy()
         writer.append(idx, z_np)
-        mine = (idx >= a) & (idx < b)
+        span = np.searchsorted(starts, idx, side="right") - 1  # the held-out span a row may be in
+        mine = (span >= 0) & (idx < starts[span.clip(0)] + np.diff(offsets)[span.clip(0)])
         if mine.any():
-            held_out[idx[mine] - a] = z_np[mine]
+            held_out[offsets[span[mine]] + idx[mine] - starts[span[mine]]] = z_np[mine]
     writer.close()
     if writer.size != store.n_cells:
         raise RuntimeError(f"embedded {writer.size} of {store.n_cells} cells")
@@ -598,22 +607,38 @@ def merge_small_clusters(embedding: np.ndarray, assignment: np.ndarray, landmark
 # staging the obs columns and the run record
 
 
-def _write_categorical(group: zarr.Group, name: str, n_cells: int, rows: tuple[int, int],
+def _spans(store: Atlas, names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """The row ranges of the unannotated experiments, in store order; their cells in that order
+    are the rows of the naming's per-cell arrays."""
+    return sorted(store.experiment_ranges[e] for e in names)
+
+
+def _put(arr, spans: list[tuple[int, int]], values: np.ndarray) -> None:
+    """Write ``values`` (the spans' cells one after another) into ``arr`` at the spans' rows."""
+    at = 0
+    for a, b in spans:
+        if b > a:
+            arr[a:b] = values[at : at + b - a]
+        at += b - a
+
+
+def _write_categorical(group: zarr.Group, name: str, n_cells: int, rows: list[tuple[int, int]],
                        codes: np.ndarray, categories: list[str]) -> None:
-    write_categorical(group, name, n_cells, rows, codes, categories, chunk=_COLUMN_CHUNK)
+    write_categorical(group, name, n_cells, (0, 0), codes, categories, chunk=_COLUMN_CHUNK)
+    array = group[name]["codes"]
+    _put(array, rows, codes.astype(array.dtype))
 
 
-def _write_float(group: zarr.Group, name: str, n_cells: int, rows: tuple[int, int], values: np.ndarray) -> None:
+def _write_float(group: zarr.Group, name: str, n_cells: int, rows: list[tuple[int, int]], values: np.ndarray) -> None:
     arr = column_array(group, name, n_cells, np.float32, np.nan, chunk=_COLUMN_CHUNK)
-    if rows[1] > rows[0]:
-        arr[rows[0] : rows[1]] = values.astype(np.float32)
+    _put(arr, rows, values.astype(np.float32))
 
 
 def _stage_obs_and_uns(store: Atlas, staging: Path, fmt: int, keys: dict[str, Any], naming: NamingResult,
-                       record: dict[str, Any], unannotated: str) -> None:
+                       record: dict[str, Any], experiments: tuple[str, ...]) -> None:
     from anndata.io import write_elem
 
-    rows = store.experiment_ranges[unannotated]
+    rows = _spans(store, experiments)
     n = store.n_cells
     assignment = np.load(staging / "assignment.npy")
     obs = _staging_group(staging, "obs", fmt)
@@ -632,15 +657,14 @@ def _stage_obs_and_uns(store: Atlas, staging: Path, fmt: int, keys: dict[str, An
     _write_float(obs, cluster_nov_col, n, rows, naming.novelty[cluster_codes])
     obsm = _staging_group(staging, "obsm", fmt)
     probs, _ = _create_embedding_array(obsm, keys["probabilities"], n, len(names), fmt)
-    if rows[1] > rows[0]:
-        probs[rows[0] : rows[1]] = naming.cell_name_probabilities
+    _put(probs, rows, naming.cell_name_probabilities)
     uns = _staging_group(staging, "uns", fmt)
     write_elem(uns, keys["uns"], record)
 
 
 def _run_record(model: Mars, source: Any, naming: NamingResult, unused: np.ndarray, merged: np.ndarray,
                 radius: np.ndarray, *,
-                keys: dict[str, Any], space: str, seed: int | None, unannotated: str) -> dict[str, Any]:
+                keys: dict[str, Any], space: str, seed: int | None, unannotated: str | np.ndarray) -> dict[str, Any]:
     from mars_scale import __version__
 
     model_path = "(in-memory model)" if isinstance(source, Mars) else str(Path(source).resolve())

@@ -164,8 +164,11 @@ def verify(store, quick) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=str))
-@click.option("--unannotated", required=True, help="Experiment whose cell types are discovered.")
-@click.option("--n-clusters", required=True, type=int, help="Number of unannotated landmarks K.")
+@click.option("--unannotated", multiple=True, metavar="EXPERIMENT",
+              help="Experiment whose cell types are discovered; repeat it for several that share the landmarks (one new study of several donors).")
+@click.option("--n-clusters", type=int, default=None, help="Number of unannotated landmarks K (with --unannotated).")
+@click.option("--reference-only", is_flag=True, help="Train only what depends on the annotated experiments (pretraining on them, warm-up, annotated landmarks), to start later runs --from.")
+@click.option("--from", "reference", type=click.Path(path_type=str), default=None, help="Start from this --reference-only run: its network and annotated landmarks are reused, only the new experiments' landmarks and the fine-tuning are trained.")
 @click.option("-o", "--output", "run_dir", required=True, type=click.Path(path_type=str), help="Run directory (checkpoints, model.pt).")
 @click.option("--config", "config_file", type=click.Path(path_type=str), default=None, help="TOML file with [model] and [train] tables.")
 @click.option("--pretrain-epochs", type=int, default=None, help="Autoencoder epochs (default: 25, or the config file's).")
@@ -178,9 +181,13 @@ def verify(store, quick) -> None:
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model in RUN_DIR.")
 @_user_errors
-def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs, finetune_epochs,
-          batch_size, n_top_genes, annotated_contrast, device, seed, resume, overwrite) -> None:
-    """Train MARS on STORE with one experiment held out as unannotated.
+def train(store, unannotated, n_clusters, reference_only, reference, run_dir, config_file, pretrain_epochs,
+          finetune_epochs, batch_size, n_top_genes, annotated_contrast, device, seed, resume, overwrite) -> None:
+    """Train MARS on STORE with one experiment (or several) held out as unannotated.
+
+    mars-scale train STORE --reference-only -o ref/ trains a reference once; then
+    mars-scale train STORE --unannotated donor7 --n-clusters 12 --from ref/ -o run/
+    trains a new experiment at a cost that follows its own size.
 
     Runs as one process, or on several GPUs or nodes under torchrun:
     torchrun --nproc_per_node 8 -m mars_scale train STORE ...
@@ -196,17 +203,25 @@ def train(store, unannotated, n_clusters, run_dir, config_file, pretrain_epochs,
     config = override(config, pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
                       batch_size=batch_size, n_top_genes=n_top_genes, annotated_contrast=annotated_contrast,
                       device=device, seed=seed)
+    if not (unannotated or reference_only):
+        raise click.UsageError("pass --unannotated EXPERIMENT (with --n-clusters), or --reference-only")
+    if reference_only and (unannotated or reference or n_clusters is not None):
+        raise click.UsageError("--reference-only takes no --unannotated, --n-clusters or --from")
+    if unannotated and n_clusters is None:
+        raise click.UsageError("--unannotated needs --n-clusters")
     info = init_distributed(resolve_device(config.train.device))
     if not info.is_main:
         logging.getLogger("mars_scale").setLevel(logging.WARNING)
     try:
-        model = Mars(store, unannotated=unannotated, n_clusters=n_clusters, config=config)
+        model = Mars(store, unannotated=unannotated, n_clusters=n_clusters, config=config,
+                     reference_only=reference_only, reference=reference)
         model.train(run_dir=run_dir, resume=resume, overwrite=overwrite, info=info)
         if info.is_main:
             path = model.save(run_dir, overwrite=True)
             usage = model.state.get("landmark_usage")
             unused = int((usage == 0).sum()) if usage is not None else 0
-            click.echo(f"wrote {path} ({unused} unused landmarks)")
+            click.echo(f"wrote {path} (a reference of {len(model.plan.annotated)} annotated experiments)" if reference_only
+                       else f"wrote {path} ({unused} unused landmarks)")
     finally:
         shutdown(info)
 

@@ -146,7 +146,7 @@ def run_demo(
     run_dir = directory / "run"
     with stage("train"):
         model = Mars(store_path, unannotated=held_name, n_clusters=result.n_clusters, config=config)
-        model.train(run_dir=run_dir)
+        model.train(run_dir=run_dir, overwrite=True)  # a rerun of the demo starts over
         model.save(run_dir, overwrite=True)
     with stage("annotate"):
         annotation = annotate(store_path, run_dir, overwrite=True, seed=seed)

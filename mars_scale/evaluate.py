@@ -116,6 +116,7 @@ from mars_scale.metrics import clustering_metrics
 from mars_scale.model import Mars
 from mars_scale.preprocess import fold_scaling, normalize_log1p, scaled_nonzero_values
 from mars_scale.store import Atlas, as_store, atomic_file, open_store
+from mars_scale.train import experiment_names
 
 __all__ = [
     "METHODS",
@@ -1157,9 +1158,9 @@ def _embedding_rows(store: Atlas, emb: Any, rows: np.ndarray) -> np.ndarray:
     return taken
 
 
-def _annotation_record(store: Atlas, keys: dict[str, Any], key_added: str) -> tuple[dict[str, Any], str]:
-    """The run record ``uns[key_added]`` of a stored annotation and its experiment, after checking
-    that every element the annotation writes is there."""
+def _annotation_record(store: Atlas, keys: dict[str, Any], key_added: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The run record ``uns[key_added]`` of a stored annotation and its experiments (several when
+    they were annotated together), after checking that every element the annotation writes is there."""
     from anndata.io import read_elem
 
     cluster_col, type_col, _, novelty_col, _, _ = keys["obs"]
@@ -1171,10 +1172,11 @@ def _annotation_record(store: Atlas, keys: dict[str, Any], key_added: str) -> tu
         raise InputError(f"{store.path}: no annotation under key {key_added!r} ({missing[0]} is missing; "
                          f"run \"mars-scale annotate --key {key_added}\" first, or pass the key it used)")
     record = read_elem(root["uns"][keys["uns"]])
-    unannotated = str(record["unannotated"])
-    if unannotated not in store.experiment_ranges:
-        raise InputError(f"{store.path}: uns/{key_added} names experiment {unannotated!r}, which the store lacks")
-    return record, unannotated
+    names = experiment_names(record["unannotated"])
+    for unannotated in names:
+        if unannotated not in store.experiment_ranges:
+            raise InputError(f"{store.path}: uns/{key_added} names experiment {unannotated!r}, which the store lacks")
+    return record, names
 
 
 def score_annotation(
@@ -1214,7 +1216,10 @@ def score_annotation(
         ``obs['<key>_cell_type']``, ``obs['<key>_novelty']`` and the clusters' novelty calls,
         with ``integration_knn``; ``per_type`` apart), ``per_type`` (per true type, see
         :func:`naming_metrics`) and ``clusters`` (per cluster: ``cluster``, ``n_cells``,
-        ``label``, ``novelty``, ``is_novel``, ``description``, from ``uns[key_added]``).
+        ``label``, ``novelty``, ``is_novel``, ``description``, from ``uns[key_added]``). When
+        several experiments were annotated together (one model), ``unannotated`` lists them,
+        ``metrics`` holds ``ari`` per experiment and ``per_experiment`` each one's result as
+        above (the k-NN transfer then takes its reference from the other experiments only).
 
     Raises
     ------
@@ -1228,9 +1233,23 @@ def score_annotation(
     _check_int("k_neighbours", k_neighbours, 1)
     _check_int("knn_max_cells", knn_max_cells, 1)
     keys = result_keys(key_added)
+    record, names = _annotation_record(store, keys, key_added)
+    protocol = {"kind": "annotation", "key_added": key_added, "k_neighbours": int(k_neighbours),
+                "knn_max_cells": int(knn_max_cells), "seed": int(seed)}
+    per = {name: _score_experiment(store, keys, record, name, held_out=names, protocol=protocol) for name in names}
+    if len(names) == 1:
+        return per[names[0]]
+    return {"store": str(store.path), "key_added": key_added, "unannotated": list(names), "protocol": protocol,
+            "metrics": {"ari": {name: r["metrics"]["ari"] for name, r in per.items()}}, "per_experiment": per}
+
+
+def _score_experiment(store: Atlas, keys: dict[str, Any], record: dict[str, Any], unannotated: str, *,
+                      held_out: tuple[str, ...], protocol: dict[str, Any]) -> dict[str, Any]:
+    """:func:`score_annotation` of one of the annotated experiments (``held_out``: all of them)."""
+    key_added, k_neighbours, knn_max_cells, seed = (protocol[k] for k in ("key_added", "k_neighbours",
+                                                                             "knn_max_cells", "seed"))
     cluster_col, type_col, _, novelty_col, _, _ = keys["obs"]
     root = store.root
-    record, unannotated = _annotation_record(store, keys, key_added)
     a, b = store.experiment_ranges[unannotated]
     truth, n_types = _held_out_truth(store, unannotated)
     if n_types == 0:
@@ -1255,7 +1274,7 @@ def score_annotation(
     metrics = naming_metrics(truth, clusters, cell_type, novelty, called, known, cluster_info=info)
     # integration: k-NN label transfer in the stored embedding
     rng = np.random.default_rng(seed)
-    others = [e for e in store.experiments if e != unannotated]
+    others = [e for e in store.experiments if e not in held_out]
     ref_rows, ref_labels = _reference_rows(store, others, set(known), max_cells=knn_max_cells, rng=rng)
     query_ok = np.array([not _missing(t) and str(t) in set(known) for t in truth], dtype=bool)
     query = a + _sample(np.flatnonzero(query_ok), knn_max_cells, rng)
@@ -1276,8 +1295,7 @@ def score_annotation(
         "store": str(store.path),
         "key_added": key_added,
         "unannotated": unannotated,
-        "protocol": {"kind": "annotation", "key_added": key_added, "k_neighbours": int(k_neighbours),
-                     "knn_max_cells": int(knn_max_cells), "seed": int(seed)},
+        "protocol": protocol,
         "metrics": metrics,
         "per_type": per_type,
         "clusters": clusters_table,
@@ -1405,6 +1423,11 @@ def annotation_markdown(result: dict[str, Any]) -> str:
         A heading line, a table of the metrics, a table per true type (cells, known, called
         novel, named right, majority cluster and its description) and one per cluster.
     """
+    if "per_experiment" in result:  # several experiments annotated together: one report each
+        head = [f"Annotation {result['key_added']!r} of {len(result['per_experiment'])} experiments (one set of "
+                "clusters), each scored against its own cell_type labels.", "", "| experiment | ARI |", "|---|---|"]
+        head += [f"| {name} | {_f(ari)} |" for name, ari in result["metrics"]["ari"].items()]
+        return "\n".join(head) + "\n\n" + "\n".join(annotation_markdown(r) for r in result["per_experiment"].values())
     m = result["metrics"]
     c = m["clustering"] or {}
     new = ", ".join(f"{t} ({result['per_type'][t]['n_cells']} cells)" for t in m["new_types"]) or "none"

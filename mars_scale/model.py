@@ -7,23 +7,24 @@ directory that knows its genes, and ``load`` refuses a store whose genes differ.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from mars_scale.checkpoint import check_store, describe_checkpoint, load_checkpoint, restart_point, save_checkpoint
-from mars_scale.config import RunConfig, config_from_dict
+from mars_scale.config import RunConfig, config_from_dict, override
 from mars_scale.device import resolve_device
 from mars_scale.distributed import DistInfo
 from mars_scale.errors import CheckpointMismatchError, InputError
 from mars_scale.nn import Autoencoder
 from mars_scale.store import Atlas, as_store, atomic_file
-from mars_scale.train import CHECKPOINT_NAME, embed, fit, plan_training
+from mars_scale.train import CHECKPOINT_NAME, embed, experiment_names, fit, plan_training
 
 __all__ = ["Mars", "MODEL_NAME"]
 
@@ -40,30 +41,68 @@ class Mars:
     store
         An opened store or its path.
     unannotated
-        The experiment whose cell types are to be discovered (its labels are never used).
+        The experiment whose cell types are to be discovered (its labels are never used), or
+        several, which then share the unannotated landmarks (one new study of several donors).
     n_clusters
         Number of unannotated landmarks K.
     config
         Model and training options (:class:`~mars_scale.config.RunConfig`).
+    reference_only
+        Train a reference instead (no unannotated experiment): the network after pretraining
+        on the annotated experiments and the supervised warm-up, and the annotated landmarks.
+    reference
+        A reference's run directory (or model file) to start from: its network, genes and
+        annotated landmarks are reused, and only the unannotated landmarks and the fine-tuning
+        are trained, over the new experiments and a sample of the reference of their size
+        (``annotated_cells_per_epoch``, unless configured). The model section of ``config`` is
+        the reference's.
 
     Examples
     --------
     >>> model = Mars("atlas.zarr", unannotated="donor3", n_clusters=12)  # doctest: +SKIP
     >>> model.train(run_dir="run")  # doctest: +SKIP
     >>> model.save("run")  # doctest: +SKIP
+    >>> Mars("atlas.zarr", reference_only=True).train(run_dir="ref").save("ref")  # doctest: +SKIP
+    >>> Mars("atlas.zarr", unannotated="donor7", n_clusters=12, reference="ref").train(run_dir="run")  # doctest: +SKIP
+
+    Raises
+    ------
+    InputError
+        For a bad choice of experiments or K, or both or neither of ``unannotated`` and
+        ``reference_only``.
+    CheckpointMismatchError
+        If ``reference`` is not a finished reference, or its genes, store spec, gene selection
+        or annotated experiments do not match the store and ``config``.
     """
 
     def __init__(
         self,
         store: Atlas | str | os.PathLike,
         *,
-        unannotated: str,
-        n_clusters: int,
+        unannotated: str | Sequence[str] = (),
+        n_clusters: int | None = None,
         config: RunConfig | None = None,
+        reference_only: bool = False,
+        reference: str | os.PathLike | None = None,
     ) -> None:
         self.store = as_store(store)
         self.config = config or RunConfig()
-        self.plan = plan_training(self.store, unannotated=unannotated, n_clusters=n_clusters)
+        if reference_only == bool(experiment_names(unannotated)):
+            raise InputError("name the unannotated experiment(s) to discover, or train a reference (reference_only), "
+                             "one of the two")
+        if reference_only and reference is not None:
+            raise InputError("a reference is trained from the store alone: reference_only does not take a reference")
+        self.reference = None
+        annotated = None
+        if reference is not None:
+            self.reference = _load_reference(reference, self.store, self.config)
+            annotated = self.reference[1]["annotated"]
+            self.config = _query_config(self.config, self.reference[1])
+        self.plan = plan_training(self.store, unannotated=unannotated, n_clusters=n_clusters, annotated=annotated)
+        if self.reference is not None and self.config.train.annotated_cells_per_epoch is None:
+            # a bounded sample of the reference per epoch: the cost follows the new experiments' size
+            self.config = override(self.config, annotated_cells_per_epoch=max(self.plan.n_unannotated,
+                                                                              self.config.train.batch_size))
         self.state: dict[str, Any] | None = None
         self._encoder: torch.nn.Module | None = None
 
@@ -116,7 +155,7 @@ class Mars:
                 return self
         self.state = fit(
             self.store, self.plan, self.config, device=device, info=info, run_dir=run_path,
-            checkpoint=checkpoint, stop_after_epoch=stop_after_epoch,
+            checkpoint=checkpoint, reference=self.reference, stop_after_epoch=stop_after_epoch,
         )
         self._encoder = None
         return self
@@ -145,8 +184,10 @@ class Mars:
         return self._encoder
 
     @property
-    def unannotated_landmarks(self) -> np.ndarray:
-        return self._require_trained()["unannotated_landmarks"].numpy()
+    def unannotated_landmarks(self) -> np.ndarray | None:
+        """K x d; ``None`` for a reference."""
+        landmarks = self._require_trained()["unannotated_landmarks"]
+        return None if landmarks is None else landmarks.numpy()
 
     @property
     def annotated_landmarks(self) -> tuple[np.ndarray, list[str], list[str]]:
@@ -209,8 +250,9 @@ class Mars:
             "unannotated": state["unannotated"],
             "annotated": state["annotated"],
             "n_clusters": state["n_clusters"],
-            "n_landmarks_kept": int(len(state["unannotated_landmarks"])),
-            "landmark_usage": [int(v) for v in state.get("landmark_usage", [])],
+            "n_landmarks_kept": len(state["unannotated_landmarks"]) if state.get("unannotated_landmarks") is not None else 0,
+            "reference": state.get("reference"),
+            "landmark_usage": [int(v) for v in (state.get("landmark_usage") if state.get("landmark_usage") is not None else [])],
             "n_genes": len(state["gene_ids"]) if state.get("gene_index") is None else len(state["gene_index"]),
             "history": state["history"],
             "train_seconds": state.get("train_seconds"),
@@ -250,9 +292,44 @@ class Mars:
         config = config_from_dict(state["config"], source=str(path))
         obj = cls.__new__(cls)
         obj.store, obj.config, obj.state, obj._encoder = store, config, state, None
-        obj.plan = plan_training(store, unannotated=state["unannotated"], n_clusters=state["n_clusters"])
+        obj.plan = plan_training(store, unannotated=state["unannotated"], n_clusters=state["n_clusters"],
+                                 annotated=state["annotated"])
+        obj.reference = None
         return obj
 
     def __repr__(self) -> str:
         status = "trained" if self.is_trained else "untrained"
-        return f"Mars(unannotated={self.plan.unannotated!r}, n_clusters={self.plan.n_clusters}, {status})"
+        if self.plan.reference_only:
+            return f"Mars(reference_only=True, annotated={self.plan.annotated!r}, {status})"
+        unannotated = self.plan.unannotated[0] if len(self.plan.unannotated) == 1 else list(self.plan.unannotated)
+        return f"Mars(unannotated={unannotated!r}, n_clusters={self.plan.n_clusters}, {status})"
+
+
+def _load_reference(reference: str | os.PathLike, store: Atlas, config: RunConfig) -> tuple[Path, dict[str, Any]]:
+    """A finished reference (``Mars(reference_only=True)``) that fits ``store`` and ``config``.
+
+    Raises
+    ------
+    CheckpointMismatchError
+        If it is missing, unfinished or not a reference, or its genes, store spec or gene
+        selection differ.
+    """
+    path = Path(reference)
+    path = path / MODEL_NAME if path.is_dir() else path
+    state = load_checkpoint(path)
+    if state.get("phase") != "done" or state.get("unannotated") not in ([], (), None) or state.get("n_clusters"):
+        raise CheckpointMismatchError(f"{path}: not a finished reference (train one with --reference-only)")
+    check_store(state, store, source=path)
+    saved = config_from_dict(state["config"], source=str(path))
+    if config.train.n_top_genes not in (None, saved.train.n_top_genes):
+        raise CheckpointMismatchError(
+            f"{path}: the reference was trained on {saved.train.n_top_genes or 'all'} genes, not "
+            f"--n-top-genes {config.train.n_top_genes} (leave it out to use the reference's genes)")
+    return path, state
+
+
+def _query_config(config: RunConfig, reference: dict[str, Any]) -> RunConfig:
+    """``config`` with the reference's network and gene selection."""
+    saved = config_from_dict(reference["config"])
+    return override(dataclasses.replace(config, model=saved.model), n_top_genes=saved.train.n_top_genes)
+

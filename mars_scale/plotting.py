@@ -245,7 +245,8 @@ def plot(
     from anndata.io import read_elem
 
     record: dict[str, Any] = read_elem(store.root["uns"][key_added])
-    unannotated = str(record["unannotated"])
+    names = record["unannotated"]  # one experiment, or several sharing the landmarks
+    names = (names,) if isinstance(names, str) else tuple(str(v) for v in names)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -256,27 +257,27 @@ def plot(
     coords = _umap(x, n_neighbors=n_neighbors, seed=int(rng.integers(2**31 - 1)))
     logger.info("UMAP of %d of %d cells in %.1f s", len(rows), n, time.perf_counter() - t0)
 
-    paths, colours = _umap_figures(store, coords, rows, unannotated=unannotated, keys=(cluster_key, name_key),
+    paths, colours = _umap_figures(store, coords, rows, unannotated=names, keys=(cluster_key, name_key),
                                    out=out, dpi=dpi)
     umap_full = np.full((n, 2), np.nan, dtype=np.float32)
     umap_full[rows] = coords
     written = _write_back(store, {("obsm", "X_umap"): umap_full,
                                   **{("uns", f"{k}_colors"): np.asarray(v, dtype=object) for k, v in colours.items()}})
     logger.info("wrote %s into %s", ", ".join(written), store.path)
-    paths += _confusion_figures(store, unannotated=unannotated, keys=(cluster_key, name_key), out=out, dpi=dpi)
+    paths += _confusion_figures(store, unannotated=names, keys=(cluster_key, name_key), out=out, dpi=dpi)
     logger.info("wrote %d figures to %s", len(paths), out)
     return paths
 
 
-def _umap_figures(store: Atlas, coords: np.ndarray, rows: np.ndarray, *, unannotated: str, keys: tuple[str, str],
-                  out: Path, dpi: int) -> tuple[list[Path], dict[str, list[str]]]:
+def _umap_figures(store: Atlas, coords: np.ndarray, rows: np.ndarray, *, unannotated: tuple[str, ...],
+                  keys: tuple[str, str], out: Path, dpi: int) -> tuple[list[Path], dict[str, list[str]]]:
     """The UMAP scatter plots of the drawn ``rows``; returns the files and the colours per column."""
     cluster_key, name_key = keys
     n = store.n_cells
     paths: list[Path] = []
     exp_codes = store.experiment_codes()[rows].astype(np.int64)
-    u_code = list(store.experiments).index(unannotated)
-    in_u = exp_codes == u_code
+    in_u = np.isin(exp_codes, [list(store.experiments).index(e) for e in unannotated])
+    unannotated = ", ".join(unannotated)
     drawn = f"a random {len(rows):,} of {n:,} cells" if len(rows) < n else f"{n:,} cells"
     u_title = f"{int(in_u.sum()):,} cells; {int((~in_u).sum()):,} of other experiments in grey"
     cl_codes, cl_cats = _codes(store, cluster_key, rows)
@@ -309,20 +310,26 @@ def _umap_figures(store: Atlas, coords: np.ndarray, rows: np.ndarray, *, unannot
     return paths, colours
 
 
-def _confusion_figures(store: Atlas, *, unannotated: str, keys: tuple[str, str], out: Path, dpi: int) -> list[Path]:
-    """Ground truth of the unannotated experiment against its clusters and names (none without truth)."""
+def _confusion_figures(store: Atlas, *, unannotated: tuple[str, ...], keys: tuple[str, str], out: Path,
+                       dpi: int) -> list[Path]:
+    """Ground truth of the unannotated experiments against their clusters and names (none without truth)."""
     cluster_key, name_key = keys
     paths: list[Path] = []
-    a, b = store.experiment_ranges[unannotated]
-    truth_u, truth_cats = store.categorical_codes("cell_type", a, b)
+
+    def codes(column: str) -> tuple[np.ndarray, list[str]]:  # over the unannotated experiments, in store order
+        parts = [store.categorical_codes(column, *store.experiment_ranges[e]) for e in unannotated]
+        return np.concatenate([np.asarray(c) for c, _ in parts]), parts[0][1]
+
+    truth_u, truth_cats = codes("cell_type")
+    label = ", ".join(unannotated)
     if (np.asarray(truth_u) >= 0).any():
-        cl, cl_cats = store.categorical_codes(cluster_key, a, b)
-        nm, nm_cats = store.categorical_codes(name_key, a, b)
+        cl, cl_cats = codes(cluster_key)
+        nm, nm_cats = codes(name_key)
         paths.append(_heatmap(np.asarray(truth_u, dtype=np.int64), truth_cats, np.asarray(cl, dtype=np.int64), cl_cats,
-                              title=f"{unannotated}: ground truth against MARS clusters", xlabel="MARS cluster",
+                              title=f"{label}: ground truth against MARS clusters", xlabel="MARS cluster",
                               path=out / "confusion_cluster.png", dpi=dpi))
         paths.append(_heatmap(np.asarray(truth_u, dtype=np.int64), truth_cats, np.asarray(nm, dtype=np.int64), nm_cats,
-                              title=f"{unannotated}: ground truth against MARS names", xlabel="MARS name",
+                              title=f"{label}: ground truth against MARS names", xlabel="MARS name",
                               path=out / "confusion_name.png", dpi=dpi))
     return paths
 

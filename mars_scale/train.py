@@ -1,16 +1,23 @@
 """MARS training: autoencoder pretraining, landmark initialisation, fine-tuning.
 
-One function, :func:`fit`, reads top to bottom:
+:func:`fit` runs four phases, each a function with one plain loop over epochs and steps, over one
+:class:`TrainState` (which, with the run's provenance, is the checkpoint); a resume starts the
+phase the state names:
 
-1. pretrain the autoencoder (MSE on the scaled input) on the unannotated experiment;
-2. initialise: unannotated landmarks by K-means on the embedded unannotated cells, annotated
-   landmarks from class means;
-3. fine-tune for ``finetune_epochs``; each epoch
+1. :func:`pretrain`: the autoencoder (MSE on the scaled input) on the unannotated experiment(s);
+2. :func:`warmup` (when it has epochs): the annotated term of eq. 3 alone, so that K-means
+   initialises the unannotated landmarks on an embedding shaped by the reference annotations;
+3. :func:`init_landmarks`: unannotated landmarks by K-means on the embedded unannotated cells;
+4. :func:`finetune` for ``finetune_epochs``; each epoch
    a. recomputes the annotated landmarks in closed form from class means (sums and counts
       all-reduced over ranks),
    b. then, per minibatch pair (annotated, unannotated), takes an Adam step on the unannotated
       landmarks with the encoder fixed, then an Adam step on the encoder with all landmarks fixed;
-4. rank 0 writes a checkpoint after every epoch (and at the end), atomically.
+   and ends with the landmarks' usage and pruning.
+
+Rank 0 writes a checkpoint after every epoch (and at the end), atomically. A reference
+(``plan.reference_only``) stops after the warm-up, with its annotated landmarks; a run started
+from a reference begins at step 3 with the reference's network.
 
 Under ``torchrun`` every rank runs the same code on its shard of the data; the encoder is wrapped
 in DistributedDataParallel and the landmark gradients are averaged by hand.
@@ -23,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +55,7 @@ from mars_scale.losses import (
 from mars_scale.nn import Autoencoder
 from mars_scale.store import Atlas
 
-__all__ = ["TrainPlan", "plan_training", "fit", "embed", "select_genes", "CHECKPOINT_NAME"]
+__all__ = ["TrainPlan", "TrainState", "plan_training", "experiment_names", "fit", "embed", "select_genes", "CHECKPOINT_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,66 +64,111 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """What to train on, checked against the store before any work starts."""
+    """What to train on, checked against the store before any work starts.
 
-    unannotated: str
+    ``unannotated`` holds the experiments whose cell types are discovered (they share the K
+    unannotated landmarks); none for a reference (``reference_only``), which trains only what
+    depends on the annotated experiments.
+    """
+
+    unannotated: tuple[str, ...]
     annotated: tuple[str, ...]
-    n_clusters: int
+    n_clusters: int  # 0 for a reference
     n_unannotated: int
     n_labelled: dict[str, int]  # labelled cells per annotated experiment
     pairs: tuple[tuple[int, int], ...]  # (experiment code, cell-type code) with labelled cells
     cell_types: tuple[str, ...]
     experiments: tuple[str, ...]
 
+    @property
+    def reference_only(self) -> bool:
+        return not self.unannotated
 
-def plan_training(store: Atlas, *, unannotated: str, n_clusters: int) -> TrainPlan:
+
+def experiment_names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """One experiment name or several (as a checkpoint records them) as a tuple."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def plan_training(store: Atlas, *, unannotated: str | Sequence[str] = (), n_clusters: int | None = None,
+                  annotated: Sequence[str] | None = None) -> TrainPlan:
     """Validate the experiment choice and K against the store.
+
+    Parameters
+    ----------
+    store
+        The atlas.
+    unannotated
+        The experiment (or experiments, sharing the landmarks) whose cell types are discovered;
+        none to plan a reference.
+    n_clusters
+        Number of unannotated landmarks K (not for a reference).
+    annotated
+        The annotated experiments to use (a reference's); default: every other experiment with
+        labelled cells.
 
     Raises
     ------
     InputError
-        For an unknown or empty unannotated experiment, no annotated experiment, or
-        ``n_clusters`` outside ``1..n_cells``.
+        For an unknown, empty or repeated unannotated experiment, an annotated experiment that
+        is unknown, unlabelled or also unannotated, no annotated experiment, or ``n_clusters``
+        outside ``1..n_cells``.
     """
-    if unannotated not in store.experiment_ranges:
+    names = experiment_names(unannotated)
+    for name in names:
+        if name not in store.experiment_ranges:
+            raise InputError(f"{store.path}: unknown experiment {name!r} (known: {', '.join(store.experiments)})")
+        if store.experiment_ranges[name][1] == store.experiment_ranges[name][0]:
+            raise InputError(f"{store.path}: experiment {name!r} has no cells")
+    if len(set(names)) < len(names):
+        raise InputError(f"--unannotated names an experiment twice: {', '.join(names)}")
+    n_cells = sum(store.experiment_ranges[e][1] - store.experiment_ranges[e][0] for e in names)
+    if names:
+        if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1:
+            raise InputError(f"--n-clusters must be a positive integer, got {n_clusters!r}")
+        if n_clusters > n_cells:
+            raise InputError(f"--n-clusters {n_clusters} is larger than the {n_cells} cells of experiment "
+                             f"{', '.join(repr(e) for e in names)}")
+    labelled, pairs = _labelled_experiments(store, exclude=names, only=annotated)
+    if not labelled:
         raise InputError(
-            f"{store.path}: unknown experiment {unannotated!r} "
-            f"(known: {', '.join(store.experiments)})"
+            f"{store.path}: no annotated experiment besides {', '.join(repr(e) for e in names) or 'none'} "
+            "(ingest with --label-key, and at least one other experiment with cell types)"
         )
-    a, b = store.experiment_ranges[unannotated]
-    if b - a == 0:
-        raise InputError(f"{store.path}: experiment {unannotated!r} has no cells")
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1:
-        raise InputError(f"--n-clusters must be a positive integer, got {n_clusters!r}")
-    if n_clusters > b - a:
-        raise InputError(
-            f"--n-clusters {n_clusters} is larger than the {b - a} cells of experiment {unannotated!r}"
-        )
+    return TrainPlan(
+        unannotated=names,
+        annotated=tuple(labelled),
+        n_clusters=int(n_clusters) if names else 0,
+        n_unannotated=n_cells,
+        n_labelled=labelled,
+        pairs=tuple(pairs),
+        cell_types=tuple(store.cell_types),
+        experiments=tuple(store.experiments),
+    )
+
+
+def _labelled_experiments(store: Atlas, *, exclude: tuple[str, ...], only: Sequence[str] | None,
+                          ) -> tuple[dict[str, int], list[tuple[int, int]]]:
+    """Labelled cells per annotated experiment, and the (experiment, cell type) codes present."""
+    if only is not None:
+        for name in only:
+            if name in exclude:
+                raise InputError(f"experiment {name!r} is annotated in the reference, so it cannot be unannotated")
+            if name not in store.experiment_ranges:
+                raise InputError(f"{store.path}: the reference's annotated experiment {name!r} is not in this store")
     labelled: dict[str, int] = {}
     pairs: list[tuple[int, int]] = []
     for e, (name, (lo, hi)) in enumerate(store.experiment_ranges.items()):
-        if name == unannotated or hi == lo:
+        if name in exclude or hi == lo or (only is not None and name not in only):
             continue
         codes, _ = store.categorical_codes("cell_type", lo, hi)
         n = int((codes >= 0).sum())
         if n:
             labelled[name] = n
             pairs.extend((e, int(t)) for t in np.unique(codes[codes >= 0]))
-    if not labelled:
-        raise InputError(
-            f"{store.path}: no annotated experiment besides {unannotated!r} "
-            "(ingest with --label-key, and at least one other experiment with cell types)"
-        )
-    return TrainPlan(
-        unannotated=unannotated,
-        annotated=tuple(labelled),
-        n_clusters=int(n_clusters),
-        n_unannotated=b - a,
-        n_labelled=labelled,
-        pairs=tuple(pairs),
-        cell_types=tuple(store.cell_types),
-        experiments=tuple(store.experiments),
-    )
+    return labelled, pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,9 +541,9 @@ class _Run:
         return {"format": "mars-scale-checkpoint", "format_version": CHECKPOINT_FORMAT_VERSION,
                 **{f.name: getattr(state, f.name) for f in fields(state)}, **self.provenance}
 
-    def save(self, state: TrainState, optimizer: torch.optim.Optimizer) -> None:
+    def save(self, state: TrainState, optimizer: torch.optim.Optimizer | None) -> None:
         """Keep the phase's optimiser state in ``state``; rank 0 writes the checkpoint."""
-        state.optimizer = optimizer.state_dict()
+        state.optimizer = optimizer.state_dict() if optimizer is not None else None
         if self.ckpt_path is not None and self.info.is_main:
             save_checkpoint(self.ckpt_path, self.checkpoint(state))
 
@@ -511,21 +563,24 @@ class _Run:
 
     def end_epoch(self, state: TrainState, optimizer, record: dict[str, Any]) -> bool:
         """Record and save a finished epoch; True when ``stop_after_epoch`` epochs are done."""
-        state.history.append(record)
+        state.history.append(record)  # one record per epoch done
         self.save(state, optimizer)
-        if self.stop_after_epoch is None:
-            return False
-        ran = sum(h["phase"] == "warmup" for h in state.history)  # the auto warm-up may stop early
-        before = {"pretrain": 0, "warmup": self.tc.pretrain_epochs}.get(state.phase, self.tc.pretrain_epochs + ran)
-        return before + state.epoch >= self.stop_after_epoch
+        return self.stop_after_epoch is not None and len(state.history) >= self.stop_after_epoch
 
 
-def _start(store: Atlas, plan: TrainPlan, config: RunConfig, *, device, info, run_dir, checkpoint,
+def _start(store: Atlas, plan: TrainPlan, config: RunConfig, *, device, info, run_dir, checkpoint, reference,
            stop_after_epoch, signals) -> tuple[_Run, TrainState]:
-    """Build the network (from the checkpoint's weights when resuming) and the state to start from."""
+    """Build the network (with the checkpoint's or the reference's weights) and the state to start from."""
     tc = config.train
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
-    state = TrainState() if checkpoint is None else TrainState.from_checkpoint(checkpoint, source=ckpt_path)
+    start = "resuming from", ckpt_path
+    if checkpoint is not None:
+        state = TrainState.from_checkpoint(checkpoint, source=ckpt_path)
+    elif reference is not None:
+        checkpoint, start = _reference_start(plan, *reference), ("starting from the reference", reference[0])
+        state = TrainState.from_checkpoint(checkpoint, source=reference[0])
+    else:
+        state = TrainState()
     genes = select_genes(store, tc.n_top_genes, saved=None if checkpoint is None else checkpoint.get("gene_index"))
     mean, std = store.var_column("mean"), store.var_column("std")
     if genes is not None:
@@ -540,23 +595,44 @@ def _start(store: Atlas, plan: TrainPlan, config: RunConfig, *, device, info, ru
         if state.torch_rng is not None:  # saved in mid-epoch (dropout draws from it)
             torch.set_rng_state(state.torch_rng)
             state.torch_rng = None
-        logger.info("resuming from %s (phase %s, epoch %d, step %d)", ckpt_path, state.phase, state.epoch, state.step)
+        logger.info("%s %s (phase %s, epoch %d, step %d)", *start, state.phase, state.epoch, state.step)
     provenance = {  # what every checkpoint carries besides the state (the gene ids are read once)
         "config": config_to_dict(config),
         "gene_ids": [str(g) for g in store.gene_ids],
         "gene_index": None if genes is None else torch.as_tensor(genes),
         "store_spec": store.spec_version,  # checked against the store on load (checkpoint.check_store)
-        "unannotated": plan.unannotated,
+        "unannotated": plan.unannotated[0] if len(plan.unannotated) == 1 else list(plan.unannotated),
         "annotated": list(plan.annotated),
         "experiments": list(plan.experiments),
         "cell_types": list(plan.cell_types),
         "n_clusters": plan.n_clusters,
+        "reference": None if reference is None else str(reference[0]),
         "versions": {"torch": str(torch.__version__)},
     }
     run = _Run(store=store, plan=plan, config=config, model=model, genes=genes, device=device, info=info,
                ckpt_path=ckpt_path, provenance=provenance, signals=signals, stop_after_epoch=stop_after_epoch,
                started=time.perf_counter())
     return run, state
+
+
+def _reference_start(plan: TrainPlan, path: Path, reference: dict[str, Any]) -> dict[str, Any]:
+    """The state a run trained ``--from`` a reference starts in: its network and annotated
+    landmarks, at the landmark initialisation.
+
+    Raises
+    ------
+    CheckpointMismatchError
+        If the reference's annotated landmarks are not those of ``plan`` (its annotated
+        experiments or their cell types changed).
+    """
+    names = [(reference["experiments"][e], reference["cell_types"][t]) for e, t in reference["annotated_pairs"].tolist()]
+    if names != [(plan.experiments[e], plan.cell_types[t]) for e, t in plan.pairs]:
+        raise CheckpointMismatchError(
+            f"{path}: the reference's annotated cell types differ from the store's annotated experiments "
+            "(train the reference again on this store)")
+    return {"format_version": CHECKPOINT_FORMAT_VERSION, "phase": "init", "model": reference["model"],
+            "gene_index": reference.get("gene_index"), "annotated_landmarks": reference["annotated_landmarks"],
+            "annotated_pairs": torch.as_tensor(plan.pairs, dtype=torch.long).reshape(-1, 2)}
 
 
 def fit(store: Atlas, plan: TrainPlan, config: RunConfig, **kwargs) -> dict[str, Any]:
@@ -580,6 +656,7 @@ def _fit(
     info: DistInfo,
     run_dir: Path | None = None,
     checkpoint: dict[str, Any] | None = None,
+    reference: tuple[Path, dict[str, Any]] | None = None,
     stop_after_epoch: int | None = None,
     signals: StopSignals | None = None,
 ) -> dict[str, Any]:
@@ -601,6 +678,10 @@ def _fit(
     checkpoint
         A checkpoint of this run to continue from (read by the caller, which checked it
         against the store: :meth:`mars_scale.model.Mars.train`); ``None`` starts afresh.
+    reference
+        ``(path, payload)`` of a trained reference (``--reference-only``) to start from when
+        there is no checkpoint: its network and annotated landmarks are reused, pretraining and
+        warm-up skipped, and the run begins with the unannotated landmarks.
     stop_after_epoch
         Stop (as if interrupted) after this many epochs in total, pretraining included; for
         tests of resume.
@@ -615,7 +696,7 @@ def _fit(
         ``history``, ...) and the provenance (``config``, ``gene_ids``, ``store_spec``, ...).
     """
     run, state = _start(store, plan, config, device=device, info=info, run_dir=run_dir, checkpoint=checkpoint,
-                        stop_after_epoch=stop_after_epoch, signals=signals)
+                        reference=reference, stop_after_epoch=stop_after_epoch, signals=signals)
     phases = {"pretrain": pretrain, "warmup": warmup, "init": init_landmarks, "finetune": finetune}
     while state.phase != "done":
         if phases[state.phase](run, state):  # stop_after_epoch reached (saved)
@@ -633,7 +714,8 @@ def pretrain(run: _Run, state: TrainState) -> bool:
     Returns True when ``stop_after_epoch`` asks the run to stop.
     """
     tc, plan, device = run.tc, run.plan, run.device
-    experiments = [plan.unannotated] if tc.pretrain_on == "unannotated" else [plan.unannotated, *plan.annotated]
+    experiments = [*plan.unannotated, *plan.annotated] if tc.pretrain_on == "all" or plan.reference_only \
+        else list(plan.unannotated)
     loader = run.loader(experiments, tc.seed)
     net = run.ddp(run.model)
     optimizer = run.make_optimizer(state, run.model.parameters(), lr=tc.lr)
@@ -677,7 +759,7 @@ def warmup(run: _Run, state: TrainState) -> bool:
     tc, plan, device, net = run.tc, run.plan, run.device, run.encoder_net
     n_epochs = resolve_warmup_epochs(tc.warmup_epochs, n_annotated=len(plan.annotated))
     stops_early = tc.warmup_epochs is None
-    if state.kmeans_pretrained is None:  # the "K-means on the autoencoder" baseline
+    if state.kmeans_pretrained is None and not plan.reference_only:  # the "K-means on the autoencoder" baseline
         _, state.kmeans_pretrained = _init_unannotated(run.model.encoder, run.store, plan, tc, device, run.info)
     optimizer = run.make_optimizer(state, run.model.encoder.parameters(), lr=tc.warmup_lr)
     loader_a = run.loader(list(plan.annotated), tc.seed + 1)
@@ -729,7 +811,12 @@ def warmup(run: _Run, state: TrainState) -> bool:
 
 
 def init_landmarks(run: _Run, state: TrainState) -> bool:
-    """The unannotated landmarks: K-means on the embedded unannotated cells."""
+    """The unannotated landmarks: K-means on the embedded unannotated cells. A reference (no
+    unannotated experiment) ends here, with its annotated landmarks."""
+    if run.plan.reference_only:
+        _finish(run, state, None)
+        run.save(state, None)
+        return False
     state.unannotated_landmarks, state.kmeans_init = _init_unannotated(
         run.model.encoder, run.store, run.plan, run.tc, run.device, run.info)
     state.advance("finetune")
@@ -756,7 +843,7 @@ def finetune(run: _Run, state: TrainState) -> bool:
                     "spreads (docs/algorithm.md, \"Why the fine-tuning loss rises\")")
     optimizer = run.make_optimizer(state, run.model.encoder.parameters(), lr=tc.finetune_lr)
     loader_a = run.loader(list(plan.annotated), tc.seed + 1)
-    loader_u = run.loader([plan.unannotated], tc.seed + 2)
+    loader_u = run.loader(list(plan.unannotated), tc.seed + 2)
     weights = _AnnotatedWeights(plan, run.store, device=device)
     steps = max(run.annotated_steps(loader_a), len(loader_u))
 
@@ -805,16 +892,19 @@ def finetune(run: _Run, state: TrainState) -> bool:
     return False
 
 
-def _finish(run: _Run, state: TrainState, landmarks: torch.Tensor) -> None:
+def _finish(run: _Run, state: TrainState, landmarks: torch.Tensor | None) -> None:
     """Final annotated landmarks (plain class means when there was no fine-tuning), the cells per
-    unannotated landmark, and pruning of the unused ones."""
-    if run.tc.finetune_epochs == 0 or state.annotated_landmarks is None:
+    unannotated landmark, and pruning of the unused ones (a reference has no ``landmarks``)."""
+    if state.annotated_landmarks is None or (run.tc.finetune_epochs == 0 and not run.plan.reference_only):
         sums, counts = _class_means(run.model.encoder, run.store, run.plan, batch_size=run.eval_batch_size,
                                     device=run.device, info=run.info, n_latent=run.config.model.n_latent,
                                     max_cells=run.tc.annotated_cells_per_epoch, seed=run.tc.seed)
         annotated = _AnnotatedLandmarks(run.plan, run.device)
         state.annotated_landmarks = (sums[annotated.flat] / counts[annotated.flat].clamp(min=1).unsqueeze(1)).float().cpu()
         state.annotated_pairs = annotated.pairs.clone()
+    if landmarks is None:  # a reference
+        state.phase, state.train_seconds = "done", time.perf_counter() - run.started
+        return
     usage = _landmark_usage(run.model.encoder, run.store, run.plan, landmarks, device=run.device, info=run.info,
                             batch_size=run.eval_batch_size)
     unused = (usage == 0).nonzero().flatten().tolist()
@@ -827,8 +917,7 @@ def _finish(run: _Run, state: TrainState, landmarks: torch.Tensor) -> None:
         usage = usage[usage > 0]
     state.unannotated_landmarks = landmarks
     state.landmark_usage = usage.cpu().long()
-    state.phase = "done"
-    state.train_seconds = time.perf_counter() - run.started
+    state.phase, state.train_seconds = "done", time.perf_counter() - run.started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -919,7 +1008,7 @@ def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
     """
     cap = max(1, tc.kmeans_max_points // info.world_size)
     index, chunks = [], []
-    for idx, _, _, z in embed(encoder, store, experiments=[plan.unannotated], batch_size=max(tc.batch_size, 1024),
+    for idx, _, _, z in embed(encoder, store, experiments=list(plan.unannotated), batch_size=max(tc.batch_size, 1024),
                               device=device, info=info, progress="embed for K-means"):
         index.append(idx.cpu())
         chunks.append(z.float().cpu())
@@ -955,7 +1044,8 @@ def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
 @torch.no_grad()
 def _landmark_usage(encoder, store, plan, landmarks, *, device, info, batch_size) -> torch.Tensor:
     usage = torch.zeros(len(landmarks), dtype=torch.float64, device=device)
-    for _, _, _, z in embed(encoder, store, experiments=[plan.unannotated], batch_size=batch_size, device=device, info=info):
+    for _, _, _, z in embed(encoder, store, experiments=list(plan.unannotated), batch_size=batch_size, device=device,
+                          info=info):
         assign, _ = nearest(z, landmarks.to(z.device))
         usage += torch.bincount(assign, minlength=len(landmarks)).double()
     all_reduce_sum(usage, info)
