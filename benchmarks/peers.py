@@ -13,6 +13,10 @@ in its own fresh process, in an order rotated from round to round:
   codec pipeline (as annbatch recommends for local disks); the normalised variant applies
   :func:`mars_scale.preprocess.normalize_log1p` (the function mars-scale's loader uses) to each
   batch's values in place.
+- ``scdataset_raw`` / ``scdataset_normalized``: scDataset with its defaults
+  (``BlockShuffling(block_size=8)``, ``fetch_factor=16``) over the h5ad opened with
+  ``anndata.read_h5ad(backed="r")``, batches converted to torch sparse CSR; it reads far slower,
+  so each of its passes stops after ``--scdataset-batches`` batches.
 - ``mars_scale_spec_0_1_1_*``: the same loader on the same cells ingested with the layout of
   before this benchmark (1,024 cells per chunk, 32 chunks per shard, int32 column indices), to
   measure what the store changes gave.
@@ -62,6 +66,7 @@ logger = logging.getLogger("benchmarks.peers")
 MARS_VARIANTS = ("mars_scale_raw", "mars_scale_normalized")
 OLD_VARIANTS = ("mars_scale_spec_0_1_1_raw", "mars_scale_spec_0_1_1_normalized")
 PEER_VARIANTS = ("annbatch_raw", "annbatch_normalized")
+SCDATASET_VARIANTS = ("scdataset_raw", "scdataset_normalized")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +156,42 @@ def measure_annbatch(p: dict) -> dict:
             "rss_after_imports_mb": round(after_imports, 1)}
 
 
+def measure_scdataset(p: dict) -> dict:
+    """scDataset (block shuffling, its defaults) over the h5ad opened backed, ``max_batches`` a pass."""
+    import itertools
+    import warnings
+
+    import anndata as ad
+    import torch
+    from scdataset import scDataset
+    from scdataset.strategy import BlockShuffling
+
+    from mars_scale.preprocess import normalize_log1p
+
+    adata = ad.read_h5ad(p["h5ad"], backed="r")
+    x, codes = adata.X, adata.obs["experiment"].cat.codes.to_numpy()
+    dataset = scDataset(
+        adata, BlockShuffling(), batch_size=p["batch_size"], seed=p["seed"],
+        fetch_callback=lambda _, index: (x[index], codes[index]),
+        batch_callback=lambda fetched, index: (fetched[0][index], fetched[1][index]),
+    )
+    after_imports = current_rss_mb()
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+    def batches(epoch):
+        for sub, exp in itertools.islice(dataset, p["max_batches"]):
+            if p["normalize"]:
+                normalize_log1p(sub.indptr, sub.indices, sub.data, out=sub.data)
+            torch.sparse_csr_tensor(torch.from_numpy(sub.indptr), torch.from_numpy(sub.indices),
+                                    torch.from_numpy(sub.data), size=sub.shape)
+            yield sub.shape[0], exp
+
+    epochs, codes_seen = _epochs(batches, p["epochs"])
+    sizes = np.bincount(codes)
+    return {"epochs": epochs, "mixing": _mixing(codes_seen, sizes[sizes > 0], p["batch_size"]),
+            "rss_after_imports_mb": round(after_imports, 1)}
+
+
 def measure_mars_convert(p: dict) -> dict:
     """``mars-scale ingest`` of the h5ad (its defaults, or the layout of spec 0.1.1)."""
     import contextlib
@@ -197,6 +238,7 @@ MEASUREMENTS = {
     "simulate": measure_simulate,
     "mars": measure_mars,
     "annbatch": measure_annbatch,
+    "scdataset": measure_scdataset,
     "mars_convert": measure_mars_convert,
     "annbatch_convert": measure_annbatch_convert,
 }
@@ -227,26 +269,10 @@ def _summary(runs: dict[str, list[dict]], variants: list[str]) -> dict:
         out["peak_rss_mb_max"][v] = max(r["peak_rss_mb"] for r in runs[v])
         out["loader_rss_mb_max"][v] = round(max(r["peak_rss_mb"] - r["rss_after_imports_mb"] for r in runs[v]), 1)
         out["experiments_per_batch"][v] = runs[v][0]["mixing"]
-    ratios: dict = {}
-    for mode in ("raw", "normalized"):
-        ours, peer = runs[f"mars_scale_{mode}"], runs[f"annbatch_{mode}"]
-        for epoch, name in ((last, ""), (0, "first_epoch_")):
-            per_round = [a["epochs"][epoch]["cells_per_s"] / b["epochs"][epoch]["cells_per_s"]
-                         for a, b in zip(ours, peer)]
-            best = (max(a["epochs"][epoch]["cells_per_s"] for a in ours)
-                    / max(b["epochs"][epoch]["cells_per_s"] for b in peer))
-            ratios[f"{name}cells_per_s_{mode}"] = {
-                "median": _median(per_round), "per_round": [round(x, 3) for x in per_round],
-                "best_over_best": round(best, 3)}
-        cpu = [b["epochs"][last]["cpu_s"] / a["epochs"][last]["cpu_s"] for a, b in zip(ours, peer)]
-        ratios[f"cpu_s_annbatch_over_mars_scale_{mode}"] = _median(cpu)
-        ratios[f"peak_rss_mars_scale_over_annbatch_{mode}"] = round(
-            out["peak_rss_mb_max"][f"mars_scale_{mode}"] / out["peak_rss_mb_max"][f"annbatch_{mode}"], 3)
-        ratios[f"loader_rss_mars_scale_over_annbatch_{mode}"] = round(
-            out["loader_rss_mb_max"][f"mars_scale_{mode}"] / out["loader_rss_mb_max"][f"annbatch_{mode}"], 3)
-    out["mars_scale_over_annbatch"] = ratios
-    old = [v for v in OLD_VARIANTS if v in runs]
-    if old:
+    for name in ("annbatch", "scdataset"):
+        if f"{name}_raw" in runs:
+            out[f"mars_scale_over_{name}"] = _ratios(runs, out, name)
+    if any(v in runs for v in OLD_VARIANTS):
         out["mars_scale_over_spec_0_1_1_layout"] = {
             mode: {
                 "cells_per_s": _median([a["epochs"][last]["cells_per_s"] / b["epochs"][last]["cells_per_s"]
@@ -255,6 +281,29 @@ def _summary(runs: dict[str, list[dict]], variants: list[str]) -> dict:
                                                     for a, b in zip(runs[f"mars_scale_{mode}"], runs[f"mars_scale_spec_0_1_1_{mode}"])]),
             } for mode in ("raw", "normalized")}
     return out
+
+
+def _ratios(runs: dict, out: dict, peer_name: str) -> dict:
+    """mars-scale over one peer: cells/s within each round (median, per round, best over best),
+    CPU time and RSS."""
+    last, ratios = -1, {}
+    for mode in ("raw", "normalized"):
+        ours, peer = runs[f"mars_scale_{mode}"], runs[f"{peer_name}_{mode}"]
+        for epoch, name in ((last, ""), (0, "first_epoch_")):
+            per_round = [a["epochs"][epoch]["cells_per_s"] / b["epochs"][epoch]["cells_per_s"]
+                         for a, b in zip(ours, peer)]
+            best = (max(a["epochs"][epoch]["cells_per_s"] for a in ours)
+                    / max(b["epochs"][epoch]["cells_per_s"] for b in peer))
+            ratios[f"{name}cells_per_s_{mode}"] = {
+                "median": _median(per_round), "per_round": [round(x, 3) for x in per_round],
+                "best_over_best": round(best, 3)}
+        cpu = [b["epochs"][last]["cpu_s"] / b["epochs"][last]["cells"] * a["epochs"][last]["cells"]
+               / a["epochs"][last]["cpu_s"] for a, b in zip(ours, peer)]
+        ratios[f"cpu_s_per_cell_{peer_name}_over_mars_scale_{mode}"] = _median(cpu)
+        for key in ("peak_rss_mb_max", "loader_rss_mb_max"):
+            ratios[f"{key[:-7]}_mars_scale_over_{peer_name}_{mode}"] = round(
+                out[key][f"mars_scale_{mode}"] / out[key][f"{peer_name}_{mode}"], 3)
+    return ratios
 
 
 def _convert(script, args, scratch: Path, key: str, h5ad: Path) -> tuple[dict, dict]:
@@ -287,6 +336,8 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, default=Path("/work/scratch/peers"))
     ap.add_argument("--peers-python", required=True, help="interpreter with annbatch, zarrs and torch (Python >= 3.12)")
     ap.add_argument("--no-old-layout", action="store_true", help="skip the spec 0.1.1 layout variants")
+    ap.add_argument("--scdataset-batches", type=int, default=150,
+                    help="batches per scDataset pass over the backed h5ad (0: skip scDataset)")
     ap.add_argument("--name", default="peers")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
@@ -300,7 +351,8 @@ def main() -> None:
             "h5ad": h5ad, "n_cells": args.n_cells, "n_genes": args.n_genes, "n_experiments": args.n_experiments})
     record["h5ad_mb"] = round(h5ad.stat().st_size / 1e6, 1)
     stores, record["conversion"] = _convert(script, args, scratch, key, h5ad)
-    variants = [*MARS_VARIANTS, *PEER_VARIANTS, *(() if args.no_old_layout else OLD_VARIANTS)]
+    variants = [*MARS_VARIANTS, *PEER_VARIANTS, *(() if args.no_old_layout else OLD_VARIANTS),
+                *(SCDATASET_VARIANTS if args.scdataset_batches else ())]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for rnd in range(args.rounds):
         order = variants[rnd % len(variants):] + variants[: rnd % len(variants)]
@@ -310,6 +362,9 @@ def main() -> None:
             if v.startswith("annbatch"):
                 res = run_measurement(script, "annbatch", {**params, "store": stores["annbatch"]},
                                       python=args.peers_python)
+            elif v.startswith("scdataset"):
+                res = run_measurement(script, "scdataset", {
+                    **params, "h5ad": h5ad, "max_batches": args.scdataset_batches}, python=args.peers_python)
             else:
                 store = stores["mars_scale_spec_0_1_1" if v in OLD_VARIANTS else "mars_scale"]
                 res = run_measurement(script, "mars", {**params, "store": store})
@@ -332,7 +387,7 @@ def measure_versions(p: dict) -> dict:
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
-    for name in ("annbatch", "zarrs", "zarr", "anndata", "numpy", "scipy", "torch"):
+    for name in ("annbatch", "zarrs", "scdataset", "zarr", "anndata", "h5py", "numpy", "scipy", "torch"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

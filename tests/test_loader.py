@@ -176,6 +176,15 @@ def test_batches_mix_blocks(atlas):
     assert np.median(per_batch) >= 5
 
 
+def test_default_blocks_are_whole_chunks_of_at_least_1024_rows(atlas):
+    """Small chunks (64 rows here, 128 by default) are read 16 at a time, not one by one."""
+    assert atlas.rows_per_chunk == 64 and atlas.rows_per_block == 1024
+    loader = Loader(atlas, batch_size=64)
+    assert loader.rows_per_block == 1024
+    one_chunk = Loader(atlas, batch_size=64, rows_per_block=atlas.rows_per_chunk)
+    assert loader.n_blocks * 4 < one_chunk.n_blocks
+
+
 def test_blocks_are_aligned_with_chunks(atlas):
     loader = Loader(atlas, batch_size=64)
     starts, stops = loader.block_bounds()
