@@ -1,4 +1,4 @@
-"""mars-scale's loader against its peer annbatch, on the same h5ad, raw and normalised batches.
+"""mars-scale's loader against its peers annbatch and scDataset, on the same h5ad, raw and normalised batches.
 
 One run: one simulated h5ad (``mars_scale.simulate.write_h5ad``), converted once by each tool
 (mars-scale ``ingest`` with its defaults; annbatch's ``DatasetCollection.add_adatas`` with its
@@ -32,11 +32,12 @@ round (the two processes ran minutes apart at most), then the median over rounds
 on a shared machine only slows a run down, the best run of each variant is the least disturbed
 estimate, and the ratio of the bests is given too.
 
-annbatch needs Python >= 3.12: give its interpreter with ``--peers-python`` (a virtual
-environment with ``annbatch``, ``zarrs`` and ``torch``; not a dependency of mars-scale)::
+annbatch needs Python >= 3.12: give the peers' interpreter with ``--peers-python`` (a virtual
+environment with ``annbatch``, ``zarrs``, ``scdataset``, ``torch`` and ``psutil``; none of them
+a dependency of mars-scale, and no test imports them)::
 
     /root/.pyenv/versions/3.12.1/bin/python -m venv /work/scratch/peers-venv
-    /work/scratch/peers-venv/bin/pip install annbatch zarrs torch psutil
+    /work/scratch/peers-venv/bin/pip install annbatch zarrs scdataset torch psutil
     python benchmarks/peers.py --scratch /work/scratch/peers \\
         --peers-python /work/scratch/peers-venv/bin/python --n-cells 200000 --n-genes 20000
 
@@ -48,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     cpu_seconds, current_rss_mb, load_average, measurement_main, run_measurement, write_result,
 )
-from loader import _files, _start_run, measure_simulate  # noqa: E402
+from loader import _files, _median, _start_run, measure_simulate  # noqa: E402
 
 logger = logging.getLogger("benchmarks.peers")
 
@@ -246,10 +246,6 @@ MEASUREMENTS = {
 
 # ---------------------------------------------------------------------------------------------
 # Orchestration
-
-
-def _median(values) -> float:
-    return round(float(statistics.median(values)), 3)
 
 
 def _summary(runs: dict[str, list[dict]], variants: list[str]) -> dict:
