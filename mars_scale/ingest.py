@@ -18,7 +18,7 @@ the simulator's), without a gene filter.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -909,10 +909,21 @@ class _PlanSpec:
     label: bool  # read config.label_key
 
 
-@functools.lru_cache(maxsize=8)
+_WORKER_SOURCES: dict[str, dict[str, _H5adSource]] = {}  # ingest call -> path -> opened input
+
+
 def _worker_source(path: str, config: IngestConfig, call: str) -> _H5adSource:
     """One opened input per worker process and ingest call (its columns are read once)."""
-    return _H5adSource(Path(path), config)
+    opened = _WORKER_SOURCES.setdefault(call, {})
+    if path not in opened:
+        opened[path] = _H5adSource(Path(path), config)
+    return opened[path]
+
+
+def _release_sources(call: str) -> None:
+    """Close the inputs a worker opened for one ingest call (run on every worker at the end)."""
+    for src in _WORKER_SOURCES.pop(call, {}).values():
+        src.close()
 
 
 def _run_remote(fn: Callable, spec: _PlanSpec, a: int, b: int, call: str, kwargs: dict):
@@ -958,6 +969,9 @@ class _DaskRunner(_Runner):
             yield result
 
     def close(self) -> None:
+        if self.cluster is None:  # a cluster of its own goes away with its files
+            with contextlib.suppress(Exception):
+                self.client.run(_release_sources, self.call)
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()

@@ -290,3 +290,17 @@ def test_append_to_an_annotated_store_extends_the_results_with_missing_values(tm
     assert summary["annotation_runs"][0]["experiments"] == ["CELseq2"]
     assert [e["annotation_runs"] for e in summary["experiments"]] == [[], ["mars"], []]
     verify_store(store)
+
+
+def test_ingest_on_a_running_scheduler_closes_its_inputs(tmp_path, panel_parts):
+    from dask.distributed import LocalCluster
+
+    import importlib
+
+    ingest_module = importlib.import_module("mars_scale.ingest")
+    a, b = panel_parts
+    serial = ingest([a, b], tmp_path / "serial.zarr", config=CONFIG)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        out = ingest([a, b], tmp_path / "cluster.zarr", config=CONFIG, scheduler=cluster.scheduler_address)
+    assert _files(out) == _files(serial)
+    assert ingest_module._WORKER_SOURCES == {}  # the in-process worker closed the files it opened
