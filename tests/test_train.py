@@ -654,3 +654,21 @@ def test_cli_annotated_contrast_reaches_the_training_config(tmp_path, monkeypatc
     assert seen["config"].train.annotated_contrast == 0.0
     refused = CliRunner().invoke(main, [*args, "--annotated-contrast", "-1"])
     assert refused.exit_code == 2 and "annotated_contrast" in refused.output
+
+
+def test_a_checkpoint_of_another_format_version_is_refused(tmp_path):
+    """The checkpoint is the TrainState plus provenance, format version 1; another version is
+    refused with a one-line error instead of being half-read."""
+    from mars_scale.checkpoint import load_checkpoint, save_checkpoint
+
+    store = _balanced_store(tmp_path)
+    Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "part", stop_after_epoch=1)
+    path = tmp_path / "part" / "checkpoint.pt"
+    payload = load_checkpoint(path)
+    assert payload["format_version"] == 1 and payload["phase"] == "pretrain" and payload["epoch"] == 1
+    save_checkpoint(path, {**payload, "format_version": 2})
+    with pytest.raises(CheckpointMismatchError, match="checkpoint format version 2"):
+        Mars(store, unannotated="exp0", n_clusters=3, config=TINY).train(run_dir=tmp_path / "part", resume=True)
+    r = CliRunner().invoke(main, ["train", str(store), "--unannotated", "exp0", "--n-clusters", "3", "--device", "cpu",
+                                  "-o", str(tmp_path / "part"), "--resume"])
+    assert r.exit_code == 2 and "checkpoint format version 2" in r.stderr and len(r.stderr.strip().splitlines()) == 1
