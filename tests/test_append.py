@@ -193,7 +193,9 @@ KILL_DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("where", ["flush1", "flush6", "cloned", "written", "sealed", "exchanged"])
+@pytest.mark.parametrize("where", ["flush1", pytest.param("flush6", marks=pytest.mark.slow),
+                                   pytest.param("cloned", marks=pytest.mark.slow), "written",
+                                   pytest.param("sealed", marks=pytest.mark.slow), "exchanged"])
 def test_append_killed_at_each_step_leaves_a_whole_store(tmp_path, panel_parts, where):
     a, b = panel_parts
     store = ingest([a], tmp_path / "s.zarr", config=CONFIG)
