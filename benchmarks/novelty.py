@@ -232,7 +232,7 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
 # scoring
 
 
-def score_cache(cache: Path, *, method: str = "default") -> dict[str, Any]:
+def score_cache(cache: Path, *, method: str = "default", split_test: bool = True) -> dict[str, Any]:
     """Score one cached run with the package's naming and metrics (``annotate``'s code path:
     landmarks with fewer than 10 cells merged, names matched with landmark weights)."""
     from mars_scale.annotate import merge_small_clusters
@@ -240,6 +240,8 @@ def score_cache(cache: Path, *, method: str = "default") -> dict[str, Any]:
     from mars_scale.landmarks import nearest
     from mars_scale.metrics import ari
     from mars_scale.naming import name_clusters
+    from mars_scale.store import open_store
+    from mars_scale.subpopulations import name_with_parts
 
     d = np.load(cache, allow_pickle=False)
     held, removed = str(d["held_out"]), str(d["removed"]) or None
@@ -262,9 +264,17 @@ def score_cache(cache: Path, *, method: str = "default") -> dict[str, Any]:
         ok = index >= 0
         total = np.bincount(index[ok], weights=sq[ok], minlength=len(keys))
         extra = {"novelty_method": "margin", "landmark_radius": np.sqrt(total / np.maximum(weights, 1))}
-    naming = name_clusters(
-        z_e, assign, d["landmarks_annotated"], d["landmark_types"], landmark_weights=weights, rng=0, **extra,
-    )
+    def name(clusters: np.ndarray, unreferenced: dict | None):
+        return name_clusters(z_e, clusters, d["landmarks_annotated"], d["landmark_types"], landmark_weights=weights,
+                             unreferenced=unreferenced, rng=0, **extra)
+
+    parts = []
+    if split_test and method != "margin":
+        store = open_store(cache.parents[3] / "stores" / cache.parent.name / cache.stem.rsplit("__s", 1)[0] / "atlas.zarr")
+        naming, assign, parts = name_with_parts(name, store, held, assign, z_e,
+                                                annotated=sorted(set(d["landmark_experiments"].tolist())), seed=0)
+    else:
+        naming = name(assign, None)
     known_types = sorted(set(d["landmark_types"].tolist()))
     known = np.isin(truth_e, known_types)
     is_removed = truth_e == removed if removed else np.zeros(len(truth_e), dtype=bool)
@@ -282,7 +292,9 @@ def score_cache(cache: Path, *, method: str = "default") -> dict[str, Any]:
         "clusters": [
             {"cluster": int(c), "n_cells": int(n), "label": str(lab), "novelty": round(float(v), 4),
              "truth": _majority(truth_e[assign == c])}
-            for c, n, lab, v in zip(naming.clusters, naming.n_cells, naming.label, naming.novelty)
+            | ({"part_of": int(naming.clusters[p])} if p >= 0 else {})
+            for c, n, lab, v, p in zip(naming.clusters, naming.n_cells, naming.label, naming.novelty,
+                                       naming.part_of)
         ],
     }
     # baselines
@@ -409,6 +421,8 @@ def main() -> None:
                         help="Over-guess K by this many landmarks (nothing-removed scenarios only).")
     parser.add_argument("--train-only", action="store_true", help="Train and cache; write no result.")
     parser.add_argument("--method", default="default", help="Novelty method passed to name_clusters.")
+    parser.add_argument("--no-split-test", action="store_true",
+                        help="Score without annotate's split test (mars_scale.subpopulations).")
     parser.add_argument("--options", type=json.loads, default=None,
                         help='Training options as JSON, e.g. \'{"annotated_contrast": 1.0}\' (cached apart).')
     parser.add_argument("--key", default=None, help="Result key (default: <selection>-<N>seeds[-method]).")
@@ -435,7 +449,7 @@ def main() -> None:
                 if args.train_only or not cache.exists():
                     continue
                 row = {"dataset": dataset, "held_out": sc["held_out"], "removed": sc["removed"], "seed": seed,
-                       **score_cache(cache, method=args.method)}
+                       **score_cache(cache, method=args.method, split_test=not args.no_split_test)}
                 single = [str(s) for s in np.load(cache)["single"]]
                 if single:
                     row["single_type_reference"] = single

@@ -51,6 +51,7 @@ from mars_scale.errors import InputError, StoreError
 from mars_scale.landmarks import nearest
 from mars_scale.model import Mars
 from mars_scale.naming import NamingResult, name_clusters
+from mars_scale.subpopulations import name_with_parts
 from mars_scale.store import (Atlas, atomic_file, chunk_codecs, column_array, commit_elements, encode_array,
                                obs_publication, open_store, seal, store_lock, write_attrs, write_categorical)
 from mars_scale.train import embed, experiment_names
@@ -187,6 +188,7 @@ def annotate(
     novelty_method: str = "matching",
     min_cluster_cells: int = 10,
     max_cells_per_cluster: int = 2000,
+    split_test: bool = True,
 ) -> AnnotationResult:
     """Embed all cells, cluster and name the unannotated experiment, write results to the store.
 
@@ -227,6 +229,10 @@ def annotate(
         1 keeps every landmark.
     max_cells_per_cluster
         Cells sampled per cluster to estimate the kernel width.
+    split_test
+        Look inside each cluster called known for a population the reference lacks (a close
+        subtype new to it) and make it a cluster of its own, called new
+        (:mod:`mars_scale.subpopulations`; matching method only).
 
     Returns
     -------
@@ -276,7 +282,8 @@ def annotate(
     root_dir = Path(store.path)
     options = dict(device=resolve_device(device), batch_size=batch_size, space=space, seed=seed,
                    novelty_threshold=novelty_threshold, novelty_method=novelty_method,
-                   min_cluster_cells=min_cluster_cells, max_cells_per_cluster=max_cells_per_cluster)
+                   min_cluster_cells=min_cluster_cells, max_cells_per_cluster=max_cells_per_cluster,
+                   split_test=split_test)
     naming, unused, merged, radius, elements = _annotate_locked(
         store, model, model_or_run_dir, keys, names, overwrite=overwrite, options=options)
     written = tuple(f"{group}/{name}" for group, name in elements)
@@ -492,7 +499,7 @@ def _landmark_lookup(model: Mars, store: Atlas) -> tuple[np.ndarray, np.ndarray,
 def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str, Any], *,
              device: torch.device, batch_size: int, space: str, seed: int | None,
              novelty_threshold: float, novelty_method: str, min_cluster_cells: int,
-             max_cells_per_cluster: int) -> tuple[NamingResult, np.ndarray, np.ndarray, np.ndarray]:
+             max_cells_per_cluster: int, split_test: bool) -> tuple[NamingResult, np.ndarray, np.ndarray, np.ndarray]:
     """Embed every cell into the staging obsm array; assign and name the unannotated cells."""
     spans = _spans(store, experiment_names(model.state["unannotated"]))
     starts = np.asarray([a for a, _ in spans])
@@ -553,14 +560,23 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
         logger.warning("%d of %d unannotated landmarks have no cells: %s", unused.size, len(landmarks_u),
                        unused.tolist())
     assignment, merged = merge_small_clusters(held_out, assignment, landmarks_u, min_cells=min_cluster_cells)
+
+    def name(clusters: np.ndarray, unreferenced: dict | None) -> NamingResult:
+        return name_clusters(
+            held_out, clusters, landmarks_a, landmark_names, landmark_weights=count,
+            landmark_radius=radius if (space == "latent" and novelty_method == "margin") else None,
+            novelty_method=novelty_method, max_cells_per_cluster=max_cells_per_cluster, top=3,
+            novelty_threshold=novelty_threshold, space=space, unreferenced=unreferenced,
+            rng=np.random.default_rng(seed),
+        )
+
+    if split_test:
+        annotated = sorted(set(model.annotated_landmarks[1]))
+        naming, assignment, _ = name_with_parts(name, store, unannotated, assignment, held_out,
+                                                annotated=annotated, seed=seed)
+    else:
+        naming = name(assignment, None)
     np.save(staging / "assignment.npy", assignment)
-    naming = name_clusters(
-        held_out, assignment, landmarks_a, landmark_names, landmark_weights=count,
-        landmark_radius=radius if (space == "latent" and novelty_method == "margin") else None,
-        novelty_method=novelty_method,
-        max_cells_per_cluster=max_cells_per_cluster, top=3, novelty_threshold=novelty_threshold,
-        space=space, rng=np.random.default_rng(seed),
-    )
     del held_out
     return naming, unused, merged, radius
 
@@ -679,6 +695,7 @@ def _run_record(model: Mars, source: Any, naming: NamingResult, unused: np.ndarr
         "compared_name": np.asarray(naming.compared_name, dtype=object),
         "matched": np.asarray(naming.matched, dtype=bool),
         "evidence": np.asarray(naming.evidence, dtype=np.float64),
+        "part_of": np.where(naming.part_of >= 0, naming.clusters[np.maximum(naming.part_of, 0)], -1).astype(np.int64),
         "names": np.asarray(naming.names, dtype=object),
         "novelty_method": naming.novelty_method,
         "merged_landmarks": np.asarray(merged, dtype=np.int64),

@@ -114,7 +114,7 @@ from mars_scale.errors import InputError
 from mars_scale.landmarks import kmeans, nearest
 from mars_scale.metrics import clustering_metrics
 from mars_scale.model import Mars
-from mars_scale.preprocess import fold_scaling, normalize_log1p, scaled_nonzero_values
+from mars_scale.preprocess import fold_scaling, normalized_rows, scaled_nonzero_values
 from mars_scale.store import Atlas, as_store, atomic_file, open_store
 from mars_scale.train import experiment_names
 
@@ -494,26 +494,13 @@ def scaled_rows(store: Atlas, rows: np.ndarray, *, block_rows: int = 4096) -> sp
     scaled value of a zero) plus the returned sparse matrix, which holds the stored entries
     minus ``c``. Rows are read in blocks of ``block_rows``.
     """
-    rows = np.asarray(rows, dtype=np.int64)
     prep = store.meta.get("preprocessing", {})
-    target_sum = float(prep.get("target_sum", 1e4))
     max_value = prep.get("max_value", 10.0)
     params = fold_scaling(store.var_column("mean"), store.var_column("std"),
                           max_value=None if max_value is None else float(max_value))
-    blocks = []
-    if rows.size == 0:
-        return sp.csr_matrix((0, len(store.gene_ids)))
-    for lo in range(int(rows[0]), int(rows[-1]) + 1, block_rows):
-        hi = min(int(rows[-1]) + 1, lo + block_rows)
-        take = rows[(rows >= lo) & (rows < hi)] - lo
-        if take.size == 0:
-            continue
-        block = store.read_rows(lo, hi)[take]
-        data = normalize_log1p(block.indptr, block.indices, block.data, target_sum=target_sum,
-                               kind=store.input_kind, dtype=np.float64)
-        values = scaled_nonzero_values(block.indices, data, params, dtype=np.float64)
-        blocks.append(sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape))
-    return sp.vstack(blocks, format="csr")
+    matrix = normalized_rows(store, rows, block_rows=block_rows)
+    matrix.data = scaled_nonzero_values(matrix.indices, matrix.data, params, dtype=np.float64)
+    return matrix
 
 
 def _pca_of_experiment(store: Atlas, experiment: str, *, n_components: int, max_cells: int,

@@ -87,6 +87,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -170,6 +171,9 @@ class NamingResult:
         tested against, -1 for matched clusters.
     distinctness
         ``(J,)`` ``d'`` of an unmatched cluster against ``split_of``; NaN for matched ones.
+    part_of
+        ``(J,)`` index (into :attr:`clusters`) of the cluster that a population the reference
+        lacks was split from (``unreferenced``), -1 for the others.
     prototypes
         ``(N, D)`` the name prototypes ``P_n`` (in the naming space).
     cell_type
@@ -214,6 +218,7 @@ class NamingResult:
     evidence: np.ndarray
     split_of: np.ndarray
     distinctness: np.ndarray
+    part_of: np.ndarray
     prototypes: np.ndarray
     cell_type: np.ndarray
     confidence: np.ndarray
@@ -380,6 +385,7 @@ def name_clusters(
     umap_max_cells: int = 50_000,
     umap_n_neighbors: int = 30,
     block_size: int = 65_536,
+    unreferenced: Mapping[Any, tuple[Any, float]] | None = None,
     rng: np.random.Generator | int | None,
 ) -> NamingResult:
     """Name each discovered cluster after the annotated landmarks and score its novelty.
@@ -434,6 +440,11 @@ def name_clusters(
         UMAP neighbourhood size (30 in the paper).
     block_size
         Rows per block when streaming the embedding.
+    unreferenced
+        Clusters that are a population the reference lacks, split from another cluster
+        (:mod:`mars_scale.subpopulations`): ``{cluster: (parent cluster, evidence)}``. They take
+        no part in the matching; each is compared with its parent's name and its novelty is
+        ``e^8 / (e^8 + 1)`` of its evidence (matching method only).
     rng
         Random generator or seed for the sampling of cells (and the UMAP seed). ``None`` draws
         fresh entropy, so results can differ between runs.
@@ -478,6 +489,7 @@ def name_clusters(
         novelty_method=novelty_method, max_cells_per_cluster=max_cells_per_cluster, top=top,
         novelty_threshold=float(novelty_threshold), novel_label=novel_label, space=space,
         block_size=block_size, rng=rng,
+        parts=_part_codes(unreferenced, cluster_ids, novelty_method),
     )
     logger.info("named %d clusters in %.2f s, %d of them novel",
                 result.n_clusters, time.perf_counter() - start, int(result.is_novel.sum()))
@@ -601,8 +613,10 @@ def _name(
     space: str,
     block_size: int,
     rng: np.random.Generator,
+    parts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> NamingResult:
-    """The naming kernel on validated inputs (cluster codes 0..J-1, landmark name codes)."""
+    """The naming kernel on validated inputs (cluster codes 0..J-1, landmark name codes;
+    ``parts``: per cluster the code of the cluster it was split from or -1, and its evidence)."""
     n_clusters = cluster_ids.shape[0]
     n_names = names.shape[0]
     # Shifting by the landmarks' mean keeps E||x - c||^2 - ||mu - c||^2 accurate when the data
@@ -625,6 +639,7 @@ def _name(
         novelty_method, centers=centers, radius=radius, prototypes=prototypes, embedding=embedding,
         codes=codes, shift=shift, block_size=block_size, center_dist=np.sqrt(center_sq),
         names=names, best_name=best_name, name_codes=name_codes, landmark_radius=landmark_radius,
+        parts=parts,
     )
     novelty = calls["novelty"]
     is_novel = novelty >= novelty_threshold
@@ -643,6 +658,7 @@ def _name(
     novelty_distance, nearest_landmark = calls["novelty_distance"], calls["nearest_landmark"]
     matched, evidence = calls["matched"], calls["evidence"]
     split_of, distinctness = calls["split_of"], calls["distinctness"]
+    part_of = parts[0] if parts is not None else np.full(n_clusters, -1, dtype=np.int64)
 
     return NamingResult(
         clusters=cluster_ids,
@@ -667,6 +683,7 @@ def _name(
         evidence=evidence,
         split_of=split_of,
         distinctness=distinctness,
+        part_of=part_of,
         prototypes=prototypes,
         cell_type=cell_type,
         confidence=confidence,
@@ -738,13 +755,16 @@ def _cluster_calls(
     novelty_method: str, *, centers: np.ndarray, radius: np.ndarray, prototypes: np.ndarray,
     embedding: Any, codes: np.ndarray, shift: np.ndarray, block_size: int,
     center_dist: np.ndarray, names: np.ndarray, best_name: np.ndarray, name_codes: np.ndarray,
-    landmark_radius: np.ndarray | None,
+    landmark_radius: np.ndarray | None, parts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Per cluster: the name it is compared with, its evidence and novelty, by the matching
     rule or the margin score (keys of :class:`NamingResult` plus ``compared``, ``scale``)."""
     n_clusters = centers.shape[0]
-    if novelty_method == "matching":
+    if novelty_method == "matching" and parts is not None and (parts[0] >= 0).any():
+        m = _match_with_parts(centers, radius, prototypes, embedding, codes, shift, block_size, parts)
+    elif novelty_method == "matching":
         m = _match(centers, radius, prototypes, embedding, codes, shift, block_size)
+    if novelty_method == "matching":
         return {
             "compared": m["compared"], "compared_name": names[m["compared"]],
             "evidence": m["evidence"], "novelty": _hill(m["evidence"], 1.0, _EVIDENCE_POWER),
@@ -921,6 +941,54 @@ def _match(
         "distinctness": distinctness,
         "distance": dist[np.arange(n_clusters), compared],
     }
+
+
+def _part_codes(unreferenced: Mapping[Any, tuple[Any, float]] | None, cluster_ids: np.ndarray,
+                novelty_method: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``unreferenced`` as per-cluster codes: the parent's code (or -1) and the evidence."""
+    if not unreferenced:
+        return None
+    if novelty_method != "matching":
+        raise InputError("unreferenced clusters need novelty_method='matching'")
+    parent = np.full(cluster_ids.shape[0], -1, dtype=np.int64)
+    evidence = np.zeros(cluster_ids.shape[0])
+    lookup = {_to_python(c): j for j, c in enumerate(cluster_ids)}
+    for cluster, (of, e) in unreferenced.items():
+        j, p = lookup.get(_to_python(cluster)), lookup.get(_to_python(of))
+        if j is None or p is None or j == p:
+            raise InputError(f"unreferenced: cluster {cluster!r} split from {of!r} must name two different "
+                             "clusters of clusters")
+        if not np.isfinite(e) or e < 0:
+            raise InputError(f"unreferenced: the evidence of cluster {cluster!r} must be finite and >= 0 (got {e!r})")
+        parent[j], evidence[j] = p, float(e)
+    if (parent[parent[parent >= 0]] >= 0).any():
+        raise InputError("unreferenced: a cluster's parent is itself split from another cluster")
+    return parent, evidence
+
+
+def _match_with_parts(centers: np.ndarray, radius: np.ndarray, prototypes: np.ndarray, embedding: Any,
+                      codes: np.ndarray, shift: np.ndarray, block_size: int,
+                      parts: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`_match` over the clusters that are not parts; each part compared with its parent's
+    name, with its own evidence."""
+    parent, part_evidence = parts
+    keep = np.flatnonzero(parent < 0)
+    sub = np.full(parent.shape[0], keep.size, dtype=np.int64)  # parts' cells: a code no pair uses
+    sub[keep] = np.arange(keep.size)
+    m = _match(centers[keep], radius[keep], prototypes, embedding, sub[codes], shift, block_size)
+    n_clusters = parent.shape[0]
+    out = {
+        "compared": np.zeros(n_clusters, dtype=np.int64), "matched": np.zeros(n_clusters, dtype=bool),
+        "evidence": np.array(part_evidence, dtype=np.float64),
+        "split_of": np.full(n_clusters, -1, dtype=np.int64), "distinctness": np.full(n_clusters, np.nan),
+    }
+    for key in ("compared", "matched", "evidence", "distinctness"):
+        out[key][keep] = m[key]
+    out["split_of"][keep] = np.where(m["split_of"] >= 0, keep[np.maximum(m["split_of"], 0)], -1)
+    is_part = parent >= 0
+    out["compared"][is_part] = out["compared"][parent[is_part]]
+    out["distance"] = np.linalg.norm(centers - prototypes[out["compared"]], axis=1)
+    return out
 
 
 def _distinctness(

@@ -129,6 +129,38 @@ def normalize_log1p(
     return out
 
 
+def normalized_rows(store, rows: npt.ArrayLike, *, block_rows: int | None = None,
+                    dtype: npt.DTypeLike = np.float64):
+    """Store rows ``rows`` (sorted), log1p-normalised to the store's target sum, as CSR.
+
+    Rows are read in blocks of ``block_rows`` (default: the store's rows per chunk, so each
+    chunk is decoded once) and only blocks holding a wanted row are read.
+    """
+    import scipy.sparse as sp
+
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return sp.csr_matrix((0, store.n_genes), dtype=dtype)
+    if np.any(np.diff(rows) < 0):
+        raise InputError("rows must be sorted")
+    block_rows = int(block_rows or store.rows_per_chunk)
+    target_sum = float(store.meta.get("preprocessing", {}).get("target_sum", 1e4))
+    blocks = []
+    lo = (int(rows[0]) // block_rows) * block_rows
+    while lo <= int(rows[-1]):
+        hi = lo + block_rows
+        first, last = np.searchsorted(rows, [lo, hi])
+        if first < last:
+            block = store.read_rows(lo, min(hi, store.n_cells))[rows[first:last] - lo]
+            data = normalize_log1p(block.indptr, block.indices, block.data, target_sum=target_sum,
+                                   kind=store.input_kind, dtype=dtype)
+            blocks.append(sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape))
+            lo = hi
+        else:  # jump to the block of the next wanted row
+            lo = (int(rows[first]) // block_rows) * block_rows
+    return sp.vstack(blocks, format="csr")
+
+
 def _check_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
     """Check the cheap invariants of a CSR block (cost grows with rows, not with values)."""
     if indptr.ndim != 1 or indptr.shape[0] < 1 or not np.issubdtype(indptr.dtype, np.integer):

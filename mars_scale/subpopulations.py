@@ -1,0 +1,359 @@
+"""Populations inside a discovered cluster that the reference lacks: a split test on expression.
+
+MARS's embedding is shaped by the reference's labels, so a new subtype close to a known type
+(a subset removed from the reference, say) falls into its sibling's cluster and takes its name:
+the embedding keeps what the reference labels and loses what it does not (docs/algorithm.md,
+"Close subtypes"). The new experiment's own expression still holds the difference. For each
+cluster called known, this module asks three questions of the log-normalised expression:
+
+1. Is the cluster two populations? Its cells are split in two at random; on one half the top
+   principal components of its most variable genes are cut in two by K-means, giving a direction
+   ``w`` in gene space (the difference of the two means); the other half's cells, projected on
+   ``w``, are tested for bimodality. Fitting and testing on different cells keeps noise from
+   passing for structure.
+2. Is the split specific to this cluster? Every other cluster of the experiment, projected on
+   ``w``, must be unimodal; a direction that cuts every cluster (cell quality, cycling) is not a
+   cell type.
+3. Does the reference hold both populations? The annotated cells of the cluster's name and of
+   its close siblings (names whose prototype lies within ``sibling_share`` of the median distance
+   between prototypes), projected on ``w`` per annotated experiment, must be unimodal. If the
+   reference shows the same two modes, the split is known structure (two known subtypes in one
+   cluster, or a heterogeneous known type).
+
+When all three hold, one part is a population the reference lacks: the part whose cells lie
+farther, in the embedding, from the prototype of the cluster's name (the network was trained
+to map the reference's cells of that name onto it, so the cells like them land closer). It
+becomes a cluster of its own, which naming calls new (:func:`mars_scale.naming.name_clusters`,
+``unreferenced``). The side is taken in the embedding and not in expression because the
+experiment sits at an offset from the reference there (batch and condition effects) that is
+as large as the difference between the parts on the simulated atlas (docs/algorithm.md).
+
+Bimodality is the exact one-dimensional two-means split: ``d' = |m_1 - m_2| / s`` with ``s`` the
+pooled within-part standard deviation. A single Gaussian gives ``d'`` of about 2.7 at large
+sizes and more at small ones; a sample is bimodal when ``d'`` exceeds both ``MIN_DPRIME`` and
+the 99th percentile of ``d'`` over Gaussian samples of its size (``tools/bimodality_null.py``).
+The evidence of a part is the smallest of the three margins (its ``d'`` over the threshold, the
+threshold over the largest ``d'`` of the other clusters and of the reference), at least 1 for a
+part that passed.
+
+Cost: at most ``max_cells`` cells per cluster and per annotated experiment are read (the
+clusters' cells from the experiment's contiguous rows, the reference's by chunk), plus one pass
+over the cells of each cluster that is split. Memory: the samples as sparse matrices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from mars_scale.naming import NamingResult
+from mars_scale.preprocess import normalized_rows
+
+logger = logging.getLogger(__name__)
+
+MIN_DPRIME = 3.5
+# 99th percentile of the two-means d' of n Gaussian values (tools/bimodality_null.py, 400 draws)
+_NULL_SIZES = np.array([10, 15, 20, 30, 50, 100, 200, 500, 1000])
+_NULL_Q99 = np.array([6.33, 5.19, 4.90, 4.05, 3.61, 3.19, 3.04, 2.86, 2.81])
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreferencedPart:
+    """A part of cluster ``cluster`` that the reference lacks, made cluster ``new_cluster``.
+
+    ``cells`` are positions within the experiment; ``dprime`` the part's bimodality in its
+    cluster, ``other_dprime`` and ``reference_dprime`` the largest along the same direction in
+    the experiment's other clusters and in the reference; ``genes`` the genes most raised in the
+    part against the rest of its cluster.
+    """
+
+    cluster: Any
+    new_cluster: int
+    cells: np.ndarray
+    dprime: float
+    other_dprime: float
+    reference_dprime: float
+    evidence: float
+    compared_name: str
+    siblings: tuple[str, ...]
+    genes: tuple[str, ...]
+
+
+def bimodality(values: np.ndarray) -> tuple[float, float]:
+    """The exact two-means split of 1-D ``values``: ``(d', cut)``, ``d'`` 0 below 6 values.
+
+    Each part holds at least 3 values; ``cut`` is the midpoint between the two parts' means.
+    """
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    n = x.shape[0]
+    if n < 6:
+        return 0.0, float("nan")
+    c1, c2 = np.cumsum(x), np.cumsum(x * x)
+    k = np.arange(3, n - 2)  # size of the lower part
+    low_sse = c2[k - 1] - c1[k - 1] ** 2 / k
+    high_sse = (c2[-1] - c2[k - 1]) - (c1[-1] - c1[k - 1]) ** 2 / (n - k)
+    best = int(k[np.argmin(low_sse + high_sse)])
+    low, high = x[:best], x[best:]
+    spread = np.sqrt((low.var() * low.size + high.var() * high.size) / n)
+    gap = high.mean() - low.mean()
+    dprime = float(gap / spread) if spread > 0 else (float("inf") if gap > 0 else 0.0)
+    return dprime, float((low.mean() + high.mean()) / 2)
+
+
+def bimodal_threshold(n: int) -> float:
+    """The ``d'`` above which ``n`` values are called bimodal."""
+    q99 = np.interp(np.log(max(n, 1)), np.log(_NULL_SIZES), _NULL_Q99)
+    if n < _NULL_SIZES[0]:
+        q99 = np.inf
+    return float(max(MIN_DPRIME, q99))
+
+
+def find_unreferenced_parts(
+    store: Any,
+    experiment: str,
+    assignment: np.ndarray,
+    embedding: np.ndarray,
+    naming: NamingResult,
+    *,
+    annotated: Sequence[str],
+    label_key: str = "cell_type",
+    max_cells: int = 1000,
+    n_genes: int = 2000,
+    n_components: int = 20,
+    sibling_share: float = 0.5,
+    min_part_cells: int = 10,
+    seed: int | None = 0,
+) -> list[UnreferencedPart]:
+    """Parts of the known clusters of ``experiment`` that the reference lacks (module docstring).
+
+    Parameters
+    ----------
+    store
+        The atlas store (:class:`mars_scale.store.Atlas`).
+    experiment
+        The unannotated experiment; ``assignment`` and ``embedding`` are over its cells, in
+        store order.
+    assignment
+        ``(n,)`` cluster of each cell, as named in ``naming``.
+    embedding
+        ``(n, D)`` embedding of the experiment's cells (which part is new).
+    naming
+        The clusters' names (:func:`mars_scale.naming.name_clusters` on ``assignment``).
+    annotated
+        The annotated experiments whose ``label_key`` labels are the reference.
+    max_cells
+        Most cells read per cluster and per annotated experiment.
+    n_genes, n_components
+        Most variable genes of a cluster, and principal components, for its split.
+    sibling_share
+        Names whose prototype lies within this share of the median distance between prototypes
+        from the cluster's name count as its siblings in the reference test.
+    min_part_cells
+        Smallest part of a cluster considered (in the cells read).
+    seed
+        Seeds the samples, the random halves, PCA and K-means.
+
+    Returns
+    -------
+    list of UnreferencedPart
+        Empty when no cluster holds a population the reference lacks.
+    """
+    rng = np.random.default_rng(seed)
+    a, b = store.experiment_ranges[experiment]
+    assignment = np.asarray(assignment)
+    if assignment.shape[0] != b - a:
+        raise ValueError(f"assignment has {assignment.shape[0]} cells, experiment {experiment!r} {b - a}")
+    samples = {c: _sample(np.flatnonzero(assignment == c), max_cells, rng) for c in naming.clusters}
+    known = [c for j, c in enumerate(naming.clusters)
+             if not naming.is_novel[j] and samples[c].size >= 4 * min_part_cells]
+    if not known:
+        return []
+    rows = np.sort(np.concatenate(list(samples.values())))
+    matrix = normalized_rows(store, a + rows, dtype=np.float32)
+    sampled = {c: matrix[np.searchsorted(rows, samples[c])] for c in naming.clusters}
+
+    splits = []
+    for c in known:
+        split = _split(sampled[c], n_genes=n_genes, n_components=n_components,
+                       min_part_cells=min_part_cells, rng=rng)
+        if split is None:
+            continue
+        others = [bimodality(sampled[o][:, split["genes"]] @ split["w"])
+                  + (sampled[o].shape[0],) for o in naming.clusters if o != c and sampled[o].shape[0] >= 6]
+        other_ratio = max([d / bimodal_threshold(n) for d, _, n in others], default=0.0)
+        if other_ratio >= 1.0:
+            logger.info("cluster %s: a split (d' %.2f) along a direction that cuts other clusters too; "
+                        "not a cell type", c, split["dprime"])
+            continue
+        split.update(cluster=c, other_ratio=other_ratio,
+                     other_dprime=max([d for d, _, _ in others], default=0.0))
+        splits.append(split)
+    if not splits:
+        return []
+    reference = _reference_projections(store, splits, naming, annotated=annotated, label_key=label_key,
+                                       sibling_share=sibling_share, max_cells=max_cells, rng=rng)
+    parts = []
+    next_id = int(np.max(np.asarray(naming.clusters, dtype=np.int64))) + 1 if len(naming.clusters) else 0
+    for split, (ref_ratio, ref_dprime, siblings) in zip(splits, reference):
+        c = split["cluster"]
+        if ref_ratio >= 1.0:
+            logger.info("cluster %s: a split (d' %.2f) that the reference also shows (d' %.2f); known",
+                        c, split["dprime"], ref_dprime)
+            continue
+        members = np.flatnonzero(assignment == c)
+        side = _side(store, a + members, split)
+        j = int(np.flatnonzero(naming.clusters == c)[0])
+        prototype = naming.prototypes[int(np.flatnonzero(naming.names == naming.compared_name[j])[0])]
+        far = [float(np.linalg.norm(np.asarray(embedding[members[side == s]], dtype=np.float64).mean(axis=0)
+                                    - prototype)) if (side == s).any() else -np.inf for s in (False, True)]
+        new_side = bool(far[1] > far[0])
+        cells = members[side == new_side]
+        if cells.size < min_part_cells or cells.size == members.size:
+            continue
+        evidence = min(split["dprime"] / split["threshold"], 1.0 / max(split["other_ratio"], 1e-9),
+                       1.0 / max(ref_ratio, 1e-9))
+        raised = split["w"] if new_side else -split["w"]
+        genes = tuple(str(store.gene_ids[g]) for g in split["genes"][np.argsort(-raised)[:5]])
+        parts.append(UnreferencedPart(
+            cluster=c, new_cluster=next_id, cells=cells, dprime=split["dprime"],
+            other_dprime=split["other_dprime"], reference_dprime=ref_dprime, evidence=float(evidence),
+            compared_name=str(naming.compared_name[j]), siblings=siblings, genes=genes))
+        logger.info("cluster %s (%s): %d of its %d cells form a population the reference lacks "
+                    "(d' %.2f; in the reference %.2f; evidence %.2f; up: %s)", c, naming.compared_name[j],
+                    cells.size, members.size, split["dprime"], ref_dprime, evidence, ", ".join(genes))
+        next_id += 1
+    return parts
+
+
+def name_with_parts(
+    name: Callable[[np.ndarray, dict[Any, tuple[Any, float]] | None], NamingResult],
+    store: Any,
+    experiment: str,
+    assignment: np.ndarray,
+    embedding: np.ndarray,
+    *,
+    annotated: Sequence[str],
+    seed: int | None = 0,
+) -> tuple[NamingResult, np.ndarray, list[UnreferencedPart]]:
+    """Name the clusters, split off the populations the reference lacks, and name again.
+
+    ``name(assignment, unreferenced)`` names clusters (:func:`mars_scale.naming.name_clusters`
+    with everything but these two bound). Returns the naming, the assignment (with the parts as
+    clusters of their own) and the parts.
+    """
+    naming = name(assignment, None)
+    if naming.novelty_method != "matching":
+        return naming, assignment, []
+    parts = find_unreferenced_parts(store, experiment, assignment, embedding, naming, annotated=annotated,
+                                    seed=seed)
+    if not parts:
+        return naming, assignment, []
+    assignment = with_parts(assignment, parts)
+    naming = name(assignment, {p.new_cluster: (p.cluster, p.evidence) for p in parts})
+    return naming, assignment, parts
+
+
+def with_parts(assignment: np.ndarray, parts: Sequence[UnreferencedPart]) -> np.ndarray:
+    """``assignment`` with the cells of each part moved to the part's new cluster."""
+    out = np.array(assignment, copy=True)
+    for part in parts:
+        out[part.cells] = part.new_cluster
+    return out
+
+
+def _sample(index: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    if index.size <= max_cells:
+        return index
+    return np.sort(rng.choice(index, size=max_cells, replace=False))
+
+
+def _split(cells, *, n_genes: int, n_components: int, min_part_cells: int,
+           rng: np.random.Generator) -> dict[str, Any] | None:
+    """Cross-fitted split of one cluster's sampled cells (sparse, log-normalised), or ``None``
+    when its test half is not bimodal."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    mean = np.asarray(cells.mean(axis=0), dtype=np.float64).ravel()
+    sq = np.asarray(cells.multiply(cells).mean(axis=0), dtype=np.float64).ravel()
+    genes = np.sort(np.argsort(-(sq - mean**2), kind="stable")[:n_genes])
+    x = cells[:, genes].toarray().astype(np.float64) - mean[genes]
+    order = rng.permutation(x.shape[0])
+    fit, test = x[np.sort(order[::2])], x[np.sort(order[1::2])]
+    k = int(min(n_components, fit.shape[0] - 1, fit.shape[1]))
+    if k < 1:
+        return None
+    seed = int(rng.integers(2**31 - 1))
+    scores = PCA(n_components=k, random_state=seed).fit_transform(fit)
+    labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(scores)
+    if np.bincount(labels, minlength=2).min() < min_part_cells // 2:
+        return None
+    w = fit[labels == 1].mean(axis=0) - fit[labels == 0].mean(axis=0)
+    norm = np.linalg.norm(w)
+    if not norm > 0:
+        return None
+    w /= norm
+    dprime, cut = bimodality(test @ w)
+    threshold = bimodal_threshold(test.shape[0])
+    if dprime < threshold:
+        return None
+    # the cut in the units of the raw projection (without the centring by the sampled mean)
+    return {"genes": genes, "w": w, "dprime": dprime, "threshold": threshold,
+            "cut": cut + float(mean[genes] @ w)}
+
+
+def _reference_projections(store: Any, splits: list[dict[str, Any]], naming: NamingResult, *,
+                           annotated: Sequence[str], label_key: str, sibling_share: float,
+                           max_cells: int, rng: np.random.Generator) -> list[tuple[float, float, tuple[str, ...]]]:
+    """Per split: the largest bimodality ratio (``d'`` over its threshold) and ``d'`` of the
+    reference's cells of the cluster's name and its siblings along the split's direction, per
+    annotated experiment, and the siblings."""
+    from scipy.spatial.distance import pdist
+
+    prototypes, names = naming.prototypes, np.asarray(naming.names).astype(str)
+    scale = float(np.median(pdist(prototypes))) if prototypes.shape[0] > 1 else np.inf
+    wanted: list[dict[str, np.ndarray]] = []
+    siblings_of = []
+    for split in splits:
+        j = int(np.flatnonzero(naming.clusters == split["cluster"])[0])
+        k = int(np.flatnonzero(names == str(naming.compared_name[j]))[0])
+        near = np.linalg.norm(prototypes - prototypes[k], axis=1) < sibling_share * scale
+        near[k] = True
+        siblings = tuple(sorted(names[near]))
+        siblings_of.append(siblings)
+        per_experiment = {}
+        for e in annotated:
+            lo, hi = store.experiment_ranges[e]
+            codes, cats = store.categorical_codes(label_key, lo, hi)
+            ok = np.isin(np.asarray(cats, dtype=object), list(siblings))
+            hits = np.flatnonzero((codes >= 0) & ok[np.maximum(codes, 0)])
+            per_experiment[e] = lo + _sample(hits, max_cells, rng)
+        wanted.append(per_experiment)
+    rows = np.unique(np.concatenate([r for per in wanted for r in per.values()] + [np.zeros(0, np.int64)]))
+    matrix = normalized_rows(store, rows, dtype=np.float32)
+    out = []
+    for split, per, siblings in zip(splits, wanted, siblings_of):
+        best_ratio, best_dprime = 0.0, 0.0
+        for r in per.values():
+            if r.size < 6:
+                continue
+            values = np.asarray(matrix[np.searchsorted(rows, r)][:, split["genes"]] @ split["w"]).ravel()
+            dprime, _ = bimodality(values)
+            ratio = dprime / bimodal_threshold(r.size)
+            if ratio > best_ratio:
+                best_ratio, best_dprime = ratio, dprime
+        out.append((best_ratio, best_dprime, siblings))
+    return out
+
+
+def _side(store: Any, rows: np.ndarray, split: dict[str, Any], block: int = 65_536) -> np.ndarray:
+    """Which side of the split's cut each of ``rows`` (sorted store rows) falls on."""
+    side = np.zeros(rows.shape[0], dtype=bool)
+    for begin in range(0, rows.shape[0], block):
+        part = normalized_rows(store, rows[begin:begin + block], dtype=np.float32)
+        side[begin:begin + block] = (part[:, split["genes"]] @ split["w"]) > split["cut"]
+    return side

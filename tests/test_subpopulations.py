@@ -1,0 +1,187 @@
+"""The split test for populations the reference lacks (mars_scale.subpopulations), and the
+naming of such parts (name_clusters(unreferenced=...)), on small stores with a known answer."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from mars_scale.errors import InputError
+from mars_scale.naming import name_clusters
+from mars_scale.preprocess import normalized_rows
+from mars_scale.subpopulations import bimodal_threshold, bimodality, find_unreferenced_parts, name_with_parts
+
+N_GENES = 300
+EXPERIMENTS = ("ref1", "ref2", "query")
+
+
+def _brute_force_bimodality(values):
+    """Every split of the sorted values with at least 3 on each side, by the definition."""
+    x = np.sort(values)
+    best = None
+    for k in range(3, x.size - 2):
+        low, high = x[:k], x[k:]
+        sse = ((low - low.mean()) ** 2).sum() + ((high - high.mean()) ** 2).sum()
+        if best is None or sse < best[0]:
+            spread = np.sqrt((low.var() * low.size + high.var() * high.size) / x.size)
+            best = (sse, (high.mean() - low.mean()) / spread, (low.mean() + high.mean()) / 2)
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bimodality_is_the_best_two_means_split(seed):
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([rng.normal(0, 1, 40), rng.normal(rng.uniform(0, 6), 1, 25)])
+    dprime, cut = bimodality(rng.permutation(values))
+    want_dprime, want_cut = _brute_force_bimodality(values)
+    assert dprime == pytest.approx(want_dprime, rel=1e-9)
+    assert cut == pytest.approx(want_cut, rel=1e-9)
+
+
+def test_bimodality_separates_two_populations_from_one():
+    rng = np.random.default_rng(3)
+    one = rng.normal(0, 1, 400)
+    two = np.concatenate([rng.normal(0, 1, 200), rng.normal(6, 1, 200)])
+    assert bimodality(one)[0] < bimodal_threshold(400) <= bimodality(two)[0]
+    assert bimodality(np.arange(5.0))[0] == 0.0  # too few values to split
+    # the threshold is never below MIN_DPRIME and falls with the sample size
+    assert bimodal_threshold(20) > bimodal_threshold(200) >= 3.5
+    assert bimodal_threshold(5) == np.inf
+
+
+def test_normalized_rows_matches_a_dense_reference(small_store):
+    from mars_scale.store import open_store
+
+    store = open_store(small_store)
+    rows = np.array([0, 3, 4, 100, 101, 250, store.n_cells - 1])
+    got = normalized_rows(store, rows, block_rows=16).toarray()
+    counts = store.read_rows(0, store.n_cells).toarray()[rows].astype(np.float64)
+    target = float(store.meta.get("preprocessing", {}).get("target_sum", 1e4))
+    want = np.log1p(counts / counts.sum(axis=1, keepdims=True) * target)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert normalized_rows(store, np.zeros(0, dtype=np.int64)).shape == (0, store.n_genes)
+    with pytest.raises(InputError, match="sorted"):
+        normalized_rows(store, np.array([5, 2]))
+
+
+# ------------------------------------------------------------------------------------------
+# a small atlas: types A, B, C in two annotated experiments; the query holds A, B, C and A2, a
+# subtype of A (A's programme plus 25 genes raised), which the embedding below cannot see.
+
+
+def _atlas(tmp_path, *, reference_a2: str | None):
+    """``reference_a2``: None (A2 only in the query), "as A" (A2 cells in the reference,
+    labelled A) or "own" (A2 in the reference with its own label)."""
+    from mars_scale.ingest import IngestConfig, ingest
+
+    rng = np.random.default_rng(0)
+    base = rng.lognormal(-0.5, 0.8, N_GENES)
+    programmes = {t: rng.lognormal(0.0, 1.0, N_GENES) for t in "ABC"}
+    programmes["A2"] = programmes["A"].copy()
+    programmes["A2"][rng.choice(N_GENES, 25, replace=False)] *= 12.0
+    cells, obs = [], []
+    for e in EXPERIMENTS:
+        shift = rng.lognormal(0.0, 0.2, N_GENES)  # a batch effect per experiment
+        types = ["A"] * 150 + ["B"] * 150 + ["C"] * 150
+        if e == "query" or reference_a2 is not None:
+            types += ["A2"] * 120
+        for t in types:
+            mu = base * programmes[t] * shift * rng.lognormal(0.0, 0.2) * 3.0
+            cells.append(rng.poisson(mu))
+            label = t if (e == "query" or t != "A2" or reference_a2 == "own") else "A"
+            obs.append((e, label))
+    obs = pd.DataFrame(obs, columns=["experiment", "cell_type"], index=[f"c{i}" for i in range(len(obs))])
+    obs = obs.astype("category")
+    adata = ad.AnnData(sp.csr_matrix(np.asarray(cells, dtype=np.float32)), obs=obs,
+                       var=pd.DataFrame(index=[f"g{j}" for j in range(N_GENES)]))
+    h5ad = tmp_path / "cells.h5ad"
+    adata.write_h5ad(h5ad)
+    return ingest([h5ad], tmp_path / "atlas.zarr",
+                  config=IngestConfig(experiment_key="experiment", label_key="cell_type"))
+
+
+def _embedding(labels, rng):
+    """An embedding that knows A, B and C and puts A2 within A's spread, a little off A's place
+    (the network maps cells like the reference's A onto A; A2 deviates)."""
+    centres = {"A": [0.0, 0.0], "A2": [0.8, 0.0], "B": [10.0, 0.0], "C": [0.0, 10.0]}
+    return np.asarray([centres[t] for t in labels]) + rng.normal(0, 1.0, (len(labels), 2))
+
+
+def _query_naming(store):
+    rng = np.random.default_rng(1)
+    a, b = store.experiment_ranges["query"]
+    codes, cats = store.categorical_codes("cell_type", 0, store.n_cells)
+    labels = np.asarray(cats, dtype=object)[codes]
+    z = _embedding(labels, rng)
+    ref = np.arange(store.n_cells) < a
+    names = sorted(set(labels[ref]))
+    landmarks = np.stack([z[ref & (labels == n)].mean(axis=0) for n in names])
+    truth = labels[a:b]
+    clusters = np.select([np.isin(truth, ["A", "A2"]), truth == "B"], [0, 1], 2)  # A and A2 merged
+
+    def name(assignment, unreferenced):
+        return name_clusters(z[a:b], assignment, landmarks, names, unreferenced=unreferenced, rng=0)
+
+    return name, clusters, z[a:b], truth
+
+
+def test_a_subtype_the_reference_lacks_is_split_off_and_called_new(tmp_path):
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2=None))
+    name, clusters, z, truth = _query_naming(store)
+    before = name(clusters, None)
+    assert not before.is_novel.any()  # the embedding alone calls A2 "A"
+    naming, assignment, parts = name_with_parts(name, store, "query", clusters, z, annotated=["ref1", "ref2"])
+    assert len(parts) == 1 and parts[0].cluster == 0 and parts[0].compared_name == "A"
+    part = np.zeros(truth.size, dtype=bool)
+    part[parts[0].cells] = True
+    # the part is A2, nearly exactly, and it alone is called new
+    assert (truth[part] == "A2").mean() > 0.95 and part[truth == "A2"].mean() > 0.95
+    novel = naming.cell_is_novel
+    assert novel[truth == "A2"].mean() > 0.95 and novel[truth != "A2"].mean() < 0.02
+    j = int(np.flatnonzero(naming.clusters == parts[0].new_cluster)[0])
+    assert naming.part_of[j] == int(np.flatnonzero(naming.clusters == 0)[0])
+    assert naming.compared_name[j] == "A" and naming.is_novel[j]
+    assert np.array_equal(assignment[part], np.full(part.sum(), parts[0].new_cluster))
+    # the remaining clusters keep their names
+    for t, c in (("B", 1), ("C", 2)):
+        assert naming.label[int(np.flatnonzero(naming.clusters == c)[0])] == t
+
+
+@pytest.mark.parametrize("reference_a2", ["as A", "own"])
+def test_no_part_when_the_reference_holds_both_populations(tmp_path, reference_a2):
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2=reference_a2))
+    name, clusters, z, truth = _query_naming(store)
+    naming = name(clusters, None)
+    if reference_a2 == "own":
+        # A2 is a reference name, at A's place in this embedding: a sibling of A
+        assert "A2" in set(naming.names)
+    parts = find_unreferenced_parts(store, "query", clusters, z, naming, annotated=["ref1", "ref2"])
+    assert parts == []
+
+
+def test_unreferenced_clusters_are_checked():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(60, 2))
+    clusters = np.repeat([0, 1, 2], 20)
+    landmarks = np.array([[0.0, 0.0], [5.0, 5.0]])
+    with pytest.raises(InputError, match="two different"):
+        name_clusters(z, clusters, landmarks, ["a", "b"], unreferenced={2: (7, 1.0)}, rng=0)
+    with pytest.raises(InputError, match="evidence"):
+        name_clusters(z, clusters, landmarks, ["a", "b"], unreferenced={2: (0, np.nan)}, rng=0)
+    with pytest.raises(InputError, match="matching"):
+        name_clusters(z, clusters, landmarks, ["a", "b"], unreferenced={2: (0, 2.0)},
+                      novelty_method="margin", rng=0)
+    with pytest.raises(InputError, match="itself split"):
+        name_clusters(z, clusters, landmarks, ["a", "b"], unreferenced={2: (1, 2.0), 1: (0, 2.0)}, rng=0)
+    # evidence below 1 keeps the part known, under its parent's name
+    naming = name_clusters(z, clusters, landmarks, ["a", "b"], unreferenced={2: (0, 0.5)}, rng=0)
+    j = int(np.flatnonzero(naming.clusters == 2)[0])
+    assert not naming.is_novel[j] and naming.compared_name[j] == naming.compared_name[0]
+    assert naming.novelty[j] == pytest.approx(0.5**8 / (0.5**8 + 1))
