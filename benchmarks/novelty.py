@@ -470,7 +470,7 @@ def main() -> None:
         "" if not (args.options or args.extra_k) else "-" + _cache_path(args.workdir, "", "", 0, args.options, args.extra_k).parent.parent.name)
     write_result("novelty", {
         "parameters": {"datasets": args.datasets, "seeds": args.seeds, "method": args.method, "options": args.options,
-                       "extra_k": args.extra_k,
+                       "extra_k": args.extra_k, "split_test": not args.no_split_test,
                        "min_type_cells": MIN_TYPE_CELLS, "knn": KNN, "lr_threshold": LR_THRESHOLD},
         "single_type_reference": single_type,
         "rows": rows, "summary": summary, "table_markdown": table,

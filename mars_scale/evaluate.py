@@ -591,14 +591,20 @@ def _name_run(model: Mars, store: Atlas, experiment: str, z: np.ndarray, assign:
               *, seed: int, options: _NamingOptions, device: str) -> dict[str, Any]:
     """Name the held-out clusters of a trained model in memory and score them (no store writes)."""
     from mars_scale.annotate import merge_small_clusters
-    from mars_scale.naming import name_clusters
+    from mars_scale.naming import NamingResult, name_clusters
+    from mars_scale.subpopulations import name_with_parts
 
     landmarks_a, exps, types = model.annotated_landmarks
     weights = _landmark_weights(store, exps, types)
     merged_assign, merged = merge_small_clusters(z, assign, model.unannotated_landmarks,
                                                  min_cells=options.min_cluster_cells)
-    naming = name_clusters(z, merged_assign, landmarks_a, types, landmark_weights=weights,
-                           novelty_threshold=options.novelty_threshold, rng=np.random.default_rng(seed))
+    def name(clusters: np.ndarray, unreferenced: dict | None) -> NamingResult:
+        return name_clusters(z, clusters, landmarks_a, types, landmark_weights=weights,
+                             novelty_threshold=options.novelty_threshold, unreferenced=unreferenced,
+                             rng=np.random.default_rng(seed))
+
+    naming, merged_assign, _ = name_with_parts(name, store, experiment, merged_assign, z,
+                                               annotated=sorted(set(exps)), seed=seed)
     info = {int(c): {"label": str(naming.label[j]), "description": naming.describe(j)}
             for j, c in enumerate(naming.clusters)}
     known = sorted({str(t) for t in types})

@@ -248,11 +248,14 @@ class NamingResult:
 
     def describe(self, j: int) -> str:
         """The paper's interpretable name of cluster ``j``: ``"novel, closest to X (p), Y (q)"``
-        for a novel cluster, ``"X (p)"`` otherwise."""
+        for a novel cluster (``"novel (split from cluster c), closest to ..."`` for a part the
+        reference lacks), ``"X (p)"`` otherwise."""
         top = ", ".join(
             f"{n} ({p:.2f})" for n, p in zip(self.top_names[j], self.top_probabilities[j])
             if p >= 0.005
         ) or f"{self.top_names[j][0]} ({self.top_probabilities[j][0]:.2f})"
+        if self.is_novel[j] and self.part_of[j] >= 0:
+            return f"{self.novel_label} (split from cluster {_to_python(self.clusters[self.part_of[j]])}), closest to {top}"
         if self.is_novel[j]:
             return f"{self.novel_label}, closest to {top}"
         return f"{self.label[j]} ({float(self.name_probabilities[j, list(self.names).index(self.label[j])]):.2f})"

@@ -146,6 +146,7 @@ def test_a_subtype_the_reference_lacks_is_split_off_and_called_new(tmp_path):
     j = int(np.flatnonzero(naming.clusters == parts[0].new_cluster)[0])
     assert naming.part_of[j] == int(np.flatnonzero(naming.clusters == 0)[0])
     assert naming.compared_name[j] == "A" and naming.is_novel[j]
+    assert naming.describe(j).startswith("novel (split from cluster 0), closest to A (")
     assert np.array_equal(assignment[part], np.full(part.sum(), parts[0].new_cluster))
     # the remaining clusters keep their names
     for t, c in (("B", 1), ("C", 2)):
