@@ -235,6 +235,7 @@ class _NamingOptions:
     novelty_threshold: float = 0.5
     k_neighbours: int = KNN_NEIGHBOURS
     knn_max_cells: int = 50_000
+    split_test: bool = False
 
     def __post_init__(self) -> None:
         _check_int("min_cluster_cells", self.min_cluster_cells, 1)
@@ -603,8 +604,11 @@ def _name_run(model: Mars, store: Atlas, experiment: str, z: np.ndarray, assign:
                              novelty_threshold=options.novelty_threshold, unreferenced=unreferenced,
                              rng=np.random.default_rng(seed))
 
-    naming, merged_assign, _ = name_with_parts(name, store, experiment, merged_assign, z,
-                                               annotated=sorted(set(exps)), seed=seed)
+    if options.split_test:
+        naming, merged_assign, _ = name_with_parts(name, store, experiment, merged_assign, z,
+                                                   annotated=sorted(set(exps)), seed=seed)
+    else:
+        naming = name(merged_assign, None)
     info = {int(c): {"label": str(naming.label[j]), "description": naming.describe(j)}
             for j, c in enumerate(naming.clusters)}
     known = sorted({str(t) for t in types})
@@ -891,6 +895,7 @@ def leave_one_out(
     novelty_threshold: float = 0.5,
     k_neighbours: int = KNN_NEIGHBOURS,
     knn_max_cells: int = 50_000,
+    split_test: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Hold out every annotated experiment in turn; score MARS, two K-means baselines and the naming.
@@ -920,6 +925,8 @@ def leave_one_out(
         ``annotate`` does).
     novelty_threshold
         A cluster whose novelty reaches it is called novel.
+    split_test
+        Name as ``annotate --split-test`` does (:mod:`mars_scale.subpopulations`).
     k_neighbours
         Neighbours of the k-NN label transfer (``integration_knn``).
     knn_max_cells
@@ -957,7 +964,7 @@ def leave_one_out(
     config = config or RunConfig()
     seeds = _check_seeds(seeds)
     _check_protocol_options(k, pca_components, pca_max_cells)
-    options = _NamingOptions(min_cluster_cells, novelty_threshold, k_neighbours, knn_max_cells)
+    options = _NamingOptions(min_cluster_cells, novelty_threshold, k_neighbours, knn_max_cells, split_test)
     chosen = _resolve_experiments(store, experiments)
     _check_k(store, chosen, k)
     started = time.perf_counter()
@@ -1055,6 +1062,7 @@ def leave_type_out(
     novelty_threshold: float = 0.5,
     k_neighbours: int = KNN_NEIGHBOURS,
     knn_max_cells: int = 50_000,
+    split_test: bool = False,
     workdir: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -1076,7 +1084,7 @@ def leave_type_out(
         ``min_type_cells`` cells there, in turn.
     seeds, config, experiments, k, pca_components, pca_max_cells
         As in :func:`leave_one_out` (``experiments``: the held-out experiments to consider).
-    min_cluster_cells, novelty_threshold, k_neighbours, knn_max_cells, progress
+    min_cluster_cells, novelty_threshold, k_neighbours, knn_max_cells, split_test, progress
         As in :func:`leave_one_out`.
     min_type_cells
         With ``types="all"``, a type enters only where the held-out experiment has at least
@@ -1105,7 +1113,7 @@ def leave_type_out(
     seeds = _check_seeds(seeds)
     _check_protocol_options(k, pca_components, pca_max_cells)
     _check_int("min_type_cells", min_type_cells, 1)
-    options = _NamingOptions(min_cluster_cells, novelty_threshold, k_neighbours, knn_max_cells)
+    options = _NamingOptions(min_cluster_cells, novelty_threshold, k_neighbours, knn_max_cells, split_test)
     chosen = _resolve_experiments(store, experiments)
     _check_k(store, chosen, k)
     wanted, scenarios, skipped, single = _removed_type_scenarios(store, types, chosen, min_type_cells)

@@ -157,6 +157,41 @@ def test_results_match_an_in_memory_recomputation(store_copy):
     assert stored_top == naming.top_names.tolist()
 
 
+def test_split_test_writes_a_part_as_a_cluster_of_its_own(store_copy, monkeypatch):
+    """annotate(split_test=True): a part that the split test returns becomes its own cluster in
+    obs, named novel, with its parent in uns (the test itself: tests/test_subpopulations.py)."""
+    from mars_scale import subpopulations
+
+    path, run_dir = store_copy
+    seen = {}
+
+    def one_part(store, experiment, assignment, embedding, naming, **kwargs):
+        seen["annotated"] = kwargs["annotated"]
+        parent = naming.clusters[int(np.argmax(naming.n_cells))]
+        members = np.flatnonzero(assignment == parent)
+        new = int(naming.clusters.max()) + 1
+        return [subpopulations.UnreferencedPart(
+            cluster=parent, new_cluster=new, cells=members[: members.size // 2], dprime=6.0, other_dprime=2.0,
+            reference_dprime=2.0, evidence=1.5, compared_name=str(naming.label[int(np.argmax(naming.n_cells))]),
+            siblings=(), genes=("g1",))]
+
+    monkeypatch.setattr(subpopulations, "find_unreferenced_parts", one_part)
+    result = annotate(path, run_dir, seed=3, device="cpu", split_test=True)
+    assert seen["annotated"] == ["exp0", "exp2"]
+    adata = ad.read_zarr(path)
+    a, b = open_store(path).experiment_ranges["exp1"]
+    clusters = adata.obs["mars_cluster"].iloc[a:b].astype(int).to_numpy()
+    new = int(result.naming.clusters.max())
+    part = clusters == new
+    assert 0 < part.sum() < (b - a)
+    assert (adata.obs["mars_cell_type"].iloc[a:b].astype(str).to_numpy()[part] == "novel").all()
+    record = adata.uns["mars"]
+    part_of = dict(zip(np.asarray(record["clusters"]).tolist(), np.asarray(record["part_of"]).tolist()))
+    assert part_of[new] >= 0 and all(v == -1 for c, v in part_of.items() if c != new)
+    assert str(np.asarray(record["description"])[list(part_of).index(new)]).startswith(
+        f"novel (split from cluster {part_of[new]})")
+
+
 def test_merge_small_clusters_against_a_dense_reference():
     rng = np.random.default_rng(0)
     landmarks = np.array([[0.0, 0.0], [10.0, 0.0], [0.5, 0.0], [0.0, 9.0]], dtype=np.float32)
