@@ -232,7 +232,7 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
 # scoring
 
 
-def score_cache(cache: Path, *, method: str = "default", split_test: bool = False) -> dict[str, Any]:
+def score_cache(cache: Path, *, method: str = "default", split_test: bool = True) -> dict[str, Any]:
     """Score one cached run with the package's naming and metrics (``annotate``'s code path:
     landmarks with fewer than 10 cells merged, names matched with landmark weights)."""
     from mars_scale.annotate import merge_small_clusters
@@ -421,8 +421,8 @@ def main() -> None:
                         help="Over-guess K by this many landmarks (nothing-removed scenarios only).")
     parser.add_argument("--train-only", action="store_true", help="Train and cache; write no result.")
     parser.add_argument("--method", default="default", help="Novelty method passed to name_clusters.")
-    parser.add_argument("--split-test", action="store_true",
-                        help="Score with annotate's split test (mars_scale.subpopulations, annotate --split-test).")
+    parser.add_argument("--no-split-test", action="store_true",
+                        help="Score without annotate's split test (mars_scale.subpopulations).")
     parser.add_argument("--options", type=json.loads, default=None,
                         help='Training options as JSON, e.g. \'{"annotated_contrast": 1.0}\' (cached apart).')
     parser.add_argument("--key", default=None, help="Result key (default: <selection>-<N>seeds[-method]).")
@@ -449,7 +449,7 @@ def main() -> None:
                 if args.train_only or not cache.exists():
                     continue
                 row = {"dataset": dataset, "held_out": sc["held_out"], "removed": sc["removed"], "seed": seed,
-                       **score_cache(cache, method=args.method, split_test=args.split_test)}
+                       **score_cache(cache, method=args.method, split_test=not args.no_split_test)}
                 single = [str(s) for s in np.load(cache)["single"]]
                 if single:
                     row["single_type_reference"] = single
@@ -470,7 +470,7 @@ def main() -> None:
         "" if not (args.options or args.extra_k) else "-" + _cache_path(args.workdir, "", "", 0, args.options, args.extra_k).parent.parent.name)
     write_result("novelty", {
         "parameters": {"datasets": args.datasets, "seeds": args.seeds, "method": args.method, "options": args.options,
-                       "extra_k": args.extra_k, "split_test": args.split_test,
+                       "extra_k": args.extra_k, "split_test": not args.no_split_test,
                        "min_type_cells": MIN_TYPE_CELLS, "knn": KNN, "lr_threshold": LR_THRESHOLD},
         "single_type_reference": single_type,
         "rows": rows, "summary": summary, "table_markdown": table,

@@ -188,7 +188,7 @@ def annotate(
     novelty_method: str = "matching",
     min_cluster_cells: int = 10,
     max_cells_per_cluster: int = 2000,
-    split_test: bool = False,
+    split_test: bool = True,
 ) -> AnnotationResult:
     """Embed all cells, cluster and name the unannotated experiment, write results to the store.
 
@@ -232,8 +232,8 @@ def annotate(
     split_test
         Look inside each cluster called known for a population the reference lacks (a close
         subtype new to it) and make it a cluster of its own, called new
-        (:mod:`mars_scale.subpopulations`; matching method only). Off by default: on the shared
-        data it also split known types (docs/algorithm.md, "The split test").
+        (:mod:`mars_scale.subpopulations`; matching method only; docs/algorithm.md, "The split
+        test").
 
     Returns
     -------

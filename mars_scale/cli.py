@@ -239,7 +239,7 @@ def train(store, unannotated, n_clusters, reference_only, reference, run_dir, co
 @click.option("--novelty-threshold", type=float, default=0.5, show_default=True, help="A cluster whose novelty reaches this is called novel.")
 @click.option("--novelty-method", type=click.Choice(["matching", "margin"]), default="matching", show_default=True, help="matching: clusters matched one to one to the known types; margin: the earlier score.")
 @click.option("--min-cluster-cells", type=int, default=10, show_default=True, help="Landmarks with fewer cells are dropped, their cells moved to the nearest other landmark.")
-@click.option("--split-test/--no-split-test", default=False, show_default=True, help="Look inside each cluster called known for a population the reference lacks (a close subtype new to it), on expression, and call it new (docs/algorithm.md; off by default: it can split known types on real data).")
+@click.option("--split-test/--no-split-test", default=True, show_default=True, help="Look inside each cluster called known for a population the reference lacks (a close subtype new to it), on expression, and call it new (docs/algorithm.md, 'The split test').")
 @_user_errors
 def annotate(store, run_dir, space, key_added, overwrite, export, batch_size, device, seed, novelty_threshold,
              novelty_method, min_cluster_cells, split_test) -> None:
@@ -276,7 +276,7 @@ def annotate(store, run_dir, space, key_added, overwrite, export, batch_size, de
 @click.option("--min-type-cells", type=int, default=10, show_default=True, help="With --remove-type all: least cells of a type in the held-out experiment.")
 @click.option("--min-cluster-cells", type=int, default=10, show_default=True, help="Protocols: before naming, landmarks with fewer cells are merged into the nearest other one (as annotate does).")
 @click.option("--novelty-threshold", type=float, default=0.5, show_default=True, help="Protocols: a cluster whose novelty reaches this is called novel.")
-@click.option("--split-test", is_flag=True, help="Protocols: name as annotate --split-test does.")
+@click.option("--split-test/--no-split-test", default=True, show_default=True, help="Protocols: name with annotate's split test (as annotate does by default).")
 @click.option("-o", "--output", "output_dir", default="mars-evaluation", show_default=True, type=click.Path(path_type=str), help="Directory for evaluation.json, evaluation.md and (protocols) assignments.npz.")
 @_user_errors
 def evaluate(store, leave_one_out, annotation_key, remove_types, seeds, config_file, experiments, device,

@@ -235,7 +235,7 @@ class _NamingOptions:
     novelty_threshold: float = 0.5
     k_neighbours: int = KNN_NEIGHBOURS
     knn_max_cells: int = 50_000
-    split_test: bool = False
+    split_test: bool = True
 
     def __post_init__(self) -> None:
         _check_int("min_cluster_cells", self.min_cluster_cells, 1)
@@ -895,7 +895,7 @@ def leave_one_out(
     novelty_threshold: float = 0.5,
     k_neighbours: int = KNN_NEIGHBOURS,
     knn_max_cells: int = 50_000,
-    split_test: bool = False,
+    split_test: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Hold out every annotated experiment in turn; score MARS, two K-means baselines and the naming.
@@ -926,7 +926,7 @@ def leave_one_out(
     novelty_threshold
         A cluster whose novelty reaches it is called novel.
     split_test
-        Name as ``annotate --split-test`` does (:mod:`mars_scale.subpopulations`).
+        Name with the split test, as ``annotate`` does by default (:mod:`mars_scale.subpopulations`).
     k_neighbours
         Neighbours of the k-NN label transfer (``integration_knn``).
     knn_max_cells
@@ -1062,7 +1062,7 @@ def leave_type_out(
     novelty_threshold: float = 0.5,
     k_neighbours: int = KNN_NEIGHBOURS,
     knn_max_cells: int = 50_000,
-    split_test: bool = False,
+    split_test: bool = True,
     workdir: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:

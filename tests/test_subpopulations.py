@@ -50,6 +50,7 @@ def test_bimodality_separates_two_populations_from_one():
     # the threshold is never below MIN_DPRIME and falls with the sample size
     assert bimodal_threshold(20) > bimodal_threshold(200) >= 3.5
     assert bimodal_threshold(5) == np.inf
+    assert bimodal_threshold(1000, floor=4.5) == 4.5 and bimodal_threshold(10, floor=4.5) == 6.33
 
 
 def test_normalized_rows_matches_a_dense_reference(small_store):
