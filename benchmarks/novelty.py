@@ -271,7 +271,8 @@ def score_cache(cache: Path, *, method: str = "default", split_test: bool = True
     parts = []
     if split_test and method != "margin":
         store = open_store(cache.parents[3] / "stores" / cache.parent.name / cache.stem.rsplit("__s", 1)[0] / "atlas.zarr")
-        naming, assign, parts = name_with_parts(name, store, held, assign, z_e,
+        a, b = store.experiment_ranges[held]
+        naming, assign, parts = name_with_parts(name, store, np.arange(a, b), assign, z_e,
                                                 annotated=sorted(set(d["landmark_experiments"].tolist())), seed=0)
     else:
         naming = name(assign, None)

@@ -573,8 +573,9 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
 
     if split_test:
         annotated = sorted(set(model.annotated_landmarks[1]))
-        naming, assignment, _ = name_with_parts(name, store, unannotated, assignment, held_out,
-                                                annotated=annotated, seed=seed)
+        rows = np.concatenate([np.arange(a, b) for a, b in spans])
+        naming, assignment, _ = name_with_parts(name, store, rows, assignment, held_out, annotated=annotated,
+                                                seed=seed)
     else:
         naming = name(assignment, None)
     np.save(staging / "assignment.npy", assignment)

@@ -605,7 +605,8 @@ def _name_run(model: Mars, store: Atlas, experiment: str, z: np.ndarray, assign:
                              rng=np.random.default_rng(seed))
 
     if options.split_test:
-        naming, merged_assign, _ = name_with_parts(name, store, experiment, merged_assign, z,
+        a, b = store.experiment_ranges[experiment]
+        naming, merged_assign, _ = name_with_parts(name, store, np.arange(a, b), merged_assign, z,
                                                    annotated=sorted(set(exps)), seed=seed)
     else:
         naming = name(merged_assign, None)

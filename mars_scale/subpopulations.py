@@ -71,7 +71,7 @@ _NULL_Q99 = np.array([6.33, 5.19, 4.90, 4.05, 3.61, 3.19, 3.04, 2.86, 2.81])
 class UnreferencedPart:
     """A part of cluster ``cluster`` that the reference lacks, made cluster ``new_cluster``.
 
-    ``cells`` are positions within the experiment; ``dprime`` the part's bimodality in its
+    ``cells`` are positions among the new cells; ``dprime`` the part's bimodality in its
     cluster, ``other_dprime`` and ``reference_dprime`` the largest along the same direction in
     the experiment's other clusters and in the reference; ``genes`` the genes most raised in the
     part against the rest of its cluster.
@@ -121,7 +121,7 @@ def bimodal_threshold(n: int, *, floor: float = MIN_DPRIME) -> float:
 
 def find_unreferenced_parts(
     store: Any,
-    experiment: str,
+    rows: np.ndarray,
     assignment: np.ndarray,
     embedding: np.ndarray,
     naming: NamingResult,
@@ -135,19 +135,19 @@ def find_unreferenced_parts(
     min_part_cells: int = 10,
     seed: int | None = 0,
 ) -> list[UnreferencedPart]:
-    """Parts of the known clusters of ``experiment`` that the reference lacks (module docstring).
+    """Parts of the known clusters of the new cells that the reference lacks (module docstring).
 
     Parameters
     ----------
     store
         The atlas store (:class:`mars_scale.store.Atlas`).
-    experiment
-        The unannotated experiment; ``assignment`` and ``embedding`` are over its cells, in
-        store order.
+    rows
+        ``(n,)`` increasing store rows of the new cells (one or several unannotated
+        experiments); ``assignment`` and ``embedding`` are over these cells, in this order.
     assignment
         ``(n,)`` cluster of each cell, as named in ``naming``.
     embedding
-        ``(n, D)`` embedding of the experiment's cells (which part is new).
+        ``(n, D)`` embedding of the new cells (which part is new).
     naming
         The clusters' names (:func:`mars_scale.naming.name_clusters` on ``assignment``).
     annotated
@@ -170,18 +170,19 @@ def find_unreferenced_parts(
         Empty when no cluster holds a population the reference lacks.
     """
     rng = np.random.default_rng(seed)
-    a, b = store.experiment_ranges[experiment]
+    rows = np.asarray(rows, dtype=np.int64)
     assignment = np.asarray(assignment)
-    if assignment.shape[0] != b - a:
-        raise ValueError(f"assignment has {assignment.shape[0]} cells, experiment {experiment!r} {b - a}")
+    if assignment.shape[0] != rows.shape[0] or np.any(np.diff(rows) <= 0):
+        raise ValueError(f"rows must be increasing with one store row per cell of assignment "
+                         f"({rows.shape[0]} rows, {assignment.shape[0]} cells)")
     samples = {c: _sample(np.flatnonzero(assignment == c), max_cells, rng) for c in naming.clusters}
     known = [c for j, c in enumerate(naming.clusters)
              if not naming.is_novel[j] and samples[c].size >= 4 * min_part_cells]
     if not known:
         return []
-    rows = np.sort(np.concatenate(list(samples.values())))
-    matrix = normalized_rows(store, a + rows, dtype=np.float32)
-    sampled = {c: matrix[np.searchsorted(rows, samples[c])] for c in naming.clusters}
+    taken = np.sort(np.concatenate(list(samples.values())))  # positions, so their rows increase too
+    matrix = normalized_rows(store, rows[taken], dtype=np.float32)
+    sampled = {c: matrix[np.searchsorted(taken, samples[c])] for c in naming.clusters}
 
     splits = []
     for c in known:
@@ -212,7 +213,7 @@ def find_unreferenced_parts(
                         c, split["dprime"], ref_dprime)
             continue
         members = np.flatnonzero(assignment == c)
-        side = _side(store, a + members, split)
+        side = _side(store, rows[members], split)
         j = int(np.flatnonzero(naming.clusters == c)[0])
         prototype = naming.prototypes[int(np.flatnonzero(naming.names == naming.compared_name[j])[0])]
         far = [float(np.linalg.norm(np.asarray(embedding[members[side == s]], dtype=np.float64).mean(axis=0)
@@ -239,7 +240,7 @@ def find_unreferenced_parts(
 def name_with_parts(
     name: Callable[[np.ndarray, dict[Any, tuple[Any, float]] | None], NamingResult],
     store: Any,
-    experiment: str,
+    rows: np.ndarray,
     assignment: np.ndarray,
     embedding: np.ndarray,
     *,
@@ -255,8 +256,7 @@ def name_with_parts(
     naming = name(assignment, None)
     if naming.novelty_method != "matching":
         return naming, assignment, []
-    parts = find_unreferenced_parts(store, experiment, assignment, embedding, naming, annotated=annotated,
-                                    seed=seed)
+    parts = find_unreferenced_parts(store, rows, assignment, embedding, naming, annotated=annotated, seed=seed)
     if not parts:
         return naming, assignment, []
     assignment = with_parts(assignment, parts)

@@ -165,7 +165,7 @@ def test_split_test_writes_a_part_as_a_cluster_of_its_own(store_copy, monkeypatc
     path, run_dir = store_copy
     seen = {}
 
-    def one_part(store, experiment, assignment, embedding, naming, **kwargs):
+    def one_part(store, rows, assignment, embedding, naming, **kwargs):
         seen["annotated"] = kwargs["annotated"]
         parent = naming.clusters[int(np.argmax(naming.n_cells))]
         members = np.flatnonzero(assignment == parent)

@@ -136,7 +136,8 @@ def test_a_subtype_the_reference_lacks_is_split_off_and_called_new(tmp_path):
     name, clusters, z, truth = _query_naming(store)
     before = name(clusters, None)
     assert not before.is_novel.any()  # the embedding alone calls A2 "A"
-    naming, assignment, parts = name_with_parts(name, store, "query", clusters, z, annotated=["ref1", "ref2"])
+    naming, assignment, parts = name_with_parts(name, store, np.arange(*store.experiment_ranges["query"]), clusters, z,
+                                                annotated=["ref1", "ref2"])
     assert len(parts) == 1 and parts[0].cluster == 0 and parts[0].compared_name == "A"
     part = np.zeros(truth.size, dtype=bool)
     part[parts[0].cells] = True
@@ -164,7 +165,8 @@ def test_no_part_when_the_reference_holds_both_populations(tmp_path, reference_a
     if reference_a2 == "own":
         # A2 is a reference name, at A's place in this embedding: a sibling of A
         assert "A2" in set(naming.names)
-    parts = find_unreferenced_parts(store, "query", clusters, z, naming, annotated=["ref1", "ref2"])
+    parts = find_unreferenced_parts(store, np.arange(*store.experiment_ranges["query"]), clusters, z, naming,
+                                    annotated=["ref1", "ref2"])
     assert parts == []
 
 
