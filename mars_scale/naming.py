@@ -341,36 +341,6 @@ def _per_landmark(name: str, value: Any, n_landmarks: int) -> np.ndarray | None:
     return value
 
 
-def _validate_options(
-    *,
-    max_cells_per_cluster: int,
-    top: int,
-    novelty_threshold: float,
-    novel_label: str,
-    space: str,
-    umap_max_cells: int,
-    umap_n_neighbors: int,
-    block_size: int,
-) -> None:
-    if space not in ("latent", "umap"):
-        raise InputError(f"space must be 'latent' or 'umap' (got {space!r}).")
-    for name, value, low in (
-        ("max_cells_per_cluster", max_cells_per_cluster, 2),
-        ("top", top, 1),
-        ("umap_max_cells", umap_max_cells, 1),
-        ("umap_n_neighbors", umap_n_neighbors, 2),
-        ("block_size", block_size, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise InputError(f"{name} must be an integer of at least {low} (got {value!r}).")
-    if not 0.0 < float(novelty_threshold) < 1.0:
-        raise InputError(
-            f"novelty_threshold must lie strictly between 0 and 1 (got {novelty_threshold!r})."
-        )
-    if not isinstance(novel_label, str) or not novel_label:
-        raise InputError(f"novel_label must be a non-empty string (got {novel_label!r}).")
-
-
 def name_clusters(
     embedding: np.ndarray,
     clusters: np.ndarray,
@@ -437,17 +407,14 @@ def name_clusters(
         maps cells and landmarks to 10 UMAP components fitted on at most ``umap_max_cells``
         random cells plus the landmarks, and maps the other cells with ``transform`` in blocks.
         It is slow and needs ``umap-learn``.
-    umap_max_cells
-        Most cells in the UMAP fit.
-    umap_n_neighbors
-        UMAP neighbourhood size (30 in the paper).
+    umap_max_cells, umap_n_neighbors
+        Most cells in the UMAP fit; its neighbourhood size (30 in the paper).
     block_size
         Rows per block when streaming the embedding.
     unreferenced
-        Clusters that are a population the reference lacks, split from another cluster
-        (:mod:`mars_scale.subpopulations`): ``{cluster: (parent cluster, evidence)}``. They take
-        no part in the matching; each is compared with its parent's name and its novelty is
-        ``e^8 / (e^8 + 1)`` of its evidence (matching method only).
+        ``{cluster: (parent cluster, evidence e)}``: parts the reference lacks, split from their
+        parent (:mod:`mars_scale.subpopulations`); left out of the matching, compared with the
+        parent's name, novelty ``e^8 / (e^8 + 1)`` (matching method only).
     rng
         Random generator or seed for the sampling of cells (and the UMAP seed). ``None`` draws
         fresh entropy, so results can differ between runs.
@@ -477,10 +444,8 @@ def name_clusters(
     codes = codes.reshape(-1).astype(np.int64, copy=False)
     names, name_codes = np.unique(names_in, return_inverse=True)
     name_codes = name_codes.reshape(-1)
-    logger.info(
-        "naming %d clusters of %d cells (%d dims, %s space) after %d landmarks with %d names",
-        cluster_ids.shape[0], n_cells, dim, space, landmarks.shape[0], names.shape[0],
-    )
+    logger.info("naming %d clusters of %d cells (%d dims, %s space) after %d landmarks with %d names",
+                cluster_ids.shape[0], n_cells, dim, space, landmarks.shape[0], names.shape[0])
     if space == "umap":
         embedding, landmarks = _umap_embed(
             embedding, landmarks, max_cells=umap_max_cells, n_neighbors=umap_n_neighbors,
@@ -491,8 +456,7 @@ def name_clusters(
         landmark_weights=landmark_weights, landmark_radius=landmark_radius,
         novelty_method=novelty_method, max_cells_per_cluster=max_cells_per_cluster, top=top,
         novelty_threshold=float(novelty_threshold), novel_label=novel_label, space=space,
-        block_size=block_size, rng=rng,
-        parts=_part_codes(unreferenced, cluster_ids, novelty_method),
+        block_size=block_size, rng=rng, parts=_part_codes(unreferenced, cluster_ids, novelty_method),
     )
     logger.info("named %d clusters in %.2f s, %d of them novel",
                 result.n_clusters, time.perf_counter() - start, int(result.is_novel.sum()))
@@ -519,16 +483,23 @@ def _checked_inputs(
 ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """:func:`name_clusters`' inputs checked and converted (embedding, clusters, landmarks,
     landmark names as str, weights, radius); raises :class:`InputError` naming the problem."""
-    _validate_options(
-        max_cells_per_cluster=max_cells_per_cluster,
-        top=top,
-        novelty_threshold=novelty_threshold,
-        novel_label=novel_label,
-        space=space,
-        umap_max_cells=umap_max_cells,
-        umap_n_neighbors=umap_n_neighbors,
-        block_size=block_size,
-    )
+    if space not in ("latent", "umap"):
+        raise InputError(f"space must be 'latent' or 'umap' (got {space!r}).")
+    for name, value, low in (
+        ("max_cells_per_cluster", max_cells_per_cluster, 2),
+        ("top", top, 1),
+        ("umap_max_cells", umap_max_cells, 1),
+        ("umap_n_neighbors", umap_n_neighbors, 2),
+        ("block_size", block_size, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise InputError(f"{name} must be an integer of at least {low} (got {value!r}).")
+    if not 0.0 < float(novelty_threshold) < 1.0:
+        raise InputError(
+            f"novelty_threshold must lie strictly between 0 and 1 (got {novelty_threshold!r})."
+        )
+    if not isinstance(novel_label, str) or not novel_label:
+        raise InputError(f"novel_label must be a non-empty string (got {novel_label!r}).")
     if not hasattr(embedding, "shape") or not hasattr(embedding, "ndim"):
         embedding = np.asarray(embedding)
     if embedding.ndim != 2:
