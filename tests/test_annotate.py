@@ -344,3 +344,23 @@ def test_cli_annotate_prints_the_cluster_table(store_copy):
     again = runner.invoke(main, ["annotate", str(path), "--model", str(run_dir)])
     assert again.exit_code == 2
     assert "already exists" in again.output and "Traceback" not in again.output
+
+
+def test_cli_no_split_test_skips_the_split_test(store_copy, monkeypatch):
+    from mars_scale import subpopulations
+
+    path, run_dir = store_copy
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(1)
+        return []
+
+    monkeypatch.setattr(subpopulations, "find_unreferenced_parts", record)
+    runner = CliRunner()
+    off = runner.invoke(main, ["annotate", str(path), "--model", str(run_dir), "--device", "cpu", "--no-split-test"])
+    assert off.exit_code == 0, off.output
+    assert calls == []
+    on = runner.invoke(main, ["annotate", str(path), "--model", str(run_dir), "--device", "cpu", "--overwrite"])
+    assert on.exit_code == 0, on.output
+    assert calls == [1]
