@@ -264,9 +264,9 @@ def score_cache(cache: Path, *, method: str = "default", split_test: bool = True
         ok = index >= 0
         total = np.bincount(index[ok], weights=sq[ok], minlength=len(keys))
         extra = {"novelty_method": "margin", "landmark_radius": np.sqrt(total / np.maximum(weights, 1))}
-    def name(clusters: np.ndarray, unreferenced: dict | None):
+    def name(clusters: np.ndarray, decided: dict | None):
         return name_clusters(z_e, clusters, d["landmarks_annotated"], d["landmark_types"], landmark_weights=weights,
-                             unreferenced=unreferenced, rng=0, **extra)
+                             decided=decided, rng=0, **extra)
 
     parts = []
     if split_test and method != "margin":

@@ -562,12 +562,12 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
                        unused.tolist())
     assignment, merged = merge_small_clusters(held_out, assignment, landmarks_u, min_cells=min_cluster_cells)
 
-    def name(clusters: np.ndarray, unreferenced: dict | None) -> NamingResult:
+    def name(clusters: np.ndarray, decided: dict | None) -> NamingResult:
         return name_clusters(
             held_out, clusters, landmarks_a, landmark_names, landmark_weights=count,
             landmark_radius=radius if (space == "latent" and novelty_method == "margin") else None,
             novelty_method=novelty_method, max_cells_per_cluster=max_cells_per_cluster, top=3,
-            novelty_threshold=novelty_threshold, space=space, unreferenced=unreferenced,
+            novelty_threshold=novelty_threshold, space=space, decided=decided,
             rng=np.random.default_rng(seed),
         )
 

@@ -599,9 +599,9 @@ def _name_run(model: Mars, store: Atlas, experiment: str, z: np.ndarray, assign:
     weights = _landmark_weights(store, exps, types)
     merged_assign, merged = merge_small_clusters(z, assign, model.unannotated_landmarks,
                                                  min_cells=options.min_cluster_cells)
-    def name(clusters: np.ndarray, unreferenced: dict | None) -> NamingResult:
+    def name(clusters: np.ndarray, decided: dict | None) -> NamingResult:
         return name_clusters(z, clusters, landmarks_a, types, landmark_weights=weights,
-                             novelty_threshold=options.novelty_threshold, unreferenced=unreferenced,
+                             novelty_threshold=options.novelty_threshold, decided=decided,
                              rng=np.random.default_rng(seed))
 
     if options.split_test:

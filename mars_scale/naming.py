@@ -172,8 +172,8 @@ class NamingResult:
     distinctness
         ``(J,)`` ``d'`` of an unmatched cluster against ``split_of``; NaN for matched ones.
     part_of
-        ``(J,)`` index (into :attr:`clusters`) of the cluster that a population the reference
-        lacks was split from (``unreferenced``), -1 for the others.
+        ``(J,)`` index (into :attr:`clusters`) of the cluster a part was split from
+        (``decided``), -1 for the others.
     prototypes
         ``(N, D)`` the name prototypes ``P_n`` (in the naming space).
     cell_type
@@ -358,7 +358,7 @@ def name_clusters(
     umap_max_cells: int = 50_000,
     umap_n_neighbors: int = 30,
     block_size: int = 65_536,
-    unreferenced: Mapping[Any, tuple[Any, float]] | None = None,
+    decided: Mapping[Any, tuple[str, float, Any]] | None = None,
     rng: np.random.Generator | int | None,
 ) -> NamingResult:
     """Name each discovered cluster after the annotated landmarks and score its novelty.
@@ -411,10 +411,10 @@ def name_clusters(
         Most cells in the UMAP fit; its neighbourhood size (30 in the paper).
     block_size
         Rows per block when streaming the embedding.
-    unreferenced
-        ``{cluster: (parent cluster, evidence e)}``: parts the reference lacks, split from their
-        parent (:mod:`mars_scale.subpopulations`); left out of the matching, compared with the
-        parent's name, novelty ``e^8 / (e^8 + 1)`` (matching method only).
+    decided
+        ``{cluster: (name, evidence e, parent cluster or None)}``: clusters whose call is made
+        elsewhere (:mod:`mars_scale.subpopulations` splits a cluster into parts); left out of
+        the matching, compared with ``name``, novelty ``e^8 / (e^8 + 1)`` (matching only).
     rng
         Random generator or seed for the sampling of cells (and the UMAP seed). ``None`` draws
         fresh entropy, so results can differ between runs.
@@ -456,7 +456,7 @@ def name_clusters(
         landmark_weights=landmark_weights, landmark_radius=landmark_radius,
         novelty_method=novelty_method, max_cells_per_cluster=max_cells_per_cluster, top=top,
         novelty_threshold=float(novelty_threshold), novel_label=novel_label, space=space,
-        block_size=block_size, rng=rng, parts=_part_codes(unreferenced, cluster_ids, novelty_method),
+        block_size=block_size, rng=rng, decided=decided,
     )
     logger.info("named %d clusters in %.2f s, %d of them novel",
                 result.n_clusters, time.perf_counter() - start, int(result.is_novel.sum()))
@@ -587,12 +587,13 @@ def _name(
     space: str,
     block_size: int,
     rng: np.random.Generator,
-    parts: tuple[np.ndarray, np.ndarray] | None = None,
+    decided: Mapping[Any, tuple[str, float, Any]] | None = None,
 ) -> NamingResult:
     """The naming kernel on validated inputs (cluster codes 0..J-1, landmark name codes;
-    ``parts``: per cluster the code of the cluster it was split from or -1, and its evidence)."""
+    ``decided``: as :func:`name_clusters`)."""
     n_clusters = cluster_ids.shape[0]
     n_names = names.shape[0]
+    codes_decided = _decided_codes(decided, cluster_ids, names, novelty_method)
     # Shifting by the landmarks' mean keeps E||x - c||^2 - ||mu - c||^2 accurate when the data
     # sit far from the origin.
     shift = landmarks.mean(axis=0)
@@ -613,7 +614,7 @@ def _name(
         novelty_method, centers=centers, radius=radius, prototypes=prototypes, embedding=embedding,
         codes=codes, shift=shift, block_size=block_size, center_dist=np.sqrt(center_sq),
         names=names, best_name=best_name, name_codes=name_codes, landmark_radius=landmark_radius,
-        parts=parts,
+        decided=codes_decided,
     )
     novelty = calls["novelty"]
     is_novel = novelty >= novelty_threshold
@@ -632,7 +633,7 @@ def _name(
     novelty_distance, nearest_landmark = calls["novelty_distance"], calls["nearest_landmark"]
     matched, evidence = calls["matched"], calls["evidence"]
     split_of, distinctness = calls["split_of"], calls["distinctness"]
-    part_of = parts[0] if parts is not None else np.full(n_clusters, -1, dtype=np.int64)
+    part_of = codes_decided[2] if codes_decided is not None else np.full(n_clusters, -1, dtype=np.int64)
 
     return NamingResult(
         clusters=cluster_ids,
@@ -729,13 +730,13 @@ def _cluster_calls(
     novelty_method: str, *, centers: np.ndarray, radius: np.ndarray, prototypes: np.ndarray,
     embedding: Any, codes: np.ndarray, shift: np.ndarray, block_size: int,
     center_dist: np.ndarray, names: np.ndarray, best_name: np.ndarray, name_codes: np.ndarray,
-    landmark_radius: np.ndarray | None, parts: tuple[np.ndarray, np.ndarray] | None = None,
+    landmark_radius: np.ndarray | None, decided: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Per cluster: the name it is compared with, its evidence and novelty, by the matching
     rule or the margin score (keys of :class:`NamingResult` plus ``compared``, ``scale``)."""
     n_clusters = centers.shape[0]
-    if novelty_method == "matching" and parts is not None and (parts[0] >= 0).any():
-        m = _match_with_parts(centers, radius, prototypes, embedding, codes, shift, block_size, parts)
+    if novelty_method == "matching" and decided is not None:
+        m = _match_with_decided(centers, radius, prototypes, embedding, codes, shift, block_size, decided)
     elif novelty_method == "matching":
         m = _match(centers, radius, prototypes, embedding, codes, shift, block_size)
     if novelty_method == "matching":
@@ -917,50 +918,58 @@ def _match(
     }
 
 
-def _part_codes(unreferenced: Mapping[Any, tuple[Any, float]] | None, cluster_ids: np.ndarray,
-                novelty_method: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """``unreferenced`` as per-cluster codes: the parent's code (or -1) and the evidence."""
-    if not unreferenced:
+def _decided_codes(decided: Mapping[Any, tuple[str, float, Any]] | None, cluster_ids: np.ndarray,
+                   names: np.ndarray, novelty_method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``decided`` as per-cluster codes: the name's code (-1 for clusters left to the matching),
+    the evidence, and the code of the cluster it was split from (-1 for none)."""
+    if not decided:
         return None
     if novelty_method != "matching":
-        raise InputError("unreferenced clusters need novelty_method='matching'")
-    parent = np.full(cluster_ids.shape[0], -1, dtype=np.int64)
+        raise InputError("decided clusters need novelty_method='matching'")
+    name_code = np.full(cluster_ids.shape[0], -1, dtype=np.int64)
     evidence = np.zeros(cluster_ids.shape[0])
+    parent = np.full(cluster_ids.shape[0], -1, dtype=np.int64)
     lookup = {_to_python(c): j for j, c in enumerate(cluster_ids)}
-    for cluster, (of, e) in unreferenced.items():
-        j, p = lookup.get(_to_python(cluster)), lookup.get(_to_python(of))
-        if j is None or p is None or j == p:
-            raise InputError(f"unreferenced: cluster {cluster!r} split from {of!r} must name two different "
-                             "clusters of clusters")
+    known_names = {str(n): k for k, n in enumerate(names)}
+    for cluster, (name, e, of) in decided.items():
+        j = lookup.get(_to_python(cluster))
+        p = None if of is None else lookup.get(_to_python(of))
+        if j is None or (of is not None and (p is None or p == j)):
+            raise InputError(f"decided: cluster {cluster!r} (split from {of!r}) must be a cluster of clusters, "
+                             "and its parent another one")
+        if str(name) not in known_names:
+            raise InputError(f"decided: cluster {cluster!r} is given name {name!r}, which no landmark has")
         if not np.isfinite(e) or e < 0:
-            raise InputError(f"unreferenced: the evidence of cluster {cluster!r} must be finite and >= 0 (got {e!r})")
-        parent[j], evidence[j] = p, float(e)
-    if (parent[parent[parent >= 0]] >= 0).any():
-        raise InputError("unreferenced: a cluster's parent is itself split from another cluster")
-    return parent, evidence
+            raise InputError(f"decided: the evidence of cluster {cluster!r} must be finite and >= 0 (got {e!r})")
+        name_code[j], evidence[j], parent[j] = known_names[str(name)], float(e), -1 if p is None else p
+    return name_code, evidence, parent
 
 
-def _match_with_parts(centers: np.ndarray, radius: np.ndarray, prototypes: np.ndarray, embedding: Any,
-                      codes: np.ndarray, shift: np.ndarray, block_size: int,
-                      parts: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
-    """:func:`_match` over the clusters that are not parts; each part compared with its parent's
-    name, with its own evidence."""
-    parent, part_evidence = parts
-    keep = np.flatnonzero(parent < 0)
-    sub = np.full(parent.shape[0], keep.size, dtype=np.int64)  # parts' cells: a code no pair uses
+def _match_with_decided(centers: np.ndarray, radius: np.ndarray, prototypes: np.ndarray, embedding: Any,
+                        codes: np.ndarray, shift: np.ndarray, block_size: int,
+                        decided: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`_match` over the clusters left to it and the names that no decided known cluster
+    holds; the decided ones take their given name and evidence."""
+    name_code, evidence, _ = decided
+    keep = np.flatnonzero(name_code < 0)
+    held = np.unique(name_code[(name_code >= 0) & (evidence < 1.0)])
+    free = np.setdiff1d(np.arange(prototypes.shape[0]), held)
+    if free.size == 0:
+        free = np.arange(prototypes.shape[0])
+    sub = np.full(name_code.shape[0], keep.size, dtype=np.int64)  # decided cells: a code no pair uses
     sub[keep] = np.arange(keep.size)
-    m = _match(centers[keep], radius[keep], prototypes, embedding, sub[codes], shift, block_size)
-    n_clusters = parent.shape[0]
+    n_clusters = name_code.shape[0]
     out = {
-        "compared": np.zeros(n_clusters, dtype=np.int64), "matched": np.zeros(n_clusters, dtype=bool),
-        "evidence": np.array(part_evidence, dtype=np.float64),
+        "compared": name_code.copy(), "matched": np.zeros(n_clusters, dtype=bool),
+        "evidence": np.array(evidence, dtype=np.float64),
         "split_of": np.full(n_clusters, -1, dtype=np.int64), "distinctness": np.full(n_clusters, np.nan),
     }
-    for key in ("compared", "matched", "evidence", "distinctness"):
-        out[key][keep] = m[key]
-    out["split_of"][keep] = np.where(m["split_of"] >= 0, keep[np.maximum(m["split_of"], 0)], -1)
-    is_part = parent >= 0
-    out["compared"][is_part] = out["compared"][parent[is_part]]
+    if keep.size:
+        m = _match(centers[keep], radius[keep], prototypes[free], embedding, sub[codes], shift, block_size)
+        m["compared"] = free[m["compared"]]
+        for key in ("compared", "matched", "evidence", "distinctness"):
+            out[key][keep] = m[key]
+        out["split_of"][keep] = np.where(m["split_of"] >= 0, keep[np.maximum(m["split_of"], 0)], -1)
     out["distance"] = np.linalg.norm(centers - prototypes[out["compared"]], axis=1)
     return out
 

@@ -20,11 +20,15 @@ cluster called known, this module asks three questions of the log-normalised exp
    reference shows the same two modes, the split is known structure (two known subtypes in one
    cluster, or a heterogeneous known type).
 
+If the reference shows the two modes and holds exactly two siblings, one on each side (in the
+same order in every annotated experiment that holds both), the cluster merged two known types:
+the side of the sibling it was not named after becomes a cluster of its own with that name.
+
 When all three hold, one part is a population the reference lacks: the part whose cells lie
 farther, in the embedding, from the prototype of the cluster's name (the network was trained
 to map the reference's cells of that name onto it, so the cells like them land closer). It
 becomes a cluster of its own, which naming calls new (:func:`mars_scale.naming.name_clusters`,
-``unreferenced``). The side is taken in the embedding and not in expression because the
+``decided``). The side is taken in the embedding and not in expression because the
 experiment sits at an offset from the reference there (batch and condition effects) that is
 as large as the difference between the parts on the simulated atlas (docs/algorithm.md).
 
@@ -68,23 +72,27 @@ _NULL_Q99 = np.array([6.33, 5.19, 4.90, 4.05, 3.61, 3.19, 3.04, 2.86, 2.81])
 
 
 @dataclasses.dataclass(frozen=True)
-class UnreferencedPart:
-    """A part of cluster ``cluster`` that the reference lacks, made cluster ``new_cluster``.
+class Part:
+    """A part of cluster ``cluster``, made cluster ``new_cluster``.
 
-    ``cells`` are positions among the new cells; ``dprime`` the part's bimodality in its
-    cluster, ``other_dprime`` and ``reference_dprime`` the largest along the same direction in
-    the experiment's other clusters and in the reference; ``genes`` the genes most raised in the
-    part against the rest of its cluster.
+    ``novel``: a population the reference lacks, compared with ``name`` (its cluster's name).
+    Otherwise the cluster held two known siblings: the part is ``name`` and the rest of the
+    cluster ``parent_name``. ``cells`` are positions among the new cells; ``dprime`` the split's
+    bimodality in the cluster, ``other_dprime`` and ``reference_dprime`` the largest along the
+    same direction in the other clusters and in the reference; ``genes`` the genes most raised in
+    the part against the rest of its cluster.
     """
 
     cluster: Any
     new_cluster: int
     cells: np.ndarray
+    novel: bool
+    name: str
+    parent_name: str | None
     dprime: float
     other_dprime: float
     reference_dprime: float
     evidence: float
-    compared_name: str
     siblings: tuple[str, ...]
     genes: tuple[str, ...]
 
@@ -119,7 +127,7 @@ def bimodal_threshold(n: int, *, floor: float = MIN_DPRIME) -> float:
     return float(max(floor, q99))
 
 
-def find_unreferenced_parts(
+def find_parts(
     store: Any,
     rows: np.ndarray,
     assignment: np.ndarray,
@@ -134,8 +142,9 @@ def find_unreferenced_parts(
     sibling_share: float = 0.5,
     min_part_cells: int = 10,
     seed: int | None = 0,
-) -> list[UnreferencedPart]:
-    """Parts of the known clusters of the new cells that the reference lacks (module docstring).
+) -> list[Part]:
+    """Parts of the known clusters of the new cells: populations the reference lacks, and known
+    siblings merged into one cluster (module docstring).
 
     Parameters
     ----------
@@ -166,8 +175,8 @@ def find_unreferenced_parts(
 
     Returns
     -------
-    list of UnreferencedPart
-        Empty when no cluster holds a population the reference lacks.
+    list of Part
+        Empty when no cluster is split.
     """
     rng = np.random.default_rng(seed)
     rows = np.asarray(rows, dtype=np.int64)
@@ -206,39 +215,28 @@ def find_unreferenced_parts(
                                        sibling_share=sibling_share, max_cells=max_cells, rng=rng)
     parts = []
     next_id = int(np.max(np.asarray(naming.clusters, dtype=np.int64))) + 1 if len(naming.clusters) else 0
-    for split, (ref_ratio, ref_dprime, siblings) in zip(splits, reference):
+    for split, ref in zip(splits, reference):
         c = split["cluster"]
-        if ref_ratio >= 1.0:
-            logger.info("cluster %s: a split (d' %.2f) that the reference also shows (d' %.2f); known",
-                        c, split["dprime"], ref_dprime)
-            continue
-        members = np.flatnonzero(assignment == c)
-        side = _side(store, rows[members], split)
         j = int(np.flatnonzero(naming.clusters == c)[0])
-        prototype = naming.prototypes[int(np.flatnonzero(naming.names == naming.compared_name[j])[0])]
-        far = [float(np.linalg.norm(np.asarray(embedding[members[side == s]], dtype=np.float64).mean(axis=0)
-                                    - prototype)) if (side == s).any() else -np.inf for s in (False, True)]
-        new_side = bool(far[1] > far[0])
-        cells = members[side == new_side]
-        if cells.size < min_part_cells or cells.size == members.size:
+        members = np.flatnonzero(assignment == c)
+        if ref["ratio"] >= 1.0:
+            sides = _known_sides(ref["medians"], split["gap"])
+            if sides is None:
+                logger.info("cluster %s: a split (d' %.2f) that the reference also shows (d' %.2f); known",
+                            c, split["dprime"], ref["dprime"])
+                continue
+            part = _known_part(store, rows, members, split, sides, ref, naming, j, next_id, min_part_cells)
+        else:
+            part = _new_part(store, rows, members, embedding, split, ref, naming, j, next_id, min_part_cells)
+        if part is None:
             continue
-        evidence = min(split["dprime"] / split["threshold"], 1.0 / max(split["other_ratio"], 1e-9),
-                       1.0 / max(ref_ratio, 1e-9))
-        raised = split["w"] if new_side else -split["w"]
-        genes = tuple(str(store.gene_ids[g]) for g in split["genes"][np.argsort(-raised)[:5]])
-        parts.append(UnreferencedPart(
-            cluster=c, new_cluster=next_id, cells=cells, dprime=split["dprime"],
-            other_dprime=split["other_dprime"], reference_dprime=ref_dprime, evidence=float(evidence),
-            compared_name=str(naming.compared_name[j]), siblings=siblings, genes=genes))
-        logger.info("cluster %s (%s): %d of its %d cells form a population the reference lacks "
-                    "(d' %.2f; in the reference %.2f; evidence %.2f; up: %s)", c, naming.compared_name[j],
-                    cells.size, members.size, split["dprime"], ref_dprime, evidence, ", ".join(genes))
+        parts.append(part)
         next_id += 1
     return parts
 
 
 def name_with_parts(
-    name: Callable[[np.ndarray, dict[Any, tuple[Any, float]] | None], NamingResult],
+    name: Callable[[np.ndarray, dict[Any, tuple[str, float, Any]] | None], NamingResult],
     store: Any,
     rows: np.ndarray,
     assignment: np.ndarray,
@@ -246,25 +244,29 @@ def name_with_parts(
     *,
     annotated: Sequence[str],
     seed: int | None = 0,
-) -> tuple[NamingResult, np.ndarray, list[UnreferencedPart]]:
-    """Name the clusters, split off the populations the reference lacks, and name again.
+) -> tuple[NamingResult, np.ndarray, list[Part]]:
+    """Name the clusters, split off the parts (:func:`find_parts`), and name again.
 
-    ``name(assignment, unreferenced)`` names clusters (:func:`mars_scale.naming.name_clusters`
-    with everything but these two bound). Returns the naming, the assignment (with the parts as
+    ``name(assignment, decided)`` names clusters (:func:`mars_scale.naming.name_clusters` with
+    everything but these two bound). Returns the naming, the assignment (with the parts as
     clusters of their own) and the parts.
     """
     naming = name(assignment, None)
     if naming.novelty_method != "matching":
         return naming, assignment, []
-    parts = find_unreferenced_parts(store, rows, assignment, embedding, naming, annotated=annotated, seed=seed)
+    parts = find_parts(store, rows, assignment, embedding, naming, annotated=annotated, seed=seed)
     if not parts:
         return naming, assignment, []
+    decided: dict[Any, tuple[str, float, Any]] = {}
+    for p in parts:
+        decided[p.new_cluster] = (p.name, p.evidence, p.cluster)
+        if p.parent_name is not None:
+            decided[p.cluster] = (p.parent_name, 0.0, None)
     assignment = with_parts(assignment, parts)
-    naming = name(assignment, {p.new_cluster: (p.cluster, p.evidence) for p in parts})
-    return naming, assignment, parts
+    return name(assignment, decided), assignment, parts
 
 
-def with_parts(assignment: np.ndarray, parts: Sequence[UnreferencedPart]) -> np.ndarray:
+def with_parts(assignment: np.ndarray, parts: Sequence[Part]) -> np.ndarray:
     """``assignment`` with the cells of each part moved to the part's new cluster."""
     out = np.array(assignment, copy=True)
     for part in parts:
@@ -308,17 +310,67 @@ def _split(cells, *, n_genes: int, n_components: int, min_part_cells: int,
     threshold = bimodal_threshold(test.shape[0], floor=SPLIT_DPRIME)
     if dprime < threshold:
         return None
+    projected = test @ w
     # the cut in the units of the raw projection (without the centring by the sampled mean)
     return {"genes": genes, "w": w, "dprime": dprime, "threshold": threshold,
-            "cut": cut + float(mean[genes] @ w)}
+            "cut": cut + float(mean[genes] @ w),
+            "gap": float(projected[projected > cut].mean() - projected[projected <= cut].mean())}
+
+
+def _genes_up(store: Any, split: dict[str, Any], high_side: bool) -> tuple[str, ...]:
+    raised = split["w"] if high_side else -split["w"]
+    return tuple(str(store.gene_ids[g]) for g in split["genes"][np.argsort(-raised)[:5]])
+
+
+def _new_part(store: Any, rows: np.ndarray, members: np.ndarray, embedding: np.ndarray, split: dict[str, Any],
+              ref: dict[str, Any], naming: NamingResult, j: int, new_id: int, min_part_cells: int) -> Part | None:
+    """The part of cluster ``j`` that the reference lacks: the side farther from its name's
+    prototype in the embedding."""
+    side = _side(store, rows[members], split)
+    prototype = naming.prototypes[int(np.flatnonzero(naming.names == naming.compared_name[j])[0])]
+    far = [float(np.linalg.norm(np.asarray(embedding[members[side == s]], dtype=np.float64).mean(axis=0)
+                                - prototype)) if (side == s).any() else -np.inf for s in (False, True)]
+    new_side = bool(far[1] > far[0])
+    cells = members[side == new_side]
+    if cells.size < min_part_cells or cells.size == members.size:
+        return None
+    evidence = min(split["dprime"] / split["threshold"], 1.0 / max(split["other_ratio"], 1e-9),
+                   1.0 / max(ref["ratio"], 1e-9))
+    genes = _genes_up(store, split, new_side)
+    name = str(naming.compared_name[j])
+    logger.info("cluster %s (%s): %d of its %d cells form a population the reference lacks (d' %.2f; in the "
+                "reference %.2f; evidence %.2f; up: %s)", naming.clusters[j], name, cells.size, members.size,
+                split["dprime"], ref["dprime"], evidence, ", ".join(genes))
+    return Part(cluster=naming.clusters[j], new_cluster=new_id, cells=cells, novel=True, name=name,
+                parent_name=None, dprime=split["dprime"], other_dprime=split["other_dprime"],
+                reference_dprime=ref["dprime"], evidence=float(evidence), siblings=ref["siblings"], genes=genes)
+
+
+def _known_part(store: Any, rows: np.ndarray, members: np.ndarray, split: dict[str, Any], sides: tuple[str, str],
+                ref: dict[str, Any], naming: NamingResult, j: int, new_id: int, min_part_cells: int) -> Part | None:
+    """Cluster ``j`` holds two known siblings: the side of the one it was not named after
+    becomes a part with that sibling's name (the cluster keeps the other)."""
+    side = _side(store, rows[members], split)
+    kept = str(naming.compared_name[j])
+    moved_high = sides[1] != kept if kept in sides else side.sum() <= (~side).sum()
+    cells = members[side == moved_high]
+    if cells.size < min_part_cells or cells.size == members.size:
+        return None
+    name, parent_name = (sides[1], sides[0]) if moved_high else (sides[0], sides[1])
+    logger.info("cluster %s (%s): two known types, %d of its %d cells are %s (d' %.2f; in the reference %.2f)",
+                naming.clusters[j], kept, cells.size, members.size, name, split["dprime"], ref["dprime"])
+    return Part(cluster=naming.clusters[j], new_cluster=new_id, cells=cells, novel=False, name=name,
+                parent_name=parent_name, dprime=split["dprime"], other_dprime=split["other_dprime"],
+                reference_dprime=ref["dprime"], evidence=0.0, siblings=ref["siblings"],
+                genes=_genes_up(store, split, moved_high))
 
 
 def _reference_projections(store: Any, splits: list[dict[str, Any]], naming: NamingResult, *,
                            annotated: Sequence[str], label_key: str, sibling_share: float,
-                           max_cells: int, rng: np.random.Generator) -> list[tuple[float, float, tuple[str, ...]]]:
-    """Per split: the largest bimodality ratio (``d'`` over its threshold) and ``d'`` of the
-    reference's cells of the cluster's name and its siblings along the split's direction, per
-    annotated experiment, and the siblings."""
+                           max_cells: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Per split, along its direction, the reference's cells of the cluster's name and its
+    siblings per annotated experiment: the largest bimodality ratio (``d'`` over its threshold)
+    and ``d'``, the siblings, and per experiment the median of each sibling's cells."""
     from scipy.spatial.distance import pdist
 
     prototypes, names = naming.prototypes, np.asarray(naming.names).astype(str)
@@ -336,25 +388,43 @@ def _reference_projections(store: Any, splits: list[dict[str, Any]], naming: Nam
         for e in annotated:
             lo, hi = store.experiment_ranges[e]
             codes, cats = store.categorical_codes(label_key, lo, hi)
-            ok = np.isin(np.asarray(cats, dtype=object), list(siblings))
-            hits = np.flatnonzero((codes >= 0) & ok[np.maximum(codes, 0)])
-            per_experiment[e] = lo + _sample(hits, max_cells, rng)
+            cats = np.asarray(cats, dtype=object)
+            ok = np.isin(cats, list(siblings))
+            hits = _sample(np.flatnonzero((codes >= 0) & ok[np.maximum(codes, 0)]), max_cells, rng)
+            per_experiment[e] = (lo + hits, cats[codes[hits]].astype(str) if hits.size else np.zeros(0, str))
         wanted.append(per_experiment)
-    rows = np.unique(np.concatenate([r for per in wanted for r in per.values()] + [np.zeros(0, np.int64)]))
+    rows = np.unique(np.concatenate([r for per in wanted for r, _ in per.values()] + [np.zeros(0, np.int64)]))
     matrix = normalized_rows(store, rows, dtype=np.float32)
     out = []
     for split, per, siblings in zip(splits, wanted, siblings_of):
-        best_ratio, best_dprime = 0.0, 0.0
-        for r in per.values():
+        found = {"ratio": 0.0, "dprime": 0.0, "siblings": siblings, "medians": {}}
+        for e, (r, labels) in per.items():
             if r.size < 6:
                 continue
             values = np.asarray(matrix[np.searchsorted(rows, r)][:, split["genes"]] @ split["w"]).ravel()
             dprime, _ = bimodality(values)
             ratio = dprime / bimodal_threshold(r.size)
-            if ratio > best_ratio:
-                best_ratio, best_dprime = ratio, dprime
-        out.append((best_ratio, best_dprime, siblings))
+            if ratio > found["ratio"]:
+                found["ratio"], found["dprime"] = ratio, dprime
+            found["medians"][e] = {n: float(np.median(values[labels == n])) for n in siblings
+                                   if (labels == n).sum() >= 6}
+        out.append(found)
     return out
+
+
+def _known_sides(medians: dict[str, dict[str, float]], gap: float) -> tuple[str, str] | None:
+    """The two sibling names of a known split, (low side, high side), when the reference holds
+    exactly two siblings whose cells lie in the same order along the split in every annotated
+    experiment holding both, at least half the split's gap apart; else ``None``."""
+    pairs = [m for m in medians.values() if len(m) >= 2]
+    names = sorted({n for m in pairs for n in m})
+    if len(names) != 2 or not pairs:
+        return None
+    low, high = names
+    gaps = [m[high] - m[low] for m in pairs if low in m and high in m]
+    if not gaps or not (all(g >= 0.5 * gap for g in gaps) or all(g <= -0.5 * gap for g in gaps)):
+        return None
+    return (low, high) if gaps[0] > 0 else (high, low)
 
 
 def _side(store: Any, rows: np.ndarray, split: dict[str, Any], block: int = 65_536) -> np.ndarray:

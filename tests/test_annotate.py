@@ -170,12 +170,12 @@ def test_split_test_writes_a_part_as_a_cluster_of_its_own(store_copy, monkeypatc
         parent = naming.clusters[int(np.argmax(naming.n_cells))]
         members = np.flatnonzero(assignment == parent)
         new = int(naming.clusters.max()) + 1
-        return [subpopulations.UnreferencedPart(
-            cluster=parent, new_cluster=new, cells=members[: members.size // 2], dprime=6.0, other_dprime=2.0,
-            reference_dprime=2.0, evidence=1.5, compared_name=str(naming.label[int(np.argmax(naming.n_cells))]),
-            siblings=(), genes=("g1",))]
+        return [subpopulations.Part(
+            cluster=parent, new_cluster=new, cells=members[: members.size // 2], novel=True,
+            name=str(naming.compared_name[int(np.argmax(naming.n_cells))]), parent_name=None, dprime=6.0,
+            other_dprime=2.0, reference_dprime=2.0, evidence=1.5, siblings=(), genes=("g1",))]
 
-    monkeypatch.setattr(subpopulations, "find_unreferenced_parts", one_part)
+    monkeypatch.setattr(subpopulations, "find_parts", one_part)
     result = annotate(path, run_dir, seed=3, device="cpu", split_test=True)
     assert seen["annotated"] == ["exp0", "exp2"]
     adata = ad.read_zarr(path)
@@ -356,7 +356,7 @@ def test_cli_no_split_test_skips_the_split_test(store_copy, monkeypatch):
         calls.append(1)
         return []
 
-    monkeypatch.setattr(subpopulations, "find_unreferenced_parts", record)
+    monkeypatch.setattr(subpopulations, "find_parts", record)
     runner = CliRunner()
     off = runner.invoke(main, ["annotate", str(path), "--model", str(run_dir), "--device", "cpu", "--no-split-test"])
     assert off.exit_code == 0, off.output

@@ -1,5 +1,5 @@
 """The split test for populations the reference lacks (mars_scale.subpopulations), and the
-naming of such parts (name_clusters(unreferenced=...)), on small stores with a known answer."""
+naming of such parts (name_clusters(decided=...)), on small stores with a known answer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from mars_scale.errors import InputError
 from mars_scale.naming import name_clusters
 from mars_scale.preprocess import normalized_rows
-from mars_scale.subpopulations import bimodal_threshold, bimodality, find_unreferenced_parts, name_with_parts
+from mars_scale.subpopulations import bimodal_threshold, bimodality, find_parts, name_with_parts
 
 N_GENES = 300
 EXPERIMENTS = ("ref1", "ref2", "query")
@@ -123,8 +123,8 @@ def _query_naming(store):
     truth = labels[a:b]
     clusters = np.select([np.isin(truth, ["A", "A2"]), truth == "B"], [0, 1], 2)  # A and A2 merged
 
-    def name(assignment, unreferenced):
-        return name_clusters(z[a:b], assignment, landmarks, names, unreferenced=unreferenced, rng=0)
+    def name(assignment, decided):
+        return name_clusters(z[a:b], assignment, landmarks, names, decided=decided, rng=0)
 
     return name, clusters, z[a:b], truth
 
@@ -138,7 +138,7 @@ def test_a_subtype_the_reference_lacks_is_split_off_and_called_new(tmp_path):
     assert not before.is_novel.any()  # the embedding alone calls A2 "A"
     naming, assignment, parts = name_with_parts(name, store, np.arange(*store.experiment_ranges["query"]), clusters, z,
                                                 annotated=["ref1", "ref2"])
-    assert len(parts) == 1 and parts[0].cluster == 0 and parts[0].compared_name == "A"
+    assert len(parts) == 1 and parts[0].cluster == 0 and parts[0].name == "A" and parts[0].novel
     part = np.zeros(truth.size, dtype=bool)
     part[parts[0].cells] = True
     # the part is A2, nearly exactly, and it alone is called new
@@ -155,37 +155,52 @@ def test_a_subtype_the_reference_lacks_is_split_off_and_called_new(tmp_path):
         assert naming.label[int(np.flatnonzero(naming.clusters == c)[0])] == t
 
 
-@pytest.mark.parametrize("reference_a2", ["as A", "own"])
-def test_no_part_when_the_reference_holds_both_populations(tmp_path, reference_a2):
+def test_no_part_when_the_reference_holds_both_populations_under_one_name(tmp_path):
     from mars_scale.store import open_store
 
-    store = open_store(_atlas(tmp_path, reference_a2=reference_a2))
+    store = open_store(_atlas(tmp_path, reference_a2="as A"))
     name, clusters, z, truth = _query_naming(store)
-    naming = name(clusters, None)
-    if reference_a2 == "own":
-        # A2 is a reference name, at A's place in this embedding: a sibling of A
-        assert "A2" in set(naming.names)
-    parts = find_unreferenced_parts(store, np.arange(*store.experiment_ranges["query"]), clusters, z, naming,
-                                    annotated=["ref1", "ref2"])
+    parts = find_parts(store, np.arange(*store.experiment_ranges["query"]), clusters, z, name(clusters, None),
+                       annotated=["ref1", "ref2"])
     assert parts == []
 
 
-def test_unreferenced_clusters_are_checked():
+def test_two_known_siblings_in_one_cluster_are_split_and_both_named(tmp_path):
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2="own"))
+    name, clusters, z, truth = _query_naming(store)
+    before = name(clusters, None)
+    assert "A2" in set(before.names)  # a reference name, at A's place in this embedding: A's sibling
+    assert (before.cell_type[truth == "A2"] == "A2").mean() < 0.05 or (before.cell_type[truth == "A"] == "A").mean() < 0.05
+    rows = np.arange(*store.experiment_ranges["query"])
+    naming, assignment, parts = name_with_parts(name, store, rows, clusters, z, annotated=["ref1", "ref2"])
+    assert len(parts) == 1 and not parts[0].novel and {parts[0].name, parts[0].parent_name} == {"A", "A2"}
+    for t in ("A", "A2", "B", "C"):
+        assert (naming.cell_type[truth == t] == t).mean() > 0.95, t
+    assert not naming.cell_is_novel.any()
+
+
+def test_decided_clusters_are_checked():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(60, 2))
     clusters = np.repeat([0, 1, 2], 20)
     landmarks = np.array([[0.0, 0.0], [5.0, 5.0]])
-    with pytest.raises(InputError, match="two different"):
-        name_clusters(z, clusters, landmarks, ["a", "b"], unreferenced={2: (7, 1.0)}, rng=0)
+    with pytest.raises(InputError, match="parent another"):
+        name_clusters(z, clusters, landmarks, ["a", "b"], decided={2: ("a", 1.0, 7)}, rng=0)
+    with pytest.raises(InputError, match="no landmark"):
+        name_clusters(z, clusters, landmarks, ["a", "b"], decided={2: ("c", 1.0, 0)}, rng=0)
     with pytest.raises(InputError, match="evidence"):
-        name_clusters(z, clusters, landmarks, ["a", "b"], unreferenced={2: (0, np.nan)}, rng=0)
+        name_clusters(z, clusters, landmarks, ["a", "b"], decided={2: ("a", np.nan, 0)}, rng=0)
     with pytest.raises(InputError, match="matching"):
-        name_clusters(z, clusters, landmarks, ["a", "b"], unreferenced={2: (0, 2.0)},
-                      novelty_method="margin", rng=0)
-    with pytest.raises(InputError, match="itself split"):
-        name_clusters(z, clusters, landmarks, ["a", "b"], unreferenced={2: (1, 2.0), 1: (0, 2.0)}, rng=0)
-    # evidence below 1 keeps the part known, under its parent's name
-    naming = name_clusters(z, clusters, landmarks, ["a", "b"], unreferenced={2: (0, 0.5)}, rng=0)
+        name_clusters(z, clusters, landmarks, ["a", "b"], decided={2: ("a", 2.0, 0)}, novelty_method="margin", rng=0)
+    # evidence below 1 keeps a part known, under the given name; the others are matched as before
+    plain = name_clusters(z, clusters, landmarks, ["a", "b"], rng=0)
+    naming = name_clusters(z, clusters, landmarks, ["a", "b"], decided={2: ("b", 0.5, 0)}, rng=0)
     j = int(np.flatnonzero(naming.clusters == 2)[0])
-    assert not naming.is_novel[j] and naming.compared_name[j] == naming.compared_name[0]
-    assert naming.novelty[j] == pytest.approx(0.5**8 / (0.5**8 + 1))
+    assert not naming.is_novel[j] and naming.compared_name[j] == "b" and naming.label[j] == "b"
+    assert naming.novelty[j] == pytest.approx(0.5**8 / (0.5**8 + 1)) and naming.part_of[j] == 0
+    assert naming.compared_name[0] == plain.compared_name[0]
+    # evidence above 1: novel
+    naming = name_clusters(z, clusters, landmarks, ["a", "b"], decided={2: ("a", 2.0, 0)}, rng=0)
+    assert naming.is_novel[int(np.flatnonzero(naming.clusters == 2)[0])]
