@@ -640,7 +640,7 @@ def test_cli_annotated_contrast_reaches_the_training_config(tmp_path, monkeypatc
     class Stop(Exception):
         pass
 
-    def fake_mars(store, *, unannotated, n_clusters, config):
+    def fake_mars(store, *, unannotated, n_clusters, config, **_):
         seen["config"] = config
         raise Stop
 
