@@ -207,22 +207,17 @@ def annotate(
         components fitted on a subsample, as in the paper).
     overwrite
         Replace earlier results under the same ``key_added`` (and an existing ``export`` file).
-    batch_size
-        Cells per encoder batch.
-    device
-        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+    batch_size, device
+        Cells per encoder batch; ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
     seed
-        Seeds the per-cluster samples used for the kernel width (and UMAP). ``None`` draws
-        fresh entropy.
+        Seeds the samples of the kernel width, the split test and UMAP (``None``: fresh entropy).
     export
         Also write the results alone (obs columns, ``obsm['X_<key>']`` and ``uns[<key>]``, no
         X) to this ``.h5ad`` file, atomically.
-    novelty_threshold
-        A cluster whose novelty score reaches it is called ``"novel"``
-        (see :mod:`mars_scale.naming`).
-    novelty_method
-        ``"matching"`` (clusters matched one to one to the known types) or ``"margin"`` (the
-        earlier score); see :mod:`mars_scale.naming`.
+    novelty_threshold, novelty_method
+        A cluster whose novelty reaches the threshold is called ``"novel"``; ``"matching"``
+        (clusters matched one to one to the known types) or ``"margin"`` (the earlier score),
+        see :mod:`mars_scale.naming`.
     min_cluster_cells
         A landmark that ends up with fewer cells than this is dropped and its cells go to the
         nearest other landmark (over-guessing ``K`` leaves a few tiny clusters otherwise).
@@ -230,10 +225,8 @@ def annotate(
     max_cells_per_cluster
         Cells sampled per cluster to estimate the kernel width.
     split_test
-        Look inside each cluster called known for a population the reference lacks (a close
-        subtype new to it) and make it a cluster of its own, called new
-        (:mod:`mars_scale.subpopulations`; matching method only; docs/algorithm.md, "The split
-        test").
+        Split a known cluster, on expression, into a population the reference lacks (called
+        new) or two known siblings (each named) (:mod:`mars_scale.subpopulations`; matching only).
 
     Returns
     -------
@@ -255,7 +248,7 @@ def annotate(
           annotated name (columns: ``uns['<key>']['names']``; NaN outside the experiment);
         - ``uns['<key>']``: run record with, per cluster, ``clusters``, ``n_cells``, ``label``,
           ``description``, ``top_names`` and ``top_probabilities`` (top 3), ``novelty``,
-          ``is_novel``, ``compared_name``, ``matched``, ``evidence``; and ``names``,
+          ``is_novel``, ``compared_name``, ``matched``, ``evidence``, ``part_of``; and ``names``,
           ``unused_landmarks``, ``merged_landmarks``, ``landmark_radius``, ``model``,
           ``config`` (JSON), ``date``, ``space``, ``seed``, ``unannotated``,
           ``novelty_method`` and the mars-scale version.
