@@ -341,6 +341,21 @@ def _per_landmark(name: str, value: Any, n_landmarks: int) -> np.ndarray | None:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """:func:`name_clusters`' scalar options, checked by :func:`_checked_inputs`."""
+
+    novelty_method: str
+    max_cells_per_cluster: int
+    top: int
+    novelty_threshold: float
+    novel_label: str
+    space: str
+    umap_max_cells: int
+    umap_n_neighbors: int
+    block_size: int
+
+
 def name_clusters(
     embedding: np.ndarray,
     clusters: np.ndarray,
@@ -431,13 +446,10 @@ def name_clusters(
         ``novel_label``, or an option is out of range.
     """
     rng = np.random.default_rng(rng)
+    options = _Options(novelty_method, max_cells_per_cluster, top, novelty_threshold, novel_label, space,
+                       umap_max_cells, umap_n_neighbors, block_size)
     embedding, clusters, landmarks, names_in, landmark_weights, landmark_radius = _checked_inputs(
-        embedding, clusters, landmarks, landmark_names, landmark_weights=landmark_weights,
-        landmark_radius=landmark_radius, novelty_method=novelty_method,
-        max_cells_per_cluster=max_cells_per_cluster, top=top, novelty_threshold=novelty_threshold,
-        novel_label=novel_label, space=space, umap_max_cells=umap_max_cells,
-        umap_n_neighbors=umap_n_neighbors, block_size=block_size,
-    )
+        embedding, clusters, landmarks, landmark_names, landmark_weights, landmark_radius, options)
     n_cells, dim = (int(v) for v in embedding.shape)
     start = time.perf_counter()
     cluster_ids, codes = np.unique(clusters, return_inverse=True)
@@ -451,13 +463,8 @@ def name_clusters(
             embedding, landmarks, max_cells=umap_max_cells, n_neighbors=umap_n_neighbors,
             block_size=block_size, rng=rng,
         )
-    result = _name(
-        embedding, codes, cluster_ids, landmarks, name_codes, names,
-        landmark_weights=landmark_weights, landmark_radius=landmark_radius,
-        novelty_method=novelty_method, max_cells_per_cluster=max_cells_per_cluster, top=top,
-        novelty_threshold=float(novelty_threshold), novel_label=novel_label, space=space,
-        block_size=block_size, rng=rng, decided=decided,
-    )
+    result = _name(embedding, codes, cluster_ids, landmarks, name_codes, names, landmark_weights=landmark_weights,
+                   landmark_radius=landmark_radius, options=options, rng=rng, decided=decided)
     logger.info("named %d clusters in %.2f s, %d of them novel",
                 result.n_clusters, time.perf_counter() - start, int(result.is_novel.sum()))
     return result
@@ -468,21 +475,17 @@ def _checked_inputs(
     clusters: Any,
     landmarks: Any,
     landmark_names: Any,
-    *,
     landmark_weights: np.ndarray | None,
     landmark_radius: np.ndarray | None,
-    novelty_method: str,
-    max_cells_per_cluster: int,
-    top: int,
-    novelty_threshold: float,
-    novel_label: str,
-    space: str,
-    umap_max_cells: int,
-    umap_n_neighbors: int,
-    block_size: int,
+    options: _Options,
 ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """:func:`name_clusters`' inputs checked and converted (embedding, clusters, landmarks,
     landmark names as str, weights, radius); raises :class:`InputError` naming the problem."""
+    o = options
+    novelty_method, max_cells_per_cluster, top, novelty_threshold = (
+        o.novelty_method, o.max_cells_per_cluster, o.top, o.novelty_threshold)
+    novel_label, space, umap_max_cells, umap_n_neighbors, block_size = (
+        o.novel_label, o.space, o.umap_max_cells, o.umap_n_neighbors, o.block_size)
     if space not in ("latent", "umap"):
         raise InputError(f"space must be 'latent' or 'umap' (got {space!r}).")
     for name, value, low in (
@@ -579,18 +582,15 @@ def _name(
     *,
     landmark_weights: np.ndarray | None,
     landmark_radius: np.ndarray | None,
-    novelty_method: str,
-    max_cells_per_cluster: int,
-    top: int,
-    novelty_threshold: float,
-    novel_label: str,
-    space: str,
-    block_size: int,
+    options: _Options,
     rng: np.random.Generator,
     decided: Mapping[Any, tuple[str, float, Any]] | None = None,
 ) -> NamingResult:
     """The naming kernel on validated inputs (cluster codes 0..J-1, landmark name codes;
     ``decided``: as :func:`name_clusters`)."""
+    novelty_method, max_cells_per_cluster, top = options.novelty_method, options.max_cells_per_cluster, options.top
+    novelty_threshold, novel_label = float(options.novelty_threshold), options.novel_label
+    space, block_size = options.space, options.block_size
     n_clusters = cluster_ids.shape[0]
     n_names = names.shape[0]
     codes_decided = _decided_codes(decided, cluster_ids, names, novelty_method)
