@@ -306,11 +306,11 @@ def _split(cells, *, n_genes: int, n_components: int, min_part_cells: int,
     if not norm > 0:
         return None
     w /= norm
-    dprime, cut = bimodality(test @ w)
+    projected = test @ w
+    dprime, cut = bimodality(projected)
     threshold = bimodal_threshold(test.shape[0], floor=SPLIT_DPRIME)
     if dprime < threshold:
         return None
-    projected = test @ w
     # the cut in the units of the raw projection (without the centring by the sampled mean)
     return {"genes": genes, "w": w, "dprime": dprime, "threshold": threshold,
             "cut": cut + float(mean[genes] @ w),
@@ -375,7 +375,12 @@ def _reference_projections(store: Any, splits: list[dict[str, Any]], naming: Nam
 
     prototypes, names = naming.prototypes, np.asarray(naming.names).astype(str)
     scale = float(np.median(pdist(prototypes))) if prototypes.shape[0] > 1 else np.inf
-    wanted: list[dict[str, np.ndarray]] = []
+    labels_of = {}  # the label codes of each annotated experiment, read once for every split
+    for e in annotated:
+        lo, hi = store.experiment_ranges[e]
+        codes, cats = store.categorical_codes(label_key, lo, hi)
+        labels_of[e] = (lo, codes, np.asarray(cats, dtype=object))
+    wanted: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
     siblings_of = []
     for split in splits:
         j = int(np.flatnonzero(naming.clusters == split["cluster"])[0])
@@ -385,10 +390,7 @@ def _reference_projections(store: Any, splits: list[dict[str, Any]], naming: Nam
         siblings = tuple(sorted(names[near]))
         siblings_of.append(siblings)
         per_experiment = {}
-        for e in annotated:
-            lo, hi = store.experiment_ranges[e]
-            codes, cats = store.categorical_codes(label_key, lo, hi)
-            cats = np.asarray(cats, dtype=object)
+        for e, (lo, codes, cats) in labels_of.items():
             ok = np.isin(cats, list(siblings))
             hits = _sample(np.flatnonzero((codes >= 0) & ok[np.maximum(codes, 0)]), max_cells, rng)
             per_experiment[e] = (lo + hits, cats[codes[hits]].astype(str) if hits.size else np.zeros(0, str))
