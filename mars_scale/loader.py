@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,11 +51,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import scipy.sparse as sp
 import torch
-from scipy.sparse import _sparsetools
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mars_scale.errors import ConfigError, StoreError, positive_int
-from mars_scale.preprocess import normalize_log1p
+from mars_scale.preprocess import row_scale
 from mars_scale.store import Atlas, RangeReader, as_store, x_rows_damage
 
 __all__ = ["Batch", "Loader", "normalize_batch"]
@@ -69,6 +69,7 @@ for _message in ("Sparse CSR tensor support is in beta", "Sparse invariant check
 _STATE_VERSION = 1
 _INDPTR_WINDOW = 1 << 20  # rows of indptr read at a time while cutting blocks
 _LABEL_COLUMN = "obs/cell_type/codes"
+_NO_SCALE = np.empty(0, dtype=np.float32)  # check_scale_rows: check only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +178,10 @@ class _Buffer:
 
 @dataclass
 class _BufferData:
-    csr: sp.csr_matrix  # normalised or stored values
+    ptr: np.ndarray  # int64 row pointer of the buffer's rows
+    values: np.ndarray  # float32, normalised or stored
+    indices: np.ndarray  # column indices, in the store's dtype (uint16 or int32)
+    n_cols: int
     experiment: np.ndarray
     label: np.ndarray
     index: np.ndarray
@@ -186,19 +190,22 @@ class _BufferData:
 
 
 class _Scratch:
-    """Values and indices arrays of a buffer, kept and reused from buffer to buffer."""
+    """Values, indices and row totals of a buffer, kept and reused from buffer to buffer."""
 
-    def __init__(self) -> None:
+    def __init__(self, index_dtype) -> None:
         self.values = np.empty(0, dtype=np.float32)
-        self.indices = np.empty(0, dtype=np.int32)
+        self.indices = np.empty(0, dtype=index_dtype)
+        self.totals = np.empty(0, dtype=np.float32)
 
-    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``n`` slots of each array, grown by a quarter more when too small."""
+    def take(self, n: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``n`` values and indices and ``rows`` totals, grown by a quarter when too small."""
         if self.values.shape[0] < n:
             capacity = int(n * 1.25) + 1
             self.values = np.empty(capacity, dtype=np.float32)
-            self.indices = np.empty(capacity, dtype=np.int32)
-        return self.values[:n], self.indices[:n]
+            self.indices = np.empty(capacity, dtype=self.indices.dtype)
+        if self.totals.shape[0] < rows:
+            self.totals = np.empty(int(rows * 1.25) + 1, dtype=np.float32)
+        return self.values[:n], self.indices[:n], self.totals[:rows]
 
 
 @dataclass
@@ -210,26 +217,58 @@ class _Pending:
     offsets: np.ndarray  # where each span starts in values and indices
     values: np.ndarray
     indices: np.ndarray
+    totals: np.ndarray | None  # float32 total of each row over all genes, if wanted
     futures: list[Future]  # label codes of each span
 
 
-def _gather_rows(csr: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
-    """Rows ``rows`` of ``csr``, in that order, as a new CSR matrix.
+class _OutputRing:
+    """Arrays that batches are gathered into, reused once nothing else refers to them.
 
-    scipy's own row gather (``csr[rows]`` calls the same compiled loop) without the index
-    checks and conversions of its ``__getitem__``, which took a quarter of the gather's time
-    on batches of 256 rows: the rows are the loader's own permutation, in range by construction.
+    A batch's tensors share memory with these arrays (``torch.from_numpy``). A fresh array of
+    a megabyte or two per batch is mapped anew by the allocator and page-faulted in, which
+    cost as much system time as the gather itself. A slot is reused only when this ring holds
+    the only reference to its arrays (``sys.getrefcount``): a batch the consumer still keeps,
+    or has handed to a ``DataLoader``'s queue, is never written over; its slot gets new arrays.
     """
-    indptr = csr.indptr
-    rows = rows.astype(indptr.dtype, copy=False)
-    ptr = np.empty(rows.shape[0] + 1, dtype=indptr.dtype)
-    ptr[0] = 0
-    np.cumsum(indptr[rows + 1] - indptr[rows], out=ptr[1:])
-    n = int(ptr[-1])
-    indices = np.empty(n, dtype=csr.indices.dtype)
-    data = np.empty(n, dtype=csr.data.dtype)
-    _sparsetools.csr_row_index(rows.shape[0], rows, indptr, csr.indices, csr.data, indices, data)
-    return sp.csr_matrix((data, indices, ptr), shape=(rows.shape[0], csr.shape[1]), copy=False)
+
+    def __init__(self, size: int) -> None:
+        self._values: list[np.ndarray | None] = [None] * size
+        self._indices: list[np.ndarray | None] = [None] * size
+        self._next = 0
+
+    def take(self, n: int, index_dtype) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` free slots of float32 values and of column indices of ``index_dtype``."""
+        i = self._next
+        self._next = (i + 1) % len(self._values)
+        # 2 = the list's reference and getrefcount's argument: no batch holds them.
+        free = (
+            self._values[i] is not None and sys.getrefcount(self._values[i]) == 2
+            and sys.getrefcount(self._indices[i]) == 2
+            and self._values[i].shape[0] >= n and self._indices[i].dtype == index_dtype
+        )
+        if not free:
+            capacity = int(n * 1.25) + 1
+            self._values[i] = np.empty(capacity, dtype=np.float32)
+            self._indices[i] = np.empty(capacity, dtype=index_dtype)
+        return self._values[i][:n], self._indices[i][:n]
+
+
+def _gather_rows(data: _BufferData, rows: np.ndarray, ring: _OutputRing) -> sp.csr_matrix:
+    """Rows ``rows`` of a buffer, in that order, as a CSR matrix over arrays of ``ring``.
+
+    One compiled pass copies the rows and widens uint16 column indices to the batch's index
+    dtype (int32, or int64 for a batch of 2**31 values or more).
+    """
+    from mars_scale.kernels import gather_rows
+
+    ptr = data.ptr
+    lengths = ptr[rows + 1] - ptr[rows]
+    n = int(lengths.sum())
+    index_dtype = np.int32 if n < np.iinfo(np.int32).max else np.int64
+    out_ptr = np.empty(rows.shape[0] + 1, dtype=index_dtype)
+    values, indices = ring.take(n, index_dtype)
+    gather_rows(ptr, data.values, data.indices, rows, out_ptr, values, indices)
+    return sp.csr_matrix((values, indices, out_ptr), shape=(rows.shape[0], data.n_cols), copy=False)
 
 
 def _to_torch(matrix: sp.csr_matrix | sp.csc_matrix, factory) -> torch.Tensor:
@@ -786,15 +825,21 @@ class Loader(IterableDataset):
         return ptr
 
     def _read_span(
-        self, a: int, b: int, ptr: np.ndarray, values: np.ndarray, indices: np.ndarray
+        self, a: int, b: int, ptr: np.ndarray, values: np.ndarray, indices: np.ndarray,
+        totals: np.ndarray | None,
     ) -> np.ndarray:
-        """Read rows ``a:b`` into ``values`` (normalised in place) and ``indices``.
+        """Read rows ``a:b`` into ``values`` (normalised in place), ``indices`` and ``totals``.
 
         ``ptr`` is ``X/indptr[a : b + 1]``; ``values`` and ``indices`` are its
-        ``ptr[-1] - ptr[0]`` slots of the buffer. Runs in the reader pool: decompression and
-        the numpy passes release the GIL, and the block is normalised while still in cache.
-        Returns the label codes of the rows.
+        ``ptr[-1] - ptr[0]`` slots of the buffer, ``totals`` (if given) its ``b - a`` row
+        totals. Runs in the reader pool: decompression, numpy and the compiled loop release the
+        GIL. The rows are summed as :func:`~mars_scale.preprocess.normalize_log1p` sums them,
+        then checked and scaled in one pass while still in cache
+        (:func:`mars_scale.kernels.check_scale_rows`), then log-transformed: the values equal
+        ``normalize_log1p``'s bit for bit. Returns the label codes of the rows.
         """
+        from mars_scale.kernels import check_scale_rows
+
         readers = self._readers()
         lo, hi = int(ptr[0]), int(ptr[-1])
         try:
@@ -802,14 +847,19 @@ class Loader(IterableDataset):
             readers["indices"].read(lo, hi, out=indices)
         except Exception as exc:
             raise self._damaged(f"X rows {a}:{b} cannot be read", exc) from exc
-        problem = x_rows_damage(ptr, values, indices, n_genes=self.store.n_genes)
-        if problem:
-            raise self._damaged(f"X rows {a}:{b} {problem}")
-        if self.normalize:
-            normalize_log1p(
-                ptr - lo, indices, values, target_sum=self.target_sum, kind=self.input_kind,
-                out=values,
-            )
+        normalize = self.normalize and self.input_kind == "counts"
+        if normalize or totals is not None:
+            row_totals, scale = row_scale(ptr, values, target_sum=self.target_sum)
+            if totals is not None:
+                totals[:] = row_totals
+        bad = check_scale_rows(
+            ptr - lo, values, indices, self._store_genes, scale if normalize else _NO_SCALE
+        )
+        if bad >= 0:  # x_rows_damage says what is wrong
+            problem = x_rows_damage(ptr, values, indices, n_genes=self._store_genes)
+            raise self._damaged(f"X rows {a}:{b} {problem or f'are damaged at row {a + bad}'}")
+        if normalize:  # log1p(values * target_sum / total), as normalize_log1p
+            np.log1p(values, out=values)
         try:
             return readers["label"].read(a, b).astype(np.int64, copy=False)
         except Exception as exc:
@@ -825,40 +875,47 @@ class Loader(IterableDataset):
         ptrs = [self._read_indptr(a, b) for a, b, _ in spans]
         offsets = np.zeros(len(spans) + 1, dtype=np.int64)
         np.cumsum([int(p[-1] - p[0]) for p in ptrs], out=offsets[1:])
-        values, indices = scratch.take(int(offsets[-1]))
+        row_offsets = np.zeros(len(spans) + 1, dtype=np.int64)
+        np.cumsum([b - a for a, b, _ in spans], out=row_offsets[1:])
+        values, indices, totals = scratch.take(int(offsets[-1]), int(row_offsets[-1]))
+        if self.genes is None or self.normalize:
+            totals = None  # only a raw loader with a gene selection gives them
         futures = [
-            pool.submit(self._read_span, a, b, ptr, values[o0:o1], indices[o0:o1])
-            for (a, b, _), ptr, o0, o1 in zip(spans, ptrs, offsets[:-1], offsets[1:])
+            pool.submit(self._read_span, a, b, ptr, values[o0:o1], indices[o0:o1],
+                        None if totals is None else totals[r0:r1])
+            for (a, b, _), ptr, o0, o1, r0, r1 in zip(
+                spans, ptrs, offsets[:-1], offsets[1:], row_offsets[:-1], row_offsets[1:]
+            )
         ]
-        return _Pending(spans, ptrs, offsets, values, indices, futures)
+        return _Pending(spans, ptrs, offsets, values, indices, totals, futures)
 
     def _collect(self, pending: _Pending) -> _BufferData:
         """Wait for a buffer's reads and describe it as one CSR matrix with its row data."""
         label = np.concatenate([f.result() for f in pending.futures])
-        total = int(pending.offsets[-1])
-        index_dtype = np.int32 if total < np.iinfo(np.int32).max else np.int64
-        indptr = np.concatenate(
-            [np.zeros(1, dtype=index_dtype)]
-            + [(p[1:] - p[0] + off).astype(index_dtype)
-               for p, off in zip(pending.ptrs, pending.offsets[:-1])]
+        ptr = np.concatenate(
+            [np.zeros(1, dtype=np.int64)]
+            + [p[1:] - p[0] + off for p, off in zip(pending.ptrs, pending.offsets[:-1])]
         )
-        n = int(indptr.shape[0] - 1)
-        csr = sp.csr_matrix(
-            (pending.values, pending.indices, indptr), shape=(n, self._store_genes), copy=False
-        )
-        total = None
+        values, indices, n_cols, total = pending.values, pending.indices, self._store_genes, None
         if self.genes is not None:  # after normalising by the total over all genes
             if not self.normalize:
-                total = np.asarray(csr.sum(axis=1), dtype=np.float32).reshape(-1)
-            csr = csr[:, self.genes]
+                total = pending.totals.copy()
+            csr = sp.csr_matrix(
+                (values, indices.astype(np.int64), ptr), shape=(ptr.shape[0] - 1, n_cols), copy=False
+            )[:, self.genes]
+            ptr, values, indices, n_cols = csr.indptr.astype(np.int64), csr.data, csr.indices, len(self.genes)
         spans = pending.spans
         index = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b, _ in spans])
         pad = np.concatenate([np.full(b - a, p, dtype=bool) for a, b, p in spans])
         experiment = np.searchsorted(self._exp_starts, index, side="right") - 1
-        return _BufferData(csr, experiment.astype(np.int64), label, index, pad, total)
+        return _BufferData(
+            ptr, values, indices, n_cols, experiment.astype(np.int64), label, index, pad, total
+        )
 
-    def _make_batch(self, data: _BufferData, rows: np.ndarray | slice, epoch: int, step: int):
-        sub = data.csr[rows] if isinstance(rows, slice) else _gather_rows(data.csr, rows)
+    def _make_batch(
+        self, data: _BufferData, rows: np.ndarray, epoch: int, step: int, ring: _OutputRing
+    ) -> Batch:
+        sub = _gather_rows(data, rows, ring)
         x = _to_torch(sub, torch.sparse_csr_tensor)
         x_csc = _to_torch(sub.tocsc(), torch.sparse_csc_tensor) if self.csc else None
         return Batch(
@@ -949,7 +1006,10 @@ class Loader(IterableDataset):
             return False
 
         pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="mars-scale-read")
-        scratch = (_Scratch(), _Scratch())  # buffer k reads into scratch[k % 2]
+        index_dtype = self._readers()["indices"].dtype
+        scratch = (_Scratch(index_dtype), _Scratch(index_dtype))  # buffer k reads into scratch[k % 2]
+        # Batches alive at once: the consumer's, the queue's and the one being gathered.
+        ring = _OutputRing(self.prefetch + 3)
         try:
             order, cum = self._order(epoch)
             base = self.rank * self.rows_per_rank
@@ -978,8 +1038,8 @@ class Loader(IterableDataset):
                 p_first = self._batch_rows(buf.first)[0]
                 for b in range(buf.first + skip_in, buf.stop):
                     r0, r1 = (p - p_first for p in self._batch_rows(b))
-                    rows = perm[r0:r1] if self.shuffle else slice(r0, r1)
-                    batch = self._make_batch(data, rows, epoch, j * n_workers + worker)
+                    rows = perm[r0:r1] if self.shuffle else np.arange(r0, r1)
+                    batch = self._make_batch(data, rows, epoch, j * n_workers + worker, ring)
                     j += 1
                     if not put(("batch", batch)):
                         return

@@ -32,6 +32,7 @@ __all__ = [
     "ScalingParams",
     "fold_scaling",
     "normalize_log1p",
+    "row_scale",
     "scale_dense",
     "scaled_nonzero_values",
 ]
@@ -111,6 +112,40 @@ def normalize_log1p(
         np.copyto(out, data, casting="unsafe")
         return out
 
+    _, scale = row_scale(indptr, data, target_sum=target_sum, dtype=dtype)
+    np.multiply(data, np.repeat(scale, np.diff(indptr)), out=out, casting="unsafe")
+    np.log1p(out, out=out)
+    return out
+
+
+def row_scale(
+    indptr: np.ndarray, data: np.ndarray, *, target_sum: float = 1e4,
+    dtype: npt.DTypeLike = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row totals of a CSR block and the factors that scale each row to ``target_sum``.
+
+    The first step of :func:`normalize_log1p` (which documents the summation dtype), shared
+    with the loader, which applies the factors in its own compiled pass. Inputs are not
+    checked.
+
+    Parameters
+    ----------
+    indptr
+        Row pointer, length ``n_rows + 1`` (need not start at 0).
+    data
+        The block's values, ``indptr[-1] - indptr[0]`` of them.
+    target_sum
+        Total of each row after scaling.
+    dtype
+        Floating dtype of the factors and of the result ``normalize_log1p`` builds from them.
+
+    Returns
+    -------
+    totals : numpy.ndarray
+        float64 holding each row's total as summed (0 for an empty row).
+    scale : numpy.ndarray
+        ``target_sum / total`` in ``dtype``; 0 for a row whose total is not positive.
+    """
     lengths = np.diff(indptr)
     n_rows = lengths.shape[0]
     totals = np.zeros(n_rows, dtype=np.float64)
@@ -124,9 +159,7 @@ def normalize_log1p(
     positive = totals > 0
     scale = np.zeros(n_rows, dtype=dtype)
     scale[positive] = target_sum / totals[positive]
-    np.multiply(data, np.repeat(scale, lengths), out=out, casting="unsafe")
-    np.log1p(out, out=out)
-    return out
+    return totals, scale
 
 
 def normalized_rows(store, rows: npt.ArrayLike, *, block_rows: int | None = None,
