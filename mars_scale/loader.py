@@ -22,13 +22,16 @@ How an epoch is drawn (all of it a function of ``(seed, epoch)``, nothing global
 5. **Within a buffer.** The row pointers of its blocks are read first; then a thread pool
    decompresses each block straight into its place in the buffer's values and indices
    (:class:`~mars_scale.store.RangeReader`, which bypasses zarr's per-call machinery; blosc
-   releases the GIL; uint16 indices are widened to int32 chunk by chunk) and normalises it
-   there while it is still in cache (log1p of counts scaled to ``target_sum``), unless
+   releases the GIL; column indices stay in the store's dtype, uint16 for up to 65,536
+   genes), checks its rows and normalises them there while they are still in cache (log1p of
+   counts scaled to ``target_sum``; one compiled pass, :mod:`mars_scale.kernels`), unless
    ``normalize=False``: then the batches hold the stored counts and :func:`normalize_batch`
-   normalises them wherever they go (e.g. on the GPU). The buffer's rows are shuffled with a generator seeded by
-   ``(seed, epoch, rank, first batch)`` and gathered into batches. A background thread reads
-   the next buffer (into a second set of arrays) while the current one is consumed and keeps
-   at most ``prefetch`` batches ready.
+   normalises them wherever they go (e.g. on the GPU). The buffer's rows are shuffled with a
+   generator seeded by ``(seed, epoch, rank, first batch)`` and gathered into batches by a
+   compiled loop that widens the indices to int32, into arrays reused once the consumer has
+   let go of the batch that held them. A background thread reads the next buffer (into a
+   second set of arrays) while the current one is consumed and keeps at most ``prefetch``
+   batches ready.
 
 Memory is bounded by two buffers plus ``prefetch`` batches per worker, whatever the number of
 cells. The position in an epoch is part of :meth:`Loader.state_dict`; resuming yields exactly

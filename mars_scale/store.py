@@ -1404,6 +1404,7 @@ class RangeReader:
         self._fill = array.fill_value
         self._files = _chunk_files(array)
         self._shard_index: dict[int, np.ndarray] = {}  # checked shard indexes, 16 B per chunk
+        self._shard_paths: dict[int, str] = {}
         self._heads: dict[int, np.ndarray] = {}  # chunk -> its first elements
         self._head_bytes = 0
         self._scratch = threading.local()  # a whole chunk, decoded for a partial read
@@ -1488,8 +1489,11 @@ class RangeReader:
             except FileNotFoundError:
                 return None
         shard, j = divmod(i, files.per_shard)
+        path = self._shard_paths.get(shard)
+        if path is None:  # joined once: pathlib costs as much as the open itself
+            path = self._shard_paths[shard] = str(files.directory / files.key((shard,)))
         try:
-            fd = os.open(files.directory / files.key((shard,)), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
