@@ -9,7 +9,8 @@ cell types (its labels kept aside as the truth, as a new experiment would arrive
   experiments and the warm-up, trained once and reused by every query;
 - **query**: ``Mars(store, unannotated=HELD, n_clusters=K, reference=ref)``: K-means on the
   reference's embedding of the new cells, then fine-tuning over them and a sample of the
-  reference of their size (``annotated_cells_per_epoch``).
+  reference of their size (``annotated_cells_per_epoch``), drawn once and held in memory, until
+  fewer than 0.5% of the new cells change landmark in an epoch (at most ``finetune_epochs``).
 
 K is the number of true types of the held-out experiment. The ARI is that of each cell's
 nearest unannotated landmark against the truth (the assignment ``annotate`` starts from).
@@ -123,7 +124,8 @@ def _one(store_path: Path, held_out: str, seed: int, config, workdir: Path) -> d
                       "annotated": list(ref.plan.annotated)},
         "query": {"ari": _ari(query, store, held_out), "train_s": query_s, "train_cpu_s": query_cpu,
                   "phases": _phases(query.history),
-                  "annotated_cells_per_epoch": query.config.train.annotated_cells_per_epoch},
+                  "annotated_cells_per_epoch": query.config.train.annotated_cells_per_epoch,
+                  "changed": [h.get("changed") for h in query.history]},
     }
     row["ari_gap"] = row["full"]["ari"] - row["query"]["ari"]
     row["time_ratio"] = query_s / full_s

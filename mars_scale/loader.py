@@ -60,7 +60,7 @@ from mars_scale.errors import ConfigError, StoreError, positive_int
 from mars_scale.preprocess import row_scale
 from mars_scale.store import Atlas, RangeReader, as_store, x_rows_damage
 
-__all__ = ["Batch", "Loader", "normalize_batch"]
+__all__ = ["Batch", "Loader", "MemorySample", "normalize_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -1088,3 +1088,91 @@ class _TrackedDataLoader:
         for batch in dl:
             loader._consumed = batch.step + 1
             yield batch
+
+
+class MemorySample:
+    """A sample of a loader's rows, drawn once and held in memory, streamed in a new order each pass.
+
+    The sample is the first ``max_rows`` rows of the loader's epoch 0 (this rank's share): with
+    a shuffling loader, a uniform random subset of whole shuffled blocks, normalised and with
+    the loader's gene selection, as the loader yields them. It costs about 8 bytes per stored
+    non-zero (float32 value, int32 column) and is read from the store once; every later pass
+    over it reads nothing. Padding rows of the loader are kept, flagged in ``Batch.is_padding``.
+
+    Parameters
+    ----------
+    loader
+        The loader to draw from (its batch size is the sample's; no CSC copies are made).
+    max_rows
+        Rows to keep (fewer when the loader's share has fewer).
+    seed
+        Seeds the order of the passes of :meth:`stream`.
+
+    Raises
+    ------
+    ConfigError
+        If ``max_rows`` is not a positive integer.
+    """
+
+    def __init__(self, loader: Loader, max_rows: int, *, seed: int) -> None:
+        max_rows = positive_int(max_rows, name="max_rows")
+        self.batch_size, self.seed = loader.batch_size, int(seed)
+        parts: list[Batch] = []
+        n = 0
+        loader.set_epoch(0)
+        for batch in loader:
+            parts.append(batch)
+            n += batch.n_rows
+            if n >= max_rows:
+                break
+        x = sp.vstack([sp.csr_matrix((b.x.values().numpy(), b.x.col_indices().numpy(), b.x.crow_indices().numpy()),
+                                     shape=tuple(b.x.shape)) for b in parts], format="csr")
+        n = min(n, max_rows)
+        self.x = x[:n]
+        self.x.indices = self.x.indices.astype(np.int32, copy=False)
+        self.x.indptr = self.x.indptr.astype(np.int64 if self.x.nnz >= 2**31 else np.int32, copy=False)
+        self.experiment, self.label, self.index, self.is_padding = (
+            torch.cat([getattr(b, name) for b in parts])[:n].numpy()
+            for name in ("experiment", "label", "index", "is_padding"))
+
+    @property
+    def n_rows(self) -> int:
+        """Rows in the sample, padding included."""
+        return int(self.x.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the sample's arrays."""
+        arrays = (self.x.data, self.x.indices, self.x.indptr, self.experiment, self.label, self.index, self.is_padding)
+        return int(sum(a.nbytes for a in arrays))
+
+    def __len__(self) -> int:
+        """Batches in one pass."""
+        return -(-self.n_rows // self.batch_size)
+
+    def _batch(self, rows: np.ndarray, epoch: int, step: int) -> Batch:
+        return Batch(
+            x=_to_torch(_gather_rows(self.x, rows), torch.sparse_csr_tensor),
+            experiment=torch.from_numpy(self.experiment[rows]),
+            label=torch.from_numpy(self.label[rows]),
+            index=torch.from_numpy(self.index[rows]),
+            is_padding=torch.from_numpy(self.is_padding[rows]),
+            epoch=epoch,
+            step=step,
+        )
+
+    def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
+        """One pass in sample order, ``batch_size`` rows at a time (default: the loader's)."""
+        size = batch_size or self.batch_size
+        for step, start in enumerate(range(0, self.n_rows, size)):
+            yield self._batch(np.arange(start, min(start + size, self.n_rows)), 0, step)
+
+    def stream(self, epoch: int, *, skip: int = 0) -> Iterator[Batch]:
+        """Endless passes of ``len(self)`` batches, each in a new random order, a function of
+        ``(seed, epoch, pass)`` only; the first ``skip`` batches are passed over (a resume)."""
+        n_pass, first = divmod(skip, len(self))
+        while True:
+            order = np.random.default_rng([self.seed, epoch, n_pass]).permutation(self.n_rows)
+            for step in range(first, len(self)):
+                yield self._batch(order[step * self.batch_size:(step + 1) * self.batch_size], epoch, step)
+            first, n_pass = 0, n_pass + 1

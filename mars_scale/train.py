@@ -42,7 +42,7 @@ from mars_scale.config import RunConfig, TrainConfig, config_to_dict
 from mars_scale.distributed import DistInfo, all_reduce_sum, broadcast
 from mars_scale.errors import CheckpointMismatchError, InputError, TrainingError
 from mars_scale.landmarks import kmeans, nearest
-from mars_scale.loader import Loader
+from mars_scale.loader import Loader, MemorySample
 from mars_scale.losses import (
     annotated_cell_loss,
     annotated_contrast_loss,
@@ -236,10 +236,19 @@ def embed(
         store, batch_size=batch_size, experiments=experiments, shuffle=max_rows is not None,
         seed=seed, rank=info.rank, world_size=info.world_size, genes=getattr(encoder, "gene_index", None),
     )
+    batches = tqdm(loader, desc=progress, disable=None if (progress and info.is_main) else True, leave=False)
+    yield from _embed_batches(encoder, batches, device=device, max_rows=max_rows)
+
+
+@torch.no_grad()
+def _embed_batches(encoder: torch.nn.Module, batches, *, device: torch.device, max_rows: int | None = None,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(index, experiment, label, z) of each batch, padding rows dropped, the encoder in eval mode;
+    stops after the batch that reaches ``max_rows`` rows."""
     was_training = encoder.training
     encoder.eval()
     seen = 0
-    for batch in tqdm(loader, desc=progress, disable=None if (progress and info.is_main) else True, leave=False):
+    for batch in batches:
         if max_rows is not None and seen >= max_rows:
             break
         seen += batch.n_rows
@@ -254,17 +263,23 @@ def embed(
 
 
 def _class_means(encoder, store, plan: TrainPlan, *, batch_size, device, info, n_latent,
-                 max_cells: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_cells: int | None = None, seed: int = 0, sample: MemorySample | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums and counts of the embeddings per (annotated experiment, cell type), over all ranks.
 
-    With ``max_cells``, over a uniform random subset of about that many annotated cells.
+    With ``max_cells``, over a uniform random subset of about that many annotated cells; with
+    ``sample``, over the annotated cells held in it (a query's, :func:`finetune`).
     """
     n_exp, n_types = len(plan.experiments), len(plan.cell_types)
     sums = torch.zeros(n_exp * n_types, n_latent, dtype=torch.float64, device=device)
     counts = torch.zeros(n_exp * n_types, dtype=torch.float64, device=device)
     per_rank = None if max_cells is None else max(1, max_cells // info.world_size)
-    for _, exp, lab, z in embed(encoder, store, experiments=list(plan.annotated), batch_size=batch_size,
-                                device=device, info=info, max_rows=per_rank, seed=seed):
+    if sample is not None:
+        embedded = _embed_batches(encoder, sample.batches(batch_size), device=device)
+    else:
+        embedded = embed(encoder, store, experiments=list(plan.annotated), batch_size=batch_size, device=device,
+                         info=info, max_rows=per_rank, seed=seed)
+    for _, exp, lab, z in embedded:
         keep = lab >= 0
         key = exp[keep] * n_types + lab[keep]
         sums.index_add_(0, key, z[keep].double())
@@ -345,6 +360,10 @@ AUTO_WARMUP_MIN_EXPERIMENTS = 3
 # second epoch on, gains less than WARMUP_MIN_GAIN over the epoch before.
 WARMUP_ALIGNED = 0.99
 WARMUP_MIN_GAIN = 0.005
+# A query (a run from a reference) stops fine-tuning once its clusters are stable: when fewer than
+# QUERY_STABLE of the new cells changed their nearest landmark over the last epoch (the first
+# epoch against the K-means initialisation; docs/scaling.md).
+QUERY_STABLE = 0.005
 
 
 def warmup_should_stop(alignment: list[float]) -> bool:
@@ -431,6 +450,7 @@ class TrainState:
     kmeans_init: dict[str, torch.Tensor] | None = None  # K-means that set the unannotated landmarks
     kmeans_pretrained: dict[str, torch.Tensor] | None = None  # K-means before the warm-up (a baseline)
     landmark_usage: torch.Tensor | None = None
+    query_assignment: torch.Tensor | None = None  # a query's new cells' nearest landmarks after the last epoch
     train_seconds: float | None = None
 
     @classmethod
@@ -483,7 +503,9 @@ class _Run:
     signals: StopSignals | None
     stop_after_epoch: int | None
     started: float
+    query: bool = False  # started from a reference: the reference side is a sample held in memory
     _encoder_net: torch.nn.Module | None = None
+    _sample: MemorySample | None = None
 
     @property
     def tc(self) -> TrainConfig:
@@ -514,6 +536,25 @@ class _Run:
                       rank=self.info.rank, world_size=self.info.world_size, genes=self.genes,
                       blocks_per_buffer=tc.blocks_per_buffer, rows_per_block=tc.rows_per_block)
 
+    @property
+    def reference_sample(self) -> MemorySample | None:
+        """A query's sample of the annotated cells, drawn once (on first use) and held in memory.
+
+        ``annotated_cells_per_epoch`` cells (default: as many as the new experiments have, at
+        least one batch), split over the ranks; every fine-tuning epoch trains on it and takes
+        the class means over it, reading nothing from the store. ``None`` for other runs.
+        """
+        if self.query and self._sample is None:
+            tc = self.tc
+            n = tc.annotated_cells_per_epoch or max(self.plan.n_unannotated, tc.batch_size)
+            t = time.perf_counter()
+            self._sample = MemorySample(self.loader(list(self.plan.annotated), tc.seed + 1),
+                                        max(1, n // self.info.world_size), seed=tc.seed + 1)
+            if self.info.is_main:
+                logger.info("reference sample: %d annotated cells per rank held in memory (%.0f MB) in %.1f s",
+                            self._sample.n_rows, self._sample.nbytes / 2**20, time.perf_counter() - t)
+        return self._sample
+
     def annotated_steps(self, loader: Loader) -> int:
         """Steps of an epoch over the annotated stream (capped by ``annotated_cells_per_epoch``)."""
         cap = self.tc.annotated_cells_per_epoch
@@ -530,7 +571,7 @@ class _Run:
     def class_means(self, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _class_means(self.model.encoder, self.store, self.plan, batch_size=self.eval_batch_size,
                             device=self.device, info=self.info, n_latent=self.config.model.n_latent,
-                            max_cells=self.tc.annotated_cells_per_epoch, seed=seed)
+                            max_cells=self.tc.annotated_cells_per_epoch, seed=seed, sample=self.reference_sample)
 
     def progress(self, steps: range, desc: str):
         return tqdm(steps, desc=desc, disable=None if self.info.is_main else True, leave=False)
@@ -574,6 +615,7 @@ def _start(store: Atlas, plan: TrainPlan, config: RunConfig, *, device, info, ru
     tc = config.train
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     start = "resuming from", ckpt_path
+    state_reference = None if checkpoint is None else checkpoint.get("reference")  # a query run resumed
     if checkpoint is not None:
         state = TrainState.from_checkpoint(checkpoint, source=ckpt_path)
     elif reference is not None:
@@ -606,12 +648,12 @@ def _start(store: Atlas, plan: TrainPlan, config: RunConfig, *, device, info, ru
         "experiments": list(plan.experiments),
         "cell_types": list(plan.cell_types),
         "n_clusters": plan.n_clusters,
-        "reference": None if reference is None else str(reference[0]),
+        "reference": state_reference if reference is None else str(reference[0]),
         "versions": {"torch": str(torch.__version__)},
     }
     run = _Run(store=store, plan=plan, config=config, model=model, genes=genes, device=device, info=info,
                ckpt_path=ckpt_path, provenance=provenance, signals=signals, stop_after_epoch=stop_after_epoch,
-               started=time.perf_counter())
+               started=time.perf_counter(), query=reference is not None or bool(state_reference))
     return run, state
 
 
@@ -842,21 +884,24 @@ def finetune(run: _Run, state: TrainState) -> bool:
                     "while clusters improve, as the lambda terms push the landmarks apart and the embedding "
                     "spreads (docs/algorithm.md, \"Why the fine-tuning loss rises\")")
     optimizer = run.make_optimizer(state, run.model.encoder.parameters(), lr=tc.finetune_lr)
-    loader_a = run.loader(list(plan.annotated), tc.seed + 1)
+    sample = run.reference_sample
+    loader_a = run.loader(list(plan.annotated), tc.seed + 1) if sample is None else None
     loader_u = run.loader(list(plan.unannotated), tc.seed + 2)
     weights = _AnnotatedWeights(plan, run.store, device=device)
-    steps = max(run.annotated_steps(loader_a), len(loader_u))
+    steps = max(len(sample) if sample is not None else run.annotated_steps(loader_a), len(loader_u))
 
     def keep_landmarks() -> None:
         state.unannotated_landmarks = p_u.detach().cpu().clone()
         state.landmark_optimizer = landmark_opt.state_dict()
 
     for epoch in range(state.epoch, tc.finetune_epochs):
+        if state.history and state.history[-1].get("stable"):  # a query resumed after it stopped
+            break
         first, totals, n_seen = state.resume_point(device)
         means = None if first else run.class_means(seed=tc.seed + 1000 + epoch)  # None: resumed, as saved
         annotated = _epoch_landmarks(run, state, means)
         p_a = annotated.values
-        stream_a = _forever(loader_a, epoch * 1000, skip=first)
+        stream_a = _forever(loader_a, epoch * 1000, skip=first) if sample is None else sample.stream(epoch, skip=first)
         stream_u = _forever(loader_u, epoch * 1000, skip=first)
         totals, started = (torch.zeros(3, device=device) if totals is None else totals), time.perf_counter()
         for step in run.progress(range(first, steps), f"fine-tune {epoch + 1}/{tc.finetune_epochs}"):
@@ -884,9 +929,16 @@ def finetune(run: _Run, state: TrainState) -> bool:
         state.epoch = epoch + 1
         keep_landmarks()
         record = _epoch_record("finetune", epoch, totals, steps)
+        if run.query:
+            record["changed"], record["stable"] = _query_stability(run, state, p_u.detach())
         _log_epoch(run, "fine-tune", epoch, tc.finetune_epochs, record, started, n_seen)
+        if record.get("stable") and run.info.is_main and epoch + 1 < tc.finetune_epochs:
+            logger.info("fine-tuning stops after %d of at most %d epochs: %.2f%% of the new cells changed landmark "
+                        "in the last one", epoch + 1, tc.finetune_epochs, 100 * record["changed"])
         if run.end_epoch(state, optimizer, record):
             return True
+        if record.get("stable"):
+            break
     _finish(run, state, p_u.detach())
     run.save(state, optimizer)
     return False
@@ -896,17 +948,19 @@ def _finish(run: _Run, state: TrainState, landmarks: torch.Tensor | None) -> Non
     """Final annotated landmarks (plain class means when there was no fine-tuning), the cells per
     unannotated landmark, and pruning of the unused ones (a reference has no ``landmarks``)."""
     if state.annotated_landmarks is None or (run.tc.finetune_epochs == 0 and not run.plan.reference_only):
-        sums, counts = _class_means(run.model.encoder, run.store, run.plan, batch_size=run.eval_batch_size,
-                                    device=run.device, info=run.info, n_latent=run.config.model.n_latent,
-                                    max_cells=run.tc.annotated_cells_per_epoch, seed=run.tc.seed)
+        sums, counts = run.class_means(seed=run.tc.seed)
         annotated = _AnnotatedLandmarks(run.plan, run.device)
         state.annotated_landmarks = (sums[annotated.flat] / counts[annotated.flat].clamp(min=1).unsqueeze(1)).float().cpu()
         state.annotated_pairs = annotated.pairs.clone()
     if landmarks is None:  # a reference
         state.phase, state.train_seconds = "done", time.perf_counter() - run.started
         return
-    usage = _landmark_usage(run.model.encoder, run.store, run.plan, landmarks, device=run.device, info=run.info,
-                            batch_size=run.eval_batch_size)
+    if state.query_assignment is not None:  # a query's, after its last epoch: the final network and landmarks
+        assigned = state.query_assignment[state.query_assignment >= 0]
+        usage, state.query_assignment = torch.bincount(assigned, minlength=len(landmarks)).double(), None
+    else:
+        usage = _landmark_usage(run.model.encoder, run.store, run.plan, landmarks, device=run.device, info=run.info,
+                                batch_size=run.eval_batch_size)
     unused = (usage == 0).nonzero().flatten().tolist()
     if unused and run.info.is_main:
         logger.warning("%d of %d unannotated landmarks have no cells: %s%s", len(unused), len(usage), unused,
@@ -991,6 +1045,7 @@ def _log_epoch(run: _Run, label: str, epoch: int, n_epochs: int, record: dict[st
         return
     seconds = time.perf_counter() - started
     aligned = f"; annotated experiments aligned {record['alignment']:.4f}" if "alignment" in record else ""
+    aligned += f"; {100 * record['changed']:.2f}% of the new cells changed landmark" if "changed" in record else ""
     logger.info("%s epoch %d/%d: loss %.4f (annotated %.4f, unannotated %.4f; %.1f s, %.0f cells/s per rank)%s",
                 label, epoch + 1, n_epochs, record["loss"], record["annotated"], record["unannotated"], seconds,
                 n_seen / seconds, aligned)
@@ -1041,12 +1096,50 @@ def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
     return centroids.cpu(), init
 
 
+def _assign_positions(store, plan, index: torch.Tensor) -> torch.Tensor:
+    """Positions of the store rows ``index`` among the unannotated cells (their rows in store order)."""
+    ranges = sorted(store.experiment_ranges[e] for e in plan.unannotated)
+    starts = torch.tensor([a for a, _ in ranges], dtype=torch.long)
+    offsets = torch.tensor(np.cumsum([0] + [b - a for a, b in ranges])[:-1], dtype=torch.long)
+    index = index.cpu()
+    k = torch.searchsorted(starts, index, right=True) - 1
+    return index - starts[k] + offsets[k]
+
+
 @torch.no_grad()
-def _landmark_usage(encoder, store, plan, landmarks, *, device, info, batch_size) -> torch.Tensor:
-    usage = torch.zeros(len(landmarks), dtype=torch.float64, device=device)
-    for _, _, _, z in embed(encoder, store, experiments=list(plan.unannotated), batch_size=batch_size, device=device,
-                          info=info):
+def _assign_new_cells(encoder, store, plan, landmarks, *, device, info, batch_size) -> torch.Tensor:
+    """The nearest landmark of every unannotated cell, over all ranks: int64, one entry per
+    cell in store order of the unannotated experiments' rows (-1 for none)."""
+    out = torch.zeros(plan.n_unannotated, dtype=torch.long, device=device)
+    for index, _, _, z in embed(encoder, store, experiments=list(plan.unannotated), batch_size=batch_size,
+                                device=device, info=info):
         assign, _ = nearest(z, landmarks.to(z.device))
-        usage += torch.bincount(assign, minlength=len(landmarks)).double()
-    all_reduce_sum(usage, info)
-    return usage
+        out[_assign_positions(store, plan, index).to(device)] = assign.long() + 1
+    all_reduce_sum(out, info)  # the ranks hold disjoint cells
+    return out.cpu() - 1
+
+
+def _landmark_usage(encoder, store, plan, landmarks, *, device, info, batch_size) -> torch.Tensor:
+    """Unannotated cells per landmark (float64, on ``device``), over all ranks."""
+    assign = _assign_new_cells(encoder, store, plan, landmarks, device=device, info=info, batch_size=batch_size)
+    return torch.bincount(assign[assign >= 0], minlength=len(landmarks)).double().to(device)
+
+
+def _query_stability(run: _Run, state: TrainState, landmarks: torch.Tensor) -> tuple[float, bool]:
+    """After a query's fine-tuning epoch: the fraction of its new cells whose nearest landmark
+    changed over the epoch (the first epoch against the K-means initialisation), and whether
+    that is below ``QUERY_STABLE``. Keeps the assignment in ``state``; the same on every rank."""
+    assignment = _assign_new_cells(run.model.encoder, run.store, run.plan, landmarks, device=run.device, info=run.info,
+                                   batch_size=run.eval_batch_size)
+    previous = state.query_assignment
+    if previous is None:  # the K-means assignment, held by rank 0, given to every rank
+        previous = torch.zeros_like(assignment, device=run.device)
+        if run.info.is_main and state.kmeans_init is not None:
+            whole = _assign_positions(run.store, run.plan, state.kmeans_init["index"])
+            previous[whole.to(run.device)] = state.kmeans_init["cluster"].to(run.device) + 1
+        all_reduce_sum(previous, run.info)
+        previous = previous.cpu() - 1
+    both = (assignment >= 0) & (previous >= 0)
+    changed = float((assignment[both] != previous[both]).double().mean()) if both.any() else 1.0
+    state.query_assignment = assignment
+    return changed, changed < QUERY_STABLE

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from conftest import build_loader_store
 from mars_scale.errors import ConfigError, StoreError
-from mars_scale.loader import Batch, Loader, normalize_batch
+from mars_scale.loader import Batch, Loader, MemorySample, normalize_batch
 from mars_scale.store import open_store
 
 pytestmark = pytest.mark.timeout(120)
@@ -521,3 +521,45 @@ def test_stopping_early_releases_the_reader(atlas):
     assert ours()
     it.close()
     assert not ours()
+
+
+# ------------------------------------------------------------------------------ memory sample
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_memory_sample_holds_a_random_subset_with_the_loaders_values(atlas, loader_store, world_size):
+    dense = dense_reference(loader_store)
+    genes = np.arange(0, atlas.n_genes, 3)
+    a, b = atlas.experiment_ranges["exp1"]
+    shares = []
+    for rank in range(world_size):
+        loader = Loader(atlas, batch_size=40, experiments=["exp1", "exp2"], seed=5, blocks_per_buffer=2, genes=genes,
+                        rank=rank, world_size=world_size)
+        sample = MemorySample(loader, 150, seed=9)
+        assert sample.n_rows == 150 and len(sample) == 4
+        one_pass = list(sample.batches(64))
+        assert [x.n_rows for x in one_pass] == [64, 64, 22]
+        index = all_index(one_pass)
+        shares.append(index)
+        assert len(np.unique(index)) == 150 and index.min() >= a  # distinct annotated rows, exp0 not among them
+        x = np.concatenate([x.x.to_dense().numpy() for x in one_pass])
+        np.testing.assert_allclose(x, dense[np.ix_(index, genes)], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.concatenate([x.experiment.numpy() for x in one_pass]), np.where(index < b, 1, 2))
+    assert not (world_size == 2 and np.intersect1d(*shares).size)  # the ranks' samples are disjoint
+    # not the first rows of the store: a shuffled draw
+    assert not np.array_equal(np.sort(shares[0]), np.arange(a, a + 150))
+
+
+def test_memory_sample_stream_is_a_new_permutation_each_pass_and_resumes(atlas):
+    sample = MemorySample(Loader(atlas, batch_size=32, experiments=["exp1"], seed=1), 100, seed=3)
+    stream = sample.stream(4)
+    passes = [all_index([next(stream) for _ in range(len(sample))]) for _ in range(3)]
+    for p in passes:
+        assert_each_once(p, sample.index)
+    assert not np.array_equal(passes[0], passes[1])
+    again = sample.stream(4, skip=5)  # resumed 5 batches in: the second pass from its second batch
+    np.testing.assert_array_equal(all_index([next(again) for _ in range(2)]), passes[1][32:96])
+    other = sample.stream(5)
+    assert not np.array_equal(all_index([next(other) for _ in range(len(sample))]), passes[0])
+    with pytest.raises(ConfigError, match="max_rows"):
+        MemorySample(Loader(atlas, batch_size=32, seed=1), 0, seed=3)

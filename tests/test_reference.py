@@ -63,7 +63,8 @@ def test_a_run_from_a_reference_reuses_its_network_and_has_the_full_runs_shape(t
     assert query.config.train.annotated_cells_per_epoch == 90  # a sample of the reference of the query's size
     query.train(run_dir=tmp_path / "run").save(tmp_path / "run")
     full = Mars(path, unannotated="exp0", n_clusters=3, config=TINY).train()
-    assert [h["phase"] for h in query.history] == ["finetune"] * 3  # no pretraining, no warm-up
+    # no pretraining, no warm-up; fine-tuning stopped once the clusters were stable
+    assert [h["phase"] for h in query.history] == ["finetune"] and query.history[0]["stable"]
     assert query.unannotated_landmarks.shape == full.unannotated_landmarks.shape
     for got, want in zip(query.annotated_landmarks, full.annotated_landmarks):
         assert np.shape(got) == np.shape(want)
@@ -147,3 +148,58 @@ def test_two_unannotated_experiments_share_the_landmarks_and_are_scored_each(tmp
 
     paths = {p.name for p in plot(path, output_dir=tmp_path / "figures", max_cells=200, n_neighbors=10)}
     assert {"umap_cluster.png", "confusion_cluster.png", "confusion_name.png"} <= paths
+
+
+def test_a_query_stops_fine_tuning_when_its_new_cells_keep_their_landmarks(tmp_path, monkeypatch):
+    import mars_scale.train
+
+    path = _store(tmp_path)
+    Mars(path, reference_only=True, config=TINY).train(run_dir=tmp_path / "ref").save(tmp_path / "ref")
+    runs = {}
+    for stable in (1.0, 0.0):  # every epoch stable (stops after the first), none (runs them all)
+        monkeypatch.setattr(mars_scale.train, "QUERY_STABLE", stable)
+        runs[stable] = Mars(path, unannotated="exp0", n_clusters=3, config=TINY, reference=tmp_path / "ref").train()
+    once, every = runs[1.0], runs[0.0]
+    assert [h["stable"] for h in once.history] == [True]
+    assert [h["stable"] for h in every.history] == [False, False, False]
+    assert once.history[0]["changed"] == every.history[0]["changed"]  # the same first epoch
+    # "changed" after the first epoch: the final network's nearest landmarks against the K-means initialisation
+    index, z = once.embed(experiments=["exp0"], device="cpu")
+    assignment, _ = nearest(z, once.unannotated_landmarks)
+    init = once.state["kmeans_init"]
+    np.testing.assert_array_equal(init["index"].numpy(), index)
+    assert once.history[0]["changed"] == pytest.approx(np.mean(assignment != init["cluster"].numpy()))
+    np.testing.assert_array_equal(once.state["landmark_usage"].numpy(), np.bincount(assignment, minlength=3))
+    assert once.state.get("query_assignment") is None  # a training-only state, not kept in the model
+    index, z = every.embed(experiments=["exp0"], device="cpu")
+    assignment, _ = nearest(z, every.unannotated_landmarks)
+    np.testing.assert_array_equal(every.state["landmark_usage"].numpy(), np.bincount(assignment, minlength=3))
+
+
+@pytest.mark.parametrize("stable", [None, 0.0])
+def test_a_query_reads_the_reference_once_and_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, stable):
+    import mars_scale.train
+    from mars_scale.loader import Loader
+
+    if stable is not None:  # never stable: all epochs, so the resume starts a new one
+        monkeypatch.setattr(mars_scale.train, "QUERY_STABLE", stable)
+    path = _store(tmp_path)
+    Mars(path, reference_only=True, config=TINY).train(run_dir=tmp_path / "ref").save(tmp_path / "ref")
+    passes = []  # the experiments of every pass a loader starts over the store
+    iterate = Loader.__iter__
+    monkeypatch.setattr(Loader, "__iter__", lambda self: passes.append(tuple(self.experiments)) or iterate(self))
+    query = Mars(path, unannotated="exp0", n_clusters=3, config=TINY, reference=tmp_path / "ref")
+    query.train(run_dir=tmp_path / "run")
+    annotated = ("exp1", "exp2", "exp3", "exp4")
+    # the sample of the reference is drawn once; every epoch's class means and annotated batches come from memory
+    assert passes.count(annotated) == 1 and set(passes) == {annotated, ("exp0",)}
+    assert passes.count(("exp0",)) >= len(query.history)
+    # a query stopped after an epoch and resumed (without --from) ends as the uninterrupted one
+    part = Mars(path, unannotated="exp0", n_clusters=3, config=TINY, reference=tmp_path / "ref")
+    part.train(run_dir=tmp_path / "part", stop_after_epoch=1)
+    assert not part.is_trained
+    resumed = Mars(path, unannotated="exp0", n_clusters=3, config=part.config).train(run_dir=tmp_path / "part", resume=True)
+    assert resumed.state["reference"] == query.state["reference"]
+    np.testing.assert_array_equal(resumed.unannotated_landmarks, query.unannotated_landmarks)
+    for key, value in query.state["model"].items():
+        torch.testing.assert_close(resumed.state["model"][key], value, rtol=0, atol=0)
