@@ -1151,8 +1151,16 @@ class MemorySample:
         return -(-self.n_rows // self.batch_size)
 
     def _batch(self, rows: np.ndarray, epoch: int, step: int) -> Batch:
+        from mars_scale.kernels import gather_rows
+
+        ptr = self.x.indptr
+        n = int((ptr[rows + 1] - ptr[rows]).sum())
+        out_ptr = np.empty(rows.shape[0] + 1, dtype=ptr.dtype)
+        values, indices = np.empty(n, dtype=np.float32), np.empty(n, dtype=self.x.indices.dtype)
+        gather_rows(ptr, self.x.data, self.x.indices, rows, out_ptr, values, indices)
+        x = sp.csr_matrix((values, indices, out_ptr), shape=(rows.shape[0], self.x.shape[1]), copy=False)
         return Batch(
-            x=_to_torch(_gather_rows(self.x, rows), torch.sparse_csr_tensor),
+            x=_to_torch(x, torch.sparse_csr_tensor),
             experiment=torch.from_numpy(self.experiment[rows]),
             label=torch.from_numpy(self.label[rows]),
             index=torch.from_numpy(self.index[rows]),
