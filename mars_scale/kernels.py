@@ -4,7 +4,7 @@ Each replaces several numpy passes, and their temporaries, by one loop over data
 cache: :func:`check_scale_rows` checks a CSR block just read from the store against the
 rules of :func:`mars_scale.store.x_rows_damage` and scales each row by its factor;
 :func:`gather_rows` copies a batch's rows out of a shuffle buffer, widening uint16 column
-indices on the way.
+indices on the way; :func:`select_columns` keeps a gene selection's columns of a buffer in place.
 
 The loops index row views from 0 (``row[k]``, ``k`` in ``range(len(row))``) rather than the
 block from a row's offset: numba then knows the index is not negative, drops its wraparound
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["check_scale_rows", "gather_rows"]
+__all__ = ["check_scale_rows", "gather_rows", "select_columns"]
 
 _INF = np.float32(np.inf)
 _ZERO = np.float32(0.0)
@@ -80,3 +80,24 @@ def gather_rows(ptr, values, indices, rows, out_ptr, out_values, out_indices):  
             dst_i[k] = src_i[k]
         pos += n
         out_ptr[i + 1] = pos
+
+
+@numba.njit(cache=True, nogil=True)
+def select_columns(ptr, values, indices, new_index, out_ptr):  # pragma: no cover - compiled
+    """Keep the columns ``j`` with ``new_index[j] >= 0``, renumbered to it, in place.
+
+    The kept values of each row move to the front of the arrays (a value never moves up, so
+    each is read before anything is written over it); ``out_ptr`` (length ``len(ptr)``)
+    receives the new row pointer. Returns the number of values kept.
+    """
+    pos = 0
+    out_ptr[0] = 0
+    for r in range(ptr.shape[0] - 1):
+        for k in range(ptr[r], ptr[r + 1]):
+            j = new_index[indices[k]]
+            if j >= 0:
+                values[pos] = values[k]
+                indices[pos] = j
+                pos += 1
+        out_ptr[r + 1] = pos
+    return pos

@@ -472,6 +472,10 @@ class Loader(IterableDataset):
                     f"{self.path}: genes must be ascending positions in 0..{self._store_genes - 1}."
                 )
         self.n_genes = self._store_genes if self.genes is None else len(self.genes)
+        self._gene_position = None  # store gene -> position in genes, or -1
+        if self.genes is not None:
+            self._gene_position = np.full(self._store_genes, -1, dtype=np.int64)
+            self._gene_position[self.genes] = np.arange(len(self.genes))
         self.input_kind = self._store.input_kind
         self.rows_per_block = positive_int(
             self._store.rows_per_block if rows_per_block is None else rows_per_block, name="rows_per_block"
@@ -901,12 +905,13 @@ class Loader(IterableDataset):
         )
         values, indices, n_cols, total = pending.values, pending.indices, self._store_genes, None
         if self.genes is not None:  # after normalising by the total over all genes
+            from mars_scale.kernels import select_columns
+
             if not self.normalize:
                 total = pending.totals.copy()
-            csr = sp.csr_matrix(
-                (values, indices.astype(np.int64), ptr), shape=(ptr.shape[0] - 1, n_cols), copy=False
-            )[:, self.genes]
-            ptr, values, indices, n_cols = csr.indptr.astype(np.int64), csr.data, csr.indices, len(self.genes)
+            kept = np.empty_like(ptr)
+            n = select_columns(ptr, values, indices, self._gene_position, kept)
+            ptr, values, indices, n_cols = kept, values[:n], indices[:n], len(self.genes)
         spans = pending.spans
         index = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b, _ in spans])
         pad = np.concatenate([np.full(b - a, p, dtype=bool) for a, b, p in spans])

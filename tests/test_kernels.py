@@ -126,3 +126,19 @@ def test_loader_batches_equal_normalize_log1p_of_the_stored_rows(loader_store):
         np.testing.assert_array_equal(batch.x.values().numpy(), want)
         np.testing.assert_array_equal(batch.x.col_indices().numpy(), rows.indices)
         np.testing.assert_array_equal(batch.x.crow_indices().numpy(), rows.indptr)
+
+
+def test_select_columns_in_place_equals_scipy_column_indexing():
+    from mars_scale.kernels import select_columns
+
+    rng = np.random.default_rng(7)
+    ptr, data, indices = random_csr(rng, 120, 500, integer=False)
+    genes = np.sort(rng.choice(500, size=90, replace=False))
+    position = np.full(500, -1, dtype=np.int64)
+    position[genes] = np.arange(90)
+    want = sp.csr_matrix((data, indices.astype(np.int32), ptr), shape=(120, 500))[:, genes]
+    values, cols, kept = data.copy(), indices.copy(), np.empty_like(ptr)
+    n = select_columns(ptr, values, cols, position, kept)
+    np.testing.assert_array_equal(kept, want.indptr)
+    np.testing.assert_array_equal(cols[:n], want.indices)
+    np.testing.assert_array_equal(values[:n], want.data)
