@@ -152,16 +152,18 @@ def _build_store(source: Path, directory: Path, held_out: str, removed: str | No
 
 
 def _cache_path(workdir: Path, dataset: str, tag: str, seed: int, options: dict[str, Any] | None,
-                extra_k: int = 0) -> Path:
+                extra_k: int = 0, auto_k: bool = False) -> Path:
     """Cached runs live under cache/<options>/...: one folder per set of training options."""
     name = "defaults" if not options else "-".join(f"{k}={v}" for k, v in sorted(options.items()))
     if extra_k:
         name += f"-k+{extra_k}"
+    if auto_k:
+        name += "-auto-k"
     return workdir / "cache" / name / dataset / f"{tag}__s{seed}.npz"
 
 
 def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: Path,
-                   options: dict[str, Any] | None = None, extra_k: int = 0) -> Path:
+                   options: dict[str, Any] | None = None, extra_k: int = 0, auto_k: bool = False) -> Path:
     """Train MARS on one scenario and cache what scoring needs; returns the cache file."""
     import dataclasses
 
@@ -175,7 +177,7 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
 
     held, removed, k = scenario["held_out"], scenario["removed"], scenario["k"] + extra_k
     tag = f"{held}__{removed or 'none'}"
-    cache = _cache_path(workdir, source.stem, tag, seed, options, extra_k)
+    cache = _cache_path(workdir, source.stem, tag, seed, options, extra_k, auto_k)
     if cache.exists():
         return cache
     directory = workdir / "stores" / source.stem / tag
@@ -189,7 +191,8 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
     config = RunConfig()
     cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed, **(options or {})))
     t0 = time.perf_counter()
-    model = Mars(store, unannotated=held, n_clusters=k, config=cfg).train()
+    model = Mars(store, unannotated=held, n_clusters="auto" if auto_k else k, config=cfg).train()
+    k_truth, k = k, model.plan.n_clusters  # the baselines below get the K MARS had
     train_s = time.perf_counter() - t0
     index, z = model.embed(store)
     order = np.argsort(index, kind="stable")
@@ -216,7 +219,7 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
     tmp = cache.with_name(f".{cache.stem}.tmp.npz")
     np.savez_compressed(
         tmp, z=z, experiments=experiments, truth=truth, held_out=held, removed=removed or "",
-        k=k, seed=seed, single=np.asarray(single, dtype=str),
+        k=k, k_truth=k_truth, seed=seed, single=np.asarray(single, dtype=str),
         landmarks_annotated=np.asarray(values, dtype=np.float32),
         landmark_experiments=np.asarray(lm_exps, dtype=str), landmark_types=np.asarray(lm_types, dtype=str),
         landmarks_unannotated=np.asarray(model.unannotated_landmarks, dtype=np.float32),
@@ -283,6 +286,7 @@ def score_cache(cache: Path, *, method: str = "default", split_test: bool = True
     row: dict[str, Any] = {
         "n_cells": int(mine.sum()),
         "k": int(d["k"]),
+        **({"k_truth": int(d["k_truth"])} if "k_truth" in d.files else {}),
         "ari": m["ari"],
         "known_called_novel": m["known_called_novel"],
         "known_name_accuracy": m["known_name_accuracy"],
@@ -420,6 +424,8 @@ def main() -> None:
     parser.add_argument("--score-only", action="store_true", help="Score the cached runs; train nothing.")
     parser.add_argument("--extra-k", type=int, default=0,
                         help="Over-guess K by this many landmarks (nothing-removed scenarios only).")
+    parser.add_argument("--auto-k", action="store_true",
+                        help='Train with n_clusters="auto" (K chosen by MARS; the baselines get the same K).')
     parser.add_argument("--train-only", action="store_true", help="Train and cache; write no result.")
     parser.add_argument("--method", default="default", help="Novelty method passed to name_clusters.")
     parser.add_argument("--no-split-test", action="store_true",
@@ -444,9 +450,9 @@ def main() -> None:
                 continue
             for seed in args.seeds:
                 tag = f"{sc['held_out']}__{sc['removed'] or 'none'}"
-                cache = _cache_path(args.workdir, source.stem, tag, seed, args.options, args.extra_k)
+                cache = _cache_path(args.workdir, source.stem, tag, seed, args.options, args.extra_k, args.auto_k)
                 if not args.score_only:
-                    cache = train_scenario(source, sc, seed, args.workdir, args.options, args.extra_k)
+                    cache = train_scenario(source, sc, seed, args.workdir, args.options, args.extra_k, args.auto_k)
                 if args.train_only or not cache.exists():
                     continue
                 row = {"dataset": dataset, "held_out": sc["held_out"], "removed": sc["removed"], "seed": seed,
@@ -468,10 +474,11 @@ def main() -> None:
         return
     selection = "all" if set(args.datasets) == set(DATASETS) | {SYNTHETIC} else "+".join(args.datasets)
     key = args.key or f"{selection}-{len(args.seeds)}seeds" + ("" if args.method == "default" else f"-{args.method}") + (
-        "" if not (args.options or args.extra_k) else "-" + _cache_path(args.workdir, "", "", 0, args.options, args.extra_k).parent.parent.name)
+        "" if not (args.options or args.extra_k or args.auto_k) else
+        "-" + _cache_path(args.workdir, "", "", 0, args.options, args.extra_k, args.auto_k).parent.parent.name)
     write_result("novelty", {
         "parameters": {"datasets": args.datasets, "seeds": args.seeds, "method": args.method, "options": args.options,
-                       "extra_k": args.extra_k, "split_test": not args.no_split_test,
+                       "extra_k": args.extra_k, "auto_k": args.auto_k, "split_test": not args.no_split_test,
                        "min_type_cells": MIN_TYPE_CELLS, "knn": KNN, "lr_threshold": LR_THRESHOLD},
         "single_type_reference": single_type,
         "rows": rows, "summary": summary, "table_markdown": table,

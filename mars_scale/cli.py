@@ -162,11 +162,21 @@ def verify(store, quick) -> None:
     click.echo(verify_store(store, quick=quick).summary())
 
 
+def _n_clusters(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a whole number nor auto", param_hint="--n-clusters") from None
+
+
 @main.command()
 @click.argument("store", type=click.Path(path_type=str))
 @click.option("--unannotated", multiple=True, metavar="EXPERIMENT",
               help="Experiment whose cell types are discovered; repeat it for several that share the landmarks (one new study of several donors).")
-@click.option("--n-clusters", type=int, default=None, help="Number of unannotated landmarks K (with --unannotated).")
+@click.option("--n-clusters", default=None, callback=lambda ctx, param, value: _n_clusters(value), metavar="K|auto",
+              help="Number of unannotated landmarks K (with --unannotated), or auto: the best silhouette of K-means on the new cells' embedding after the warm-up, at least the number of reference types they reach (docs/algorithm.md).")
 @click.option("--reference-only", is_flag=True, help="Train only what depends on the annotated experiments (pretraining on them, warm-up, annotated landmarks), to start later runs --from.")
 @click.option("--from", "reference", type=click.Path(path_type=str), default=None, help="Start from this --reference-only run: its network and annotated landmarks are reused, only the new experiments' landmarks and the fine-tuning are trained.")
 @click.option("-o", "--output", "run_dir", required=True, type=click.Path(path_type=str), help="Run directory (checkpoints, model.pt).")
@@ -222,6 +232,10 @@ def train(store, unannotated, n_clusters, reference_only, reference, run_dir, co
             unused = int((usage == 0).sum()) if usage is not None else 0
             click.echo(f"wrote {path} (a reference of {len(model.plan.annotated)} annotated experiments)" if reference_only
                        else f"wrote {path} ({unused} unused landmarks)")
+            choice = model.state.get("n_clusters_choice")
+            if choice:
+                click.echo(f"K = {choice['n_clusters']} chosen (best silhouette at K = {choice['best_silhouette']}, "
+                           f"{choice['reference_types_reached']} reference types reached)")
     finally:
         shutdown(info)
 

@@ -1570,7 +1570,8 @@ def naming_report(
     config
         Model and training options (``train.seed`` is replaced by ``seed``).
     n_clusters
-        ``"truth"`` (number of true types in the held-out experiment) or an integer.
+        ``"truth"`` (number of true types in the held-out experiment), ``"auto"`` (MARS
+        chooses, :func:`~mars_scale.train.plan_training`) or an integer.
     seed
         Training and naming seed.
     key_added
@@ -1599,9 +1600,10 @@ def naming_report(
     store = open_store(store_path)
     config = config or RunConfig()
     truth, n_types = _held_out_truth(store, unannotated)
-    k = n_types if n_clusters == "truth" else int(n_clusters)
+    k = n_types if n_clusters == "truth" else n_clusters if n_clusters == "auto" else int(n_clusters)
     cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
     model = Mars(store, unannotated=unannotated, n_clusters=k, config=cfg).train()
+    k = model.plan.n_clusters
     if run_dir is not None:
         model.save(run_dir, overwrite=True)
     result = annotate(store_path, model, key_added=key_added, overwrite=True, seed=seed,

@@ -11,6 +11,9 @@ Small composable pieces, after faiss's ``contrib/clustering.py``:
   iterations on up to a million points, and keeps the restart with the lowest inertia over all
   points. faiss's own defaults (random seeding, 256 points per centroid) give clearly worse
   inertia, so neither is used.
+- :func:`choose_n_clusters` picks K when the user cannot: the K-means with the best mean
+  silhouette over a range, raised to a floor the caller knows (for MARS, the reference types
+  the new cells reach, :func:`groups_reached`).
 - :func:`reservoir_sample` keeps a uniform random subsample of a stream of blocks (for example
   embeddings produced batch by batch), so that callers can bound what they pass to :func:`kmeans`.
 
@@ -35,7 +38,8 @@ from mars_scale.device import faiss_gpu_count, resolve_device
 from mars_scale.errors import ConfigError, InputError
 from mars_scale.rng import RNGLike, SeedLike
 
-__all__ = ["KMeansResult", "kmeans", "nearest", "reservoir_sample"]
+__all__ = ["ClusterCountChoice", "KMeansResult", "choose_n_clusters", "groups_reached", "kmeans", "nearest",
+           "reservoir_sample"]
 
 logger = logging.getLogger(__name__)
 
@@ -614,6 +618,120 @@ def _assigner(train: np.ndarray, backend: _Backend, compute: torch.device, block
         return torch.from_numpy(found_i), torch.from_numpy(found_d)
 
     return torch.from_numpy(train), assign
+
+
+# ----------------------------------------------------------------------------------------------
+# choosing K
+
+
+@dataclass(frozen=True)
+class ClusterCountChoice:
+    """Outcome of :func:`choose_n_clusters`.
+
+    Attributes
+    ----------
+    n_clusters
+        The chosen K: ``max(best, floor)``, at most the number of points.
+    best
+        The K of the highest mean silhouette (the smallest of equal ones).
+    floor
+        The lower bound the caller gave.
+    silhouette
+        Mean silhouette of the K-means partition for each K tried.
+    """
+
+    n_clusters: int
+    best: int
+    floor: int
+    silhouette: dict[int, float]
+
+
+def choose_n_clusters(
+    x: np.ndarray | torch.Tensor,
+    *,
+    k_max: int,
+    seed: SeedLike,
+    k_min: int = 2,
+    floor: int = 1,
+    n_init: int = 3,
+    sample_size: int = 20_000,
+    silhouette_size: int = 4_000,
+    device: str | torch.device = "cpu",
+) -> ClusterCountChoice:
+    """K for K-means when none is given: the best mean silhouette over ``k_min..k_max``, and at
+    least ``floor``.
+
+    For each K, :func:`kmeans` runs on at most ``sample_size`` points; the silhouette
+    (scikit-learn's, Euclidean) is taken over at most ``silhouette_size`` of them, the same
+    ones for every K, each labelled by its nearest centroid. The silhouette prefers
+    well-separated groups and so merges close ones (two subtypes become one cluster);
+    ``floor`` is where the caller puts what it knows about the least number of groups.
+
+    Parameters
+    ----------
+    x
+        Points, shape ``(n, d)``, finite.
+    k_max, k_min
+        The range of K tried, ``2 <= k_min <= k_max``; ``k_max`` is lowered to ``n - 1``.
+    seed
+        Seed of the subsamples and the K-means runs.
+    floor
+        The chosen K is at least this (and at most ``n``).
+    n_init
+        K-means restarts per K.
+    sample_size, silhouette_size
+        Points clustered per K, and points the silhouette is measured on.
+    device
+        As in :func:`kmeans`.
+
+    Raises
+    ------
+    InputError
+        If ``x`` has fewer than ``k_min + 1`` points, or ``k_min``, ``k_max`` or ``floor`` is out
+        of range.
+    """
+    from sklearn.metrics import silhouette_score
+
+    n, _ = _shape_2d(x, "x")
+    k_min = _check_int(k_min, "k_min", minimum=2)
+    k_max = min(_check_int(k_max, "k_max", minimum=k_min), n - 1)
+    floor = _check_int(floor, "floor", minimum=1)
+    if k_max < k_min:
+        raise InputError(f"choosing K needs at least {k_min + 1} points, got {n}")
+    points = _as_float32(x, "x", DEFAULT_BLOCK_SIZE)
+    rng = np.random.default_rng(seed)
+    if n > sample_size:
+        points = points[np.sort(rng.choice(n, size=sample_size, replace=False))]
+    measured = points[np.sort(rng.choice(len(points), size=min(len(points), silhouette_size), replace=False))]
+    scores: dict[int, float] = {}
+    for k in range(k_min, k_max + 1):
+        centroids = kmeans(points, k, seed=rng, n_init=n_init, device=device).centroids
+        labels, _ = nearest(measured, centroids, device=device)
+        scores[k] = float(silhouette_score(measured, labels)) if np.unique(labels).size > 1 else -1.0
+    best = max(scores, key=lambda k: (scores[k], -k))
+    chosen = min(max(best, floor), n)
+    logger.info("K chosen: %d (best silhouette %.3f at K=%d, floor %d; K=%d..%d tried)", chosen, scores[best], best,
+                floor, k_min, k_max)
+    return ClusterCountChoice(n_clusters=chosen, best=best, floor=floor, silhouette=scores)
+
+
+def groups_reached(
+    x: np.ndarray | torch.Tensor,
+    centers: np.ndarray | torch.Tensor,
+    groups: np.ndarray,
+    *,
+    min_points: int,
+    device: str | torch.device = "cpu",
+) -> int:
+    """How many groups of centres are the nearest centre's group for at least ``min_points`` of ``x``.
+
+    With the annotated landmarks as ``centers`` and their cell-type codes (non-negative
+    integers) as ``groups``, it counts the reference types a new experiment's cells land on: a
+    lower bound on its number of types (a new type lands on a known one and is not counted).
+    """
+    assignment, _ = nearest(x, centers, device=device)
+    per_group = np.bincount(np.asarray(groups, dtype=np.int64)[np.asarray(assignment)])
+    return int((per_group >= min_points).sum())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,7 +44,9 @@ class Mars:
         The experiment whose cell types are to be discovered (its labels are never used), or
         several, which then share the unannotated landmarks (one new study of several donors).
     n_clusters
-        Number of unannotated landmarks K.
+        Number of unannotated landmarks K, or ``"auto"``: chosen after the warm-up as the best
+        silhouette of K-means on the new cells' embedding, and at least the number of reference
+        types that take 1% of them (recorded as ``n_clusters_choice`` in the model).
     config
         Model and training options (:class:`~mars_scale.config.RunConfig`).
     reference_only
@@ -80,7 +82,7 @@ class Mars:
         store: Atlas | str | os.PathLike,
         *,
         unannotated: str | Sequence[str] = (),
-        n_clusters: int | None = None,
+        n_clusters: int | str | None = None,
         config: RunConfig | None = None,
         reference_only: bool = False,
         reference: str | os.PathLike | None = None,
@@ -152,11 +154,13 @@ class Mars:
             check_store(checkpoint, self.store, source=source)
             if checkpoint.get("phase") == "done":
                 self.state, self._encoder = checkpoint, None
+                self.plan = dataclasses.replace(self.plan, n_clusters=checkpoint["n_clusters"])
                 return self
         self.state = fit(
             self.store, self.plan, self.config, device=device, info=info, run_dir=run_path,
             checkpoint=checkpoint, reference=self.reference, stop_after_epoch=stop_after_epoch,
         )
+        self.plan = dataclasses.replace(self.plan, n_clusters=self.state["n_clusters"])  # K chosen when "auto"
         self._encoder = None
         return self
 
@@ -250,6 +254,7 @@ class Mars:
             "unannotated": state["unannotated"],
             "annotated": state["annotated"],
             "n_clusters": state["n_clusters"],
+            "n_clusters_choice": state.get("n_clusters_choice"),
             "n_landmarks_kept": len(state["unannotated_landmarks"]) if state.get("unannotated_landmarks") is not None else 0,
             "reference": state.get("reference"),
             "landmark_usage": [int(v) for v in (state.get("landmark_usage") if state.get("landmark_usage") is not None else [])],

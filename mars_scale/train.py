@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -41,7 +41,7 @@ from mars_scale.checkpoint import StopSignals, interrupted_error, save_checkpoin
 from mars_scale.config import RunConfig, TrainConfig, config_to_dict
 from mars_scale.distributed import DistInfo, all_reduce_sum, broadcast
 from mars_scale.errors import CheckpointMismatchError, InputError, TrainingError
-from mars_scale.landmarks import kmeans, nearest
+from mars_scale.landmarks import ClusterCountChoice, choose_n_clusters, groups_reached, kmeans, nearest
 from mars_scale.loader import Loader, MemorySample
 from mars_scale.losses import (
     annotated_cell_loss,
@@ -60,6 +60,8 @@ __all__ = ["TrainPlan", "TrainState", "plan_training", "experiment_names", "fit"
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: ``n_clusters`` to choose K after the warm-up (:func:`_choose_k`).
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class TrainPlan:
 
     unannotated: tuple[str, ...]
     annotated: tuple[str, ...]
-    n_clusters: int  # 0 for a reference
+    n_clusters: int | None  # 0 for a reference; None until chosen for "auto"
     n_unannotated: int
     n_labelled: dict[str, int]  # labelled cells per annotated experiment
     pairs: tuple[tuple[int, int], ...]  # (experiment code, cell-type code) with labelled cells
@@ -104,7 +106,9 @@ def plan_training(store: Atlas, *, unannotated: str | Sequence[str] = (), n_clus
         The experiment (or experiments, sharing the landmarks) whose cell types are discovered;
         none to plan a reference.
     n_clusters
-        Number of unannotated landmarks K (not for a reference).
+        Number of unannotated landmarks K (not for a reference), or ``"auto"`` to choose it
+        after the warm-up: the best silhouette of K-means on the new cells' embedding, at least
+        the number of reference types they reach (:func:`_choose_k`).
     annotated
         The annotated experiments to use (a reference's); default: every other experiment with
         labelled cells.
@@ -114,7 +118,7 @@ def plan_training(store: Atlas, *, unannotated: str | Sequence[str] = (), n_clus
     InputError
         For an unknown, empty or repeated unannotated experiment, an annotated experiment that
         is unknown, unlabelled or also unannotated, no annotated experiment, or ``n_clusters``
-        outside ``1..n_cells``.
+        outside ``1..n_cells`` (and not ``"auto"``).
     """
     names = experiment_names(unannotated)
     for name in names:
@@ -125,9 +129,9 @@ def plan_training(store: Atlas, *, unannotated: str | Sequence[str] = (), n_clus
     if len(set(names)) < len(names):
         raise InputError(f"--unannotated names an experiment twice: {', '.join(names)}")
     n_cells = sum(store.experiment_ranges[e][1] - store.experiment_ranges[e][0] for e in names)
-    if names:
+    if names and n_clusters != AUTO:
         if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1:
-            raise InputError(f"--n-clusters must be a positive integer, got {n_clusters!r}")
+            raise InputError(f"--n-clusters must be a positive integer or {AUTO!r}, got {n_clusters!r}")
         if n_clusters > n_cells:
             raise InputError(f"--n-clusters {n_clusters} is larger than the {n_cells} cells of experiment "
                              f"{', '.join(repr(e) for e in names)}")
@@ -140,7 +144,7 @@ def plan_training(store: Atlas, *, unannotated: str | Sequence[str] = (), n_clus
     return TrainPlan(
         unannotated=names,
         annotated=tuple(labelled),
-        n_clusters=int(n_clusters) if names else 0,
+        n_clusters=(None if n_clusters == AUTO else int(n_clusters)) if names else 0,
         n_unannotated=n_cells,
         n_labelled=labelled,
         pairs=tuple(pairs),
@@ -651,6 +655,9 @@ def _start(store: Atlas, plan: TrainPlan, config: RunConfig, *, device, info, ru
         "reference": state_reference if reference is None else str(reference[0]),
         "versions": {"torch": str(torch.__version__)},
     }
+    if plan.n_clusters is None and checkpoint is not None and checkpoint.get("n_clusters"):  # "auto", chosen before
+        plan = replace(plan, n_clusters=int(checkpoint["n_clusters"]))
+        provenance["n_clusters"], provenance["n_clusters_choice"] = plan.n_clusters, checkpoint.get("n_clusters_choice")
     run = _Run(store=store, plan=plan, config=config, model=model, genes=genes, device=device, info=info,
                ckpt_path=ckpt_path, provenance=provenance, signals=signals, stop_after_epoch=stop_after_epoch,
                started=time.perf_counter(), query=reference is not None or bool(state_reference))
@@ -802,7 +809,7 @@ def warmup(run: _Run, state: TrainState) -> bool:
     n_epochs = resolve_warmup_epochs(tc.warmup_epochs, n_annotated=len(plan.annotated))
     stops_early = tc.warmup_epochs is None
     if state.kmeans_pretrained is None and not plan.reference_only:  # the "K-means on the autoencoder" baseline
-        _, state.kmeans_pretrained = _init_unannotated(run.model.encoder, run.store, plan, tc, device, run.info)
+        _, state.kmeans_pretrained, _ = _init_unannotated(run, state)
     optimizer = run.make_optimizer(state, run.model.encoder.parameters(), lr=tc.warmup_lr)
     loader_a = run.loader(list(plan.annotated), tc.seed + 1)
     weights = _AnnotatedWeights(plan, run.store, device=device)
@@ -859,8 +866,14 @@ def init_landmarks(run: _Run, state: TrainState) -> bool:
         _finish(run, state, None)
         run.save(state, None)
         return False
-    state.unannotated_landmarks, state.kmeans_init = _init_unannotated(
-        run.model.encoder, run.store, run.plan, run.tc, run.device, run.info)
+    state.unannotated_landmarks, state.kmeans_init, choice = _init_unannotated(run, state)
+    if run.plan.n_clusters is None:  # chosen here: the checkpoint and the model record it
+        run.plan = replace(run.plan, n_clusters=len(state.unannotated_landmarks))
+        run.provenance["n_clusters"] = run.plan.n_clusters
+        if choice is not None:
+            run.provenance["n_clusters_choice"] = {
+                "n_clusters": choice.n_clusters, "best_silhouette": choice.best, "reference_types_reached": choice.floor,
+                "silhouette": {str(k): round(v, 4) for k, v in choice.silhouette.items()}}
     state.advance("finetune")
     state.landmark_optimizer = None
     return False
@@ -1052,19 +1065,25 @@ def _log_epoch(run: _Run, label: str, epoch: int, n_epochs: int, record: dict[st
 
 
 
-def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
+def _init_unannotated(run: _Run, state: TrainState) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None,
+                                                           ClusterCountChoice | None]:
     """K-means (faiss, k-means++ seeding, best of n_init) on the embedded unannotated cells.
 
     Returns the centroids and, on rank 0, the K-means assignment of the clustered points
-    (``{"index", "cluster"}``): the "K-means on the pretrained embedding" baseline.
+    (``{"index", "cluster"}``): the "K-means on the pretrained embedding" baseline. Without a
+    K (``n_clusters="auto"``) it is chosen here (:func:`_choose_k`); the choice is returned on
+    rank 0.
 
     Each rank keeps a uniform subsample of at most ``kmeans_max_points / world_size`` of its
     embeddings; rank 0 clusters the gathered points and broadcasts the centroids.
     """
+    tc, plan, info = run.tc, run.plan, run.info
+    reference = _reference_landmarks(run, state) if plan.n_clusters is None else None  # collective: all ranks
     cap = max(1, tc.kmeans_max_points // info.world_size)
     index, chunks = [], []
-    for idx, _, _, z in embed(encoder, store, experiments=list(plan.unannotated), batch_size=max(tc.batch_size, 1024),
-                              device=device, info=info, progress="embed for K-means"):
+    for idx, _, _, z in embed(run.model.encoder, run.store, experiments=list(plan.unannotated),
+                              batch_size=run.eval_batch_size, device=run.device, info=info,
+                              progress="embed for K-means"):
         index.append(idx.cpu())
         chunks.append(z.float().cpu())
     index, points = torch.cat(index), torch.cat(chunks)
@@ -1081,19 +1100,55 @@ def _init_unannotated(encoder, store, plan, tc, device, info) -> torch.Tensor:
     # Store order, whatever the number of ranks: K-means sees the same points in the same order.
     order = torch.argsort(index)
     index, points = index[order], points[order]
-    centroids = torch.zeros(plan.n_clusters, points.shape[1])
+    k, choice = torch.tensor([plan.n_clusters or 0], dtype=torch.long), None
+    if reference is not None and info.is_main:
+        choice = _choose_k(points.numpy(), *reference, seed=tc.seed)
+        k[0] = choice.n_clusters
+    if reference is not None:
+        k = k.to(run.device)
+        broadcast(k, info)
+    centroids = torch.zeros(int(k[0]), points.shape[1])
     init = None
     if info.is_main:
         t = time.perf_counter()
-        result = kmeans(points.numpy(), plan.n_clusters, seed=tc.seed, n_init=tc.kmeans_n_init)
+        result = kmeans(points.numpy(), len(centroids), seed=tc.seed, n_init=tc.kmeans_n_init)
         centroids = torch.as_tensor(result.centroids)
         assignment, _ = nearest(points.numpy(), result.centroids)
         init = {"index": index, "cluster": torch.as_tensor(assignment, dtype=torch.long)}
-        logger.info("K-means on %d embeddings, k=%d: inertia %.4g in %.1f s", len(points), plan.n_clusters,
+        logger.info("K-means on %d embeddings, k=%d: inertia %.4g in %.1f s", len(points), len(centroids),
                     result.inertia, time.perf_counter() - t)
-    centroids = centroids.to(device)
+    centroids = centroids.to(run.device)
     broadcast(centroids, info)
-    return centroids.cpu(), init
+    return centroids.cpu(), init, choice
+
+
+def _reference_landmarks(run: _Run, state: TrainState) -> tuple[np.ndarray, np.ndarray]:
+    """The annotated landmarks and their cell-type codes: the state's (after a warm-up or from a
+    reference), or the class means of the current embedding."""
+    if state.annotated_landmarks is not None and state.annotated_pairs is not None:
+        return state.annotated_landmarks.float().numpy(), state.annotated_pairs[:, 1].numpy()
+    sums, counts = run.class_means(seed=run.tc.seed + 4000)
+    annotated = _AnnotatedLandmarks(run.plan, run.device)
+    means = sums[annotated.flat] / counts[annotated.flat].clamp(min=1).unsqueeze(1)
+    return means.float().cpu().numpy(), annotated.pairs[:, 1].numpy()
+
+
+#: "auto" K: the smallest cluster worth a landmark (annotate's default ``min_cluster_cells``)
+#: and the share of the new cells a reference type must take to count as present.
+AUTO_K_MIN_CELLS = 10
+AUTO_K_MIN_SHARE = 0.01
+
+
+def _choose_k(points: np.ndarray, landmarks: np.ndarray, types: np.ndarray, *, seed: int) -> ClusterCountChoice:
+    """K for ``n_clusters="auto"``: the best silhouette of K-means on the new cells' embedding,
+    at least the number of reference types they reach; K up to twice the reference's types
+    (at least 10) and no more than one landmark per ``AUTO_K_MIN_CELLS`` cells."""
+    n = len(points)
+    floor = groups_reached(points, landmarks, types, min_points=max(AUTO_K_MIN_CELLS, math.ceil(AUTO_K_MIN_SHARE * n)))
+    k_max = max(2, min(max(10, 2 * len(np.unique(types))), n // AUTO_K_MIN_CELLS, n - 1))
+    if n < 3:
+        return ClusterCountChoice(n_clusters=max(1, min(floor, n)), best=1, floor=floor, silhouette={})
+    return choose_n_clusters(points, k_max=k_max, seed=seed, floor=max(floor, 1))
 
 
 def _assign_positions(store, plan, index: torch.Tensor) -> torch.Tensor:

@@ -308,3 +308,46 @@ def test_torch_cuda_backend_matches_faiss_cpu(random_points):
     on_gpu = kmeans(x_blobs, 15, seed=0, device="cuda", use_faiss_gpu=False)
     on_cpu = kmeans(x_blobs, 15, seed=0)
     assert on_gpu.inertia == pytest.approx(on_cpu.inertia, rel=1e-3)
+
+
+# -- choosing K ---------------------------------------------------------------------------------
+
+
+def test_choose_n_clusters_finds_separated_groups_and_respects_the_floor():
+    x, truth = make_blobs(n_samples=3000, n_features=10, centers=5, cluster_std=1.0, center_box=(-30, 30),
+                          random_state=1)
+    choice = landmarks.choose_n_clusters(x, k_max=10, seed=0)
+    assert choice.best == choice.n_clusters == 5 and choice.floor == 1
+    assert sorted(choice.silhouette) == list(range(2, 11))
+    # the recorded value is scikit-learn's silhouette of the true partition here (K-means finds it)
+    from sklearn.metrics import silhouette_score
+    assert choice.silhouette[5] == pytest.approx(silhouette_score(x, truth), abs=0.01)
+    assert max(choice.silhouette.values()) == choice.silhouette[5]
+    raised = landmarks.choose_n_clusters(x, k_max=10, seed=0, floor=7)
+    assert (raised.n_clusters, raised.best, raised.floor) == (7, 5, 7)
+    assert landmarks.choose_n_clusters(x, k_max=10, seed=0, floor=5000).n_clusters == len(x)  # at most n
+
+
+def test_choose_n_clusters_subsamples_and_is_seeded():
+    x, _ = make_blobs(n_samples=5000, n_features=4, centers=3, cluster_std=0.5, random_state=2)
+    a = landmarks.choose_n_clusters(x, k_max=6, seed=3, sample_size=1000, silhouette_size=300)
+    b = landmarks.choose_n_clusters(x, k_max=6, seed=3, sample_size=1000, silhouette_size=300)
+    assert a == b and a.n_clusters == 3
+
+
+def test_choose_n_clusters_rejects_bad_input():
+    with pytest.raises(InputError, match="at least 3 points"):
+        landmarks.choose_n_clusters(np.zeros((2, 3)), k_max=5, seed=0)
+    with pytest.raises(InputError, match="k_min"):
+        landmarks.choose_n_clusters(np.random.default_rng(0).normal(size=(50, 3)), k_max=5, k_min=1, seed=0)
+
+
+def test_groups_reached_against_a_dense_reference():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 6))
+    centers = rng.normal(size=(9, 6))
+    groups = np.array([0, 0, 1, 2, 2, 2, 3, 4, 4])
+    nearest_center = ((x[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
+    per_group = np.bincount(groups[nearest_center], minlength=5)
+    for min_points in (1, 30, 80, 200):
+        assert landmarks.groups_reached(x, centers, groups, min_points=min_points) == int((per_group >= min_points).sum())

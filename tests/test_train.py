@@ -432,15 +432,17 @@ def _torchrun(args, nproc, env_extra=None, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("sizes", [(100, 120, 80), (100, 120, 80, 90)], ids=["no-warmup", "auto-warmup"])
-def test_two_gloo_ranks_match_one_process(tmp_path, sizes):
+@pytest.mark.parametrize("sizes, k", [((100, 120, 80), "3"), ((100, 120, 80, 90), "3"), ((100, 120, 80), "auto")],
+                         ids=["no-warmup", "auto-warmup", "auto-k"])
+def test_two_gloo_ranks_match_one_process(tmp_path, sizes, k):
     """2 ranks x half the batch = 1 process x the whole batch (every step sees all rows).
 
     With 3 annotated experiments the auto warm-up runs too, and its agreement check (summed
-    over ranks) must read the same on both.
+    over ranks) must read the same on both. With ``--n-clusters auto`` rank 0 chooses K and
+    the other rank gets it.
     """
     store = _balanced_store(tmp_path, sizes=sizes)
-    common = ["train", str(store), "--unannotated", "exp0", "--n-clusters", "3", "--device", "cpu"]
+    common = ["train", str(store), "--unannotated", "exp0", "--n-clusters", k, "--device", "cpu"]
     cfg = tmp_path / "c.toml"
     cfg.write_text("[model]\nhidden = [32]\nn_latent = 8\n[train]\npretrain_epochs = 2\nfinetune_epochs = 3\nseed = 1\n")
     one = _torchrun([*common, "-o", str(tmp_path / "one"), "--config", str(cfg), "--batch-size", "512"], nproc=1)
@@ -672,3 +674,40 @@ def test_a_checkpoint_of_another_format_version_is_refused(tmp_path):
     r = CliRunner().invoke(main, ["train", str(store), "--unannotated", "exp0", "--n-clusters", "3", "--device", "cpu",
                                   "-o", str(tmp_path / "part"), "--resume"])
     assert r.exit_code == 2 and "checkpoint format version 2" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_auto_k_is_chosen_recorded_and_resumed_exactly(tmp_path):
+    """n_clusters="auto": K from the silhouette and the reference types reached, written into
+    the model; a run stopped after the choice resumes to the same model."""
+    store = _balanced_store(tmp_path, sizes=(150, 120, 130))
+    full = Mars(store, unannotated="exp0", n_clusters="auto", config=TINY).train(run_dir=tmp_path / "full")
+    choice = full.state["n_clusters_choice"]
+    k = full.plan.n_clusters
+    assert k == choice["n_clusters"] == full.state["n_clusters"] == len(full.unannotated_landmarks)
+    assert k == max(choice["best_silhouette"], choice["reference_types_reached"])
+    assert 1 <= choice["reference_types_reached"] <= 4  # the store's four types
+    silhouette = {int(q): v for q, v in choice["silhouette"].items()}
+    assert min(silhouette) == 2 and choice["best_silhouette"] == max(silhouette, key=silhouette.get)
+    full.save(tmp_path / "full")
+    loaded = Mars.load(tmp_path / "full", store)
+    assert loaded.plan.n_clusters == k
+    part = Mars(store, unannotated="exp0", n_clusters="auto", config=TINY)
+    part.train(run_dir=tmp_path / "part", stop_after_epoch=3)  # pretraining, the choice, 1 fine-tuning epoch
+    resumed = Mars(store, unannotated="exp0", n_clusters="auto", config=TINY).train(run_dir=tmp_path / "part",
+                                                                                   resume=True)
+    assert resumed.state["n_clusters_choice"] == choice
+    np.testing.assert_array_equal(resumed.unannotated_landmarks, full.unannotated_landmarks)
+
+
+def test_auto_k_on_the_command_line(tmp_path):
+    store = _balanced_store(tmp_path)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("[model]\nhidden = [32]\nn_latent = 8\n[train]\npretrain_epochs = 1\nfinetune_epochs = 1\n")
+    r = CliRunner().invoke(main, ["train", str(store), "--unannotated", "exp1", "--n-clusters", "auto", "-o",
+                                  str(tmp_path / "run"), "--config", str(cfg), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    k = Mars.load(tmp_path / "run", store).plan.n_clusters
+    assert re.search(rf"K = {k} chosen \(best silhouette at K = \d+, \d+ reference types reached\)", r.output)
+    r = CliRunner().invoke(main, ["train", str(store), "--unannotated", "exp1", "--n-clusters", "many", "-o",
+                                  str(tmp_path / "r2")])
+    assert r.exit_code == 2 and "neither a whole number nor auto" in r.stderr
