@@ -16,7 +16,7 @@ from mars_scale.cli import main
 from mars_scale.config import ModelConfig, RunConfig, TrainConfig
 from mars_scale.errors import CheckpointMismatchError, InputError
 from mars_scale.ingest import IngestConfig, ingest
-from mars_scale.landmarks import kmeans, nearest
+from mars_scale.landmarks import choose_n_clusters, groups_reached, kmeans, nearest
 from mars_scale.model import Mars
 from mars_scale.store import open_store
 
@@ -85,6 +85,24 @@ def test_a_run_from_a_reference_reuses_its_network_and_has_the_full_runs_shape(t
     assert r.exit_code == 0, r.output
     codes, _ = store.categorical_codes("mars_cluster", *store.experiment_ranges["exp0"])
     assert (np.asarray(codes) >= 0).all()
+
+
+def test_auto_k_from_a_reference_is_the_choice_on_the_references_embedding(tmp_path):
+    """A query with n_clusters="auto": K is the silhouette's best on the reference's embedding
+    of the new cells, raised to the reference types they reach, computed here independently."""
+    path = _store(tmp_path)
+    Mars(path, reference_only=True, config=TINY).train(run_dir=tmp_path / "ref").save(tmp_path / "ref")
+    ref = Mars.load(tmp_path / "ref", path)
+    query = Mars(path, unannotated="exp0", n_clusters="auto", config=TINY, reference=tmp_path / "ref").train()
+    _, z = ref.embed(experiments=["exp0"], device="cpu")
+    values, _, types = ref.annotated_landmarks
+    codes = np.unique(np.asarray(types), return_inverse=True)[1]
+    floor = groups_reached(z, np.asarray(values), codes, min_points=10)  # 1% of 90 cells is below 10
+    want = choose_n_clusters(z, k_max=len(z) // 10, seed=TINY.train.seed, floor=floor)
+    choice = query.state["n_clusters_choice"]
+    assert (choice["n_clusters"], choice["best_silhouette"], choice["reference_types_reached"]) == (
+        want.n_clusters, want.best, want.floor)
+    assert query.plan.n_clusters == want.n_clusters == len(query.unannotated_landmarks)
 
 
 def test_from_refuses_a_reference_that_does_not_fit(tmp_path):
