@@ -149,6 +149,8 @@ class TrainConfig:
         the pass that sets the annotated landmarks (a uniform random subset of blocks, new each
         epoch). ``None`` visits them all. With a large reference atlas and a small new
         experiment this keeps an epoch proportional to the new experiment (docs/scaling.md).
+        A run ``--from`` a reference defaults it to the new experiments' size and draws that
+        sample once, held in memory for every epoch.
     prune_unused
         Drop unannotated landmarks that no cell chooses at the end of fine-tuning.
     seed

@@ -56,8 +56,10 @@ class Mars:
         A reference's run directory (or model file) to start from: its network, genes and
         annotated landmarks are reused, and only the unannotated landmarks and the fine-tuning
         are trained, over the new experiments and a sample of the reference of their size
-        (``annotated_cells_per_epoch``, unless configured). The model section of ``config`` is
-        the reference's.
+        (``annotated_cells_per_epoch``, unless configured), drawn once and held in memory; the
+        fine-tuning stops once fewer than 0.5% of the new cells change landmark in an epoch
+        (``finetune_epochs`` at most; docs/scaling.md). The model section of ``config`` is the
+        reference's.
 
     Examples
     --------
