@@ -17,7 +17,9 @@ phase the state names:
 
 Rank 0 writes a checkpoint after every epoch (and at the end), atomically. A reference
 (``plan.reference_only``) stops after the warm-up, with its annotated landmarks; a run started
-from a reference begins at step 3 with the reference's network.
+from a reference (a query) begins at step 3 with the reference's network, trains on a sample of
+the reference held in memory, and stops fine-tuning once fewer than ``QUERY_STABLE`` of its new
+cells change landmark in an epoch.
 
 Under ``torchrun`` every rank runs the same code on its shard of the data; the encoder is wrapped
 in DistributedDataParallel and the landmark gradients are averaged by hand.
