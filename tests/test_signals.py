@@ -36,7 +36,7 @@ def straight(work, good_store) -> tuple[Path, list[str]]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        config = write_toml(work / "signals.toml", pretrain=3, finetune=2, batch=64, steps=20)
+        config = write_toml(work / "signals.toml", pretrain=3, finetune=8, batch=64, steps=20)
         common = ["train", good_store, "--unannotated", "exp0", "--n-clusters", "3", "--config", config]
         result = cli(*common, "-o", work / "straight")
         assert result.exit_code == 0, result.output
@@ -46,7 +46,8 @@ def straight(work, good_store) -> tuple[Path, list[str]]:
 
 
 def _stop(proc: subprocess.Popen, run: Path, sig: int, *, phase: str) -> dict:
-    """Send ``sig`` once a checkpoint of ``phase`` exists (and 50 ms more, into the next epoch)."""
+    """Send ``sig`` once a checkpoint of ``phase`` exists (and 50 ms more, into the next epoch; the
+    straight run has enough epochs left that a fast machine cannot finish in that time)."""
     def reached():
         try:
             return load_checkpoint(run / "checkpoint.pt")["phase"] == phase
