@@ -963,10 +963,7 @@ def _finish(run: _Run, state: TrainState, landmarks: torch.Tensor | None) -> Non
     """Final annotated landmarks (plain class means when there was no fine-tuning), the cells per
     unannotated landmark, and pruning of the unused ones (a reference has no ``landmarks``)."""
     if state.annotated_landmarks is None or (run.tc.finetune_epochs == 0 and not run.plan.reference_only):
-        sums, counts = run.class_means(seed=run.tc.seed)
-        annotated = _AnnotatedLandmarks(run.plan, run.device)
-        state.annotated_landmarks = (sums[annotated.flat] / counts[annotated.flat].clamp(min=1).unsqueeze(1)).float().cpu()
-        state.annotated_pairs = annotated.pairs.clone()
+        state.annotated_landmarks, state.annotated_pairs = _plain_annotated_landmarks(run, seed=run.tc.seed)
     if landmarks is None:  # a reference
         state.phase, state.train_seconds = "done", time.perf_counter() - run.started
         return
@@ -1129,10 +1126,17 @@ def _reference_landmarks(run: _Run, state: TrainState) -> tuple[np.ndarray, np.n
     reference), or the class means of the current embedding."""
     if state.annotated_landmarks is not None and state.annotated_pairs is not None:
         return state.annotated_landmarks.float().numpy(), state.annotated_pairs[:, 1].numpy()
-    sums, counts = run.class_means(seed=run.tc.seed + 4000)
+    values, pairs = _plain_annotated_landmarks(run, seed=run.tc.seed + 4000)
+    return values.numpy(), pairs[:, 1].numpy()
+
+
+def _plain_annotated_landmarks(run: _Run, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The annotated landmarks as plain class means of the current embedding (on the CPU), and
+    their (experiment, cell type) codes."""
+    sums, counts = run.class_means(seed=seed)
     annotated = _AnnotatedLandmarks(run.plan, run.device)
     means = sums[annotated.flat] / counts[annotated.flat].clamp(min=1).unsqueeze(1)
-    return means.float().cpu().numpy(), annotated.pairs[:, 1].numpy()
+    return means.float().cpu(), annotated.pairs.clone()
 
 
 #: "auto" K: the smallest cluster worth a landmark (annotate's default ``min_cluster_cells``)
