@@ -25,6 +25,10 @@ Examples::
     python benchmarks/reference_reuse.py --held-out CELseq2_5cl_p3 --seeds 1
     python benchmarks/reference_reuse.py --simulate 20000 --genes 2000 --n-top-genes 0 --held-out exp00 --seeds 0 \
         --pretrain-epochs 10 --warmup-epochs 5 --finetune-epochs 5 --batch-size 256
+    # the end-to-end atlas (benchmarks/end_to_end.py): 20 experiments, 30 types, 100,000 reference cells per epoch
+    OMP_NUM_THREADS=1 python benchmarks/reference_reuse.py --simulate 1000000 --experiments 20 --cell-types 30 \
+        --held-out exp00 --seeds 0 --batch-size 512 --annotated-cells-per-epoch 100000 \
+        --pretrain-epochs 10 --warmup-epochs 5 --finetune-epochs 5
 
 Results go to ``benchmarks/results/reference_reuse.json`` under ``runs["<data>-<held out>"]``.
 """
@@ -72,12 +76,15 @@ def _store(source: Path, workdir: Path, held_out: str) -> Path:
     return ingest([directory / "cells.h5ad"], directory / "atlas.zarr", config=config)
 
 
-def _simulated_h5ad(workdir: Path, n_cells: int, n_genes: int, seed: int) -> Path:
+def _simulated_h5ad(workdir: Path, n_cells: int, n_genes: int, seed: int, n_experiments: int | None,
+                    n_cell_types: int | None) -> Path:
     from mars_scale.simulate import SimulationConfig, write_h5ad
 
-    path = workdir / f"simulated-{n_cells}.h5ad"
+    shape = {k: v for k, v in (("n_experiments", n_experiments), ("n_cell_types", n_cell_types)) if v is not None}
+    tag = "".join(f"-{v}{k[2:5]}" for k, v in shape.items())
+    path = workdir / f"simulated-{n_cells}{tag}.h5ad"
     if not path.exists():
-        write_h5ad(path, SimulationConfig(n_cells=n_cells, n_genes=n_genes, seed=seed))
+        write_h5ad(path, SimulationConfig(n_cells=n_cells, n_genes=n_genes, seed=seed, **shape))
     return path
 
 
@@ -148,11 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--simulate", type=int, default=None, metavar="CELLS",
                         help="Use a simulated atlas of this many cells instead (mars_scale.simulate defaults).")
     parser.add_argument("--genes", type=int, default=2000, help="Genes of the simulated atlas.")
+    parser.add_argument("--experiments", type=int, default=None,
+                        help="Experiments of the simulated atlas (default: the simulator's).")
+    parser.add_argument("--cell-types", type=int, default=None,
+                        help="Cell types of the simulated atlas (default: the simulator's).")
     parser.add_argument("--held-out", default="Dropseq_3cl", help="The experiment that arrives new.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--config", type=Path, default=None, help="TOML run configuration (default: the package defaults).")
     parser.add_argument("--n-top-genes", type=int, default=2000, help="train.n_top_genes (0: all genes).")
-    for name in ("pretrain-epochs", "warmup-epochs", "finetune-epochs", "batch-size"):
+    for name in ("pretrain-epochs", "warmup-epochs", "finetune-epochs", "batch-size", "annotated-cells-per-epoch"):
         parser.add_argument(f"--{name}", type=int, default=None, help=f"train.{name.replace('-', '_')} (default: the config's).")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--key", default=None, help="Key under runs[] (default: <data>-<held out>).")
@@ -164,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_config(args.config) if args.config else RunConfig()
     config = override(config, device="cpu", n_top_genes=args.n_top_genes or None, pretrain_epochs=args.pretrain_epochs,
-                      warmup_epochs=args.warmup_epochs, finetune_epochs=args.finetune_epochs, batch_size=args.batch_size)
+                      warmup_epochs=args.warmup_epochs, finetune_epochs=args.finetune_epochs, batch_size=args.batch_size,
+                      annotated_cells_per_epoch=args.annotated_cells_per_epoch)
     tmp = tempfile.TemporaryDirectory(prefix="mars-reuse-") if args.workdir is None else None
     workdir = Path(tmp.name) if tmp else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    source = _simulated_h5ad(workdir, args.simulate, args.genes, 0) if args.simulate else args.data
-    data = f"simulated-{args.simulate}x{args.genes}" if args.simulate else args.data.stem
+    source = (_simulated_h5ad(workdir, args.simulate, args.genes, 0, args.experiments, args.cell_types)
+              if args.simulate else args.data)
+    data = source.stem.replace(f"-{args.simulate}", f"-{args.simulate}x{args.genes}") if args.simulate else args.data.stem
     started = time.perf_counter()
     store = _store(source, workdir, args.held_out)
     rows = [_one(store, args.held_out, seed, config, workdir) for seed in args.seeds]

@@ -162,13 +162,14 @@ def verify(store, quick) -> None:
     click.echo(verify_store(store, quick=quick).summary())
 
 
-def _n_clusters(value: str | None) -> int | str | None:
-    if value is None or value == "auto":
+def _n_clusters(value: str | None, words: tuple[str, ...] = ("auto",)) -> int | str | None:
+    if value is None or value in words:
         return value
     try:
         return int(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a whole number nor auto", param_hint="--n-clusters") from None
+        raise click.BadParameter(f"{value!r} is neither a whole number nor {' nor '.join(words)}",
+                                 param_hint="--n-clusters") from None
 
 
 @main.command()
@@ -287,6 +288,9 @@ def annotate(store, run_dir, space, key_added, overwrite, export, batch_size, de
 @click.option("--config", "config_file", type=click.Path(path_type=str), default=None, help="TOML file with [model] and [train] tables.")
 @click.option("--experiment", "experiments", multiple=True, help="Hold out only this experiment (repeatable).")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--n-clusters", default="truth", show_default=True, metavar="truth|K|auto",
+              callback=lambda ctx, param, value: _n_clusters(value, ("truth", "auto")),
+              help="Protocols: K of each training: the held-out experiment's number of types (truth), a whole number, or auto (MARS chooses, as train --n-clusters auto).")
 @click.option("--min-type-cells", type=int, default=10, show_default=True, help="With --remove-type all: least cells of a type in the held-out experiment.")
 @click.option("--min-cluster-cells", type=int, default=10, show_default=True, help="Protocols: before naming, landmarks with fewer cells are merged into the nearest other one (as annotate does).")
 @click.option("--novelty-threshold", type=float, default=0.5, show_default=True, help="Protocols: a cluster whose novelty reaches this is called novel.")
@@ -294,7 +298,7 @@ def annotate(store, run_dir, space, key_added, overwrite, export, batch_size, de
 @click.option("-o", "--output", "output_dir", default="mars-evaluation", show_default=True, type=click.Path(path_type=str), help="Directory for evaluation.json, evaluation.md and (protocols) assignments.npz.")
 @_user_errors
 def evaluate(store, leave_one_out, annotation_key, remove_types, seeds, config_file, experiments, device,
-             min_type_cells, min_cluster_cells, novelty_threshold, split_test, output_dir) -> None:
+             n_clusters, min_type_cells, min_cluster_cells, novelty_threshold, split_test, output_dir) -> None:
     """Score MARS on STORE: a protocol that trains (--leave-one-out, --remove-type) or a stored annotation.
 
     The protocols train once per held-out experiment (or scenario) and seed, say how many
@@ -313,7 +317,7 @@ def evaluate(store, leave_one_out, annotation_key, remove_types, seeds, config_f
         raise click.UsageError(f"pass only one of {', '.join(modes)}")
     if annotation_key is not None:
         given = [flag for flag, value in (("--seeds", seeds), ("--config", config_file), ("--experiment", experiments),
-                                          ("--device", device)) if value]
+                                          ("--device", device), ("--n-clusters", n_clusters != "truth")) if value]
         if given:
             raise click.UsageError(f"--annotation scores without training: {', '.join(given)} do not apply")
         result = score_annotation(store, key_added=annotation_key)
@@ -328,7 +332,7 @@ def evaluate(store, leave_one_out, annotation_key, remove_types, seeds, config_f
     config = load_config(config_file) if config_file else RunConfig()
     config = override(config, device=device)
     progress = functools.partial(click.echo, err=True)
-    options = dict(seeds=tuple(range(seeds)), config=config, experiments=list(experiments) or None,
+    options = dict(seeds=tuple(range(seeds)), config=config, experiments=list(experiments) or None, k=n_clusters,
                    min_cluster_cells=min_cluster_cells, novelty_threshold=novelty_threshold, split_test=split_test,
                    progress=progress)
     if leave_one_out:

@@ -116,7 +116,7 @@ from mars_scale.metrics import clustering_metrics
 from mars_scale.model import Mars
 from mars_scale.preprocess import fold_scaling, normalized_rows, scaled_nonzero_values
 from mars_scale.store import Atlas, as_store, atomic_file, open_store
-from mars_scale.train import experiment_names
+from mars_scale.train import AUTO, experiment_names
 
 __all__ = [
     "METHODS",
@@ -636,14 +636,18 @@ def _name_run(model: Mars, store: Atlas, experiment: str, z: np.ndarray, assign:
     return scores
 
 
-def _one_run(store: Atlas, experiment: str, seed: int, k: int, config: RunConfig, truth: np.ndarray,
+def _one_run(store: Atlas, experiment: str, seed: int, k: int | str, config: RunConfig, truth: np.ndarray,
              pca: tuple[np.ndarray, np.ndarray], options: _NamingOptions) -> dict[str, Any]:
-    """Train on ``store`` (the original or one with a type hidden) and score clusters and names."""
+    """Train on ``store`` (the original or one with a type hidden) and score clusters and names.
+
+    With ``k="auto"`` MARS chooses K; the PCA baseline then uses the same K.
+    """
     a, b = store.experiment_ranges[experiment]
     t0 = time.perf_counter()
     cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
     model = Mars(store, unannotated=experiment, n_clusters=k, config=cfg).train()
     train_s = time.perf_counter() - t0
+    k = int(model.plan.n_clusters)
     index, z = model.embed(experiments=[experiment], device=cfg.train.device)
     order = np.argsort(index, kind="stable")
     index, z = index[order], z[order]
@@ -766,7 +770,9 @@ def _summarise(runs: list[dict[str, Any]]) -> tuple[dict, dict, dict]:
         for metric in NAMING_METRICS:
             values = [r["naming"][metric] for r in mine if r["naming"][metric] is not None]
             naming[metric] = _mean_sd(values) if values else None
-        summary[label] = {"experiment": mine[0]["experiment"], "removed": mine[0]["removed"], "k": mine[0]["k"],
+        ks = sorted({r["k"] for r in mine})  # one K unless MARS chose it per seed (k="auto")
+        summary[label] = {"experiment": mine[0]["experiment"], "removed": mine[0]["removed"],
+                          "k": ks[0] if len(ks) == 1 else ks,
                           "n_cells": mine[0]["n_cells"], "methods": per_method, "naming": naming,
                           "new_types": mine[0]["naming"]["new_types"]}
     overall = {}
@@ -817,9 +823,9 @@ def _run_scenarios(store: Atlas, scenarios: list[tuple[str, str | None]], *, see
     pcas: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for experiment, removed in scenarios:
         truth, n_types = _held_out_truth(store, experiment)
-        k_exp = n_types if k == "truth" else int(k)
+        k_exp = n_types if k == "truth" else k if k == AUTO else int(k)
         a, b = store.experiment_ranges[experiment]
-        logger.info("holding out %r (%d cells, K=%d)%s", experiment, b - a, k_exp,
+        logger.info("holding out %r (%d cells, K=%s)%s", experiment, b - a, k_exp,
                     "" if removed is None else f", {removed!r} hidden from the other experiments")
         if experiment not in pcas:  # X is the same whatever is hidden: one PCA per experiment
             pcas[experiment] = _pca_of_experiment(store, experiment, n_components=pca_components,
@@ -853,14 +859,14 @@ def _run_scenarios(store: Atlas, scenarios: list[tuple[str, str | None]], *, see
 
 
 def _check_protocol_options(k: Any, pca_components: Any, pca_max_cells: Any) -> None:
-    if not (k == "truth" or (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1)):
-        raise InputError(f"k must be 'truth' or a positive integer (got {k!r})")
+    if not (k in ("truth", AUTO) or (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1)):
+        raise InputError(f"k must be 'truth', 'auto' or a positive integer (got {k!r})")
     for name, value in (("pca_components", pca_components), ("pca_max_cells", pca_max_cells)):
         _check_int(name, value, 2)
 
 
 def _check_k(store: Atlas, experiments: Sequence[str], k: str | int) -> None:
-    if k == "truth":
+    if k in ("truth", AUTO):
         return
     for experiment in experiments:
         a, b = store.experiment_ranges[experiment]
@@ -916,7 +922,8 @@ def leave_one_out(
         Experiments to hold out (default: every experiment with labels).
     k
         ``"truth"``: K is the number of cell types in the held-out experiment (the reference
-        protocol); an integer fixes K for every experiment.
+        protocol); an integer fixes K for every experiment; ``"auto"``: MARS chooses K in each
+        training (``Mars(n_clusters="auto")``), and the PCA baseline uses the same K.
     pca_components
         Principal components of the PCA baseline.
     pca_max_cells
@@ -983,7 +990,7 @@ def _protocol_record(*, seeds: list[int], k: str | int, experiments: list[str], 
     """The settings of a protocol run, as stored in its result."""
     return {
         "seeds": seeds,
-        "k": k if k == "truth" else int(k),
+        "k": k if k in ("truth", AUTO) else int(k),
         "experiments": experiments,
         **extra,
         "methods": list(METHODS),

@@ -154,6 +154,26 @@ def test_bad_arguments(evaluated):
         leave_one_out(store, seeds=(0,), config=TINY, k=0)
 
 
+def test_k_chosen_by_mars(evaluated):
+    """k="auto": each run's K and clusters are those of Mars(n_clusters="auto") trained alone."""
+    import dataclasses
+
+    from mars_scale.landmarks import nearest
+    from mars_scale.model import Mars
+
+    store, _ = evaluated
+    result = leave_one_out(store, seeds=(0,), config=TINY, experiments=["exp1"], k="auto")
+    run = result["runs"][0]
+    cfg = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, seed=0))
+    alone = Mars(store, unannotated="exp1", n_clusters="auto", config=cfg).train()
+    assert run["k"] == alone.plan.n_clusters == alone.state["n_clusters_choice"]["n_clusters"]
+    index, z = alone.embed(experiments=["exp1"], device="cpu")
+    assign, _ = nearest(z[np.argsort(index)], alone.unannotated_landmarks)
+    np.testing.assert_array_equal(run["assignments"]["mars"]["cluster"], assign)
+    assert len(np.unique(run["assignments"]["kmeans_pca"]["cluster"])) <= run["k"]
+    assert result["protocol"]["k"] == "auto" and result["summary"]["exp1"]["k"] == run["k"]
+
+
 def test_cli_evaluate(evaluated, tmp_path):
     store, _ = evaluated
     config = tmp_path / "tiny.toml"
@@ -170,6 +190,10 @@ def test_cli_evaluate(evaluated, tmp_path):
     assert (out / "evaluation.json").exists() and (out / "evaluation.md").exists()
     refused = runner.invoke(main, ["evaluate", str(store), "--seeds", "1"])
     assert refused.exit_code == 2 and "--leave-one-out" in refused.output and "--annotation" in refused.output
+    bad_k = runner.invoke(main, ["evaluate", str(store), "--leave-one-out", "--n-clusters", "many"])
+    assert bad_k.exit_code == 2 and "--n-clusters" in bad_k.output
+    stored = runner.invoke(main, ["evaluate", str(store), "--annotation", "mars", "--n-clusters", "auto"])
+    assert stored.exit_code == 2 and "--n-clusters" in stored.output
 
 
 # ---------------------------------------------------------------------------------- real data
