@@ -235,14 +235,14 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
 # scoring
 
 
-def score_cache(cache: Path, *, method: str = "default", split_test: bool = True) -> dict[str, Any]:
+def score_cache(cache: Path, *, method: str = "default", split_test: bool = True, siblings: bool = True) -> dict[str, Any]:
     """Score one cached run with the package's naming and metrics (``annotate``'s code path:
     landmarks with fewer than 10 cells merged, names matched with landmark weights)."""
     from mars_scale.annotate import merge_small_clusters
     from mars_scale.evaluate import best_jaccard, integration_knn, naming_metrics, novelty_auroc
     from mars_scale.landmarks import nearest
     from mars_scale.metrics import ari
-    from mars_scale.naming import name_clusters
+    from mars_scale.naming import name_clusters, name_confusion
     from mars_scale.store import open_store
     from mars_scale.subpopulations import name_with_parts
 
@@ -275,8 +275,15 @@ def score_cache(cache: Path, *, method: str = "default", split_test: bool = True
     if split_test and method != "margin":
         store = open_store(cache.parents[3] / "stores" / cache.parent.name / cache.stem.rsplit("__s", 1)[0] / "atlas.zarr")
         a, b = store.experiment_ranges[held]
+        confusion = None
+        if siblings:  # how the embedding tells the names apart on the annotated cells, as annotate counts it
+            names, lm_codes = np.unique(d["landmark_types"], return_inverse=True)
+            lookup = {n: i for i, n in enumerate(names)}
+            own = np.array([lookup.get(t, -1) for t in truth[ref]])
+            confusion = name_confusion(z[ref], own, d["landmarks_annotated"], lm_codes, len(names))
         naming, assign, parts = name_with_parts(name, store, np.arange(a, b), assign, z_e,
-                                                annotated=sorted(set(d["landmark_experiments"].tolist())), seed=0)
+                                                annotated=sorted(set(d["landmark_experiments"].tolist())),
+                                                confusion=confusion, seed=0)
     else:
         naming = name(assign, None)
     known_types = sorted(set(d["landmark_types"].tolist()))
@@ -430,6 +437,8 @@ def main() -> None:
     parser.add_argument("--method", default="default", help="Novelty method passed to name_clusters.")
     parser.add_argument("--no-split-test", action="store_true",
                         help="Score without annotate's split test (mars_scale.subpopulations).")
+    parser.add_argument("--no-siblings", action="store_true",
+                        help="Score without resolving known siblings on expression (subpopulations.resolve_siblings).")
     parser.add_argument("--options", type=json.loads, default=None,
                         help='Training options as JSON, e.g. \'{"annotated_contrast": 1.0}\' (cached apart).')
     parser.add_argument("--key", default=None, help="Result key (default: <selection>-<N>seeds[-method]).")
@@ -456,7 +465,8 @@ def main() -> None:
                 if args.train_only or not cache.exists():
                     continue
                 row = {"dataset": dataset, "held_out": sc["held_out"], "removed": sc["removed"], "seed": seed,
-                       **score_cache(cache, method=args.method, split_test=not args.no_split_test)}
+                       **score_cache(cache, method=args.method, split_test=not args.no_split_test,
+                                   siblings=not args.no_siblings)}
                 single = [str(s) for s in np.load(cache)["single"]]
                 if single:
                     row["single_type_reference"] = single

@@ -50,7 +50,7 @@ from mars_scale.distributed import DistInfo
 from mars_scale.errors import InputError, StoreError
 from mars_scale.landmarks import nearest
 from mars_scale.model import Mars
-from mars_scale.naming import NamingResult, name_clusters
+from mars_scale.naming import NamingResult, name_clusters, name_confusion
 from mars_scale.subpopulations import name_with_parts
 from mars_scale.store import (Atlas, atomic_file, chunk_codecs, column_array, commit_elements, encode_array,
                                obs_publication, open_store, seal, store_lock, write_attrs, write_categorical)
@@ -189,6 +189,7 @@ def annotate(
     min_cluster_cells: int = 10,
     max_cells_per_cluster: int = 2000,
     split_test: bool = True,
+    siblings: bool = True,
 ) -> AnnotationResult:
     """Embed all cells, cluster and name the unannotated experiment, write results to the store.
 
@@ -227,6 +228,11 @@ def annotate(
     split_test
         Split a known cluster, on expression, into a population the reference lacks (called
         new) or two known siblings (each named) (:mod:`mars_scale.subpopulations`; matching only).
+    siblings
+        With the split test: known types that the embedding does not tell apart even on the
+        annotated cells are named per cell by a classifier on expression, where that classifier
+        does better on annotated experiments it was not fitted on
+        (:func:`mars_scale.subpopulations.resolve_siblings`).
 
     Returns
     -------
@@ -277,7 +283,7 @@ def annotate(
     options = dict(device=resolve_device(device), batch_size=batch_size, space=space, seed=seed,
                    novelty_threshold=novelty_threshold, novelty_method=novelty_method,
                    min_cluster_cells=min_cluster_cells, max_cells_per_cluster=max_cells_per_cluster,
-                   split_test=split_test)
+                   split_test=split_test, siblings=siblings)
     naming, unused, merged, radius, elements = _annotate_locked(
         store, model, model_or_run_dir, keys, names, overwrite=overwrite, options=options)
     written = tuple(f"{group}/{name}" for group, name in elements)
@@ -493,7 +499,7 @@ def _landmark_lookup(model: Mars, store: Atlas) -> tuple[np.ndarray, np.ndarray,
 def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str, Any], *,
              device: torch.device, batch_size: int, space: str, seed: int | None,
              novelty_threshold: float, novelty_method: str, min_cluster_cells: int,
-             max_cells_per_cluster: int, split_test: bool) -> tuple[NamingResult, np.ndarray, np.ndarray, np.ndarray]:
+             max_cells_per_cluster: int, split_test: bool, siblings: bool) -> tuple[NamingResult, np.ndarray, np.ndarray, np.ndarray]:
     """Embed every cell into the staging obsm array; assign and name the unannotated cells."""
     spans = _spans(store, experiment_names(model.state["unannotated"]))
     starts = np.asarray([a for a, _ in spans])
@@ -510,6 +516,8 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
     held_out = np.lib.format.open_memmap(staging / "unannotated.npy", mode="w+", dtype=np.float32, shape=(int(offsets[-1]), dim))
     sum_sq = np.zeros(len(landmarks_a))
     count = np.zeros(len(landmarks_a))
+    names, name_of_landmark = np.unique(np.asarray(landmark_names, dtype=str), return_inverse=True)
+    confusion = np.zeros((names.size, names.size), dtype=np.int64)  # own name x nearest landmark's name
     lookup_t = torch.as_tensor(lookup, device=device)
     landmarks_a_t = torch.as_tensor(landmarks_a, device=device)
 
@@ -527,6 +535,9 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
             count += np.bincount(ids, minlength=len(landmarks_a))
         idx = index.cpu().numpy()
         z_np = z.cpu().numpy()
+        if bool(ok.any()):
+            ok_np = ok.cpu().numpy()
+            confusion += name_confusion(z_np[ok_np], name_of_landmark[ids], landmarks_a, name_of_landmark, names.size)
         writer.append(idx, z_np)
         span = np.searchsorted(starts, idx, side="right") - 1  # the held-out span a row may be in
         mine = (span >= 0) & (idx < starts[span.clip(0)] + np.diff(offsets)[span.clip(0)])
@@ -568,7 +579,7 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
         annotated = sorted(set(model.annotated_landmarks[1]))
         rows = np.concatenate([np.arange(a, b) for a, b in spans])
         naming, assignment, _ = name_with_parts(name, store, rows, assignment, held_out, annotated=annotated,
-                                                seed=seed)
+                                                confusion=confusion if siblings else None, seed=seed)
     else:
         naming = name(assignment, None)
     np.save(staging / "assignment.npy", assignment)

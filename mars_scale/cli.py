@@ -255,16 +255,17 @@ def train(store, unannotated, n_clusters, reference_only, reference, run_dir, co
 @click.option("--novelty-method", type=click.Choice(["matching", "margin"]), default="matching", show_default=True, help="matching: clusters matched one to one to the known types; margin: the earlier score.")
 @click.option("--min-cluster-cells", type=int, default=10, show_default=True, help="Landmarks with fewer cells are dropped, their cells moved to the nearest other landmark.")
 @click.option("--split-test/--no-split-test", default=True, show_default=True, help="Look inside each cluster called known for a population the reference lacks (a close subtype new to it), on expression, and call it new (docs/algorithm.md, 'The split test').")
+@click.option("--siblings/--no-siblings", default=True, show_default=True, help="With the split test: name known types that the embedding cannot tell apart (close subsets) per cell on expression, where a classifier does better on annotated experiments it did not see (docs/algorithm.md, 'Known siblings').")
 @_user_errors
 def annotate(store, run_dir, space, key_added, overwrite, export, batch_size, device, seed, novelty_threshold,
-             novelty_method, min_cluster_cells, split_test) -> None:
+             novelty_method, min_cluster_cells, split_test, siblings) -> None:
     """Embed every cell of STORE, then cluster and name the model's unannotated experiment."""
     from mars_scale.annotate import annotate as run_annotate
 
     result = run_annotate(store, run_dir, key_added=key_added, space=space, overwrite=overwrite,
                           batch_size=batch_size, device=device, seed=seed, export=export,
                           novelty_threshold=novelty_threshold, novelty_method=novelty_method,
-                          min_cluster_cells=min_cluster_cells, split_test=split_test)
+                          min_cluster_cells=min_cluster_cells, split_test=split_test, siblings=siblings)
     merged = f", {len(result.merged_landmarks)} merged into others" if result.merged_landmarks else ""
     click.echo(f"{result.unannotated}: {result.n_unannotated:,} cells in {result.naming.n_clusters} clusters "
                f"({len(result.unused_landmarks)} unused landmarks{merged})")

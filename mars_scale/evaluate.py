@@ -592,11 +592,20 @@ def _name_run(model: Mars, store: Atlas, experiment: str, z: np.ndarray, assign:
               *, seed: int, options: _NamingOptions, device: str) -> dict[str, Any]:
     """Name the held-out clusters of a trained model in memory and score them (no store writes)."""
     from mars_scale.annotate import merge_small_clusters
-    from mars_scale.naming import NamingResult, name_clusters
+    from mars_scale.naming import NamingResult, name_clusters, name_confusion
     from mars_scale.subpopulations import name_with_parts
 
     landmarks_a, exps, types = model.annotated_landmarks
     weights = _landmark_weights(store, exps, types)
+    known = sorted({str(t) for t in types})
+    # a sample of the annotated cells, embedded: the k-NN transfer below and the confusion of names
+    rng = np.random.default_rng(seed)
+    annotated = [e for e in store.experiments if e != experiment]
+    ref_rows, ref_labels = _reference_rows(store, annotated, set(known), max_cells=options.knn_max_cells, rng=rng)
+    z_ref = _embed_rows(model, store, ref_rows, device=device)
+    names, landmark_codes = np.unique(np.asarray(types, dtype=str), return_inverse=True)
+    confusion = name_confusion(z_ref, np.searchsorted(names, np.asarray(ref_labels, dtype=str)),
+                               np.asarray(landmarks_a, dtype=np.float32), landmark_codes, names.size)
     merged_assign, merged = merge_small_clusters(z, assign, model.unannotated_landmarks,
                                                  min_cells=options.min_cluster_cells)
     def name(clusters: np.ndarray, decided: dict | None) -> NamingResult:
@@ -607,21 +616,16 @@ def _name_run(model: Mars, store: Atlas, experiment: str, z: np.ndarray, assign:
     if options.split_test:
         a, b = store.experiment_ranges[experiment]
         naming, merged_assign, _ = name_with_parts(name, store, np.arange(a, b), merged_assign, z,
-                                                   annotated=sorted(set(exps)), seed=seed)
+                                                   annotated=sorted(set(exps)), confusion=confusion, seed=seed)
     else:
         naming = name(merged_assign, None)
     info = {int(c): {"label": str(naming.label[j]), "description": naming.describe(j)}
             for j, c in enumerate(naming.clusters)}
-    known = sorted({str(t) for t in types})
     scores = naming_metrics(truth, merged_assign, naming.cell_type, naming.cell_novelty, naming.cell_is_novel,
                             known, cluster_info=info)
     # integration: k-NN transfer from the annotated cells to the held-out known cells
-    rng = np.random.default_rng(seed)
-    annotated = [e for e in store.experiments if e != experiment]
-    ref_rows, ref_labels = _reference_rows(store, annotated, set(known), max_cells=options.knn_max_cells, rng=rng)
     labelled = np.array([not _missing(t) and str(t) in set(known) for t in truth], dtype=bool)
     query = _sample(np.flatnonzero(labelled), options.knn_max_cells, rng)
-    z_ref = _embed_rows(model, store, ref_rows, device=device)
     scores["integration_knn"] = integration_knn(z_ref, ref_labels, z[query],
                                                 np.asarray([str(t) for t in truth[query]], dtype=object),
                                                 k=options.k_neighbours)

@@ -824,6 +824,43 @@ def _kernel_name_probabilities(
     return prob @ (name_codes[:, None] == np.arange(n_names)[None, :])
 
 
+def name_confusion(
+    embedding: np.ndarray, true_names: np.ndarray, landmarks: np.ndarray, landmark_name_codes: np.ndarray,
+    n_names: int,
+) -> np.ndarray:
+    """How the embedding tells names apart: annotated cells counted by their own name (rows) and
+    the name of their nearest annotated landmark (columns).
+
+    Parameters
+    ----------
+    embedding
+        ``(n, D)`` embedded annotated cells (a block: counts from blocks add up).
+    true_names
+        ``(n,)`` each cell's name as an index into the sorted unique landmark names; negative
+        for cells whose label is not a landmark name (left out).
+    landmarks
+        ``(K, D)`` annotated landmarks.
+    landmark_name_codes
+        ``(K,)`` each landmark's name, an index into the same names.
+    n_names
+        Number of names.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_names, n_names)`` int64 counts.
+    """
+    z = np.asarray(embedding, dtype=np.float32)
+    true_names = np.asarray(true_names, dtype=np.int64)
+    keep = true_names >= 0
+    out = np.zeros((n_names, n_names), dtype=np.int64)
+    if not keep.any():
+        return out
+    nearest = np.argmin(_squared_distances(z[keep], np.asarray(landmarks, dtype=np.float32)), axis=1)
+    np.add.at(out, (true_names[keep], np.asarray(landmark_name_codes)[nearest]), 1)
+    return out
+
+
 def _name_prototypes(
     landmarks: np.ndarray, name_codes: np.ndarray, n_names: int, weights: np.ndarray | None
 ) -> np.ndarray:

@@ -66,6 +66,12 @@ MIN_DPRIME = 3.5
 # tailed: library size, dying cells) reach d' of 3.5 to 4.4 on the shared data, where the
 # simulated subtypes reach 5.2 to 5.9 (docs/algorithm.md, "The split test").
 SPLIT_DPRIME = 4.5
+# Known siblings (resolve_siblings): the embedding separates two names when this share of their
+# annotated cells lies nearest a landmark of their own name; expression is used instead only
+# when a classifier beats that share by CLASSIFIER_GAIN on annotated experiments it did not see.
+EMBEDDING_SEPARATES = 0.95
+CLASSIFIER_GAIN = 0.05
+CLASSIFIER_C = 0.1
 # 99th percentile of the two-means d' of n Gaussian values (tools/bimodality_null.py, 400 draws)
 _NULL_SIZES = np.array([10, 15, 20, 30, 50, 100, 200, 500, 1000])
 _NULL_Q99 = np.array([6.33, 5.19, 4.90, 4.05, 3.61, 3.19, 3.04, 2.86, 2.81])
@@ -80,7 +86,9 @@ class Part:
     cluster ``parent_name``. ``cells`` are positions among the new cells; ``dprime`` the split's
     bimodality in the cluster, ``other_dprime`` and ``reference_dprime`` the largest along the
     same direction in the other clusters and in the reference; ``genes`` the genes most raised in
-    the part against the rest of its cluster.
+    the part against the rest of its cluster. A part found by :func:`resolve_siblings` has no
+    split (``dprime`` and the others NaN): ``accuracy`` is its classifier's balanced accuracy on
+    annotated experiments it was not fitted on, and ``genes`` those that most favour its name.
     """
 
     cluster: Any
@@ -95,6 +103,7 @@ class Part:
     evidence: float
     siblings: tuple[str, ...]
     genes: tuple[str, ...]
+    accuracy: float | None = None
 
 
 def bimodality(values: np.ndarray) -> tuple[float, float]:
@@ -243,27 +252,252 @@ def name_with_parts(
     embedding: np.ndarray,
     *,
     annotated: Sequence[str],
+    confusion: np.ndarray | None = None,
     seed: int | None = 0,
 ) -> tuple[NamingResult, np.ndarray, list[Part]]:
-    """Name the clusters, split off the parts (:func:`find_parts`), and name again.
+    """Name the clusters, split off the parts (:func:`find_parts`), resolve known siblings that
+    the embedding does not separate (:func:`resolve_siblings`, with ``confusion``), and name
+    again.
 
     ``name(assignment, decided)`` names clusters (:func:`mars_scale.naming.name_clusters` with
-    everything but these two bound). Returns the naming, the assignment (with the parts as
-    clusters of their own) and the parts.
+    everything but these two bound). ``confusion``: :func:`mars_scale.naming.name_confusion`
+    over the annotated cells, rows and columns in the order of the naming's names; without it
+    no siblings are resolved. Returns the naming, the assignment (with the parts as clusters of
+    their own) and the parts.
     """
     naming = name(assignment, None)
     if naming.novelty_method != "matching":
         return naming, assignment, []
     parts = find_parts(store, rows, assignment, embedding, naming, annotated=annotated, seed=seed)
-    if not parts:
-        return naming, assignment, []
     decided: dict[Any, tuple[str, float, Any]] = {}
+    if parts:
+        decided = _decided(parts, decided)
+        assignment = with_parts(assignment, parts)
+        naming = name(assignment, decided)
+    if confusion is not None:
+        siblings, renamed = resolve_siblings(store, rows, assignment, naming, confusion, annotated=annotated,
+                                             seed=seed)
+        if siblings or renamed:
+            decided.update({c: (n, 0.0, None) for c, n in renamed.items()})
+            decided = _decided(siblings, decided)
+            assignment = with_parts(assignment, siblings)
+            naming = name(assignment, decided)
+            parts = parts + siblings
+    return naming, assignment, parts
+
+
+def _decided(parts: Sequence[Part], decided: dict[Any, tuple[str, float, Any]]) -> dict[Any, tuple[str, float, Any]]:
+    """``decided`` (for :func:`mars_scale.naming.name_clusters`) with the calls of ``parts``."""
+    out = dict(decided)
     for p in parts:
-        decided[p.new_cluster] = (p.name, p.evidence, p.cluster)
+        out[p.new_cluster] = (p.name, p.evidence, p.cluster)
         if p.parent_name is not None:
-            decided[p.cluster] = (p.parent_name, 0.0, None)
-    assignment = with_parts(assignment, parts)
-    return name(assignment, decided), assignment, parts
+            out[p.cluster] = (p.parent_name, 0.0, None)
+    return out
+
+
+def resolve_siblings(
+    store: Any,
+    rows: np.ndarray,
+    assignment: np.ndarray,
+    naming: NamingResult,
+    confusion: np.ndarray,
+    *,
+    annotated: Sequence[str],
+    label_key: str = "cell_type",
+    max_cells: int = 1000,
+    n_genes: int = 2000,
+    sibling_share: float = 0.5,
+    separated: float = EMBEDDING_SEPARATES,
+    min_gain: float = CLASSIFIER_GAIN,
+    min_part_cells: int = 10,
+    seed: int | None = 0,
+) -> tuple[list[Part], dict[Any, str]]:
+    """Known siblings that the embedding does not separate, resolved per cell on expression.
+
+    For each cluster called known, named ``X``: its siblings are the names whose prototype lies
+    within ``sibling_share`` of the median distance between prototypes from ``X``'s and that
+    the embedding does not tell apart from ``X`` even on the annotated cells it was trained on
+    (the share of the pair's annotated cells whose nearest annotated landmark has their own
+    name, from ``confusion``, below ``separated``). If there are any, a logistic regression on
+    the log-normalised expression of the reference's cells of ``X`` and its siblings (at most
+    ``max_cells`` per name over all annotated experiments, the ``n_genes`` most variable genes,
+    standardised) is fitted with annotated experiments left out in turn (at most five, the
+    largest); it is used only if its mean balanced accuracy on the left-out experiments beats
+    the embedding's accuracy on the same names by ``min_gain``. Fitted on all of them, it names
+    each cell of the cluster: the cluster takes the name most of its cells get, and the cells
+    of each other name (at least ``min_part_cells``) become a part under that name.
+
+    Cost per sibling group: reading at most ``max_cells`` reference cells per name, at most six
+    logistic regressions on them, and one pass over the cells of its clusters.
+
+    Parameters
+    ----------
+    store, rows, assignment, naming, annotated, label_key
+        As in :func:`find_parts`.
+    confusion
+        ``(N, N)`` :func:`mars_scale.naming.name_confusion` over the annotated cells, in the order
+        of ``naming.names``.
+    max_cells, n_genes, sibling_share, min_part_cells, seed
+        See above; ``seed`` seeds the samples.
+    separated, min_gain
+        See above.
+
+    Returns
+    -------
+    parts : list of Part
+        Known parts (``novel=False``) under a sibling's name.
+    renamed : dict
+        Clusters whose cells are mostly a sibling: the cluster's new name.
+    """
+    rng = np.random.default_rng(seed)
+    names = np.asarray(naming.names).astype(str)
+    confusion = np.asarray(confusion, dtype=np.float64)
+    if confusion.shape != (names.size, names.size):
+        raise ValueError(f"confusion must be {names.size} x {names.size} (the naming's names), got {confusion.shape}")
+    groups = {}
+    for j, c in enumerate(naming.clusters):
+        if naming.is_novel[j] or str(naming.label[j]) not in names:
+            continue
+        group = _unseparated_siblings(naming, confusion, str(naming.label[j]), sibling_share, separated)
+        if len(group) > 1:
+            groups.setdefault(group, []).append(j)
+    parts: list[Part] = []
+    renamed: dict[Any, str] = {}
+    next_id = int(np.max(np.asarray(naming.clusters, dtype=np.int64))) + 1 if len(naming.clusters) else 0
+    for group, members_of in groups.items():
+        fitted = _sibling_classifier(store, group, annotated=annotated, label_key=label_key, max_cells=max_cells,
+                                     n_genes=n_genes, min_cells=min_part_cells, rng=rng)
+        if fitted is None:
+            continue
+        k = np.searchsorted(names, group)
+        block = confusion[np.ix_(k, k)]
+        embedded = float(np.trace(block) / block.sum()) if block.sum() > 0 else 0.0
+        if fitted["accuracy"] < embedded + min_gain:
+            logger.info("siblings %s: expression (balanced accuracy %.3f on left-out annotated experiments) "
+                        "does not beat the embedding (%.3f); kept", ", ".join(group), fitted["accuracy"], embedded)
+            continue
+        for j in members_of:
+            c = naming.clusters[j]
+            members = np.flatnonzero(assignment == c)
+            predicted = _predict_names(store, rows[members], fitted)
+            counts = np.bincount(predicted, minlength=len(group))
+            keep = int(np.argmax(counts))
+            if group[keep] != str(naming.label[j]):
+                renamed[c] = group[keep]
+            for g in np.flatnonzero(counts >= min_part_cells):
+                if g == keep:
+                    continue
+                parts.append(Part(cluster=c, new_cluster=next_id, cells=members[predicted == g], novel=False,
+                                  name=group[g], parent_name=group[keep], dprime=float("nan"),
+                                  other_dprime=float("nan"), reference_dprime=float("nan"), evidence=0.0,
+                                  siblings=group, genes=fitted["genes_up"][g], accuracy=fitted["accuracy"]))
+                next_id += 1
+            logger.info("cluster %s (%s): siblings %s resolved on expression (balanced accuracy %.3f against "
+                        "the embedding's %.3f): %s", c, naming.label[j], ", ".join(group), fitted["accuracy"],
+                        embedded, ", ".join(f"{group[g]} {int(counts[g])}" for g in np.flatnonzero(counts)))
+    return parts, renamed
+
+
+def _unseparated_siblings(naming: NamingResult, confusion: np.ndarray, name: str, sibling_share: float,
+                          separated: float) -> tuple[str, ...]:
+    """``name`` and the names near it that the embedding confuses with it, sorted."""
+    from scipy.spatial.distance import pdist
+
+    names = np.asarray(naming.names).astype(str)
+    if names.size < 2:
+        return (name,)
+    scale = float(np.median(pdist(naming.prototypes)))
+    k = int(np.flatnonzero(names == name)[0])
+    near = np.linalg.norm(naming.prototypes - naming.prototypes[k], axis=1) < sibling_share * scale
+    group = [name]
+    for m in np.flatnonzero(near):
+        if m == k:
+            continue
+        pair = confusion[np.ix_([k, m], [k, m])]
+        if pair.sum() > 0 and np.trace(pair) / pair.sum() < separated:
+            group.append(str(names[m]))
+    return tuple(sorted(group))
+
+
+def _sibling_classifier(store: Any, group: tuple[str, ...], *, annotated: Sequence[str], label_key: str,
+                        max_cells: int, n_genes: int, min_cells: int, rng: np.random.Generator,
+                        max_folds: int = 5) -> dict | None:
+    """A logistic regression telling ``group``'s names apart on the reference's expression (at
+    most ``max_cells`` cells per name over all annotated experiments), with its mean balanced
+    accuracy over left-out annotated experiments (the ``max_folds`` largest); ``None`` when no
+    annotated experiment can be left out (two names with ``min_cells`` cells in it, both in the
+    rest)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+
+    rows_of: list[list[np.ndarray]] = [[] for _ in group]  # per name, its cells in each annotated experiment
+    for e in annotated:
+        lo, hi = store.experiment_ranges[e]
+        codes, cats = store.categorical_codes(label_key, lo, hi)
+        cats = np.asarray(cats, dtype=object).astype(str)
+        for g, n in enumerate(group):
+            hits = np.flatnonzero(cats == n)
+            rows_of[g].append(lo + np.flatnonzero(codes == hits[0]) if hits.size else np.zeros(0, np.int64))
+    rows, labels, origin = [], [], []
+    for g, per_experiment in enumerate(rows_of):  # at most max_cells per name over all experiments
+        where = np.concatenate([np.full(r.size, i) for i, r in enumerate(per_experiment)])
+        take = _sample(np.arange(where.size), max_cells, rng)
+        rows.append(np.concatenate(per_experiment)[take])
+        labels.append(np.full(take.size, g))
+        origin.append(where[take])
+    rows_all = np.concatenate(rows)
+    if rows_all.size == 0:
+        return None
+    order = np.argsort(rows_all, kind="stable")
+    rows_all, y, origin_all = rows_all[order], np.concatenate(labels)[order], np.concatenate(origin)[order]
+    matrix = normalized_rows(store, rows_all, dtype=np.float32)
+    mean = np.asarray(matrix.mean(axis=0), dtype=np.float64).ravel()
+    sq = np.asarray(matrix.multiply(matrix).mean(axis=0), dtype=np.float64).ravel()
+    genes = np.sort(np.argsort(-(sq - mean**2), kind="stable")[:n_genes])
+    x = matrix[:, genes].toarray()
+    folds = []  # annotated experiments that can be left out: two names with min_cells cells, both fitted
+    for i in np.unique(origin_all):
+        test, fit = origin_all == i, origin_all != i
+        test_names = [g for g in np.unique(y[test]) if (y[test] == g).sum() >= min_cells]
+        if len(test_names) >= 2 and set(test_names) <= set(np.unique(y[fit]).tolist()):
+            folds.append((int(test.sum()), i, test_names))
+    scores = []
+    for _, i, test_names in sorted(folds, reverse=True)[:max_folds]:  # the largest
+        test, fit = origin_all == i, origin_all != i
+        model = _fit_logistic(x[fit], y[fit], LogisticRegression)
+        mine = test & np.isin(y, test_names)
+        scores.append(balanced_accuracy_score(y[mine], model["predict"](x[mine])))
+    if not scores:
+        return None
+    fitted = _fit_logistic(x, y, LogisticRegression)
+    coef = fitted["coef"]
+    genes_up = [tuple(str(store.gene_ids[genes[i]]) for i in np.argsort(-coef[g])[:5]) for g in range(len(group))]
+    return {"group": group, "genes": genes, "accuracy": float(np.mean(scores)), "genes_up": genes_up, **fitted}
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, estimator) -> dict[str, Any]:
+    """A standardised logistic regression; ``predict`` maps raw rows to class codes of ``y``;
+    ``coef`` holds one row per code (how much each gene favours it)."""
+    center = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale == 0] = 1.0
+    model = estimator(C=CLASSIFIER_C, max_iter=1000).fit((x - center) / scale, y)
+    coef = np.zeros((int(y.max()) + 1, x.shape[1]))
+    if model.classes_.size == 2:
+        coef[model.classes_[1]], coef[model.classes_[0]] = model.coef_[0], -model.coef_[0]
+    else:
+        coef[model.classes_] = model.coef_
+    return {"predict": lambda rows: model.predict((rows - center) / scale), "coef": coef}
+
+
+def _predict_names(store: Any, rows: np.ndarray, fitted: dict[str, Any], block: int = 65_536) -> np.ndarray:
+    """The classifier's name (index into its group) for each of ``rows`` (sorted store rows)."""
+    out = np.zeros(rows.shape[0], dtype=np.int64)
+    for begin in range(0, rows.shape[0], block):
+        part = normalized_rows(store, rows[begin:begin + block], dtype=np.float32)
+        out[begin:begin + block] = fitted["predict"](part[:, fitted["genes"]].toarray())
+    return out
 
 
 def with_parts(assignment: np.ndarray, parts: Sequence[Part]) -> np.ndarray:

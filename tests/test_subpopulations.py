@@ -10,9 +10,10 @@ import pytest
 import scipy.sparse as sp
 
 from mars_scale.errors import InputError
-from mars_scale.naming import name_clusters
+from mars_scale.naming import name_clusters, name_confusion
 from mars_scale.preprocess import normalized_rows
-from mars_scale.subpopulations import bimodal_threshold, bimodality, find_parts, name_with_parts
+from mars_scale.subpopulations import (bimodal_threshold, bimodality, find_parts, name_with_parts,
+                                       resolve_siblings)
 
 N_GENES = 300
 EXPERIMENTS = ("ref1", "ref2", "query")
@@ -73,7 +74,7 @@ def test_normalized_rows_matches_a_dense_reference(small_store):
 # subtype of A (A's programme plus 25 genes raised), which the embedding below cannot see.
 
 
-def _atlas(tmp_path, *, reference_a2: str | None):
+def _atlas(tmp_path, *, reference_a2: str | None, fold: float = 12.0):
     """``reference_a2``: None (A2 only in the query), "as A" (A2 cells in the reference,
     labelled A) or "own" (A2 in the reference with its own label)."""
     from mars_scale.ingest import IngestConfig, ingest
@@ -82,7 +83,7 @@ def _atlas(tmp_path, *, reference_a2: str | None):
     base = rng.lognormal(-0.5, 0.8, N_GENES)
     programmes = {t: rng.lognormal(0.0, 1.0, N_GENES) for t in "ABC"}
     programmes["A2"] = programmes["A"].copy()
-    programmes["A2"][rng.choice(N_GENES, 25, replace=False)] *= 12.0
+    programmes["A2"][rng.choice(N_GENES, 25, replace=False)] *= fold
     cells, obs = [], []
     for e in EXPERIMENTS:
         shift = rng.lognormal(0.0, 0.2, N_GENES)  # a batch effect per experiment
@@ -179,6 +180,85 @@ def test_two_known_siblings_in_one_cluster_are_split_and_both_named(tmp_path):
     for t in ("A", "A2", "B", "C"):
         assert (naming.cell_type[truth == t] == t).mean() > 0.95, t
     assert not naming.cell_is_novel.any()
+
+
+def test_name_confusion_matches_a_dense_count():
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(200, 3)).astype(np.float32)
+    landmarks = rng.normal(size=(5, 3)).astype(np.float32)
+    landmark_names = np.array([0, 0, 1, 2, 2])
+    own = rng.integers(-1, 3, 200)  # -1: a label that is no landmark name
+    got = name_confusion(z, own, landmarks, landmark_names, 3)
+    want = np.zeros((3, 3), dtype=np.int64)
+    for cell, label in zip(z, own):
+        if label >= 0:
+            nearest = int(np.argmin([np.sum((cell - lm) ** 2) for lm in landmarks]))
+            want[label, landmark_names[nearest]] += 1
+    np.testing.assert_array_equal(got, want)
+    halves = name_confusion(z[:90], own[:90], landmarks, landmark_names, 3) + name_confusion(
+        z[90:], own[90:], landmarks, landmark_names, 3)
+    np.testing.assert_array_equal(halves, want)
+
+
+def _sibling_setting(tmp_path, fold=2.5):
+    """A and A2 both in the reference under their own names, 25 genes apart (2.5-fold), and an
+    embedding that cannot tell them apart; the query's A and A2 cells in one cluster (0), B and C
+    in clusters 1 and 2."""
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2="own", fold=fold))
+    rng = np.random.default_rng(1)
+    a, b = store.experiment_ranges["query"]
+    codes, cats = store.categorical_codes("cell_type", 0, store.n_cells)
+    labels = np.asarray(cats, dtype=object)[codes]
+    centres = {"A": [0.0, 0.0], "A2": [0.3, 0.0], "B": [10.0, 0.0], "C": [0.0, 10.0]}
+    z = np.asarray([centres[t] for t in labels]) + rng.normal(0, 1.0, (len(labels), 2))
+    ref = np.arange(store.n_cells) < a
+    names = sorted(set(labels[ref]))
+    landmarks = np.stack([z[ref & (labels == n)].mean(axis=0) for n in names])
+    own = np.searchsorted(names, labels[ref].astype(str))
+    confusion = name_confusion(z[ref], own, landmarks, np.arange(len(names)), len(names))
+    truth = labels[a:b]
+    clusters = np.select([np.isin(truth, ["A", "A2"]), truth == "B"], [0, 1], 2)
+
+    def name(assignment, decided):
+        return name_clusters(z[a:b], assignment, landmarks, names, decided=decided, rng=0)
+
+    return store, name, clusters, z[a:b], truth, confusion
+
+
+def test_siblings_the_embedding_confuses_are_named_on_expression(tmp_path):
+    store, name, clusters, z, truth, confusion = _sibling_setting(tmp_path)
+    rows = np.arange(*store.experiment_ranges["query"])
+    assert np.trace(confusion[:2, :2]) / confusion[:2, :2].sum() < 0.8  # the embedding confuses A and A2
+    before = name(clusters, None)
+    wrong = [(before.cell_type[truth == t] == t).mean() for t in ("A", "A2")]
+    assert min(wrong) < 0.7
+    parts, renamed = resolve_siblings(store, rows, clusters, before, confusion, annotated=["ref1", "ref2"])
+    assert parts and all(not p.novel and p.accuracy > 0.9 and set(p.siblings) == {"A", "A2"} for p in parts)
+    assert len(parts) == 1 and parts[0].cluster == 0
+    kept = renamed.get(0, before.label[0])  # the cluster takes the name most of its cells get
+    assert {parts[0].name, kept} == {"A", "A2"} and kept == parts[0].parent_name
+    naming, assignment, _ = name_with_parts(name, store, rows, clusters, z, annotated=["ref1", "ref2"],
+                                            confusion=confusion)
+    for t in ("A", "A2", "B", "C"):
+        assert (naming.cell_type[truth == t] == t).mean() > 0.9, t
+    assert not naming.cell_is_novel.any()
+    # each part holds the cells its classifier called by the part's name, moved out of their cluster
+    for p in parts:
+        assert (truth[p.cells] == p.name).mean() > 0.9
+
+
+def test_siblings_are_left_to_the_embedding_when_it_separates_them_or_nothing_validates(tmp_path):
+    store, name, clusters, z, truth, confusion = _sibling_setting(tmp_path)
+    rows = np.arange(*store.experiment_ranges["query"])
+    before = name(clusters, None)
+    separated = np.diag(confusion.sum(axis=1))  # every annotated cell nearest its own name
+    assert resolve_siblings(store, rows, clusters, before, separated, annotated=["ref1", "ref2"]) == ([], {})
+    # one annotated experiment: no experiment to leave out, so no classifier to trust
+    assert resolve_siblings(store, rows, clusters, before, confusion, annotated=["ref1"]) == ([], {})
+    with pytest.raises(ValueError, match="confusion must be"):
+        resolve_siblings(store, rows, clusters, before, confusion[:2, :2], annotated=["ref1", "ref2"])
 
 
 def test_decided_clusters_are_checked():
