@@ -275,15 +275,37 @@ def name_with_parts(
         assignment = with_parts(assignment, parts)
         naming = name(assignment, decided)
     if confusion is not None:
-        siblings, renamed = resolve_siblings(store, rows, assignment, naming, confusion, annotated=annotated,
-                                             seed=seed)
+        siblings, renamed, resolved = resolve_siblings(store, rows, assignment, naming, confusion,
+                                                       annotated=annotated, seed=seed)
         if siblings or renamed:
             decided.update({c: (n, 0.0, None) for c, n in renamed.items()})
             decided = _decided(siblings, decided)
             assignment = with_parts(assignment, siblings)
             naming = name(assignment, decided)
             parts = parts + siblings
+        if resolved:
+            naming = with_sibling_probabilities(naming, resolved)
     return naming, assignment, parts
+
+
+def with_sibling_probabilities(naming: NamingResult,
+                               resolved: Sequence[tuple[np.ndarray, tuple[str, ...], np.ndarray]]) -> NamingResult:
+    """``naming`` with the per-cell name probabilities of resolved cells shared out among their
+    sibling names by the classifier: the kernel's total on the siblings times the classifier's
+    probability of each. The closest name and the confidence follow."""
+    probs = np.array(naming.cell_name_probabilities, dtype=np.float64)
+    names = np.asarray(naming.names).astype(str)
+    for cells, group, proba in resolved:
+        cols = np.searchsorted(names, np.asarray(group))
+        mass = probs[np.ix_(cells, cols)].sum(axis=1, keepdims=True)
+        probs[np.ix_(cells, cols)] = mass * proba
+    label = np.asarray(naming.cell_type).astype(str)
+    own = np.where(naming.cell_is_novel, -1, np.searchsorted(names, label).clip(0, names.size - 1))
+    p_label = np.where(own >= 0, probs[np.arange(probs.shape[0]), own.clip(0)], 0.0)
+    confidence = np.where(naming.cell_is_novel, naming.cell_novelty, p_label * (1.0 - naming.cell_novelty))
+    return dataclasses.replace(naming, cell_name_probabilities=probs.astype(np.float32),
+                               cell_closest=np.asarray(naming.names)[np.argmax(probs, axis=1)],
+                               confidence=confidence)
 
 
 def _decided(parts: Sequence[Part], decided: dict[Any, tuple[str, float, Any]]) -> dict[Any, tuple[str, float, Any]]:
@@ -312,7 +334,7 @@ def resolve_siblings(
     min_gain: float = CLASSIFIER_GAIN,
     min_part_cells: int = 10,
     seed: int | None = 0,
-) -> tuple[list[Part], dict[Any, str]]:
+) -> tuple[list[Part], dict[Any, str], list[tuple[np.ndarray, tuple[str, ...], np.ndarray]]]:
     """Known siblings that the embedding does not separate, resolved per cell on expression.
 
     For each cluster called known, named ``X``: its siblings are the names whose prototype lies
@@ -349,6 +371,10 @@ def resolve_siblings(
         Known parts (``novel=False``) under a sibling's name.
     renamed : dict
         Clusters whose cells are mostly a sibling: the cluster's new name.
+    resolved : list
+        Per resolved cluster ``(cells, names, probabilities)``: its cells (positions among the
+        new cells), its sibling names and the classifier's ``(len(cells), len(names))``
+        probabilities of them.
     """
     rng = np.random.default_rng(seed)
     names = np.asarray(naming.names).astype(str)
@@ -364,6 +390,7 @@ def resolve_siblings(
             groups.setdefault(group, []).append(j)
     parts: list[Part] = []
     renamed: dict[Any, str] = {}
+    resolved: list[tuple[np.ndarray, tuple[str, ...], np.ndarray]] = []
     next_id = int(np.max(np.asarray(naming.clusters, dtype=np.int64))) + 1 if len(naming.clusters) else 0
     for group, members_of in groups.items():
         fitted = _sibling_classifier(store, group, annotated=annotated, label_key=label_key, max_cells=max_cells,
@@ -380,7 +407,9 @@ def resolve_siblings(
         for j in members_of:
             c = naming.clusters[j]
             members = np.flatnonzero(assignment == c)
-            predicted = _predict_names(store, rows[members], fitted)
+            proba = _name_probabilities(store, rows[members], fitted)
+            resolved.append((members, group, proba))
+            predicted = np.argmax(proba, axis=1)
             counts = np.bincount(predicted, minlength=len(group))
             keep = int(np.argmax(counts))
             if group[keep] != str(naming.label[j]):
@@ -396,7 +425,7 @@ def resolve_siblings(
             logger.info("cluster %s (%s): siblings %s resolved on expression (balanced accuracy %.3f against "
                         "the embedding's %.3f): %s", c, naming.label[j], ", ".join(group), fitted["accuracy"],
                         embedded, ", ".join(f"{group[g]} {int(counts[g])}" for g in np.flatnonzero(counts)))
-    return parts, renamed
+    return parts, renamed, resolved
 
 
 def _unseparated_siblings(naming: NamingResult, confusion: np.ndarray, name: str, sibling_share: float,
@@ -472,6 +501,7 @@ def _sibling_classifier(store: Any, group: tuple[str, ...], *, annotated: Sequen
         return None
     fitted = _fit_logistic(x, y, LogisticRegression)
     coef = fitted["coef"]
+    coef = np.vstack([coef, np.zeros((len(group) - coef.shape[0], coef.shape[1]))])  # names with no cells
     genes_up = [tuple(str(store.gene_ids[genes[i]]) for i in np.argsort(-coef[g])[:5]) for g in range(len(group))]
     return {"group": group, "genes": genes, "accuracy": float(np.mean(scores)), "genes_up": genes_up, **fitted}
 
@@ -488,15 +518,23 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, estimator) -> dict[str, Any]:
         coef[model.classes_[1]], coef[model.classes_[0]] = model.coef_[0], -model.coef_[0]
     else:
         coef[model.classes_] = model.coef_
-    return {"predict": lambda rows: model.predict((rows - center) / scale), "coef": coef}
+    n_classes = coef.shape[0]
+
+    def proba(rows: np.ndarray) -> np.ndarray:
+        out = np.zeros((rows.shape[0], n_classes))
+        out[:, model.classes_] = model.predict_proba((rows - center) / scale)
+        return out
+
+    return {"predict": lambda rows: model.predict((rows - center) / scale), "proba": proba, "coef": coef}
 
 
-def _predict_names(store: Any, rows: np.ndarray, fitted: dict[str, Any], block: int = 65_536) -> np.ndarray:
-    """The classifier's name (index into its group) for each of ``rows`` (sorted store rows)."""
-    out = np.zeros(rows.shape[0], dtype=np.int64)
+def _name_probabilities(store: Any, rows: np.ndarray, fitted: dict[str, Any], block: int = 65_536) -> np.ndarray:
+    """``(len(rows), len(group))``: the classifier's probability of each name of its group for
+    each of ``rows`` (sorted store rows)."""
+    out = np.zeros((rows.shape[0], len(fitted["group"])))
     for begin in range(0, rows.shape[0], block):
         part = normalized_rows(store, rows[begin:begin + block], dtype=np.float32)
-        out[begin:begin + block] = fitted["predict"](part[:, fitted["genes"]].toarray())
+        out[begin:begin + block] = fitted["proba"](part[:, fitted["genes"]].toarray())
     return out
 
 

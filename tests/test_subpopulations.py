@@ -234,7 +234,7 @@ def test_siblings_the_embedding_confuses_are_named_on_expression(tmp_path):
     before = name(clusters, None)
     wrong = [(before.cell_type[truth == t] == t).mean() for t in ("A", "A2")]
     assert min(wrong) < 0.7
-    parts, renamed = resolve_siblings(store, rows, clusters, before, confusion, annotated=["ref1", "ref2"])
+    parts, renamed, resolved = resolve_siblings(store, rows, clusters, before, confusion, annotated=["ref1", "ref2"])
     assert parts and all(not p.novel and p.accuracy > 0.9 and set(p.siblings) == {"A", "A2"} for p in parts)
     assert len(parts) == 1 and parts[0].cluster == 0
     kept = renamed.get(0, before.label[0])  # the cluster takes the name most of its cells get
@@ -247,6 +247,17 @@ def test_siblings_the_embedding_confuses_are_named_on_expression(tmp_path):
     # each part holds the cells its classifier called by the part's name, moved out of their cluster
     for p in parts:
         assert (truth[p.cells] == p.name).mean() > 0.9
+    # per cell, the siblings' share of the kernel's probability follows the classifier: the
+    # closest name agrees with the name, rows still sum to 1, the confidence is that name's share
+    [(cells, group, proba)] = resolved
+    assert set(group) == {"A", "A2"} and proba.shape == (cells.size, 2)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+    assert (naming.cell_closest[cells] == naming.cell_type[cells]).mean() > 0.9
+    assert (before.cell_closest[cells] == truth[cells]).mean() < 0.7
+    np.testing.assert_allclose(naming.cell_name_probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    names = list(naming.names)
+    own = naming.cell_name_probabilities[np.arange(truth.size), [names.index(t) for t in naming.cell_type]]
+    np.testing.assert_allclose(naming.confidence, own * (1 - naming.cell_novelty), rtol=1e-5)
 
 
 def test_siblings_are_left_to_the_embedding_when_it_separates_them_or_nothing_validates(tmp_path):
@@ -254,9 +265,9 @@ def test_siblings_are_left_to_the_embedding_when_it_separates_them_or_nothing_va
     rows = np.arange(*store.experiment_ranges["query"])
     before = name(clusters, None)
     separated = np.diag(confusion.sum(axis=1))  # every annotated cell nearest its own name
-    assert resolve_siblings(store, rows, clusters, before, separated, annotated=["ref1", "ref2"]) == ([], {})
+    assert resolve_siblings(store, rows, clusters, before, separated, annotated=["ref1", "ref2"]) == ([], {}, [])
     # one annotated experiment: no experiment to leave out, so no classifier to trust
-    assert resolve_siblings(store, rows, clusters, before, confusion, annotated=["ref1"]) == ([], {})
+    assert resolve_siblings(store, rows, clusters, before, confusion, annotated=["ref1"]) == ([], {}, [])
     with pytest.raises(ValueError, match="confusion must be"):
         resolve_siblings(store, rows, clusters, before, confusion[:2, :2], annotated=["ref1", "ref2"])
 
