@@ -364,3 +364,36 @@ def test_cli_no_split_test_skips_the_split_test(store_copy, monkeypatch):
     on = runner.invoke(main, ["annotate", str(path), "--model", str(run_dir), "--device", "cpu", "--overwrite"])
     assert on.exit_code == 0, on.output
     assert calls == [1]
+
+
+def test_annotate_counts_how_the_embedding_confuses_names(store_copy, monkeypatch):
+    """The confusion handed to the sibling step equals a dense count over the annotated cells'
+    stored embedding; --no-siblings skips the step."""
+    from mars_scale import subpopulations
+
+    path, run_dir = store_copy
+    seen = []
+
+    def spy(store, rows, assignment, naming, confusion, **kwargs):
+        seen.append((np.asarray(naming.names).astype(str), np.array(confusion)))
+        return [], {}, []
+
+    monkeypatch.setattr(subpopulations, "resolve_siblings", spy)
+    annotate(path, run_dir, seed=3, batch_size=50, device="cpu")
+    [(names, confusion)] = seen
+    model = Mars.load(run_dir, path)
+    landmarks, _, types = model.annotated_landmarks
+    adata = ad.read_zarr(path)
+    obs = adata.obs
+    want = np.zeros_like(confusion)
+    for i in np.flatnonzero((obs["experiment"] != "exp1").to_numpy() & obs["cell_type"].notna().to_numpy()):
+        own = str(obs["cell_type"].iloc[i])
+        nearest_name = types[int(np.argmin(((landmarks - adata.obsm["X_mars"][i]) ** 2).sum(1)))]
+        want[list(names).index(own), list(names).index(nearest_name)] += 1
+    np.testing.assert_array_equal(confusion, want)
+    assert want.sum() == int(((obs["experiment"] != "exp1") & obs["cell_type"].notna()).sum())
+    runner = CliRunner()
+    off = runner.invoke(main, ["annotate", str(path), "--model", str(run_dir), "--device", "cpu", "--overwrite",
+                               "--no-siblings"])
+    assert off.exit_code == 0, off.output
+    assert len(seen) == 1
