@@ -219,20 +219,13 @@ def annotate(
         A cluster whose novelty reaches the threshold is called ``"novel"``; ``"matching"``
         (clusters matched one to one to the known types) or ``"margin"`` (the earlier score),
         see :mod:`mars_scale.naming`.
-    min_cluster_cells
-        A landmark that ends up with fewer cells than this is dropped and its cells go to the
-        nearest other landmark (over-guessing ``K`` leaves a few tiny clusters otherwise).
-        1 keeps every landmark.
-    max_cells_per_cluster
-        Cells sampled per cluster to estimate the kernel width.
-    split_test
+    min_cluster_cells, max_cells_per_cluster
+        A landmark with fewer cells is dropped, its cells going to the nearest other landmark
+        (1 keeps every landmark); cells sampled per cluster to estimate the kernel width.
+    split_test, siblings
         Split a known cluster, on expression, into a population the reference lacks (called
-        new) or two known siblings (each named) (:mod:`mars_scale.subpopulations`; matching only).
-    siblings
-        With the split test: known types that the embedding does not tell apart even on the
-        annotated cells are named per cell by a classifier on expression, where that classifier
-        does better on annotated experiments it was not fitted on
-        (:func:`mars_scale.subpopulations.resolve_siblings`).
+        new) or two known siblings (each named); with ``siblings`` too, name known types that
+        the embedding confuses per cell on expression (:mod:`mars_scale.subpopulations`).
 
     Returns
     -------
