@@ -147,7 +147,8 @@ class TrainConfig:
     annotated_cells_per_epoch
         Cap on the annotated cells visited per fine-tuning epoch, by the training stream and by
         the pass that sets the annotated landmarks (a uniform random subset of blocks, new each
-        epoch). ``None`` visits them all. With a large reference atlas and a small new
+        epoch), and per pretraining epoch where pretraining sees the annotated experiments (a
+        reference, ``pretrain_on="all"``). ``None`` visits them all. With a large reference atlas and a small new
         experiment this keeps an epoch proportional to the new experiment (docs/scaling.md).
         A run ``--from`` a reference defaults it to the new experiments' size and draws that
         sample once, held in memory for every epoch.

@@ -765,12 +765,17 @@ def pretrain(run: _Run, state: TrainState) -> bool:
     Returns True when ``stop_after_epoch`` asks the run to stop.
     """
     tc, plan, device = run.tc, run.plan, run.device
-    experiments = [*plan.unannotated, *plan.annotated] if tc.pretrain_on == "all" or plan.reference_only \
-        else list(plan.unannotated)
+    with_annotated = tc.pretrain_on == "all" or plan.reference_only
+    experiments = [*plan.unannotated, *plan.annotated] if with_annotated else list(plan.unannotated)
     loader = run.loader(experiments, tc.seed)
     net = run.ddp(run.model)
     optimizer = run.make_optimizer(state, run.model.parameters(), lr=tc.lr)
-    steps = max(len(loader), tc.min_steps_per_epoch)
+    steps = len(loader)
+    if with_annotated and tc.annotated_cells_per_epoch is not None:
+        # a large reference: each epoch a new random share of its blocks, as in the later phases
+        cells = tc.annotated_cells_per_epoch + plan.n_unannotated
+        steps = min(steps, -(-cells // (tc.batch_size * run.info.world_size)))
+    steps = max(steps, tc.min_steps_per_epoch)
     for epoch in range(state.epoch, tc.pretrain_epochs):
         first, total, n_seen = state.resume_point(device)
         stream = _forever(loader, epoch * 1000, skip=first)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,24 @@ def test_a_query_reads_the_reference_once_and_resumes_to_the_uninterrupted_resul
     np.testing.assert_array_equal(resumed.unannotated_landmarks, query.unannotated_landmarks)
     for key, value in query.state["model"].items():
         torch.testing.assert_close(resumed.state["model"][key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cap, steps", [(None, 7), (128, 2)])
+def test_a_reference_pretrains_on_at_most_annotated_cells_per_epoch(tmp_path, monkeypatch, cap, steps):
+    """A reference's pretraining sees every annotated experiment; annotated_cells_per_epoch caps
+    an epoch as in the later phases (410 annotated cells in batches of 64: 7 steps, or 2)."""
+    from mars_scale import train as train_module
+
+    path = _store(tmp_path)
+    calls = []
+    real = train_module.reconstruction_loss
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "reconstruction_loss", counted)
+    config = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, annotated_cells_per_epoch=cap))
+    ref = Mars(path, reference_only=True, config=config).train()
+    assert len(calls) == TINY.train.pretrain_epochs * steps
+    assert [h["phase"] for h in ref.history].count("pretrain") == TINY.train.pretrain_epochs
