@@ -32,6 +32,11 @@ becomes a cluster of its own, which naming calls new (:func:`mars_scale.naming.n
 experiment sits at an offset from the reference there (batch and condition effects) that is
 as large as the difference between the parts on the simulated atlas (docs/algorithm.md).
 
+Known siblings that the embedding confuses (:func:`resolve_siblings`): where the reference
+holds both siblings under their own names but the embedding mixes them even on the annotated
+cells, a logistic regression on the reference's expression names each cell of their clusters,
+if it does better on annotated experiments it was not fitted on than the embedding does.
+
 Bimodality is the exact one-dimensional two-means split: ``d' = |m_1 - m_2| / s`` with ``s`` the
 pooled within-part standard deviation. A single Gaussian gives ``d'`` of about 2.7 at large
 sizes and more at small ones; a sample is bimodal when ``d'`` exceeds both a floor and the 99th
