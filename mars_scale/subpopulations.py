@@ -20,9 +20,10 @@ cluster called known, this module asks three questions of the log-normalised exp
    reference shows the same two modes, the split is known structure (two known subtypes in one
    cluster, or a heterogeneous known type).
 
-If the reference shows the two modes and holds exactly two siblings, one on each side (in the
-same order in every annotated experiment that holds both), the cluster merged two known types:
-the side of the sibling it was not named after becomes a cluster of its own with that name.
+If the reference's labels put two siblings on the two sides (in the same order and at least
+half the split's gap apart in every annotated experiment that holds both), whether or not its
+cells are bimodal along the split, the cluster merged two known types: the side of the sibling
+it was not named after becomes a cluster of its own with that name.
 
 When all three hold, one part is a population the reference lacks: the part whose cells lie
 farther, in the embedding, from the prototype of the cluster's name (the network was trained
@@ -233,8 +234,8 @@ def find_parts(
         c = split["cluster"]
         j = int(np.flatnonzero(naming.clusters == c)[0])
         members = np.flatnonzero(assignment == c)
-        if ref["ratio"] >= 1.0:
-            sides = _known_sides(ref["medians"], split["gap"])
+        sides = _known_sides(ref["medians"], split["gap"])
+        if ref["ratio"] >= 1.0 or sides is not None:  # the reference shows the two modes, or its labels do
             if sides is None:
                 logger.info("cluster %s: a split (d' %.2f) that the reference also shows (d' %.2f); known",
                             c, split["dprime"], ref["dprime"])
@@ -692,18 +693,20 @@ def _reference_projections(store: Any, splits: list[dict[str, Any]], naming: Nam
 
 
 def _known_sides(medians: dict[str, dict[str, float]], gap: float) -> tuple[str, str] | None:
-    """The two sibling names of a known split, (low side, high side), when the reference holds
-    exactly two siblings whose cells lie in the same order along the split in every annotated
-    experiment holding both, at least half the split's gap apart; else ``None``."""
-    pairs = [m for m in medians.values() if len(m) >= 2]
-    names = sorted({n for m in pairs for n in m})
-    if len(names) != 2 or not pairs:
-        return None
-    low, high = names
-    gaps = [m[high] - m[low] for m in pairs if low in m and high in m]
-    if not gaps or not (all(g >= 0.5 * gap for g in gaps) or all(g <= -0.5 * gap for g in gaps)):
-        return None
-    return (low, high) if gaps[0] > 0 else (high, low)
+    """Two sibling names that the split separates, (low side, high side): in every annotated
+    experiment holding both, their cells' medians lie in the same order at least half the
+    split's gap apart (the pair furthest apart when several are); else ``None``."""
+    names = sorted({n for m in medians.values() for n in m})
+    best, best_gap = None, 0.0
+    for i, low in enumerate(names):
+        for high in names[i + 1:]:
+            gaps = [m[high] - m[low] for m in medians.values() if low in m and high in m]
+            if not gaps or not (all(g >= 0.5 * gap for g in gaps) or all(g <= -0.5 * gap for g in gaps)):
+                continue
+            if abs(float(np.mean(gaps))) > best_gap:
+                best_gap = abs(float(np.mean(gaps)))
+                best = (low, high) if gaps[0] > 0 else (high, low)
+    return best
 
 
 def _side(store: Any, rows: np.ndarray, split: dict[str, Any], block: int = 65_536) -> np.ndarray:

@@ -272,6 +272,20 @@ def test_siblings_are_left_to_the_embedding_when_it_separates_them_or_nothing_va
         resolve_siblings(store, rows, clusters, before, confusion[:2, :2], annotated=["ref1", "ref2"])
 
 
+def test_known_sides_are_the_labelled_names_the_split_separates():
+    """A split is known structure when two reference names lie on its two sides, in the same
+    order and at least half its gap apart in every annotated experiment holding both."""
+    from mars_scale.subpopulations import _known_sides
+
+    medians = {"e1": {"A": 0.0, "A2": 2.0, "B": 0.3}, "e2": {"A": 0.5, "A2": 2.2}, "e3": {"B": 1.0}}
+    assert _known_sides(medians, gap=2.0) == ("A", "A2")  # A-A2 is 2.0 and 1.7 apart; B-A2 only 1.7
+    assert _known_sides(medians, gap=4.0) is None  # less than half of a gap of 4
+    flipped = {"e1": {"A": 0.0, "A2": 2.0}, "e2": {"A": 2.0, "A2": 0.0}}
+    assert _known_sides(flipped, gap=2.0) is None  # the order changes between experiments
+    assert _known_sides({"e1": {"A": 0.0}, "e2": {"A2": 3.0}}, gap=2.0) is None  # never together
+    assert _known_sides({"e1": {"A2": 0.0, "A": 2.0}}, gap=2.0) == ("A2", "A")
+
+
 def test_decided_clusters_are_checked():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(60, 2))
