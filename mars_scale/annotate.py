@@ -68,6 +68,9 @@ _TARGET_CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk of obsm/X_<key>
 _SHARD_CHUNKS = 16  # chunks per shard file of obsm/X_<key> (zarr v3)
 _COLUMN_CHUNK = 1 << 18  # cells per chunk of the obs result columns
 _RUN_ATTR = "mars-scale-run"  # the run id stamped on every result element
+# annotated cells (a fixed sample of rows) over which the sibling step counts how the embedding
+# confuses names: a share estimate, so a sample bounds its cost on large references
+CONFUSION_CELLS = 200_000
 
 
 def result_keys(key_added: str = "mars") -> dict[str, Any]:
@@ -511,6 +514,9 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
     count = np.zeros(len(landmarks_a))
     names, name_of_landmark = np.unique(np.asarray(landmark_names, dtype=str), return_inverse=True)
     confusion = np.zeros((names.size, names.size), dtype=np.int64)  # own name x nearest landmark's name
+    n_annotated = sum(b - a for e, (a, b) in store.experiment_ranges.items()
+                      if e not in experiment_names(model.state["unannotated"]))
+    keep_share = min(1.0, CONFUSION_CELLS / max(n_annotated, 1)) if split_test and siblings else 0.0
     lookup_t = torch.as_tensor(lookup, device=device)
     landmarks_a_t = torch.as_tensor(landmarks_a, device=device)
 
@@ -528,9 +534,11 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
             count += np.bincount(ids, minlength=len(landmarks_a))
         idx = index.cpu().numpy()
         z_np = z.cpu().numpy()
-        if bool(ok.any()):
+        if keep_share > 0 and bool(ok.any()):
             ok_np = ok.cpu().numpy()
-            confusion += name_confusion(z_np[ok_np], name_of_landmark[ids], landmarks_a, name_of_landmark, names.size)
+            counted = _hashed_share(idx[ok_np], keep_share)  # a fixed sample of the annotated cells
+            confusion += name_confusion(z_np[ok_np][counted], name_of_landmark[ids][counted], landmarks_a,
+                                        name_of_landmark, names.size)
         writer.append(idx, z_np)
         span = np.searchsorted(starts, idx, side="right") - 1  # the held-out span a row may be in
         mine = (span >= 0) & (idx < starts[span.clip(0)] + np.diff(offsets)[span.clip(0)])
@@ -578,6 +586,15 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
     np.save(staging / "assignment.npy", assignment)
     del held_out
     return naming, unused, merged, radius
+
+
+def _hashed_share(rows: np.ndarray, share: float) -> np.ndarray:
+    """Whether each row is in a fixed pseudo-random ``share`` of all rows (a function of the row
+    alone, so the same whatever the batches)."""
+    if share >= 1.0:
+        return np.ones(rows.shape[0], dtype=bool)
+    mixed = (rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
+    return mixed.astype(np.float64) / 2.0**24 < share
 
 
 def merge_small_clusters(embedding: np.ndarray, assignment: np.ndarray, landmarks: np.ndarray, *,

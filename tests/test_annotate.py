@@ -397,3 +397,12 @@ def test_annotate_counts_how_the_embedding_confuses_names(store_copy, monkeypatc
                                "--no-siblings"])
     assert off.exit_code == 0, off.output
     assert len(seen) == 1
+
+
+def test_the_confusion_sample_is_a_fixed_share_of_rows_whatever_the_batches():
+    rows = np.arange(200_000)
+    kept = annotate_module._hashed_share(rows, 0.2)
+    assert abs(kept.mean() - 0.2) < 0.005
+    pieces = np.concatenate([annotate_module._hashed_share(rows[i:i + 777], 0.2) for i in range(0, rows.size, 777)])
+    np.testing.assert_array_equal(pieces, kept)
+    assert annotate_module._hashed_share(rows[:10], 1.0).all()
