@@ -497,10 +497,11 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
              novelty_threshold: float, novelty_method: str, min_cluster_cells: int,
              max_cells_per_cluster: int, split_test: bool, siblings: bool) -> tuple[NamingResult, np.ndarray, np.ndarray, np.ndarray]:
     """Embed every cell into the staging obsm array; assign and name the unannotated cells."""
-    spans = _spans(store, experiment_names(model.state["unannotated"]))
+    new_experiments = experiment_names(model.state["unannotated"])
+    spans = _spans(store, new_experiments)
     starts = np.asarray([a for a, _ in spans])
     offsets = np.cumsum([0] + [b - a for a, b in spans])  # held-out row of each span's first cell
-    u_codes = torch.as_tensor([store.experiments.index(e) for e in experiment_names(model.state["unannotated"])])
+    u_codes = torch.as_tensor([store.experiments.index(e) for e in new_experiments])
     landmarks_u = np.asarray(model.unannotated_landmarks, dtype=np.float32)
     landmarks_a, lookup, landmark_names = _landmark_lookup(model, store)
     dim = landmarks_u.shape[1]
@@ -514,8 +515,7 @@ def _compute(store: Atlas, model: Mars, staging: Path, fmt: int, keys: dict[str,
     count = np.zeros(len(landmarks_a))
     names, name_of_landmark = np.unique(np.asarray(landmark_names, dtype=str), return_inverse=True)
     confusion = np.zeros((names.size, names.size), dtype=np.int64)  # own name x nearest landmark's name
-    n_annotated = sum(b - a for e, (a, b) in store.experiment_ranges.items()
-                      if e not in experiment_names(model.state["unannotated"]))
+    n_annotated = sum(b - a for e, (a, b) in store.experiment_ranges.items() if e not in new_experiments)
     keep_share = min(1.0, CONFUSION_CELLS / max(n_annotated, 1)) if split_test and siblings else 0.0
     lookup_t = torch.as_tensor(lookup, device=device)
     landmarks_a_t = torch.as_tensor(landmarks_a, device=device)

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -398,9 +399,10 @@ def resolve_siblings(
     renamed: dict[Any, str] = {}
     resolved: list[tuple[np.ndarray, tuple[str, ...], np.ndarray]] = []
     next_id = int(np.max(np.asarray(naming.clusters, dtype=np.int64))) + 1 if len(naming.clusters) else 0
+    labels_of = _annotated_labels(store, annotated, label_key) if groups else {}
     for group, members_of in groups.items():
-        fitted = _sibling_classifier(store, group, annotated=annotated, label_key=label_key, max_cells=max_cells,
-                                     n_genes=n_genes, min_cells=min_part_cells, rng=rng)
+        fitted = _sibling_classifier(store, group, labels_of, max_cells=max_cells, n_genes=n_genes,
+                                     min_cells=min_part_cells, rng=rng)
         if fitted is None:
             continue
         k = np.searchsorted(names, group)
@@ -434,17 +436,37 @@ def resolve_siblings(
     return parts, renamed, resolved
 
 
+def _close_names(naming: NamingResult, k: int, sibling_share: float) -> np.ndarray:
+    """Which names' prototypes lie within ``sibling_share`` of the median distance between
+    prototypes from name ``k``'s (``k`` itself included)."""
+    from scipy.spatial.distance import pdist
+
+    prototypes = naming.prototypes
+    scale = float(np.median(pdist(prototypes))) if prototypes.shape[0] > 1 else np.inf
+    near = np.linalg.norm(prototypes - prototypes[k], axis=1) < sibling_share * scale
+    near[k] = True
+    return near
+
+
+def _annotated_labels(store: Any, annotated: Sequence[str],
+                      label_key: str) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+    """Per annotated experiment: its first row, its cells' label codes and the categories."""
+    out = {}
+    for e in annotated:
+        lo, hi = store.experiment_ranges[e]
+        codes, cats = store.categorical_codes(label_key, lo, hi)
+        out[e] = (lo, codes, np.asarray(cats, dtype=object))
+    return out
+
+
 def _unseparated_siblings(naming: NamingResult, confusion: np.ndarray, name: str, sibling_share: float,
                           separated: float) -> tuple[str, ...]:
     """``name`` and the names near it that the embedding confuses with it, sorted."""
-    from scipy.spatial.distance import pdist
-
     names = np.asarray(naming.names).astype(str)
     if names.size < 2:
         return (name,)
-    scale = float(np.median(pdist(naming.prototypes)))
     k = int(np.flatnonzero(names == name)[0])
-    near = np.linalg.norm(naming.prototypes - naming.prototypes[k], axis=1) < sibling_share * scale
+    near = _close_names(naming, k, sibling_share)
     group = [name]
     for m in np.flatnonzero(near):
         if m == k:
@@ -455,8 +477,8 @@ def _unseparated_siblings(naming: NamingResult, confusion: np.ndarray, name: str
     return tuple(sorted(group))
 
 
-def _sibling_classifier(store: Any, group: tuple[str, ...], *, annotated: Sequence[str], label_key: str,
-                        max_cells: int, n_genes: int, min_cells: int, rng: np.random.Generator,
+def _sibling_classifier(store: Any, group: tuple[str, ...], labels_of: dict[str, tuple[int, np.ndarray, np.ndarray]],
+                        *, max_cells: int, n_genes: int, min_cells: int, rng: np.random.Generator,
                         max_folds: int = 5) -> dict | None:
     """A logistic regression telling ``group``'s names apart on the reference's expression (at
     most ``max_cells`` cells per name over all annotated experiments), with its mean balanced
@@ -467,10 +489,8 @@ def _sibling_classifier(store: Any, group: tuple[str, ...], *, annotated: Sequen
     from sklearn.metrics import balanced_accuracy_score
 
     rows_of: list[list[np.ndarray]] = [[] for _ in group]  # per name, its cells in each annotated experiment
-    for e in annotated:
-        lo, hi = store.experiment_ranges[e]
-        codes, cats = store.categorical_codes(label_key, lo, hi)
-        cats = np.asarray(cats, dtype=object).astype(str)
+    for lo, codes, cats in labels_of.values():
+        cats = cats.astype(str)
         for g, n in enumerate(group):
             hits = np.flatnonzero(cats == n)
             rows_of[g].append(lo + np.flatnonzero(codes == hits[0]) if hits.size else np.zeros(0, np.int64))
@@ -502,7 +522,9 @@ def _sibling_classifier(store: Any, group: tuple[str, ...], *, annotated: Sequen
         test, fit = origin_all == i, origin_all != i
         model = _fit_logistic(x[fit], y[fit], LogisticRegression)
         mine = test & np.isin(y, test_names)
-        scores.append(balanced_accuracy_score(y[mine], model["predict"](x[mine])))
+        with warnings.catch_warnings():  # a name predicted that the left-out experiment lacks: just wrong
+            warnings.simplefilter("ignore", UserWarning)
+            scores.append(balanced_accuracy_score(y[mine], np.argmax(model["proba"](x[mine]), axis=1)))
     if not scores:
         return None
     fitted = _fit_logistic(x, y, LogisticRegression)
@@ -513,8 +535,9 @@ def _sibling_classifier(store: Any, group: tuple[str, ...], *, annotated: Sequen
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, estimator) -> dict[str, Any]:
-    """A standardised logistic regression; ``predict`` maps raw rows to class codes of ``y``;
-    ``coef`` holds one row per code (how much each gene favours it)."""
+    """A standardised logistic regression; ``proba`` maps raw rows to a probability per class
+    code of ``y`` (0 for codes it never saw); ``coef`` holds one row per code (how much each
+    gene favours it)."""
     center = x.mean(axis=0)
     scale = x.std(axis=0)
     scale[scale == 0] = 1.0
@@ -531,7 +554,7 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, estimator) -> dict[str, Any]:
         out[:, model.classes_] = model.predict_proba((rows - center) / scale)
         return out
 
-    return {"predict": lambda rows: model.predict((rows - center) / scale), "proba": proba, "coef": coef}
+    return {"proba": proba, "coef": coef}
 
 
 def _name_probabilities(store: Any, rows: np.ndarray, fitted: dict[str, Any], block: int = 65_536) -> np.ndarray:
@@ -649,23 +672,14 @@ def _reference_projections(store: Any, splits: list[dict[str, Any]], naming: Nam
     """Per split, along its direction, the reference's cells of the cluster's name and its
     siblings per annotated experiment: the largest bimodality ratio (``d'`` over its threshold)
     and ``d'``, the siblings, and per experiment the median of each sibling's cells."""
-    from scipy.spatial.distance import pdist
-
-    prototypes, names = naming.prototypes, np.asarray(naming.names).astype(str)
-    scale = float(np.median(pdist(prototypes))) if prototypes.shape[0] > 1 else np.inf
-    labels_of = {}  # the label codes of each annotated experiment, read once for every split
-    for e in annotated:
-        lo, hi = store.experiment_ranges[e]
-        codes, cats = store.categorical_codes(label_key, lo, hi)
-        labels_of[e] = (lo, codes, np.asarray(cats, dtype=object))
+    names = np.asarray(naming.names).astype(str)
+    labels_of = _annotated_labels(store, annotated, label_key)  # read once for every split
     wanted: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
     siblings_of = []
     for split in splits:
         j = int(np.flatnonzero(naming.clusters == split["cluster"])[0])
         k = int(np.flatnonzero(names == str(naming.compared_name[j]))[0])
-        near = np.linalg.norm(prototypes - prototypes[k], axis=1) < sibling_share * scale
-        near[k] = True
-        siblings = tuple(sorted(names[near]))
+        siblings = tuple(sorted(names[_close_names(naming, k, sibling_share)]))
         siblings_of.append(siblings)
         per_experiment = {}
         for e, (lo, codes, cats) in labels_of.items():

@@ -561,11 +561,13 @@ class _Run:
                             self._sample.n_rows, self._sample.nbytes / 2**20, time.perf_counter() - t)
         return self._sample
 
-    def annotated_steps(self, loader: Loader) -> int:
-        """Steps of an epoch over the annotated stream (capped by ``annotated_cells_per_epoch``)."""
+    def annotated_steps(self, loader: Loader, *, plus_cells: int = 0) -> int:
+        """Steps of an epoch over the annotated stream (capped by ``annotated_cells_per_epoch``,
+        plus ``plus_cells`` when the stream also holds other cells)."""
         cap = self.tc.annotated_cells_per_epoch
         steps = len(loader)
-        return steps if cap is None else min(steps, -(-cap // (self.tc.batch_size * self.info.world_size)))
+        per_step = self.tc.batch_size * self.info.world_size
+        return steps if cap is None else min(steps, -(-(cap + plus_cells) // per_step))
 
     def make_optimizer(self, state: TrainState, params, *, lr: float) -> torch.optim.Adam:
         """The phase's Adam, with its saved state when the run resumes inside the phase."""
@@ -770,11 +772,8 @@ def pretrain(run: _Run, state: TrainState) -> bool:
     loader = run.loader(experiments, tc.seed)
     net = run.ddp(run.model)
     optimizer = run.make_optimizer(state, run.model.parameters(), lr=tc.lr)
-    steps = len(loader)
-    if with_annotated and tc.annotated_cells_per_epoch is not None:
-        # a large reference: each epoch a new random share of its blocks, as in the later phases
-        cells = tc.annotated_cells_per_epoch + plan.n_unannotated
-        steps = min(steps, -(-cells // (tc.batch_size * run.info.world_size)))
+    # a large reference: each epoch a new random share of its blocks, as in the later phases
+    steps = run.annotated_steps(loader, plus_cells=plan.n_unannotated) if with_annotated else len(loader)
     steps = max(steps, tc.min_steps_per_epoch)
     for epoch in range(state.epoch, tc.pretrain_epochs):
         first, total, n_seen = state.resume_point(device)
