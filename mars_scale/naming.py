@@ -70,7 +70,11 @@ landmark in radii ``s_jk = sqrt((r_j^2 + R_k^2) / 2)`` with ``novelty_j = z^4 / 
 Per cell
 --------
 - ``cell_name_probabilities``: the paper's kernel evaluated at the cell, with its cluster's
-  ``sigma_j``, summed per name.
+  ``sigma_j``, summed per name. A known cluster (matching) is read moved onto the prototype of
+  its name, cells and all (by ``P_n - mu_j``): the matching has said which type it is, wherever
+  the experiment's offset put it, and the kernel then says how each cell sits between that type
+  and its siblings. The cluster's own name probabilities are the kernel at ``P_n``. A novel
+  cluster is read where it lies (its closest known names).
 - ``cell_novelty``: the cluster's novelty moved by how far the cell sits from the name its
   cluster was compared with, against the cluster's root-mean-square distance ``D_j`` to it::
 
@@ -603,10 +607,7 @@ def _name(
     # Names: Gaussian kernel over all landmarks, normalised with a log-sum-exp, summed per name.
     center_sq = cdist(centers, landmarks, "sqeuclidean")  # (J, K), exact
     name_probabilities = _kernel_name_probabilities(center_sq, sigma, name_codes, n_names)
-    n_top = min(top, n_names)
-    top_index = np.argsort(-name_probabilities, axis=1, kind="stable")[:, :n_top]
-    top_names = names[top_index]
-    top_probabilities = np.take_along_axis(name_probabilities, top_index, axis=1)
+    top_names, top_probabilities = _top_names(name_probabilities, names, top)
     best_name = top_names[:, 0].copy()
     best_probability = top_probabilities[:, 0].copy()
     prototypes = _name_prototypes(landmarks, name_codes, n_names, landmark_weights)
@@ -620,10 +621,22 @@ def _name(
     is_novel = novelty >= novelty_threshold
     compared_name = calls["compared_name"]
     label = np.where(is_novel, novel_label, compared_name).astype(object)
+    offsets = None
+    if novelty_method == "matching":
+        # A known cluster is its name (the matching says so) wherever the experiment's offset put
+        # it: its kernel is read with the cluster moved onto the name's prototype.
+        known = ~is_novel
+        offsets = np.where(known[:, None], prototypes[calls["compared"]] - centers, 0.0)
+        on_name = cdist(prototypes[calls["compared"][known]], landmarks, "sqeuclidean")
+        name_probabilities[known] = _kernel_name_probabilities(on_name, sigma[known], name_codes, n_names)
+        top_names, top_probabilities = _top_names(name_probabilities, names, top)
+        best_name = top_names[:, 0].copy()
+        best_probability = top_probabilities[:, 0].copy()
     cell_novelty, cell_probs = _per_cell(
         embedding, codes, landmarks, name_codes, n_names, shift=shift, sigma=sigma,
         prototypes=prototypes, centers=centers, radius=radius, calls=calls,
         novelty_method=novelty_method, landmark_radius=landmark_radius, block_size=block_size,
+        offsets=offsets,
     )
     cell_type = label[codes]
     cell_closest = names[np.argmax(cell_probs, axis=1)]
@@ -670,6 +683,28 @@ def _name(
         novelty_threshold=novelty_threshold,
         novel_label=novel_label,
     )
+
+
+def _top_names(name_probabilities: np.ndarray, names: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top`` most probable names of each cluster and their probabilities, most probable
+    first (ties in the order of ``names``)."""
+    top_index = np.argsort(-name_probabilities, axis=1, kind="stable")[:, :min(top, names.shape[0])]
+    return names[top_index], np.take_along_axis(name_probabilities, top_index, axis=1)
+
+
+def with_cluster_probabilities(naming: NamingResult, name_probabilities: np.ndarray) -> NamingResult:
+    """``naming`` with the clusters' name probabilities replaced by ``(J, N)``
+    ``name_probabilities`` (rows summing to 1), and its top names, best name and their
+    probabilities (and so :meth:`NamingResult.describe`) following them. The clusters' calls
+    (labels, novelty) are left as they are."""
+    name_probabilities = np.asarray(name_probabilities, dtype=np.float64)
+    if name_probabilities.shape != naming.name_probabilities.shape:
+        raise ValueError(f"name_probabilities must be {naming.name_probabilities.shape} (clusters x names), "
+                         f"got {name_probabilities.shape}")
+    top_names, top_probabilities = _top_names(name_probabilities, naming.names, naming.top_names.shape[1])
+    return dataclasses.replace(naming, name_probabilities=name_probabilities, top_names=top_names,
+                               top_probabilities=top_probabilities, best_name=top_names[:, 0].copy(),
+                               best_probability=top_probabilities[:, 0].copy())
 
 
 def _cluster_moments(
@@ -762,10 +797,10 @@ def _per_cell(
     embedding: Any, codes: np.ndarray, landmarks: np.ndarray, name_codes: np.ndarray, n_names: int,
     *, shift: np.ndarray, sigma: np.ndarray, prototypes: np.ndarray, centers: np.ndarray,
     radius: np.ndarray, calls: dict[str, Any], novelty_method: str,
-    landmark_radius: np.ndarray | None, block_size: int,
+    landmark_radius: np.ndarray | None, block_size: int, offsets: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-cell novelty and name probabilities, in blocks small enough for the cells x
-    landmarks matrix."""
+    landmarks matrix; ``offsets`` ``(J, D)`` moves each cluster's cells before the kernel."""
     n_cells = codes.shape[0]
     n_landmarks = landmarks.shape[0]
     compared, novelty, scale = calls["compared"], calls["novelty"], calls["scale"]
@@ -782,7 +817,8 @@ def _per_cell(
     for begin, end in _row_blocks(n_cells, rows):
         block = _read_block(embedding, begin, end) - shift
         block_codes = codes[begin:end]
-        dist_sq = np.maximum(_squared_distances(block, landmarks_shifted), 0.0)
+        moved = block if offsets is None else block + offsets[block_codes]
+        dist_sq = np.maximum(_squared_distances(moved, landmarks_shifted), 0.0)
         cell_probs[begin:end] = _kernel_name_probabilities(dist_sq, sigma[block_codes], name_codes, n_names)
         if novelty_method == "matching":
             own = np.sqrt(np.sum((block - prototypes_shifted[compared[block_codes]]) ** 2, axis=1))

@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from mars_scale.naming import NamingResult
+from mars_scale.naming import NamingResult, with_cluster_probabilities
 from mars_scale.preprocess import normalized_rows
 
 logger = logging.getLogger(__name__)
@@ -291,25 +291,34 @@ def name_with_parts(
             naming = name(assignment, decided)
             parts = parts + siblings
         if resolved:
-            naming = with_sibling_probabilities(naming, resolved)
+            naming = with_sibling_probabilities(naming, assignment, resolved)
     return naming, assignment, parts
 
 
-def with_sibling_probabilities(naming: NamingResult,
+def with_sibling_probabilities(naming: NamingResult, assignment: np.ndarray,
                                resolved: Sequence[tuple[np.ndarray, tuple[str, ...], np.ndarray]]) -> NamingResult:
-    """``naming`` with the per-cell name probabilities of resolved cells shared out among their
-    sibling names by the classifier: the kernel's total on the siblings times the classifier's
-    probability of each. The closest name and the confidence follow."""
+    """``naming`` with the name probabilities of resolved cells shared out among their sibling
+    names by the classifier: the kernel's total on the siblings times the classifier's
+    probability of each. The closest name and the confidence follow. A cluster holding resolved
+    cells (``assignment``: each cell's cluster) shares its own kernel total on the siblings by
+    the classifier's mean probabilities over those cells, so its description agrees with its
+    name."""
     probs = np.array(naming.cell_name_probabilities, dtype=np.float64)
+    cluster_probs = np.array(naming.name_probabilities, dtype=np.float64)
     names = np.asarray(naming.names).astype(str)
+    code = np.searchsorted(np.asarray(naming.clusters), np.asarray(assignment))
     for cells, group, proba in resolved:
         cols = np.searchsorted(names, np.asarray(group))
         mass = probs[np.ix_(cells, cols)].sum(axis=1, keepdims=True)
         probs[np.ix_(cells, cols)] = mass * proba
+        for j in np.unique(code[cells]):
+            mine = code[cells] == j
+            cluster_probs[j, cols] = cluster_probs[j, cols].sum() * proba[mine].mean(axis=0)
     label = np.asarray(naming.cell_type).astype(str)
     own = np.where(naming.cell_is_novel, -1, np.searchsorted(names, label).clip(0, names.size - 1))
     p_label = np.where(own >= 0, probs[np.arange(probs.shape[0]), own.clip(0)], 0.0)
     confidence = np.where(naming.cell_is_novel, naming.cell_novelty, p_label * (1.0 - naming.cell_novelty))
+    naming = with_cluster_probabilities(naming, cluster_probs)
     return dataclasses.replace(naming, cell_name_probabilities=probs.astype(np.float32),
                                cell_closest=np.asarray(naming.names)[np.argmax(probs, axis=1)],
                                confidence=confidence)

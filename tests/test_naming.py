@@ -319,12 +319,41 @@ def test_cell_name_probabilities_match_the_cluster_kernel_at_the_center():
     probs = res.cell_name_probabilities
     assert probs.shape == (400, 4) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
-    # An independent dense evaluation of the kernel for one cell.
+    # An independent dense evaluation of the kernel for one cell of a known cluster, moved with
+    # its cluster onto the prototype of the cluster's name.
     i = 17
+    assert not res.is_novel[0]
     sigma = res.sigma[0]
-    w = np.exp(-((LANDMARKS - x[i]) ** 2).sum(1) / (2 * sigma**2))
+    prototype = res.prototypes[list(res.names).index(res.label[0])]
+    moved = x[i] - x[clusters == clusters[i]].mean(axis=0) + prototype
+    w = np.exp(-((LANDMARKS - moved) ** 2).sum(1) / (2 * sigma**2))
     np.testing.assert_allclose(probs[i], w / w.sum(), rtol=1e-5, atol=1e-7)
     assert set(res.cell_closest.tolist()) <= set(NAMES)
+
+
+def test_a_cluster_matched_to_a_name_is_scored_on_that_name_not_where_the_offset_put_it():
+    # Names A at 0 and B at 1 (close), C far. Cluster 0 sits at 0.55, nearer B's landmark; cluster
+    # 1 at 1.3 takes B (the matching: 0.55 + 0.3 < 0.45 + 1.3), so cluster 0 is A. Read where it
+    # lies, the kernel would give cluster 0's cells to B; moved onto A's prototype, to A.
+    rng = np.random.default_rng(3)
+    landmarks = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    x = np.concatenate([[0.55, 0.0] + 0.03 * rng.standard_normal((100, 2)),
+                        [1.3, 0.0] + 0.03 * rng.standard_normal((100, 2))])
+    clusters = np.repeat([0, 1], 100)
+    res = name_clusters(x, clusters, landmarks, ["A", "B", "C"], rng=0)
+    assert res.label.tolist() == ["A", "B"] and not res.is_novel.any()
+    a = list(res.names).index("A")
+    assert res.name_probabilities[0, a] > 0.99 and res.best_name[0] == "A"
+    assert res.describe(0).startswith("A (1.00")
+    assert np.all(res.cell_name_probabilities[:100, a] > 0.9)
+    assert res.cell_closest[:100].tolist() == ["A"] * 100
+    np.testing.assert_allclose(res.confidence[:100],
+                               res.cell_name_probabilities[:100, a] * (1 - res.cell_novelty[:100]), rtol=1e-5)
+    assert np.all(res.confidence[:100] > 0.5)
+    # the independent kernel at the moved cell
+    moved = x[5] - x[:100].mean(axis=0) + landmarks[0]
+    w = np.exp(-((landmarks - moved) ** 2).sum(1) / (2 * res.sigma[0] ** 2))
+    np.testing.assert_allclose(res.cell_name_probabilities[5], w / w.sum(), rtol=1e-5, atol=1e-7)
 
 
 def test_landmark_weights_set_the_prototype():

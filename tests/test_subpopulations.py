@@ -258,6 +258,20 @@ def test_siblings_the_embedding_confuses_are_named_on_expression(tmp_path):
     names = list(naming.names)
     own = naming.cell_name_probabilities[np.arange(truth.size), [names.index(t) for t in naming.cell_type]]
     np.testing.assert_allclose(naming.confidence, own * (1 - naming.cell_novelty), rtol=1e-5)
+    # per cluster, the same: each resolved cluster's siblings share its kernel total on them by
+    # the classifier's mean over its cells, so its description gives its own name the most
+    unresolved = name(assignment, None)  # the kernel alone, the same clusters
+    group_cols = [names.index(g) for g in group]
+    for j, c in enumerate(naming.clusters):
+        mine = np.isin(cells, np.flatnonzero(assignment == c))
+        if not mine.any():
+            np.testing.assert_allclose(naming.name_probabilities[j], unresolved.name_probabilities[j])
+            continue
+        total = unresolved.name_probabilities[j, group_cols].sum()
+        np.testing.assert_allclose(naming.name_probabilities[j, group_cols], total * proba[mine].mean(axis=0),
+                                   rtol=1e-6)
+        assert naming.best_name[j] == naming.label[j]
+        assert naming.describe(j).startswith(f"{naming.label[j]} (")
 
 
 def test_siblings_are_left_to_the_embedding_when_it_separates_them_or_nothing_validates(tmp_path):
