@@ -19,7 +19,10 @@ Per run: ARI of ``E``; share of known-type cells called novel; naming accuracy o
 (``cell_type`` equal to the truth); share of ``T``'s cells called novel; per-cell AUROC of the
 novelty score (``T`` against known); Jaccard of ``T``'s best cluster; integration, the accuracy
 of a 15-nearest-neighbour label transfer from the annotated cells to ``E``'s known cells in
-the MARS embedding. Baselines on the same runs: K-means on PCA (ARI, Jaccard of ``T``), and a
+the MARS embedding; per-cell outputs: the share of known cells whose closest type (the most
+probable name per cell) is right, and the AUROC of the per-cell confidence for right calls (a
+known cell named its type, a removed type's cell called novel) against wrong ones. Baselines on
+the same runs: K-means on PCA (ARI, Jaccard of ``T``), and a
 logistic regression on the annotated cells' scaled log-expression with "unassigned" below a
 probability of 0.5 (the CellTypist approach).
 
@@ -289,7 +292,8 @@ def score_cache(cache: Path, *, method: str = "default", split_test: bool = True
     known_types = sorted(set(d["landmark_types"].tolist()))
     known = np.isin(truth_e, known_types)
     is_removed = truth_e == removed if removed else np.zeros(len(truth_e), dtype=bool)
-    m = naming_metrics(truth_e, assign, naming.cell_type, naming.cell_novelty, naming.cell_is_novel, known_types)
+    m = naming_metrics(truth_e, assign, naming.cell_type, naming.cell_novelty, naming.cell_is_novel, known_types,
+                       closest_type=naming.cell_closest, confidence=naming.confidence)
     row: dict[str, Any] = {
         "n_cells": int(mine.sum()),
         "k": int(d["k"]),
@@ -301,6 +305,8 @@ def score_cache(cache: Path, *, method: str = "default", split_test: bool = True
         "novelty_auroc": m["novelty_auroc"] if removed else None,
         "removed_jaccard": m["new_jaccard"].get(removed) if removed else None,
         "integration_knn": integration_knn(z[ref], truth[ref], z_e[known], truth_e[known]),
+        "known_closest_accuracy": m["known_closest_accuracy"],
+        "confidence_auroc": m["confidence_auroc"],
         "clusters": [
             {"cluster": int(c), "n_cells": int(n), "label": str(lab), "novelty": round(float(v), 4),
              "truth": _majority(truth_e[assign == c])}
@@ -322,6 +328,12 @@ def score_cache(cache: Path, *, method: str = "default", split_test: bool = True
         "lr_known_name_accuracy": float(np.mean(lr_pred[known] == truth_e[known])) if known.any() else None,
         "lr_removed_called_novel": float(lr_novel[is_removed].mean()) if removed else None,
         "lr_novelty_auroc": novelty_auroc(1 - proba.max(axis=1)[is_removed | known], is_removed[is_removed | known]) if removed else None,
+        # the classifier's most probable type, and its top probability (or, "unassigned", one
+        # minus it) as its confidence, scored as MARS's closest type and confidence are
+        "lr_known_closest_accuracy": float(np.mean(lr_best[known] == truth_e[known])) if known.any() else None,
+        "lr_confidence_auroc": novelty_auroc(
+            np.where(lr_novel, 1 - proba.max(axis=1), proba.max(axis=1))[is_removed | known],
+            ((lr_pred == truth_e) & known | lr_novel & is_removed)[is_removed | known]),
     }
     return row
 
@@ -361,10 +373,14 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
             "novelty_auroc": _mean(removed, "novelty_auroc"),
             "removed_jaccard": _mean(removed, "removed_jaccard"),
             "integration_knn": _mean(mine, "integration_knn"),
+            "known_closest_accuracy": _mean(mine, "known_closest_accuracy"),
+            "confidence_auroc": _mean(mine, "confidence_auroc"),
         }
         for key in ("kmeans_pca_ari", "lr_known_called_novel", "lr_known_name_accuracy",
                     "lr_removed_called_novel", "lr_novelty_auroc", "kmeans_pca_removed_jaccard"):
             s[key] = _mean(mine if "removed" not in key and "auroc" not in key else removed, key, "baselines")
+        for key in ("lr_known_closest_accuracy", "lr_confidence_auroc"):
+            s[key] = _mean(mine, key, "baselines")
         out[scope] = s
     out["checks"] = _checks(out["all"])
     if "real" in out:
@@ -401,8 +417,8 @@ def markdown(rows: list[dict], summary: dict[str, Any]) -> str:
             f"{_f(bl['lr_known_called_novel'])} / {_f(bl['lr_known_name_accuracy'])} / "
             f"{_f(bl['lr_removed_called_novel'])} / {_f(bl['lr_novelty_auroc'])} | {_f(bl['kmeans_pca_ari'])} |"
         )
-    lines += ["", "| scope | runs | ARI none / removed | known called novel | known named right | removed called novel | AUROC | Jaccard | kNN | LR known novel | LR named | LR removed novel | LR AUROC |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| scope | runs | ARI none / removed | known called novel | known named right | removed called novel | AUROC | Jaccard | kNN | LR known novel | LR named | LR removed novel | LR AUROC | closest type right (LR) | confidence AUROC (LR) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scope, s in summary.items():
         if scope.startswith("checks"):
             continue
@@ -411,7 +427,9 @@ def markdown(rows: list[dict], summary: dict[str, Any]) -> str:
             f"{_f(s['known_called_novel'])} | {_f(s['known_name_accuracy'])} | {_f(s['removed_called_novel'])} | "
             f"{_f(s['novelty_auroc'])} | {_f(s['removed_jaccard'])} | {_f(s['integration_knn'])} | "
             f"{_f(s['lr_known_called_novel'])} | {_f(s['lr_known_name_accuracy'])} | "
-            f"{_f(s['lr_removed_called_novel'])} | {_f(s['lr_novelty_auroc'])} |"
+            f"{_f(s['lr_removed_called_novel'])} | {_f(s['lr_novelty_auroc'])} | "
+            f"{_f(s['known_closest_accuracy'])} ({_f(s.get('lr_known_closest_accuracy'))}) | "
+            f"{_f(s['confidence_auroc'])} ({_f(s.get('lr_confidence_auroc'))}) |"
         )
     for key, title in (("checks_real", "shared (real) datasets"), ("checks", "all runs")):
         if key in summary:
@@ -489,6 +507,7 @@ def main() -> None:
     write_result("novelty", {
         "parameters": {"datasets": args.datasets, "seeds": args.seeds, "method": args.method, "options": args.options,
                        "extra_k": args.extra_k, "auto_k": args.auto_k, "split_test": not args.no_split_test,
+                       "siblings": not args.no_siblings, "score_only": args.score_only,
                        "min_type_cells": MIN_TYPE_CELLS, "knn": KNN, "lr_threshold": LR_THRESHOLD},
         "single_type_reference": single_type,
         "rows": rows, "summary": summary, "table_markdown": table,

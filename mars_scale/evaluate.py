@@ -66,7 +66,12 @@ annotated landmarks: the types the model was given), *new* otherwise.
 - ``integration_knn``: accuracy of a ``k``-nearest-neighbour label transfer (``k = 15``,
   scikit-learn's ``KNeighborsClassifier``) from the annotated cells to the held-out
   experiment's known cells in the MARS embedding (:func:`integration_knn`); at most
-  ``knn_max_cells`` cells on each side (seeded uniform subsamples beyond).
+  ``knn_max_cells`` cells on each side (seeded uniform subsamples beyond);
+- ``known_closest_accuracy``: share of known cells whose closest type (the most probable name
+  of the per-cell name probabilities, ``obs['<key>_closest_type']``) is their true type;
+- ``confidence_auroc``: AUROC of the per-cell confidence for the cells whose call is right (a
+  known cell named its type, a new cell called novel) against those whose call is wrong, over
+  the labelled cells: whether a user can trust the cells the confidence ranks high.
 
 Each is ``None`` when no cell enters it.
 
@@ -146,6 +151,8 @@ NAMING_METRICS = (
     "novelty_auroc",
     "new_jaccard_mean",
     "integration_knn",
+    "known_closest_accuracy",
+    "confidence_auroc",
 )
 KNN_NEIGHBOURS = 15
 MIN_TYPE_CELLS = 10
@@ -158,6 +165,8 @@ _NAMING_TITLES = {
     "novelty_auroc": "novelty AUROC",
     "new_jaccard_mean": "Jaccard of new types",
     "integration_knn": "kNN transfer",
+    "known_closest_accuracy": "known closest type right",
+    "confidence_auroc": "confidence AUROC",
 }
 
 Progress = Callable[[str], None]
@@ -349,6 +358,8 @@ def naming_metrics(
     known_types: Sequence[str],
     *,
     cluster_info: dict[int, dict[str, Any]] | None = None,
+    closest_type: np.ndarray | None = None,
+    confidence: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Score the clusters, names and novelty calls of one experiment against its true labels.
 
@@ -372,6 +383,9 @@ def naming_metrics(
     cluster_info
         Per cluster id: ``label``, ``description`` (and optionally ``novelty``, ``is_novel``)
         for the per-type table.
+    closest_type, confidence
+        Optional per-cell closest annotated name and confidence (``annotate``'s outputs); without
+        them ``known_closest_accuracy`` and ``confidence_auroc`` are ``None``.
 
     Returns
     -------
@@ -380,7 +394,8 @@ def naming_metrics(
         ``clustering`` (:func:`~mars_scale.metrics.clustering_metrics` of the clusters, or
         ``None`` without labels) and its ``ari``; ``known_called_novel``,
         ``known_name_accuracy``, ``new_called_novel``, ``novelty_auroc``, ``new_jaccard``
-        (per new type), ``new_jaccard_mean``; ``per_type``: per true type, ``n_cells``,
+        (per new type), ``new_jaccard_mean``, ``known_closest_accuracy``,
+        ``confidence_auroc``; ``per_type``: per true type, ``n_cells``,
         ``known``, ``called_novel`` and ``named_right`` (fractions of its cells; ``None`` for a
         new type, whose right name is the novel label), ``majority_cluster``,
         ``majority_fraction``, ``cluster_label`` and ``cluster_description``.
@@ -391,9 +406,12 @@ def naming_metrics(
     predicted = np.asarray([str(v) for v in np.asarray(cell_type, dtype=object)], dtype=object)
     novelty = np.asarray(cell_novelty, dtype=np.float64)
     called = np.asarray(called_novel, dtype=bool)
+    closest = None if closest_type is None else np.asarray([str(v) for v in np.asarray(closest_type, dtype=object)],
+                                                           dtype=object)
+    trust = None if confidence is None else np.asarray(confidence, dtype=np.float64)
     for name, arr in (("clusters", clusters), ("cell_type", predicted), ("cell_novelty", novelty),
-                      ("called_novel", called)):
-        if arr.shape[0] != n:
+                      ("called_novel", called), ("closest_type", closest), ("confidence", trust)):
+        if arr is not None and arr.shape[0] != n:
             raise InputError(f"{name} has {arr.shape[0]} entries for {n} cells")
     labelled = np.array([not _missing(t) for t in truth], dtype=bool)
     names = np.array([str(t) if ok else "" for t, ok in zip(truth, labelled)], dtype=object)
@@ -422,6 +440,7 @@ def naming_metrics(
             "cluster_description": about.get("description"),
         }
     scored = known | new
+    right = (known & (predicted == names)) | (new & called)
     return {
         "n_cells": int(n),
         "n_labelled": int(labelled.sum()),
@@ -436,6 +455,8 @@ def naming_metrics(
         "novelty_auroc": novelty_auroc(novelty[scored], new[scored]),
         "new_jaccard": jaccard,
         "new_jaccard_mean": float(np.mean(list(jaccard.values()))) if jaccard else None,
+        "known_closest_accuracy": None if closest is None else _mean_or_none(known, closest == names),
+        "confidence_auroc": None if trust is None else novelty_auroc(trust[scored], right[scored]),
         "per_type": per_type,
     }
 
@@ -622,7 +643,7 @@ def _name_run(model: Mars, store: Atlas, experiment: str, z: np.ndarray, assign:
     info = {int(c): {"label": str(naming.label[j]), "description": naming.describe(j)}
             for j, c in enumerate(naming.clusters)}
     scores = naming_metrics(truth, merged_assign, naming.cell_type, naming.cell_novelty, naming.cell_is_novel,
-                            known, cluster_info=info)
+                            known, cluster_info=info, closest_type=naming.cell_closest, confidence=naming.confidence)
     # integration: k-NN transfer from the annotated cells to the held-out known cells
     labelled = np.array([not _missing(t) and str(t) in set(known) for t in truth], dtype=bool)
     query = _sample(np.flatnonzero(labelled), options.knn_max_cells, rng)
@@ -1176,9 +1197,10 @@ def _annotation_record(store: Atlas, keys: dict[str, Any], key_added: str) -> tu
     they were annotated together), after checking that every element the annotation writes is there."""
     from anndata.io import read_elem
 
-    cluster_col, type_col, _, novelty_col, _, _ = keys["obs"]
+    cluster_col, type_col, confidence_col, novelty_col, closest_col, _ = keys["obs"]
     root = store.root
-    missing = [f"obs/{c}" for c in (cluster_col, type_col, novelty_col) if c not in root["obs"]]
+    missing = [f"obs/{c}" for c in (cluster_col, type_col, confidence_col, novelty_col, closest_col)
+               if c not in root["obs"]]
     missing += [f"{g}/{n}" for g, n in (("obsm", keys["obsm"]), ("uns", keys["uns"]))
                 if g not in root or n not in root[g]]
     if missing:
@@ -1261,7 +1283,7 @@ def _score_experiment(store: Atlas, keys: dict[str, Any], record: dict[str, Any]
     """:func:`score_annotation` of one of the annotated experiments (``held_out``: all of them)."""
     key_added, k_neighbours, knn_max_cells, seed = (protocol[k] for k in ("key_added", "k_neighbours",
                                                                              "knn_max_cells", "seed"))
-    cluster_col, type_col, _, novelty_col, _, _ = keys["obs"]
+    cluster_col, type_col, confidence_col, novelty_col, closest_col, _ = keys["obs"]
     root = store.root
     a, b = store.experiment_ranges[unannotated]
     truth, n_types = _held_out_truth(store, unannotated)
@@ -1275,6 +1297,10 @@ def _score_experiment(store: Atlas, keys: dict[str, Any], record: dict[str, Any]
     cell_type = np.asarray(type_categories + [""], dtype=object)[np.where(type_codes >= 0, type_codes,
                                                                           len(type_categories))]
     novelty = np.asarray(root["obs"][novelty_col][a:b], dtype=np.float64)
+    confidence = np.asarray(root["obs"][confidence_col][a:b], dtype=np.float64)
+    closest_codes, closest_categories = store.categorical_codes(closest_col, a, b)
+    closest = np.asarray(closest_categories + [""], dtype=object)[np.where(closest_codes >= 0, closest_codes,
+                                                                           len(closest_categories))]
     table_ids = np.asarray(record["clusters"], dtype=np.int64).ravel()
     labels, descriptions = _plain_strings(record["label"]), _plain_strings(record["description"])
     nov = np.asarray(record["novelty"], dtype=np.float64).ravel()
@@ -1284,7 +1310,8 @@ def _score_experiment(store: Atlas, keys: dict[str, Any], record: dict[str, Any]
     novel_of = dict(zip(table_ids.tolist(), is_novel.tolist()))
     called = np.array([bool(novel_of.get(int(c), False)) for c in clusters], dtype=bool)
     known = sorted(set(_plain_strings(record["names"])))
-    metrics = naming_metrics(truth, clusters, cell_type, novelty, called, known, cluster_info=info)
+    metrics = naming_metrics(truth, clusters, cell_type, novelty, called, known, cluster_info=info,
+                             closest_type=closest, confidence=confidence)
     # integration: k-NN label transfer in the stored embedding
     rng = np.random.default_rng(seed)
     others = [e for e in store.experiments if e not in held_out]
@@ -1457,6 +1484,8 @@ def annotation_markdown(result: dict[str, Any]) -> str:
         f"| matched accuracy / macro F1 | {_f(c.get('accuracy'))} / {_f(c.get('f1'))} |",
         f"| known cells called novel | {_f(m['known_called_novel'])} |",
         f"| known cells named right | {_f(m['known_name_accuracy'])} |",
+        f"| known cells whose closest type is right | {_f(m['known_closest_accuracy'])} |",
+        f"| confidence AUROC (right calls against wrong) | {_f(m['confidence_auroc'])} |",
         f"| new types | {new} |",
         f"| new cells called novel | {_f(m['new_called_novel'])} |",
         f"| novelty AUROC (new against known cells) | {_f(m['novelty_auroc'])} |",

@@ -103,6 +103,21 @@ def test_naming_metrics_by_hand():
     assert (a["majority_cluster"], a["majority_fraction"], a["cluster_description"]) == (0, 0.75, "A (0.90)")
     assert (n["known"], n["named_right"], n["majority_cluster"], n["cluster_label"]) == (False, None, 2, "novel")
     assert n["called_novel"] == pytest.approx(2 / 3)
+    # per-cell outputs: closest type right for known cells 0, 1, 3, 9 of 0-4 and 9; right calls
+    # (known named their type: 0-4; new called novel: 5, 6) against wrong ones (7, 9); cell 8
+    # has no label
+    closest = np.array(["A", "A", "B", "A", "B", "B", "A", "B", "A", "A"], dtype=object)
+    confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.95, 0.4, 0.55, 0.1, 0.65])
+    m = naming_metrics(truth, clusters, cell_type, novelty, cell_type == "novel", ["A", "B"],
+                       closest_type=closest, confidence=confidence)
+    assert m["known_closest_accuracy"] == pytest.approx(4 / 6)
+    # right: 0.9, 0.8, 0.7, 0.6, 0.5, 0.95, 0.4; wrong: 0.55, 0.65; pairs ordered: 2 + 2 + 2 + 1 + 0
+    # + 2 + 0 = 9 of 14
+    assert m["confidence_auroc"] == pytest.approx(9 / 14)
+    assert m["known_closest_accuracy"] is not None and naming_metrics(
+        truth, clusters, cell_type, novelty, cell_type == "novel", ["A", "B"])["confidence_auroc"] is None
+    with pytest.raises(InputError, match="confidence has 3 entries"):
+        naming_metrics(truth, clusters, cell_type, novelty, cell_type == "novel", ["A", "B"], confidence=confidence[:3])
     # without new cells, the new-type metrics are undefined, not zero
     known_only = naming_metrics(truth[:5], clusters[:5], cell_type[:5], novelty[:5], np.zeros(5, bool), ["A", "B"])
     assert known_only["novelty_auroc"] is None and known_only["new_called_novel"] is None
@@ -179,6 +194,13 @@ def test_score_annotation_matches_an_independent_computation(annotated):
     ref = ~held
     knn = KNeighborsClassifier(n_neighbors=15).fit(z[ref], adata.obs["cell_type"].astype(str).to_numpy()[ref])
     assert m["integration_knn"] == pytest.approx((knn.predict(z[held][known]) == truth[known]).mean())
+    closest = obs["mars_closest_type"].astype(str).to_numpy()
+    assert m["known_closest_accuracy"] == pytest.approx((closest[known] == truth[known]).mean())
+    right = np.where(known, predicted == truth, called)
+    if right.all() or not right.any():
+        assert m["confidence_auroc"] is None
+    else:
+        assert m["confidence_auroc"] == pytest.approx(roc_auc_score(right, obs["mars_confidence"].to_numpy()))
     t3 = result["per_type"]["type3"]
     assert t3["n_cells"] == int((truth == "type3").sum()) and not t3["known"]
     assert t3["called_novel"] == pytest.approx(called[truth == "type3"].mean())
