@@ -31,6 +31,8 @@ Examples::
     python benchmarks/novelty.py --workdir /work/scratch/novelty                 # all, seed 0
     python benchmarks/novelty.py --datasets mesc_kolodziejczyk2015_mini --seeds 0 1
     python benchmarks/novelty.py --workdir /work/scratch/novelty --score-only    # rescore caches
+    python benchmarks/novelty.py --datasets /data/pbmc.h5ad --experiment-key donor --label-key cell \
+        --workdir /tmp/novelty --key pbmc                                       # a file of your own
 
 Results go to ``benchmarks/results/novelty.json`` (``runs[<selection>-<N>seeds]``) with every
 row and the markdown summary.
@@ -92,6 +94,10 @@ TARGETS = {
 
 
 def _source(dataset: str, workdir: Path) -> Path:
+    if dataset.endswith(".h5ad"):  # a file of the user's: its stem names it in the results
+        if not Path(dataset).is_file():
+            raise SystemExit(f"novelty.py: {dataset}: no such file")
+        return Path(dataset)
     if dataset not in SYNTHETIC_SETS:
         return DATA / f"{dataset}.h5ad"
     path = workdir / f"{dataset}.h5ad"
@@ -106,12 +112,26 @@ def _source(dataset: str, workdir: Path) -> Path:
     return path
 
 
-def scenarios(source: Path) -> list[dict[str, Any]]:
-    """Every (held-out experiment, removed type or None) of one h5ad."""
+def _labelled_obs(obs: Any, columns: tuple[str, str]) -> Any:
+    """``obs``'s experiment and cell-type columns (``columns``, renamed ``experiment`` and
+    ``cell_type``) as strings, for the cells with a label."""
+    missing = [c for c in columns if c not in obs.columns]
+    if missing:
+        raise SystemExit(f"novelty.py: obs has no column {missing[0]!r} (columns: {', '.join(map(str, obs.columns))}); "
+                         "pass --experiment-key / --label-key")
+    out = obs[list(columns)].copy()
+    out.columns = ["experiment", "cell_type"]
+    labelled = out["cell_type"].notna() & (out["cell_type"].astype(str).str.strip() != "")
+    return out[labelled].astype(str)
+
+
+def scenarios(source: Path, columns: tuple[str, str] = ("experiment", "cell_type")) -> list[dict[str, Any]]:
+    """Every (held-out experiment, removed type or None) of one h5ad (``columns``: its
+    experiment and cell-type obs columns)."""
     import anndata as ad
 
     adata = ad.read_h5ad(source, backed="r")
-    obs = adata.obs[["experiment", "cell_type"]].astype(str)
+    obs = _labelled_obs(adata.obs, columns)
     adata.file.close()
     out = []
     for held in sorted(obs["experiment"].unique()):
@@ -123,7 +143,8 @@ def scenarios(source: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _build_store(source: Path, directory: Path, held_out: str, removed: str | None) -> tuple[Path, list[str]]:
+def _build_store(source: Path, directory: Path, held_out: str, removed: str | None,
+                 columns: tuple[str, str] = ("experiment", "cell_type")) -> tuple[Path, list[str]]:
     import anndata as ad
 
     from mars_scale.ingest import IngestConfig, ingest
@@ -131,9 +152,12 @@ def _build_store(source: Path, directory: Path, held_out: str, removed: str | No
     directory.mkdir(parents=True, exist_ok=True)
     store = directory / "atlas.zarr"
     adata = ad.read_h5ad(source)
+    obs = _labelled_obs(adata.obs, columns)  # unlabelled cells cannot be scored: left out
+    adata = adata[adata.obs_names.isin(obs.index)].copy()
+    adata.obs = obs.loc[adata.obs_names]
     keep = np.ones(adata.n_obs, dtype=bool)
     if removed is not None:
-        keep &= ~((adata.obs["cell_type"].astype(str) == removed) & (adata.obs["experiment"].astype(str) != held_out)).to_numpy()
+        keep &= ~((adata.obs["cell_type"] == removed) & (adata.obs["experiment"] != held_out)).to_numpy()
     sub = adata[keep].copy()
     sub.obs = sub.obs[["experiment", "cell_type"]].copy()
     for col in ("experiment", "cell_type"):
@@ -166,7 +190,8 @@ def _cache_path(workdir: Path, dataset: str, tag: str, seed: int, options: dict[
 
 
 def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: Path,
-                   options: dict[str, Any] | None = None, extra_k: int = 0, auto_k: bool = False) -> Path:
+                   options: dict[str, Any] | None = None, extra_k: int = 0, auto_k: bool = False,
+                   columns: tuple[str, str] = ("experiment", "cell_type")) -> Path:
     """Train MARS on one scenario and cache what scoring needs; returns the cache file."""
     import dataclasses
 
@@ -188,7 +213,7 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
     if meta_path.exists() and (directory / "atlas.zarr").exists():
         store_path, single = directory / "atlas.zarr", json.loads(meta_path.read_text())["single"]
     else:
-        store_path, single = _build_store(source, directory, held, removed)
+        store_path, single = _build_store(source, directory, held, removed, columns)
         meta_path.write_text(json.dumps({"single": single}))
     store = open_store(store_path)
     config = RunConfig()
@@ -440,7 +465,14 @@ def markdown(rows: list[dict], summary: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS) + [SYNTHETIC])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS) + [SYNTHETIC],
+                        help="Shared datasets by name, the simulated ones, or paths to .h5ad files of raw "
+                             "counts (named by their stem).")
+    parser.add_argument("--experiment-key", default="experiment",
+                        help="obs column of the experiments, in .h5ad files given by path.")
+    parser.add_argument("--label-key", default="cell_type",
+                        help="obs column of the cell types, in .h5ad files given by path (unlabelled cells "
+                             "are left out).")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--held-out", nargs="+", default=None,
                         help="Only these held-out experiments (default: every experiment in turn).")
@@ -471,7 +503,9 @@ def main() -> None:
     single_type: dict[str, list[str]] = {}
     for dataset in args.datasets:
         source = _source(dataset, args.workdir)
-        for sc in scenarios(source):
+        columns = (args.experiment_key, args.label_key) if dataset.endswith(".h5ad") else ("experiment", "cell_type")
+        dataset = source.stem
+        for sc in scenarios(source, columns):
             if ((args.extra_k or args.nothing_removed) and sc["removed"] is not None) or (
                     args.held_out and sc["held_out"] not in args.held_out):
                 continue
@@ -479,7 +513,8 @@ def main() -> None:
                 tag = f"{sc['held_out']}__{sc['removed'] or 'none'}"
                 cache = _cache_path(args.workdir, source.stem, tag, seed, args.options, args.extra_k, args.auto_k)
                 if not args.score_only:
-                    cache = train_scenario(source, sc, seed, args.workdir, args.options, args.extra_k, args.auto_k)
+                    cache = train_scenario(source, sc, seed, args.workdir, args.options, args.extra_k, args.auto_k,
+                                           columns)
                 if args.train_only or not cache.exists():
                     continue
                 row = {"dataset": dataset, "held_out": sc["held_out"], "removed": sc["removed"], "seed": seed,
@@ -500,7 +535,8 @@ def main() -> None:
     print(table)
     if args.dry_run:
         return
-    selection = "all" if set(args.datasets) == set(DATASETS) | {SYNTHETIC} else "+".join(args.datasets)
+    selection = "all" if set(args.datasets) == set(DATASETS) | {SYNTHETIC} else "+".join(
+        Path(d).stem for d in args.datasets)
     key = args.key or f"{selection}-{len(args.seeds)}seeds" + ("" if args.method == "default" else f"-{args.method}") + (
         "" if not (args.options or args.extra_k or args.auto_k) else
         "-" + _cache_path(args.workdir, "", "", 0, args.options, args.extra_k, args.auto_k).parent.parent.name)
