@@ -42,7 +42,8 @@ class DemoResult:
             f"accuracy {self.metrics.get('accuracy', float('nan')):.3f}   "
             f"(K-means on the pretrained embedding: ARI {self.kmeans_on_ae_ari:.3f})",
             f"types absent from the annotated experiments: {', '.join(self.novel_types) or 'none'}",
-            f"clusters called novel: {', '.join(self.novel_clusters) or 'none'}",
+            "clusters called novel: " + (f"{len(self.novel_clusters)} (cluster {', '.join(self.novel_clusters)})"
+                                          if self.novel_clusters else "none"),
             "",
             f"{'cluster':>8}  {'cells':>6}  {'name':<10} {'nearest':<10} {'prob':>5}  {'novelty':>7}  true majority",
         ]

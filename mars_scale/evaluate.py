@@ -1197,10 +1197,9 @@ def _annotation_record(store: Atlas, keys: dict[str, Any], key_added: str) -> tu
     they were annotated together), after checking that every element the annotation writes is there."""
     from anndata.io import read_elem
 
-    cluster_col, type_col, confidence_col, novelty_col, closest_col, _ = keys["obs"]
+    cluster_col, type_col, _, novelty_col, _, _ = keys["obs"]
     root = store.root
-    missing = [f"obs/{c}" for c in (cluster_col, type_col, confidence_col, novelty_col, closest_col)
-               if c not in root["obs"]]
+    missing = [f"obs/{c}" for c in (cluster_col, type_col, novelty_col) if c not in root["obs"]]
     missing += [f"{g}/{n}" for g, n in (("obsm", keys["obsm"]), ("uns", keys["uns"]))
                 if g not in root or n not in root[g]]
     if missing:
@@ -1297,10 +1296,13 @@ def _score_experiment(store: Atlas, keys: dict[str, Any], record: dict[str, Any]
     cell_type = np.asarray(type_categories + [""], dtype=object)[np.where(type_codes >= 0, type_codes,
                                                                           len(type_categories))]
     novelty = np.asarray(root["obs"][novelty_col][a:b], dtype=np.float64)
-    confidence = np.asarray(root["obs"][confidence_col][a:b], dtype=np.float64)
-    closest_codes, closest_categories = store.categorical_codes(closest_col, a, b)
-    closest = np.asarray(closest_categories + [""], dtype=object)[np.where(closest_codes >= 0, closest_codes,
-                                                                           len(closest_categories))]
+    confidence = closest = None  # per-cell outputs an annotation of an earlier version may lack
+    if confidence_col in root["obs"]:
+        confidence = np.asarray(root["obs"][confidence_col][a:b], dtype=np.float64)
+    if closest_col in root["obs"]:
+        closest_codes, closest_categories = store.categorical_codes(closest_col, a, b)
+        closest = np.asarray(closest_categories + [""], dtype=object)[
+            np.where(closest_codes >= 0, closest_codes, len(closest_categories))]
     table_ids = np.asarray(record["clusters"], dtype=np.int64).ravel()
     labels, descriptions = _plain_strings(record["label"]), _plain_strings(record["description"])
     nov = np.asarray(record["novelty"], dtype=np.float64).ravel()

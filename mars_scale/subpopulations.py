@@ -7,10 +7,11 @@ the embedding keeps what the reference labels and loses what it does not (docs/a
 cluster called known, this module asks three questions of the log-normalised expression:
 
 1. Is the cluster two populations? Its cells are split in two at random; on one half the top
-   principal components of its most variable genes are cut in two by K-means, giving a direction
-   ``w`` in gene space (the difference of the two means); the other half's cells, projected on
-   ``w``, are tested for bimodality. Fitting and testing on different cells keeps noise from
-   passing for structure.
+   principal components of its genes most variable for their mean (:func:`excess_variance_genes`)
+   are cut in two by K-means, giving a direction ``w`` in gene space (the difference of the two
+   means); the other half's cells, projected on ``w``, are tested for bimodality, and the same
+   is done the other way round: the split must replicate. Fitting and testing on different cells
+   keeps noise from passing for structure.
 2. Is the split specific to this cluster? Every other cluster of the experiment, projected on
    ``w``, must be unimodal; a direction that cuts every cluster (cell quality, cycling) is not a
    cell type.
@@ -143,6 +144,29 @@ def bimodal_threshold(n: int, *, floor: float = MIN_DPRIME) -> float:
     return float(max(floor, q99))
 
 
+def excess_variance_genes(mean: np.ndarray, variance: np.ndarray, n_genes: int, *, n_bins: int = 20) -> np.ndarray:
+    """The ``n_genes`` genes whose variance most exceeds that of genes of similar mean, sorted.
+
+    Expressed genes are put in ``n_bins`` bins of equal size by mean; a gene's score is its
+    variance less its bin's median, over the bin's median absolute deviation (a robust
+    z-score against the mean-variance trend, as Seurat's and scanpy's highly variable genes).
+    The raw variance would favour the most expressed genes, whose counting noise alone is
+    large; a population that only part of the cells hold raises a gene's variance above its
+    trend at any mean. Genes with zero mean are never taken.
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    variance = np.asarray(variance, dtype=np.float64)
+    expressed = np.flatnonzero(mean > 0)
+    score = np.full(mean.shape[0], -np.inf)
+    for part in np.array_split(expressed[np.argsort(mean[expressed], kind="stable")], max(1, min(n_bins, expressed.size))):
+        v = variance[part]
+        centre = np.median(v)
+        spread = np.median(np.abs(v - centre))
+        score[part] = (v - centre) / (spread if spread > 0 else max(float(np.std(v)), 1e-12))
+    top = np.argsort(-score, kind="stable")[:min(n_genes, expressed.size)]
+    return np.sort(top)
+
+
 def find_parts(
     store: Any,
     rows: np.ndarray,
@@ -153,7 +177,7 @@ def find_parts(
     annotated: Sequence[str],
     label_key: str = "cell_type",
     max_cells: int = 1000,
-    n_genes: int = 2000,
+    n_genes: int = 500,
     n_components: int = 20,
     sibling_share: float = 0.5,
     min_part_cells: int = 10,
@@ -180,7 +204,8 @@ def find_parts(
     max_cells
         Most cells read per cluster and per annotated experiment.
     n_genes, n_components
-        Most variable genes of a cluster, and principal components, for its split.
+        Genes of a cluster most variable for their mean (:func:`excess_variance_genes`), and
+        principal components, for its split.
     sibling_share
         Names whose prototype lies within this share of the median distance between prototypes
         from the cluster's name count as its siblings in the reference test.
@@ -593,38 +618,51 @@ def _sample(index: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.n
 def _split(cells, *, n_genes: int, n_components: int, min_part_cells: int,
            rng: np.random.Generator) -> dict[str, Any] | None:
     """Cross-fitted split of one cluster's sampled cells (sparse, log-normalised), or ``None``
-    when its test half is not bimodal."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
-
+    unless it replicates: the direction found on each random half must cut the other half in
+    two (both bimodal)."""
     mean = np.asarray(cells.mean(axis=0), dtype=np.float64).ravel()
     sq = np.asarray(cells.multiply(cells).mean(axis=0), dtype=np.float64).ravel()
-    genes = np.sort(np.argsort(-(sq - mean**2), kind="stable")[:n_genes])
+    genes = excess_variance_genes(mean, sq - mean**2, n_genes)
     x = cells[:, genes].toarray().astype(np.float64) - mean[genes]
     order = rng.permutation(x.shape[0])
     fit, test = x[np.sort(order[::2])], x[np.sort(order[1::2])]
-    k = int(min(n_components, fit.shape[0] - 1, fit.shape[1]))
+    found = []
+    for a, b in ((fit, test), (test, fit)):
+        w = _two_means_direction(a, n_components=n_components, min_part_cells=min_part_cells, rng=rng)
+        if w is None:
+            return None
+        projected = b @ w
+        dprime, cut = bimodality(projected)
+        threshold = bimodal_threshold(b.shape[0], floor=SPLIT_DPRIME)
+        if dprime < threshold:
+            return None
+        found.append((w, projected, dprime, cut, threshold))
+    (w, projected, dprime, cut, threshold), (_, _, replicate, _, replicate_threshold) = found
+    # the cut in the units of the raw projection (without the centring by the sampled mean)
+    return {"genes": genes, "w": w, "dprime": dprime, "threshold": threshold,
+            "margin": min(dprime / threshold, replicate / replicate_threshold),
+            "cut": cut + float(mean[genes] @ w),
+            "gap": float(projected[projected > cut].mean() - projected[projected <= cut].mean())}
+
+
+def _two_means_direction(x: np.ndarray, *, n_components: int, min_part_cells: int,
+                         rng: np.random.Generator) -> np.ndarray | None:
+    """Unit direction between the two K-means parts of ``x``'s top principal components, or
+    ``None`` (too few cells, or a part below ``min_part_cells // 2``)."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    k = int(min(n_components, x.shape[0] - 1, x.shape[1]))
     if k < 1:
         return None
     seed = int(rng.integers(2**31 - 1))
-    scores = PCA(n_components=k, random_state=seed).fit_transform(fit)
+    scores = PCA(n_components=k, random_state=seed).fit_transform(x)
     labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(scores)
     if np.bincount(labels, minlength=2).min() < min_part_cells // 2:
         return None
-    w = fit[labels == 1].mean(axis=0) - fit[labels == 0].mean(axis=0)
+    w = x[labels == 1].mean(axis=0) - x[labels == 0].mean(axis=0)
     norm = np.linalg.norm(w)
-    if not norm > 0:
-        return None
-    w /= norm
-    projected = test @ w
-    dprime, cut = bimodality(projected)
-    threshold = bimodal_threshold(test.shape[0], floor=SPLIT_DPRIME)
-    if dprime < threshold:
-        return None
-    # the cut in the units of the raw projection (without the centring by the sampled mean)
-    return {"genes": genes, "w": w, "dprime": dprime, "threshold": threshold,
-            "cut": cut + float(mean[genes] @ w),
-            "gap": float(projected[projected > cut].mean() - projected[projected <= cut].mean())}
+    return w / norm if norm > 0 else None
 
 
 def _genes_up(store: Any, split: dict[str, Any], high_side: bool) -> tuple[str, ...]:
@@ -644,7 +682,7 @@ def _new_part(store: Any, rows: np.ndarray, members: np.ndarray, embedding: np.n
     cells = members[side == new_side]
     if cells.size < min_part_cells or cells.size == members.size:
         return None
-    evidence = min(split["dprime"] / split["threshold"], 1.0 / max(split["other_ratio"], 1e-9),
+    evidence = min(split["margin"], 1.0 / max(split["other_ratio"], 1e-9),
                    1.0 / max(ref["ratio"], 1e-9))
     genes = _genes_up(store, split, new_side)
     name = str(naming.compared_name[j])

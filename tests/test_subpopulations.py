@@ -12,8 +12,9 @@ import scipy.sparse as sp
 from mars_scale.errors import InputError
 from mars_scale.naming import name_clusters, name_confusion
 from mars_scale.preprocess import normalized_rows
-from mars_scale.subpopulations import (bimodal_threshold, bimodality, find_parts, name_with_parts,
-                                       resolve_siblings)
+import mars_scale.subpopulations as subpopulations
+from mars_scale.subpopulations import (bimodal_threshold, bimodality, excess_variance_genes, find_parts,
+                                       name_with_parts, resolve_siblings)
 
 N_GENES = 300
 EXPERIMENTS = ("ref1", "ref2", "query")
@@ -52,6 +53,44 @@ def test_bimodality_separates_two_populations_from_one():
     assert bimodal_threshold(20) > bimodal_threshold(200) >= 3.5
     assert bimodal_threshold(5) == np.inf
     assert bimodal_threshold(1000, floor=4.5) == 4.5 and bimodal_threshold(10, floor=4.5) == 6.33
+
+
+def test_excess_variance_genes_rank_variance_against_genes_of_similar_mean():
+    rng = np.random.default_rng(4)
+    mean = np.concatenate([rng.uniform(0.1, 5.0, 200), [0.0, 0.0]])
+    variance = mean * rng.uniform(0.9, 1.1, mean.size)  # a Poisson-like trend
+    variance[7] = mean[7] * 3.0  # raised for its mean
+    variance[-2] = 1.0  # not expressed: never taken
+    top = excess_variance_genes(mean, variance, 1, n_bins=10)
+    assert top.tolist() == [7]
+    assert np.argmax(variance) != 7  # the raw variance would take a highly expressed gene
+    # an independent computation of the score: bins of equal size by mean, robust z in each
+    expressed = np.flatnonzero(mean > 0)
+    bins = np.array_split(expressed[np.argsort(mean[expressed], kind="stable")], 10)
+    score = np.full(mean.size, -np.inf)
+    for b in bins:
+        med = np.median(variance[b])
+        score[b] = (variance[b] - med) / np.median(np.abs(variance[b] - med))
+    np.testing.assert_array_equal(excess_variance_genes(mean, variance, 30, n_bins=10),
+                                  np.sort(np.argsort(-score, kind="stable")[:30]))
+    # asking for more genes than are expressed gives every expressed gene, sorted
+    np.testing.assert_array_equal(excess_variance_genes(mean, variance, 500), expressed)
+
+
+def test_a_split_counts_only_when_each_half_finds_it_in_the_other(monkeypatch):
+    # 200 cells, two populations 8 apart on gene 0, noise elsewhere: the split on gene 0 replicates
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 1, (200, 40))
+    x[:100, 0] += 8.0
+    cells = sp.csr_matrix(x - x.min())
+    found = subpopulations._split(cells, n_genes=40, n_components=5, min_part_cells=10,
+                                  rng=np.random.default_rng(0))
+    assert found is not None and found["margin"] >= 1.0
+    # a direction that only one half yields (here: gene 0, then a noise gene) is not a split
+    directions = iter([np.eye(40)[0], np.eye(40)[1]])
+    monkeypatch.setattr(subpopulations, "_two_means_direction", lambda *a, **k: next(directions))
+    assert subpopulations._split(cells, n_genes=40, n_components=5, min_part_cells=10,
+                                 rng=np.random.default_rng(0)) is None
 
 
 def test_normalized_rows_matches_a_dense_reference(small_store):
