@@ -310,7 +310,8 @@ def name_with_parts(
         siblings, renamed, resolved = resolve_siblings(store, rows, assignment, naming, confusion,
                                                        annotated=annotated, seed=seed)
         if siblings or renamed:
-            decided.update({c: (n, 0.0, None) for c, n in renamed.items()})
+            # a renamed cluster that the split test made keeps its pointer to the cluster it came from
+            decided.update({c: (n, 0.0, decided[c][2] if c in decided else None) for c, n in renamed.items()})
             decided = _decided(siblings, decided)
             assignment = with_parts(assignment, siblings)
             naming = name(assignment, decided)
@@ -355,7 +356,7 @@ def _decided(parts: Sequence[Part], decided: dict[Any, tuple[str, float, Any]]) 
     for p in parts:
         out[p.new_cluster] = (p.name, p.evidence, p.cluster)
         if p.parent_name is not None:
-            out[p.cluster] = (p.parent_name, 0.0, None)
+            out[p.cluster] = (p.parent_name, 0.0, out[p.cluster][2] if p.cluster in out else None)
     return out
 
 

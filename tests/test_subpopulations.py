@@ -362,3 +362,27 @@ def test_decided_clusters_are_checked():
     # evidence above 1: novel
     naming = name_clusters(z, clusters, landmarks, ["a", "b"], decided={2: ("a", 2.0, 0)}, rng=0)
     assert naming.is_novel[int(np.flatnonzero(naming.clusters == 2)[0])]
+
+
+def test_a_part_renamed_by_the_sibling_step_keeps_the_cluster_it_was_split_from(monkeypatch):
+    # cluster 0 (near A) is split by the split test into 0 and a known part 2 (named B); the
+    # sibling step then renames part 2 to C: part 2 must still point at cluster 0
+    rng = np.random.default_rng(0)
+    landmarks = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
+    z = np.concatenate([rng.normal([0, 0], 0.3, (40, 2)), rng.normal([6, 0], 0.3, (40, 2)),
+                        rng.normal([0, 6], 0.3, (20, 2))])
+    clusters = np.repeat([0, 1, 0], [40, 40, 20])
+    known_part = subpopulations.Part(cluster=0, new_cluster=2, cells=np.arange(80, 100), novel=False, name="B",
+                                     parent_name="A", dprime=5.0, other_dprime=1.0, reference_dprime=1.0,
+                                     evidence=0.0, siblings=("A", "B"), genes=())
+    monkeypatch.setattr(subpopulations, "find_parts", lambda *a, **k: [known_part])
+    monkeypatch.setattr(subpopulations, "resolve_siblings", lambda *a, **k: ([], {2: "C"}, []))
+
+    def name(assignment, decided):
+        return name_clusters(z, assignment, landmarks, ["A", "B", "C"], decided=decided, rng=0)
+
+    naming, assignment, _ = name_with_parts(name, None, np.arange(100), clusters, z, annotated=[],
+                                            confusion=np.eye(3))
+    j = int(np.flatnonzero(naming.clusters == 2)[0])
+    assert naming.label[j] == "C" and naming.clusters[naming.part_of[j]] == 0
+    assert (assignment[80:] == 2).all()
