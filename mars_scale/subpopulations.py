@@ -307,11 +307,20 @@ def name_with_parts(
         assignment = with_parts(assignment, parts)
         naming = name(assignment, decided)
     if confusion is not None:
-        siblings, renamed, resolved = resolve_siblings(store, rows, assignment, naming, confusion,
-                                                       annotated=annotated, seed=seed)
+        siblings, named, resolved = resolve_siblings(store, rows, assignment, naming, confusion,
+                                                     annotated=annotated, seed=seed)
+        position = {c: j for j, c in enumerate(naming.clusters)}
+        renamed = {c: n for c, n in named.items() if n != naming.label[position[c]]}
         if siblings or renamed:
-            # a renamed cluster that the split test made keeps its pointer to the cluster it came from
-            decided.update({c: (n, 0.0, decided[c][2] if c in decided else None) for c, n in renamed.items()})
+            # The step names cells inside known clusters and changes no other call: every
+            # cluster keeps the name (or the call "new") and the evidence the matching gave it,
+            # a renamed one takes its new name as known, a part its sibling's name. Matching
+            # again would hand the names the parts now carry to other clusters, or push a
+            # cluster that holds one out to another name or to "new".
+            decided = {c: (str(naming.compared_name[j]), float(naming.evidence[j]),
+                           naming.clusters[naming.part_of[j]] if naming.part_of[j] >= 0 else None)
+                       for j, c in enumerate(naming.clusters)}
+            decided.update({c: (n, 0.0, decided[c][2]) for c, n in renamed.items()})
             decided = _decided(siblings, decided)
             assignment = with_parts(assignment, siblings)
             naming = name(assignment, decided)
@@ -411,8 +420,9 @@ def resolve_siblings(
     -------
     parts : list of Part
         Known parts (``novel=False``) under a sibling's name.
-    renamed : dict
-        Clusters whose cells are mostly a sibling: the cluster's new name.
+    named : dict
+        Every cluster the step judged (resolved or kept): its name, that of most of its cells
+        when resolved (a sibling's if they are mostly that sibling).
     resolved : list
         Per resolved cluster ``(cells, names, probabilities)``: its cells (positions among the
         new cells), its sibling names and the classifier's ``(len(cells), len(names))``
@@ -428,10 +438,13 @@ def resolve_siblings(
         if naming.is_novel[j] or str(naming.label[j]) not in names:
             continue
         group = _unseparated_siblings(naming, confusion, str(naming.label[j]), sibling_share, separated)
+        if len(group) == 1:  # separated on the annotated cells it was trained on; the new cells may mix them
+            k = int(np.flatnonzero(names == str(naming.label[j]))[0])
+            group = tuple(sorted(names[_close_names(naming, k, sibling_share)].tolist()))
         if len(group) > 1:
             groups.setdefault(group, []).append(j)
     parts: list[Part] = []
-    renamed: dict[Any, str] = {}
+    named: dict[Any, str] = {}
     resolved: list[tuple[np.ndarray, tuple[str, ...], np.ndarray]] = []
     next_id = int(np.max(np.asarray(naming.clusters, dtype=np.int64))) + 1 if len(naming.clusters) else 0
     labels_of = _annotated_labels(store, annotated, label_key) if groups else {}
@@ -443,20 +456,23 @@ def resolve_siblings(
         k = np.searchsorted(names, group)
         block = confusion[np.ix_(k, k)]
         embedded = float(np.trace(block) / block.sum()) if block.sum() > 0 else 0.0
-        if fitted["accuracy"] < embedded + min_gain:
-            logger.info("siblings %s: expression (balanced accuracy %.3f on left-out annotated experiments) "
-                        "does not beat the embedding (%.3f); kept", ", ".join(group), fitted["accuracy"], embedded)
-            continue
         for j in members_of:
             c = naming.clusters[j]
             members = np.flatnonzero(assignment == c)
             proba = _name_probabilities(store, rows[members], fitted)
-            resolved.append((members, group, proba))
             predicted = np.argmax(proba, axis=1)
             counts = np.bincount(predicted, minlength=len(group))
+            share = own_share(counts, fitted["confusion"], group.index(str(naming.label[j])))
+            if fitted["accuracy"] < min(embedded, share) + min_gain:
+                logger.info("cluster %s (%s): expression tells %s apart with balanced accuracy %.3f on left-out "
+                            "annotated experiments; the embedding %.3f on the annotated cells, and the cluster's "
+                            "name fits an estimated %.3f of its cells; kept", c, naming.label[j], ", ".join(group),
+                            fitted["accuracy"], embedded, share)
+                named[c] = str(naming.label[j])
+                continue
+            resolved.append((members, group, proba))
             keep = int(np.argmax(counts))
-            if group[keep] != str(naming.label[j]):
-                renamed[c] = group[keep]
+            named[c] = group[keep]
             for g in np.flatnonzero(counts >= min_part_cells):
                 if g == keep:
                     continue
@@ -466,9 +482,31 @@ def resolve_siblings(
                                   siblings=group, genes=fitted["genes_up"][g], accuracy=fitted["accuracy"]))
                 next_id += 1
             logger.info("cluster %s (%s): siblings %s resolved on expression (balanced accuracy %.3f against "
-                        "the embedding's %.3f): %s", c, naming.label[j], ", ".join(group), fitted["accuracy"],
-                        embedded, ", ".join(f"{group[g]} {int(counts[g])}" for g in np.flatnonzero(counts)))
-    return parts, renamed, resolved
+                        "the embedding's %.3f and the name's estimated share %.3f): %s", c, naming.label[j],
+                        ", ".join(group), fitted["accuracy"], embedded, share,
+                        ", ".join(f"{group[g]} {int(counts[g])}" for g in np.flatnonzero(counts)))
+    return parts, named, resolved
+
+
+def own_share(counts: np.ndarray, confusion: np.ndarray, own: int) -> float:
+    """The estimated share of a cluster's cells that truly have name ``own``, from how many of
+    them a classifier gave each name (``counts``) and how it confuses the names (``confusion``,
+    rows: true name, columns: the predicted name's share, from left-out annotated
+    experiments): the shares ``m`` that best explain the counts, ``counts / n ~ confusion^T m``
+    (non-negative least squares, normalised to sum to 1), read at ``own``.
+
+    With two names and a classifier right for a share ``a`` of each, ``m = (p - (1 - a)) /
+    (2a - 1)``: the raw share ``p`` corrected for the classifier's errors, so a cluster of one
+    name reads 1 however often the classifier errs on it.
+    """
+    from scipy.optimize import nnls
+
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.sum() <= 0:
+        return 1.0
+    shares, _ = nnls(np.asarray(confusion, dtype=np.float64).T, counts / counts.sum())
+    total = shares.sum()
+    return float(shares[own] / total) if total > 0 else 1.0
 
 
 def _close_names(naming: NamingResult, k: int, sibling_share: float) -> np.ndarray:
@@ -553,20 +591,27 @@ def _sibling_classifier(store: Any, group: tuple[str, ...], labels_of: dict[str,
         if len(test_names) >= 2 and set(test_names) <= set(np.unique(y[fit]).tolist()):
             folds.append((int(test.sum()), i, test_names))
     scores = []
+    confusion = np.zeros((len(group), len(group)))  # left-out cells: true name x predicted name
     for _, i, test_names in sorted(folds, reverse=True)[:max_folds]:  # the largest
         test, fit = origin_all == i, origin_all != i
         model = _fit_logistic(x[fit], y[fit], LogisticRegression)
         mine = test & np.isin(y, test_names)
+        predicted = np.argmax(model["proba"](x[mine]), axis=1)
+        np.add.at(confusion, (y[mine], predicted), 1)
         with warnings.catch_warnings():  # a name predicted that the left-out experiment lacks: just wrong
             warnings.simplefilter("ignore", UserWarning)
-            scores.append(balanced_accuracy_score(y[mine], np.argmax(model["proba"](x[mine]), axis=1)))
+            scores.append(balanced_accuracy_score(y[mine], predicted))
     if not scores:
         return None
+    seen = confusion.sum(axis=1) > 0  # a name never left out: taken as told apart
+    confusion[~seen] = np.eye(len(group))[~seen]
+    confusion /= confusion.sum(axis=1, keepdims=True)
     fitted = _fit_logistic(x, y, LogisticRegression)
     coef = fitted["coef"]
     coef = np.vstack([coef, np.zeros((len(group) - coef.shape[0], coef.shape[1]))])  # names with no cells
     genes_up = [tuple(str(store.gene_ids[genes[i]]) for i in np.argsort(-coef[g])[:5]) for g in range(len(group))]
-    return {"group": group, "genes": genes, "accuracy": float(np.mean(scores)), "genes_up": genes_up, **fitted}
+    return {"group": group, "genes": genes, "accuracy": float(np.mean(scores)), "confusion": confusion,
+            "genes_up": genes_up, **fitted}
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, estimator) -> dict[str, Any]:
