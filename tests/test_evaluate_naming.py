@@ -209,6 +209,22 @@ def test_score_annotation_matches_an_independent_computation(annotated):
     assert t3["cluster_description"] == dict(zip(map(str, record["clusters"]), record["description"]))[majority]
 
 
+def test_an_annotation_without_per_cell_outputs_is_scored_without_them(annotated, tmp_path):
+    import shutil
+
+    import zarr
+
+    copy = tmp_path / "older.zarr"
+    shutil.copytree(annotated, copy)
+    obs = zarr.open_group(copy / "obs", mode="r+")
+    del obs["mars_closest_type"], obs["mars_confidence"]  # as an annotation of an earlier version
+    m = score_annotation(copy, key_added="mars")["metrics"]
+    assert m["known_closest_accuracy"] is None and m["confidence_auroc"] is None
+    full = score_annotation(annotated, key_added="mars")["metrics"]
+    assert full["known_closest_accuracy"] is not None
+    assert (m["ari"], m["known_name_accuracy"]) == (full["ari"], full["known_name_accuracy"])
+
+
 def test_cli_scores_a_stored_annotation(annotated, tmp_path):
     out = tmp_path / "report"
     result = CliRunner().invoke(main, ["evaluate", str(annotated), "--annotation", "mars", "-o", str(out)])
