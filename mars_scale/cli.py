@@ -255,7 +255,7 @@ def train(store, unannotated, n_clusters, reference_only, reference, run_dir, co
 @click.option("--novelty-method", type=click.Choice(["matching", "margin"]), default="matching", show_default=True, help="matching: clusters matched one to one to the known types; margin: the earlier score.")
 @click.option("--min-cluster-cells", type=int, default=10, show_default=True, help="Landmarks with fewer cells are dropped, their cells moved to the nearest other landmark.")
 @click.option("--split-test/--no-split-test", default=True, show_default=True, help="Look inside each cluster called known for a population the reference lacks (a close subtype new to it), on expression, and call it new (docs/algorithm.md, 'The split test').")
-@click.option("--siblings/--no-siblings", default=True, show_default=True, help="With the split test: name known types that the embedding cannot tell apart (close subsets) per cell on expression, where a classifier does better on annotated experiments it did not see (docs/algorithm.md, 'Known siblings').")
+@click.option("--siblings/--no-siblings", default=True, show_default=True, help="With the split test: name close known types (subsets) per cell on expression in the clusters that mix them, where a classifier does better on annotated experiments it did not see than the embedding or the cluster's name would (docs/algorithm.md, 'Known siblings').")
 @_user_errors
 def annotate(store, run_dir, space, key_added, overwrite, export, batch_size, device, seed, novelty_threshold,
              novelty_method, min_cluster_cells, split_test, siblings) -> None:

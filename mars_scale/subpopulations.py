@@ -35,9 +35,10 @@ experiment sits at an offset from the reference there (batch and condition effec
 as large as the difference between the parts on the simulated atlas (docs/algorithm.md).
 
 Known siblings that the embedding confuses (:func:`resolve_siblings`): where the reference
-holds both siblings under their own names but the embedding mixes them even on the annotated
-cells, a logistic regression on the reference's expression names each cell of their clusters,
-if it does better on annotated experiments it was not fitted on than the embedding does.
+holds both siblings under their own names but the embedding mixes them (on the annotated cells,
+or in a cluster of the new cells), a logistic regression on the reference's expression names
+each cell of their clusters, if it does better on annotated experiments it was not fitted on
+than the embedding does or than naming the whole cluster would. No other cluster's call changes.
 
 Bimodality is the exact one-dimensional two-means split: ``d' = |m_1 - m_2| / s`` with ``s`` the
 pooled within-part standard deviation. A single Gaussian gives ``d'`` of about 2.7 at large
@@ -392,14 +393,17 @@ def resolve_siblings(
     within ``sibling_share`` of the median distance between prototypes from ``X``'s and that
     the embedding does not tell apart from ``X`` even on the annotated cells it was trained on
     (the share of the pair's annotated cells whose nearest annotated landmark has their own
-    name, from ``confusion``, below ``separated``). If there are any, a logistic regression on
-    the log-normalised expression of the reference's cells of ``X`` and its siblings (at most
+    name, from ``confusion``, below ``separated``); where it tells them all apart there, the
+    close names themselves (the new cells may still mix them). A logistic regression on the
+    log-normalised expression of the reference's cells of ``X`` and its siblings (at most
     ``max_cells`` per name over all annotated experiments, the ``n_genes`` most variable genes,
     standardised) is fitted with annotated experiments left out in turn (at most five, the
-    largest); it is used only if its mean balanced accuracy on the left-out experiments beats
-    the embedding's accuracy on the same names by ``min_gain``. Fitted on all of them, it names
-    each cell of the cluster: the cluster takes the name most of its cells get, and the cells
-    of each other name (at least ``min_part_cells``) become a part under that name.
+    largest). For each cluster, it is used only if its mean balanced accuracy on the left-out
+    experiments beats by ``min_gain`` the embedding's accuracy on the same names or the
+    estimated share of the cluster's cells that its name fits (:func:`own_share`, from the
+    classifier's calls on the cluster and its left-out confusion). Fitted on all of them, it
+    names each cell of the cluster: the cluster takes the name most of its cells get, and the
+    cells of each other name (at least ``min_part_cells``) become a part under that name.
 
     Cost per sibling group: reading at most ``max_cells`` reference cells per name, at most six
     logistic regressions on them, and one pass over the cells of its clusters.
