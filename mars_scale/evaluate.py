@@ -172,6 +172,11 @@ _NAMING_TITLES = {
 Progress = Callable[[str], None]
 
 
+def _named_codes(codes: np.ndarray, categories: list[str]) -> np.ndarray:
+    """Category names as an object array, ``""`` where the code is -1 (a stored result column)."""
+    return np.asarray(list(categories) + [""], dtype=object)[np.where(codes >= 0, codes, len(categories))]
+
+
 def _labels(codes: np.ndarray, categories: list[str]) -> np.ndarray:
     """Label names as an object array, ``None`` where the code is -1 (missing)."""
     names = np.asarray(categories + [None], dtype=object)
@@ -1292,17 +1297,13 @@ def _score_experiment(store: Atlas, keys: dict[str, Any], record: dict[str, Any]
     codes, categories = store.categorical_codes(cluster_col, a, b)
     cluster_ids = np.asarray([int(c) for c in categories] + [-1], dtype=np.int64)
     clusters = cluster_ids[np.where(codes >= 0, codes, len(categories))]
-    type_codes, type_categories = store.categorical_codes(type_col, a, b)
-    cell_type = np.asarray(type_categories + [""], dtype=object)[np.where(type_codes >= 0, type_codes,
-                                                                          len(type_categories))]
+    cell_type = _named_codes(*store.categorical_codes(type_col, a, b))
     novelty = np.asarray(root["obs"][novelty_col][a:b], dtype=np.float64)
     confidence = closest = None  # per-cell outputs an annotation of an earlier version may lack
     if confidence_col in root["obs"]:
         confidence = np.asarray(root["obs"][confidence_col][a:b], dtype=np.float64)
     if closest_col in root["obs"]:
-        closest_codes, closest_categories = store.categorical_codes(closest_col, a, b)
-        closest = np.asarray(closest_categories + [""], dtype=object)[
-            np.where(closest_codes >= 0, closest_codes, len(closest_categories))]
+        closest = _named_codes(*store.categorical_codes(closest_col, a, b))
     table_ids = np.asarray(record["clusters"], dtype=np.int64).ravel()
     labels, descriptions = _plain_strings(record["label"]), _plain_strings(record["description"])
     nov = np.asarray(record["novelty"], dtype=np.float64).ravel()

@@ -607,15 +607,12 @@ def _name(
     # Names: Gaussian kernel over all landmarks, normalised with a log-sum-exp, summed per name.
     center_sq = cdist(centers, landmarks, "sqeuclidean")  # (J, K), exact
     name_probabilities = _kernel_name_probabilities(center_sq, sigma, name_codes, n_names)
-    top_names, top_probabilities = _top_names(name_probabilities, names, top)
-    best_name = top_names[:, 0].copy()
-    best_probability = top_probabilities[:, 0].copy()
     prototypes = _name_prototypes(landmarks, name_codes, n_names, landmark_weights)
     calls = _cluster_calls(
         novelty_method, centers=centers, radius=radius, prototypes=prototypes, embedding=embedding,
         codes=codes, shift=shift, block_size=block_size, center_dist=np.sqrt(center_sq),
-        names=names, best_name=best_name, name_codes=name_codes, landmark_radius=landmark_radius,
-        decided=codes_decided,
+        names=names, best_name=names[np.argmax(name_probabilities, axis=1)], name_codes=name_codes,
+        landmark_radius=landmark_radius, decided=codes_decided,
     )
     novelty = calls["novelty"]
     is_novel = novelty >= novelty_threshold
@@ -629,9 +626,9 @@ def _name(
         offsets = np.where(known[:, None], prototypes[calls["compared"]] - centers, 0.0)
         on_name = cdist(prototypes[calls["compared"][known]], landmarks, "sqeuclidean")
         name_probabilities[known] = _kernel_name_probabilities(on_name, sigma[known], name_codes, n_names)
-        top_names, top_probabilities = _top_names(name_probabilities, names, top)
-        best_name = top_names[:, 0].copy()
-        best_probability = top_probabilities[:, 0].copy()
+    top_names, top_probabilities = _top_names(name_probabilities, names, top)
+    best_name = top_names[:, 0].copy()
+    best_probability = top_probabilities[:, 0].copy()
     cell_novelty, cell_probs = _per_cell(
         embedding, codes, landmarks, name_codes, n_names, shift=shift, sigma=sigma,
         prototypes=prototypes, centers=centers, radius=radius, calls=calls,
