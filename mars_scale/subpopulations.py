@@ -324,6 +324,8 @@ def name_with_parts(
             decided.update({c: (n, 0.0, decided[c][2]) for c, n in renamed.items()})
             decided = _decided(siblings, decided)
             assignment = with_parts(assignment, siblings)
+            decided = _shared_names(decided, {p.new_cluster for p in siblings} | set(renamed), store, rows,
+                                    embedding, assignment, naming, rng=np.random.default_rng(seed))
             naming = name(assignment, decided)
             parts = parts + siblings
         if resolved:
@@ -358,6 +360,53 @@ def with_sibling_probabilities(naming: NamingResult, assignment: np.ndarray,
     return dataclasses.replace(naming, cell_name_probabilities=probs.astype(np.float32),
                                cell_closest=np.asarray(naming.names)[np.argmax(probs, axis=1)],
                                confidence=confidence)
+
+
+def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store: Any, rows: np.ndarray,
+                  embedding: np.ndarray, assignment: np.ndarray, naming: NamingResult, *,
+                  rng: np.random.Generator, max_cells: int = 1000, n_genes: int = 500, n_components: int = 20,
+                  min_part_cells: int = 10) -> dict[str, Any]:
+    """``decided`` with every other cluster that holds a name the sibling step gave to cells
+    (the clusters ``given``) judged against those cells.
+
+    A new cluster near a known type whose cells the embedding merged into their sibling's
+    cluster is matched to that type by elimination; once the sibling step finds the type's own
+    cells, the name is no longer free. A cluster holding the name (evidence below 1) that lies
+    farther than those cells from the name's prototype in the embedding is new if, in the
+    expression of the new cells (one experiment, so no batch between them), it and they are
+    two populations: their cells pooled split in two as the split test splits a cluster
+    (:func:`_split`, replicated, ``d'`` at least ``SPLIT_DPRIME``) with the two groups on
+    opposite sides. Otherwise it keeps the name: one type that the clustering cut in two.
+    """
+    names = np.asarray(naming.names).astype(str)
+    holders: dict[str, list[Any]] = {}
+    for c in given:
+        if decided[c][1] < 1.0:
+            holders.setdefault(decided[c][0], []).append(c)
+    out = dict(decided)
+    for c, (n, e, of) in decided.items():
+        if n not in holders or c in given or e >= 1.0:
+            continue
+        prototype = naming.prototypes[int(np.flatnonzero(names == n)[0])]
+        owner = np.flatnonzero(np.isin(assignment, holders[n]))
+        cells = np.flatnonzero(assignment == c)
+        distance = np.linalg.norm(np.asarray(embedding[cells]).mean(axis=0) - prototype)
+        if distance <= np.linalg.norm(np.asarray(embedding[owner]).mean(axis=0) - prototype):
+            continue
+        first, second = _sample(cells, max_cells, rng), _sample(owner, max_cells, rng)
+        pooled = np.concatenate([first, second])
+        order = np.argsort(pooled)
+        matrix = normalized_rows(store, rows[pooled[order]], dtype=np.float32)[np.argsort(order)]
+        split = _split(matrix, n_genes=n_genes, n_components=n_components, min_part_cells=min_part_cells, rng=rng)
+        if split is None:
+            continue
+        side = (matrix[:, split["genes"]] @ split["w"]) > split["cut"]
+        if np.median(side[:first.size]) == np.median(side[first.size:]):
+            continue  # two populations, but not these two groups
+        logger.info("cluster %s (%s): the sibling step found %s's own cells nearer its prototype, and the "
+                    "cluster and they are two populations in expression (d' %.2f); new", c, n, n, split["dprime"])
+        out[c] = (n, max(1.0, split["margin"]), of)
+    return out
 
 
 def _decided(parts: Sequence[Part], decided: dict[Any, tuple[str, float, Any]]) -> dict[Any, tuple[str, float, Any]]:

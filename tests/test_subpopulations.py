@@ -412,3 +412,37 @@ def test_a_part_renamed_by_the_sibling_step_keeps_the_cluster_it_was_split_from(
     j = int(np.flatnonzero(naming.clusters == 2)[0])
     assert naming.label[j] == "C" and naming.clusters[naming.part_of[j]] == 0
     assert (assignment[80:] == 2).all()
+
+
+def test_a_cluster_holding_a_name_the_sibling_step_gave_is_judged_against_those_cells(tmp_path):
+    # the query's A2 (25 genes 12-fold, not in the reference) holds the name A by elimination
+    # (cluster 3) while the sibling step found A's own cells (cluster 4, given A); a cluster of
+    # A's cells cut in two by the clustering must keep the name
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2=None))
+    name, _, z, truth = _query_naming(store)
+    rows = np.arange(*store.experiment_ranges["query"])
+    a_cells = np.flatnonzero(truth == "A")
+    assignment = np.select([truth == "A2", truth == "B", truth == "C"], [3, 1, 2], 4)
+    naming = name(assignment, None)
+    given = {4}
+    decided = {3: ("A", 0.9, None), 4: ("A", 0.0, None), 1: ("B", 0.1, None), 2: ("C", 0.1, None)}
+    out = subpopulations._shared_names(decided, given, store, rows, z, assignment, naming,
+                                       rng=np.random.default_rng(0))
+    assert out[3][0] == "A" and out[3][1] >= 1.0  # two populations: new
+    assert {c: out[c] for c in (1, 2, 4)} == {c: decided[c] for c in (1, 2, 4)}
+    # the same cells nearer A's prototype than the given ones: not judged
+    z_near = z.copy()
+    z_near[a_cells] += 5.0
+    assert subpopulations._shared_names(decided, given, store, rows, z_near, assignment, name(assignment, None),
+                                        rng=np.random.default_rng(0)) == decided
+    # one population cut in two, the far half holding the name: it keeps it
+    halves = np.where(np.isin(np.arange(truth.size), a_cells[::2]), 3, assignment)
+    halves[truth == "A2"] = 5
+    z_far = z.copy()
+    z_far[a_cells[::2]] += 3.0
+    decided_halves = {**decided, 5: ("A", 1.5, None)}
+    out = subpopulations._shared_names(decided_halves, given, store, rows, z_far, halves, name(halves, None),
+                                       rng=np.random.default_rng(0))
+    assert out == decided_halves
