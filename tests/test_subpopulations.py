@@ -403,6 +403,7 @@ def test_a_part_renamed_by_the_sibling_step_keeps_the_cluster_it_was_split_from(
                                      evidence=0.0, siblings=("A", "B"), genes=())
     monkeypatch.setattr(subpopulations, "find_parts", lambda *a, **k: [known_part])
     monkeypatch.setattr(subpopulations, "resolve_siblings", lambda *a, **k: ([], {2: "C"}, []))
+    monkeypatch.setattr(subpopulations, "_shared_names", lambda decided, *a, **k: decided)  # no store to read
 
     def name(assignment, decided):
         return name_clusters(z, assignment, landmarks, ["A", "B", "C"], decided=decided, rng=0)
