@@ -306,6 +306,14 @@ def name_with_parts(
     if parts:
         decided = _decided(parts, decided)
         assignment = with_parts(assignment, parts)
+        # a cluster that held a name a known part now takes keeps it unless the two differ
+        given = _given(parts, naming)
+        taken = {decided[c][0] for c in given if decided[c][1] < 1.0}
+        holding = {c: (str(naming.compared_name[j]), float(naming.evidence[j]), None)
+                   for j, c in enumerate(naming.clusters)
+                   if c not in decided and not naming.is_novel[j] and str(naming.compared_name[j]) in taken}
+        decided = _shared_names({**decided, **holding}, given, store, rows, embedding, assignment,
+                                naming, rng=np.random.default_rng(seed))
         naming = name(assignment, decided)
     if confusion is not None:
         siblings, named, resolved = resolve_siblings(store, rows, assignment, naming, confusion,
@@ -324,7 +332,7 @@ def name_with_parts(
             decided.update({c: (n, 0.0, decided[c][2]) for c, n in renamed.items()})
             decided = _decided(siblings, decided)
             assignment = with_parts(assignment, siblings)
-            decided = _shared_names(decided, {p.new_cluster for p in siblings} | set(renamed), store, rows,
+            decided = _shared_names(decided, _given(siblings, naming) | set(renamed), store, rows,
                                     embedding, assignment, naming, rng=np.random.default_rng(seed))
             naming = name(assignment, decided)
             parts = parts + siblings
@@ -360,6 +368,14 @@ def with_sibling_probabilities(naming: NamingResult, assignment: np.ndarray,
     return dataclasses.replace(naming, cell_name_probabilities=probs.astype(np.float32),
                                cell_closest=np.asarray(naming.names)[np.argmax(probs, axis=1)],
                                confidence=confidence)
+
+
+def _given(parts: Sequence[Part], naming: NamingResult) -> set:
+    """The clusters that ``parts`` named: the known parts, and the clusters they were split from
+    that take another name than ``naming`` gave them."""
+    label = dict(zip(naming.clusters, np.asarray(naming.label).astype(str)))
+    return ({p.new_cluster for p in parts if not p.novel}
+            | {p.cluster for p in parts if p.parent_name is not None and p.parent_name != label[p.cluster]})
 
 
 def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store: Any, rows: np.ndarray,

@@ -447,3 +447,37 @@ def test_a_cluster_holding_a_name_the_sibling_step_gave_is_judged_against_those_
     out = subpopulations._shared_names(decided_halves, given, store, rows, z_far, halves, name(halves, None),
                                        rng=np.random.default_rng(0))
     assert out == decided_halves
+
+
+def test_a_cluster_keeps_its_name_when_a_known_part_of_the_same_type_takes_it(tmp_path, monkeypatch):
+    # the query's A cells fall in two clusters: 0 (alone, farther from A's prototype) and 3 (with
+    # A2); the split test takes A's cells out of 3 as a known part named A. Cluster 0 is the same
+    # population in expression, so it keeps A instead of being matched again without it
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2="own"))
+    rng = np.random.default_rng(1)
+    a, b = store.experiment_ranges["query"]
+    codes, cats = store.categorical_codes("cell_type", 0, store.n_cells)
+    labels = np.asarray(cats, dtype=object)[codes]
+    centres = {"A": [0.0, 0.0], "A2": [3.0, 0.0], "B": [10.0, 0.0], "C": [0.0, 10.0]}
+    z = np.asarray([centres[t] for t in labels]) + rng.normal(0, 0.5, (len(labels), 2))
+    ref = np.arange(store.n_cells) < a
+    names = sorted(set(labels[ref]))
+    landmarks = np.stack([z[ref & (labels == n)].mean(axis=0) for n in names])
+    truth, z = labels[a:b], z[a:b]
+    a_cells = np.flatnonzero(truth == "A")
+    z[a_cells[::2]] += [0.0, 1.2]
+    clusters = np.select([np.isin(np.arange(truth.size), a_cells[::2]), truth == "B", truth == "C"], [0, 1, 2], 3)
+    part = subpopulations.Part(cluster=3, new_cluster=4, cells=a_cells[1::2], novel=False, name="A",
+                               parent_name="A2", dprime=8.0, other_dprime=1.0, reference_dprime=8.0, evidence=0.0,
+                               siblings=("A", "A2"), genes=())
+    monkeypatch.setattr(subpopulations, "find_parts", lambda *a, **k: [part])
+
+    def name(assignment, decided):
+        return name_clusters(z, assignment, landmarks, names, decided=decided, rng=0)
+
+    assert name(clusters, None).label[0] == "A"
+    naming, assignment, _ = name_with_parts(name, store, np.arange(a, b), clusters, z, annotated=["ref1", "ref2"])
+    assert (naming.cell_type[a_cells] == "A").all()
+    assert (naming.cell_type[truth == "A2"] == "A2").all()
