@@ -38,7 +38,13 @@ Known siblings that the embedding confuses (:func:`resolve_siblings`): where the
 holds both siblings under their own names but the embedding mixes them (on the annotated cells,
 or in a cluster of the new cells), a logistic regression on the reference's expression names
 each cell of their clusters, if it does better on annotated experiments it was not fitted on
-than the embedding does or than naming the whole cluster would. No other cluster's call changes.
+than the embedding does or than naming the whole cluster would. No other cluster's call changes,
+but one: a cluster that held a name by the matching while either step gives the name to cells
+(a known part, a renamed cluster) is judged against those cells (:func:`_shared_names`). If it
+lies farther from the name's prototype and the two are two populations in the new cells'
+expression (the split test's first question on their cells pooled), it is new: a new type next
+to a known one whose cells the embedding had merged into their sibling's cluster is matched to
+that type by elimination. If not, it keeps the name: one type that the clustering cut in two.
 
 Bimodality is the exact one-dimensional two-means split: ``d' = |m_1 - m_2| / s`` with ``s`` the
 pooled within-part standard deviation. A single Gaussian gives ``d'`` of about 2.7 at large
@@ -290,7 +296,9 @@ def name_with_parts(
 ) -> tuple[NamingResult, np.ndarray, list[Part]]:
     """Name the clusters, split off the parts (:func:`find_parts`), resolve known siblings that
     the embedding does not separate (:func:`resolve_siblings`, with ``confusion``), and name
-    again.
+    again. After each step, a cluster that holds a name the step gave to cells keeps it unless
+    it is another population than those cells (:func:`_shared_names`); the split test's other
+    clusters are matched again, the sibling step's keep their calls.
 
     ``name(assignment, decided)`` names clusters (:func:`mars_scale.naming.name_clusters` with
     everything but these two bound). ``confusion``: :func:`mars_scale.naming.name_confusion`
@@ -381,13 +389,13 @@ def _given(parts: Sequence[Part], naming: NamingResult) -> set:
 def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store: Any, rows: np.ndarray,
                   embedding: np.ndarray, assignment: np.ndarray, naming: NamingResult, *,
                   rng: np.random.Generator, max_cells: int = 1000, n_genes: int = 500, n_components: int = 20,
-                  min_part_cells: int = 10) -> dict[str, Any]:
-    """``decided`` with every other cluster that holds a name the sibling step gave to cells
-    (the clusters ``given``) judged against those cells.
+                  min_part_cells: int = 10) -> dict[Any, tuple[str, float, Any]]:
+    """``decided`` with every other cluster that holds a name the split test or the sibling step
+    gave to cells (the clusters ``given``) judged against those cells.
 
     A new cluster near a known type whose cells the embedding merged into their sibling's
-    cluster is matched to that type by elimination; once the sibling step finds the type's own
-    cells, the name is no longer free. A cluster holding the name (evidence below 1) that lies
+    cluster is matched to that type by elimination; once a step finds the type's own cells,
+    the name is no longer free. A cluster holding the name (evidence below 1) that lies
     farther than those cells from the name's prototype in the embedding is new if, in the
     expression of the new cells (one experiment, so no batch between them), it and they are
     two populations: their cells pooled split in two as the split test splits a cluster
