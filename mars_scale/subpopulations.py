@@ -12,9 +12,10 @@ cluster called known, this module asks three questions of the log-normalised exp
    means); the other half's cells, projected on ``w``, are tested for bimodality, and the same
    is done the other way round: the split must replicate. Fitting and testing on different cells
    keeps noise from passing for structure.
-2. Is the split specific to this cluster? Every other cluster of the experiment, projected on
-   ``w``, must be unimodal; a direction that cuts every cluster (cell quality, cycling) is not a
-   cell type.
+2. Is the split specific to this type? Every cluster of the experiment under another name,
+   projected on ``w``, must be unimodal; a direction that cuts every cluster (cell quality,
+   cycling) is not a cell type. Clusters under the same name are left out: they are the same
+   type, and a new population the clustering spread over them cuts them all.
 3. Does the reference hold both populations? The annotated cells of the cluster's name and of
    its close siblings (names whose prototype lies within ``sibling_share`` of the median distance
    between prototypes), projected on ``w`` per annotated experiment, must be unimodal. If the
@@ -241,14 +242,17 @@ def find_parts(
     matrix = normalized_rows(store, rows[taken], dtype=np.float32)
     sampled = {c: matrix[np.searchsorted(taken, samples[c])] for c in naming.clusters}
 
+    label_of = dict(zip(naming.clusters, np.asarray(naming.label).astype(str)))
     splits = []
     for c in known:
         split = _split(sampled[c], n_genes=n_genes, n_components=n_components,
                        min_part_cells=min_part_cells, rng=rng)
         if split is None:
             continue
-        others = [bimodality(sampled[o][:, split["genes"]] @ split["w"])
-                  + (sampled[o].shape[0],) for o in naming.clusters if o != c and sampled[o].shape[0] >= 6]
+        # clusters under the same name are the same type: a population inside it may cut them too
+        others = [bimodality(sampled[o][:, split["genes"]] @ split["w"]) + (sampled[o].shape[0],)
+                  for o in naming.clusters
+                  if o != c and sampled[o].shape[0] >= 6 and label_of[o] != label_of[c]]
         other_ratio = max([d / bimodal_threshold(n) for d, _, n in others], default=0.0)
         if other_ratio >= 1.0:
             logger.info("cluster %s: a split (d' %.2f) along a direction that cuts other clusters too; "

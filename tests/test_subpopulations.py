@@ -481,3 +481,20 @@ def test_a_cluster_keeps_its_name_when_a_known_part_of_the_same_type_takes_it(tm
     naming, assignment, _ = name_with_parts(name, store, np.arange(a, b), clusters, z, annotated=["ref1", "ref2"])
     assert (naming.cell_type[a_cells] == "A").all()
     assert (naming.cell_type[truth == "A2"] == "A2").all()
+
+
+def test_a_new_population_spread_over_two_clusters_of_one_name_is_still_split_off(tmp_path):
+    # A and the new A2 fall half and half into two clusters that both take the name A: A2's
+    # direction cuts both, and the second is the same type, so it does not veto the split
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2=None))
+    name, clusters, z, truth = _query_naming(store)
+    rows = np.arange(*store.experiment_ranges["query"])
+    halves = np.where((clusters == 0) & (np.arange(truth.size) % 2 == 1), 3, clusters)
+    before = name(halves, None)
+    assert list(before.label[np.isin(before.clusters, [0, 3])]) == ["A", "A"] and not before.is_novel.any()
+    parts = find_parts(store, rows, halves, z, before, annotated=["ref1", "ref2"])
+    assert parts and all(p.novel and p.cluster in (0, 3) for p in parts)
+    cells = np.concatenate([p.cells for p in parts])
+    assert (truth[cells] == "A2").mean() > 0.9 and np.isin(np.flatnonzero(truth == "A2"), cells).mean() > 0.4
