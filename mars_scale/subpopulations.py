@@ -326,6 +326,8 @@ def name_with_parts(
                    if c not in decided and not naming.is_novel[j] and str(naming.compared_name[j]) in taken}
         decided = _shared_names({**decided, **holding}, given, store, rows, embedding, assignment,
                                 naming, rng=np.random.default_rng(seed))
+        like = _like_new_parts(parts, naming, store, rows, assignment, rng=np.random.default_rng(seed))
+        decided.update({c: v for c, v in like.items() if c not in decided})
         naming = name(assignment, decided)
     if confusion is not None:
         siblings, named, resolved = resolve_siblings(store, rows, assignment, naming, confusion,
@@ -421,20 +423,66 @@ def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store:
         distance = np.linalg.norm(np.asarray(embedding[cells]).mean(axis=0) - prototype)
         if distance <= np.linalg.norm(np.asarray(embedding[owner]).mean(axis=0) - prototype):
             continue
-        first, second = _sample(cells, max_cells, rng), _sample(owner, max_cells, rng)
-        pooled = np.concatenate([first, second])
-        order = np.argsort(pooled)
-        matrix = normalized_rows(store, rows[pooled[order]], dtype=np.float32)[np.argsort(order)]
-        split = _split(matrix, n_genes=n_genes, n_components=n_components, min_part_cells=min_part_cells, rng=rng)
-        if split is None:
+        margin = _apart(store, rows, cells, owner, rng=rng, max_cells=max_cells, n_genes=n_genes,
+                        n_components=n_components, min_part_cells=min_part_cells)
+        if margin == 0.0:
             continue
-        side = (matrix[:, split["genes"]] @ split["w"]) > split["cut"]
-        if np.median(side[:first.size]) == np.median(side[first.size:]):
-            continue  # two populations, but not these two groups
-        logger.info("cluster %s (%s): the sibling step found %s's own cells nearer its prototype, and the "
-                    "cluster and they are two populations in expression (d' %.2f); new", c, n, n, split["dprime"])
-        out[c] = (n, max(1.0, split["margin"]), of)
+        logger.info("cluster %s (%s): a step found %s's own cells nearer its prototype, and the cluster and "
+                    "they are two populations in expression; new", c, n, n)
+        out[c] = (n, margin, of)
     return out
+
+
+def _like_new_parts(parts: Sequence[Part], naming: NamingResult, store: Any, rows: np.ndarray,
+                    assignment: np.ndarray, *, rng: np.random.Generator,
+                    **split_options: int) -> dict[Any, tuple[str, float, Any]]:
+    """Clusters that the matching took for parts of a cluster's type (``naming.split_of``) whose
+    cluster the split test split a new part from, and that are in expression the new part's
+    population and not the known rest's: new, with the part's evidence.
+
+    The matching judges such a cluster in the embedding, where a new type's cells can sit as
+    close to a known type as that type's own cells cut in two by the clustering; once the split
+    test finds the new type's cells inside the known cluster, the two comparisons say which the
+    cluster is. Both are asked so that sparse cells, which no split tells apart, change
+    nothing."""
+    out = {}
+    for part in parts:
+        if not part.novel:
+            continue
+        owner = int(np.flatnonzero(naming.clusters == part.cluster)[0])
+        rest = np.flatnonzero(assignment == part.cluster)
+        for j in np.flatnonzero((naming.split_of == owner) & ~naming.is_novel):
+            cells = np.flatnonzero(assignment == naming.clusters[j])
+            if _apart(store, rows, cells, part.cells, rng=rng, **split_options) > 0.0:
+                continue  # not the new part's population
+            margin = _apart(store, rows, cells, rest, rng=rng, **split_options)
+            if margin == 0.0:
+                continue
+            logger.info("cluster %s (taken for part of cluster %s's %s): the population of the new part split "
+                        "from it, and not of its known rest; new", naming.clusters[j], part.cluster, part.name)
+            out[naming.clusters[j]] = (part.name, max(margin, part.evidence), None)
+    return out
+
+
+def _apart(store: Any, rows: np.ndarray, first: np.ndarray, second: np.ndarray, *, rng: np.random.Generator,
+           max_cells: int = 1000, n_genes: int = 500, n_components: int = 20, min_part_cells: int = 10) -> float:
+    """Whether two groups of the new cells (positions among ``rows``) are two populations in
+    expression: the margin (at least 1) of the split test's cross-fitted split (:func:`_split`)
+    of their cells pooled, with the groups' cells mostly on opposite sides; 0 otherwise (no
+    split, a split within the groups, or too few cells)."""
+    first, second = _sample(first, max_cells, rng), _sample(second, max_cells, rng)
+    if min(first.size, second.size) < min_part_cells:
+        return 0.0
+    pooled = np.concatenate([first, second])
+    order = np.argsort(pooled)
+    matrix = normalized_rows(store, rows[pooled[order]], dtype=np.float32)[np.argsort(order)]
+    split = _split(matrix, n_genes=n_genes, n_components=n_components, min_part_cells=min_part_cells, rng=rng)
+    if split is None:
+        return 0.0
+    side = (matrix[:, split["genes"]] @ split["w"]) > split["cut"]
+    if np.median(side[:first.size]) == np.median(side[first.size:]):
+        return 0.0  # two populations, but not these two groups
+    return max(1.0, split["margin"])
 
 
 def _decided(parts: Sequence[Part], decided: dict[Any, tuple[str, float, Any]]) -> dict[Any, tuple[str, float, Any]]:

@@ -498,3 +498,23 @@ def test_a_new_population_spread_over_two_clusters_of_one_name_is_still_split_of
     assert parts and all(p.novel and p.cluster in (0, 3) for p in parts)
     cells = np.concatenate([p.cells for p in parts])
     assert (truth[cells] == "A2").mean() > 0.9 and np.isin(np.flatnonzero(truth == "A2"), cells).mean() > 0.4
+
+
+def test_a_cluster_taken_for_part_of_a_type_follows_the_new_part_split_from_that_type(tmp_path):
+    # half of the new A2 sits inside A's cluster (0), the other half is a cluster of its own (3)
+    # that the matching takes for a part of A; once the split test takes A2 out of cluster 0,
+    # cluster 3 is A2's population and not A's, so it is new too
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2=None))
+    name, clusters, z, truth = _query_naming(store)
+    rows = np.arange(*store.experiment_ranges["query"])
+    a2 = np.flatnonzero(truth == "A2")
+    halves = clusters.copy()
+    halves[a2[1::2]] = 3
+    before = name(halves, None)
+    j = int(np.flatnonzero(before.clusters == 3)[0])
+    assert before.label[j] == "A" and before.clusters[before.split_of[j]] == 0
+    naming, assignment, parts = name_with_parts(name, store, rows, halves, z, annotated=["ref1", "ref2"])
+    assert len(parts) == 1 and parts[0].cluster == 0 and parts[0].novel
+    assert naming.cell_is_novel[a2].mean() > 0.9 and naming.cell_is_novel[truth != "A2"].mean() < 0.02
