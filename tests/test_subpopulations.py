@@ -239,6 +239,21 @@ def test_name_confusion_matches_a_dense_count():
     np.testing.assert_array_equal(halves, want)
 
 
+def _placed(store, centres, *, noise):
+    """Every cell of ``store`` at its type's centre plus Gaussian noise: the query's row range,
+    the labels, the embedding, the reference's names and their landmarks (the means of their
+    reference cells)."""
+    rng = np.random.default_rng(1)
+    a, b = store.experiment_ranges["query"]
+    codes, cats = store.categorical_codes("cell_type", 0, store.n_cells)
+    labels = np.asarray(cats, dtype=object)[codes]
+    z = np.asarray([centres[t] for t in labels]) + rng.normal(0, noise, (len(labels), 2))
+    ref = np.arange(store.n_cells) < a
+    names = sorted(set(labels[ref]))
+    landmarks = np.stack([z[ref & (labels == n)].mean(axis=0) for n in names])
+    return (a, b), labels, z, names, landmarks
+
+
 def _sibling_setting(tmp_path, fold=2.5):
     """A and A2 both in the reference under their own names, 25 genes apart (2.5-fold), and an
     embedding that cannot tell them apart; the query's A and A2 cells in one cluster (0), B and C
@@ -246,15 +261,9 @@ def _sibling_setting(tmp_path, fold=2.5):
     from mars_scale.store import open_store
 
     store = open_store(_atlas(tmp_path, reference_a2="own", fold=fold))
-    rng = np.random.default_rng(1)
-    a, b = store.experiment_ranges["query"]
-    codes, cats = store.categorical_codes("cell_type", 0, store.n_cells)
-    labels = np.asarray(cats, dtype=object)[codes]
     centres = {"A": [0.0, 0.0], "A2": [0.3, 0.0], "B": [10.0, 0.0], "C": [0.0, 10.0]}
-    z = np.asarray([centres[t] for t in labels]) + rng.normal(0, 1.0, (len(labels), 2))
+    (a, b), labels, z, names, landmarks = _placed(store, centres, noise=1.0)
     ref = np.arange(store.n_cells) < a
-    names = sorted(set(labels[ref]))
-    landmarks = np.stack([z[ref & (labels == n)].mean(axis=0) for n in names])
     own = np.searchsorted(names, labels[ref].astype(str))
     confusion = name_confusion(z[ref], own, landmarks, np.arange(len(names)), len(names))
     truth = labels[a:b]
@@ -456,15 +465,8 @@ def test_a_cluster_keeps_its_name_when_a_known_part_of_the_same_type_takes_it(tm
     from mars_scale.store import open_store
 
     store = open_store(_atlas(tmp_path, reference_a2="own"))
-    rng = np.random.default_rng(1)
-    a, b = store.experiment_ranges["query"]
-    codes, cats = store.categorical_codes("cell_type", 0, store.n_cells)
-    labels = np.asarray(cats, dtype=object)[codes]
     centres = {"A": [0.0, 0.0], "A2": [3.0, 0.0], "B": [10.0, 0.0], "C": [0.0, 10.0]}
-    z = np.asarray([centres[t] for t in labels]) + rng.normal(0, 0.5, (len(labels), 2))
-    ref = np.arange(store.n_cells) < a
-    names = sorted(set(labels[ref]))
-    landmarks = np.stack([z[ref & (labels == n)].mean(axis=0) for n in names])
+    (a, b), labels, z, names, landmarks = _placed(store, centres, noise=0.5)
     truth, z = labels[a:b], z[a:b]
     a_cells = np.flatnonzero(truth == "A")
     z[a_cells[::2]] += [0.0, 1.2]
