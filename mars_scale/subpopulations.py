@@ -46,6 +46,9 @@ lies farther from the name's prototype and the two are two populations in the ne
 expression (the split test's first question on their cells pooled), it is new: a new type next
 to a known one whose cells the embedding had merged into their sibling's cluster is matched to
 that type by elimination. If not, it keeps the name: one type that the clustering cut in two.
+And a cluster that the matching took for a part of a known cluster's type, when the split test
+splits a new part from that cluster, is new with it if in expression it is the new part's
+population and not the known rest's (:func:`_like_new_parts`).
 
 Bimodality is the exact one-dimensional two-means split: ``d' = |m_1 - m_2| / s`` with ``s`` the
 pooled within-part standard deviation. A single Gaussian gives ``d'`` of about 2.7 at large
@@ -301,8 +304,10 @@ def name_with_parts(
     """Name the clusters, split off the parts (:func:`find_parts`), resolve known siblings that
     the embedding does not separate (:func:`resolve_siblings`, with ``confusion``), and name
     again. After each step, a cluster that holds a name the step gave to cells keeps it unless
-    it is another population than those cells (:func:`_shared_names`); the split test's other
-    clusters are matched again, the sibling step's keep their calls.
+    it is another population than those cells (:func:`_shared_names`); after the split test, a
+    cluster taken for a part of a type that a new part was split from follows the new part if
+    it is its population (:func:`_like_new_parts`); the split test's other clusters are matched
+    again, the sibling step's keep their calls.
 
     ``name(assignment, decided)`` names clusters (:func:`mars_scale.naming.name_clusters` with
     everything but these two bound). ``confusion``: :func:`mars_scale.naming.name_confusion`
@@ -394,8 +399,7 @@ def _given(parts: Sequence[Part], naming: NamingResult) -> set:
 
 def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store: Any, rows: np.ndarray,
                   embedding: np.ndarray, assignment: np.ndarray, naming: NamingResult, *,
-                  rng: np.random.Generator, max_cells: int = 1000, n_genes: int = 500, n_components: int = 20,
-                  min_part_cells: int = 10) -> dict[Any, tuple[str, float, Any]]:
+                  rng: np.random.Generator, **split_options: int) -> dict[Any, tuple[str, float, Any]]:
     """``decided`` with every other cluster that holds a name the split test or the sibling step
     gave to cells (the clusters ``given``) judged against those cells.
 
@@ -406,7 +410,8 @@ def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store:
     expression of the new cells (one experiment, so no batch between them), it and they are
     two populations: their cells pooled split in two as the split test splits a cluster
     (:func:`_split`, replicated, ``d'`` at least ``SPLIT_DPRIME``) with the two groups on
-    opposite sides. Otherwise it keeps the name: one type that the clustering cut in two.
+    opposite sides (:func:`_apart`, with ``split_options``). Otherwise it keeps the name: one
+    type that the clustering cut in two.
     """
     names = np.asarray(naming.names).astype(str)
     holders: dict[str, list[Any]] = {}
@@ -423,8 +428,7 @@ def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store:
         distance = np.linalg.norm(np.asarray(embedding[cells]).mean(axis=0) - prototype)
         if distance <= np.linalg.norm(np.asarray(embedding[owner]).mean(axis=0) - prototype):
             continue
-        margin = _apart(store, rows, cells, owner, rng=rng, max_cells=max_cells, n_genes=n_genes,
-                        n_components=n_components, min_part_cells=min_part_cells)
+        margin = _apart(store, rows, cells, owner, rng=rng, **split_options)
         if margin == 0.0:
             continue
         logger.info("cluster %s (%s): a step found %s's own cells nearer its prototype, and the cluster and "
