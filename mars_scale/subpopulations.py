@@ -247,23 +247,26 @@ def find_parts(
 
     label_of = dict(zip(naming.clusters, np.asarray(naming.label).astype(str)))
     splits = []
+    failed: dict[Any, np.ndarray] = {}  # per cluster, the direction that cut other clusters too
     for c in known:
-        split = _split(sampled[c], n_genes=n_genes, n_components=n_components,
-                       min_part_cells=min_part_cells, rng=rng)
-        if split is None:
-            continue
-        # clusters under the same name are the same type: a population inside it may cut them too
-        others = [bimodality(sampled[o][:, split["genes"]] @ split["w"]) + (sampled[o].shape[0],)
-                  for o in naming.clusters
-                  if o != c and sampled[o].shape[0] >= 6 and label_of[o] != label_of[c]]
-        other_ratio = max([d / bimodal_threshold(n) for d, _, n in others], default=0.0)
-        if other_ratio >= 1.0:
-            logger.info("cluster %s: a split (d' %.2f) along a direction that cuts other clusters too; "
-                        "not a cell type", c, split["dprime"])
-            continue
-        split.update(cluster=c, other_ratio=other_ratio,
-                     other_dprime=max([d for d, _, _ in others], default=0.0))
-        splits.append(split)
+        split, cuts_others = _specific_split(c, sampled, naming.clusters, label_of, n_genes=n_genes,
+                                             n_components=n_components, min_part_cells=min_part_cells, rng=rng)
+        if cuts_others is not None:
+            failed[c] = cuts_others
+        elif split is not None:
+            splits.append(split)
+    # Look again past the directions that cut other clusters (a condition, cell quality): each
+    # cluster whose split cut others is split with the other clusters' such directions taken out.
+    past_rng = np.random.default_rng(None if seed is None else [seed, 1])  # the first pass's stream unchanged
+    for c in failed if len(failed) > 1 else ():
+        exclude = np.stack([v for o, v in failed.items() if o != c])
+        split, cuts_others = _specific_split(c, sampled, naming.clusters, label_of, n_genes=n_genes,
+                                             n_components=n_components, min_part_cells=min_part_cells,
+                                             rng=past_rng, exclude=exclude)
+        if split is not None and cuts_others is None:
+            logger.info("cluster %s: past the directions that cut several clusters, a split (d' %.2f)", c,
+                        split["dprime"])
+            splits.append(split)
     if not splits:
         return []
     reference = _reference_projections(store, splits, naming, annotated=annotated, label_key=label_key,
@@ -288,6 +291,31 @@ def find_parts(
         parts.append(part)
         next_id += 1
     return parts
+
+
+def _specific_split(c: Any, sampled: dict[Any, Any], clusters: np.ndarray, label_of: dict[Any, str], *,
+                    n_genes: int, n_components: int, min_part_cells: int, rng: np.random.Generator,
+                    exclude: np.ndarray | None = None) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """The split test's first two questions for cluster ``c``: its split (:func:`_split`, with
+    ``exclude`` taken out) if one passes and no cluster under another name is cut along it;
+    else ``None`` and, where the split cut other clusters, that direction over all genes (the
+    difference between its two sides' means)."""
+    split = _split(sampled[c], n_genes=n_genes, n_components=n_components, min_part_cells=min_part_cells,
+                   rng=rng, exclude=exclude)
+    if split is None:
+        return None, None
+    # clusters under the same name are the same type: a population inside it may cut them too
+    others = [bimodality(sampled[o][:, split["genes"]] @ split["w"]) + (sampled[o].shape[0],)
+              for o in clusters if o != c and sampled[o].shape[0] >= 6 and label_of[o] != label_of[c]]
+    other_ratio = max([d / bimodal_threshold(n) for d, _, n in others], default=0.0)
+    if other_ratio >= 1.0:
+        logger.info("cluster %s: a split (d' %.2f) along a direction that cuts other clusters too; not a "
+                    "cell type", c, split["dprime"])
+        values = sampled[c]
+        high = np.asarray(values[:, split["genes"]] @ split["w"]).ravel() > split["cut"]
+        return None, np.asarray(values[high].mean(axis=0) - values[~high].mean(axis=0)).ravel()
+    split.update(cluster=c, other_ratio=other_ratio, other_dprime=max([d for d, _, _ in others], default=0.0))
+    return split, None
 
 
 def name_with_parts(
@@ -794,15 +822,20 @@ def _sample(index: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.n
     return np.sort(rng.choice(index, size=max_cells, replace=False))
 
 
-def _split(cells, *, n_genes: int, n_components: int, min_part_cells: int,
-           rng: np.random.Generator) -> dict[str, Any] | None:
+def _split(cells, *, n_genes: int, n_components: int, min_part_cells: int, rng: np.random.Generator,
+           exclude: np.ndarray | None = None) -> dict[str, Any] | None:
     """Cross-fitted split of one cluster's sampled cells (sparse, log-normalised), or ``None``
     unless it replicates: the direction found on each random half must cut the other half in
-    two (both bimodal)."""
+    two (both bimodal). ``exclude``: ``(k, n_genes_all)`` directions over all genes whose span
+    is projected out of the cells (on the genes chosen) first, so the split is orthogonal to
+    them."""
     mean = np.asarray(cells.mean(axis=0), dtype=np.float64).ravel()
     sq = np.asarray(cells.multiply(cells).mean(axis=0), dtype=np.float64).ravel()
     genes = excess_variance_genes(mean, sq - mean**2, n_genes)
     x = cells[:, genes].toarray().astype(np.float64) - mean[genes]
+    if exclude is not None and len(exclude):
+        basis, _ = np.linalg.qr(np.asarray(exclude, dtype=np.float64)[:, genes].T)  # orthonormal span
+        x -= (x @ basis) @ basis.T
     order = rng.permutation(x.shape[0])
     fit, test = x[np.sort(order[::2])], x[np.sort(order[1::2])]
     found = []

@@ -113,9 +113,11 @@ def test_normalized_rows_matches_a_dense_reference(small_store):
 # subtype of A (A's programme plus 25 genes raised), which the embedding below cannot see.
 
 
-def _atlas(tmp_path, *, reference_a2: str | None, fold: float = 12.0):
+def _atlas(tmp_path, *, reference_a2: str | None, fold: float = 12.0, condition: bool = False):
     """``reference_a2``: None (A2 only in the query), "as A" (A2 cells in the reference,
-    labelled A) or "own" (A2 in the reference with its own label)."""
+    labelled A) or "own" (A2 in the reference with its own label). ``condition``: every other
+    cell of every type and experiment has 30 genes up 8-fold (a stimulation within each
+    experiment)."""
     from mars_scale.ingest import IngestConfig, ingest
 
     rng = np.random.default_rng(0)
@@ -123,14 +125,19 @@ def _atlas(tmp_path, *, reference_a2: str | None, fold: float = 12.0):
     programmes = {t: rng.lognormal(0.0, 1.0, N_GENES) for t in "ABC"}
     programmes["A2"] = programmes["A"].copy()
     programmes["A2"][rng.choice(N_GENES, 25, replace=False)] *= fold
+    stimulated = np.ones(N_GENES)
+    if condition:
+        stimulated[np.random.default_rng(7).choice(N_GENES, 30, replace=False)] = 8.0
     cells, obs = [], []
     for e in EXPERIMENTS:
         shift = rng.lognormal(0.0, 0.2, N_GENES)  # a batch effect per experiment
         types = ["A"] * 150 + ["B"] * 150 + ["C"] * 150
         if e == "query" or reference_a2 is not None:
             types += ["A2"] * 120
-        for t in types:
+        for i, t in enumerate(types):
             mu = base * programmes[t] * shift * rng.lognormal(0.0, 0.2) * 3.0
+            if condition and i % 2:
+                mu = mu * stimulated
             cells.append(rng.poisson(mu))
             label = t if (e == "query" or t != "A2" or reference_a2 == "own") else "A"
             obs.append((e, label))
@@ -520,3 +527,24 @@ def test_a_cluster_taken_for_part_of_a_type_follows_the_new_part_split_from_that
     naming, assignment, parts = name_with_parts(name, store, rows, halves, z, annotated=["ref1", "ref2"])
     assert len(parts) == 1 and parts[0].cluster == 0 and parts[0].novel
     assert naming.cell_is_novel[a2].mean() > 0.9 and naming.cell_is_novel[truth != "A2"].mean() < 0.02
+
+
+def test_the_split_test_looks_past_a_direction_every_cluster_shares(tmp_path):
+    # half of every type's cells are stimulated, in the query as in the reference: the clearest
+    # split of A's cluster is the stimulation, which cuts every cluster; past it lies A2
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2=None, condition=True))
+    name, clusters, z, truth = _query_naming(store)
+    rows = np.arange(*store.experiment_ranges["query"])
+    naming, _, parts = name_with_parts(name, store, rows, clusters, z, annotated=["ref1", "ref2"])
+    assert len(parts) == 1 and parts[0].novel and parts[0].cluster == 0
+    assert (truth[parts[0].cells] == "A2").mean() > 0.9
+    assert naming.cell_is_novel[truth == "A2"].mean() > 0.9 and naming.cell_is_novel[truth != "A2"].mean() < 0.02
+    # the first look at A's cluster: its split (A2) cuts the other clusters through the stimulation
+    a, b = store.experiment_ranges["query"]
+    sampled = {c: normalized_rows(store, np.arange(a, b)[clusters == c]) for c in (0, 1, 2)}
+    labels = {0: "A", 1: "B", 2: "C"}
+    first, cut = subpopulations._specific_split(0, sampled, np.arange(3), labels, n_genes=500, n_components=20,
+                                                min_part_cells=10, rng=np.random.default_rng(0))
+    assert first is None and cut is not None
