@@ -15,7 +15,10 @@ cluster called known, this module asks three questions of the log-normalised exp
 2. Is the split specific to this type? Every cluster of the experiment under another name,
    projected on ``w``, must be unimodal; a direction that cuts every cluster (cell quality,
    cycling) is not a cell type. Clusters under the same name are left out: they are the same
-   type, and a new population the clustering spread over them cuts them all.
+   type, and a new population the clustering spread over them cuts them all. Where the splits
+   of several clusters cut others (a condition inside the experiment, which is also the
+   clearest split of every cluster and leaks into any other direction), each of them is split
+   again with the other such clusters' directions projected out.
 3. Does the reference hold both populations? The annotated cells of the cluster's name and of
    its close siblings (names whose prototype lies within ``sibling_share`` of the median distance
    between prototypes), projected on ``w`` per annotated experiment, must be unimodal. If the
