@@ -172,14 +172,10 @@ _NAMING_TITLES = {
 Progress = Callable[[str], None]
 
 
-def _named_codes(codes: np.ndarray, categories: list[str]) -> np.ndarray:
-    """Category names as an object array, ``""`` where the code is -1 (a stored result column)."""
-    return np.asarray(list(categories) + [""], dtype=object)[np.where(codes >= 0, codes, len(categories))]
-
-
-def _labels(codes: np.ndarray, categories: list[str]) -> np.ndarray:
-    """Label names as an object array, ``None`` where the code is -1 (missing)."""
-    names = np.asarray(categories + [None], dtype=object)
+def _labels(codes: np.ndarray, categories: list[str], missing: str | None = None) -> np.ndarray:
+    """Category names as an object array, ``missing`` where the code is -1 (``None`` for labels,
+    ``""`` for a stored result column)."""
+    names = np.asarray(list(categories) + [missing], dtype=object)
     return names[np.where(codes >= 0, codes, len(categories))]
 
 
@@ -1297,13 +1293,13 @@ def _score_experiment(store: Atlas, keys: dict[str, Any], record: dict[str, Any]
     codes, categories = store.categorical_codes(cluster_col, a, b)
     cluster_ids = np.asarray([int(c) for c in categories] + [-1], dtype=np.int64)
     clusters = cluster_ids[np.where(codes >= 0, codes, len(categories))]
-    cell_type = _named_codes(*store.categorical_codes(type_col, a, b))
+    cell_type = _labels(*store.categorical_codes(type_col, a, b), missing="")
     novelty = np.asarray(root["obs"][novelty_col][a:b], dtype=np.float64)
     confidence = closest = None  # per-cell outputs an annotation of an earlier version may lack
     if confidence_col in root["obs"]:
         confidence = np.asarray(root["obs"][confidence_col][a:b], dtype=np.float64)
     if closest_col in root["obs"]:
-        closest = _named_codes(*store.categorical_codes(closest_col, a, b))
+        closest = _labels(*store.categorical_codes(closest_col, a, b), missing="")
     table_ids = np.asarray(record["clusters"], dtype=np.int64).ravel()
     labels, descriptions = _plain_strings(record["label"]), _plain_strings(record["description"])
     nov = np.asarray(record["novelty"], dtype=np.float64).ravel()

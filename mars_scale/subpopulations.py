@@ -449,17 +449,18 @@ def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store:
     for c in given:
         if decided[c][1] < 1.0:
             holders.setdefault(decided[c][0], []).append(c)
+    owners = {n: np.flatnonzero(np.isin(assignment, held)) for n, held in holders.items()}
+    prototypes = {n: naming.prototypes[int(np.flatnonzero(names == n)[0])] for n in holders}
+    owner_distance = {n: np.linalg.norm(np.asarray(embedding[owners[n]]).mean(axis=0) - prototypes[n])
+                      for n in holders}
     out = dict(decided)
     for c, (n, e, of) in decided.items():
         if n not in holders or c in given or e >= 1.0:
             continue
-        prototype = naming.prototypes[int(np.flatnonzero(names == n)[0])]
-        owner = np.flatnonzero(np.isin(assignment, holders[n]))
         cells = np.flatnonzero(assignment == c)
-        distance = np.linalg.norm(np.asarray(embedding[cells]).mean(axis=0) - prototype)
-        if distance <= np.linalg.norm(np.asarray(embedding[owner]).mean(axis=0) - prototype):
+        if np.linalg.norm(np.asarray(embedding[cells]).mean(axis=0) - prototypes[n]) <= owner_distance[n]:
             continue
-        margin = _apart(store, rows, cells, owner, rng=rng, **split_options)
+        margin = _apart(store, rows, cells, owners[n], rng=rng, **split_options)
         if margin == 0.0:
             continue
         logger.info("cluster %s (%s): a step found %s's own cells nearer its prototype, and the cluster and "
