@@ -75,8 +75,14 @@ SYNTHETIC_DEEP = "synthetic_pbmc_like_deep"
 # At 800 genes per cell the subtypes are trivial without labels (pair-only K-means ARI 1.00):
 # the scenario where a method that keeps the held-out experiment's own structure must find them.
 SYNTHETIC_DEEPER = "synthetic_pbmc_like_800"
+# The 600-gene atlas with a stronger condition that also raises genes of each lineage's own
+# (interferon raises CXCL10 in monocytes, not in T cells): the condition's direction differs
+# between clusters, so no one direction removes it from all of them.
+SYNTHETIC_IFN = "synthetic_pbmc_like_ifn"
 SYNTHETIC_SETS = {SYNTHETIC: {}, SYNTHETIC_DEEP: {"mean_nnz_per_cell": 600.0},
-                  SYNTHETIC_DEEPER: {"mean_nnz_per_cell": 800.0}}
+                  SYNTHETIC_DEEPER: {"mean_nnz_per_cell": 800.0},
+                  SYNTHETIC_IFN: {"mean_nnz_per_cell": 600.0, "condition_strength": 1.5,
+                                  "condition_specificity": 1.0}}
 MIN_TYPE_CELLS = 10
 MIN_CLUSTER_CELLS = 10  # annotate's default
 KNN = 15

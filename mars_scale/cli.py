@@ -378,6 +378,9 @@ def plot(store, output_dir, key_added, max_cells, seed) -> None:
                    "like interferon (0: none).")
 @click.option("--condition-strength", type=float, default=1.0, show_default=True,
               help="Typical log fold-change of the condition's genes.")
+@click.option("--condition-specificity", type=float, default=0.0, show_default=True,
+              help="Genes each lineage raises in stimulated cells besides the shared programme, as a "
+                   "multiple of its size (0: one programme for all types).")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "h5ad"]), default=None,
               help="zarr: an atlas store, streamed without an intermediate file; h5ad: input for "
                    "\"mars-scale ingest\". Default: h5ad if OUTPUT ends in .h5ad or with --per-experiment, else zarr.")
@@ -388,7 +391,7 @@ def plot(store, output_dir, key_added, max_cells, seed) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @_user_errors
 def simulate(output, cells, genes, experiments, cell_types, seed, subtypes, subtype_closeness,
-             condition_fraction, condition_strength, fmt, per_experiment, rows_per_chunk,
+             condition_fraction, condition_strength, condition_specificity, fmt, per_experiment, rows_per_chunk,
              zarr_format, jobs, overwrite) -> None:
     """Simulate an atlas with known cell types and batch effects, streaming with bounded memory.
 
@@ -407,7 +410,8 @@ def simulate(output, cells, genes, experiments, cell_types, seed, subtypes, subt
                               n_cell_types=cell_types, seed=seed, n_subtypes=subtypes,
                               subtype_closeness=subtype_closeness,
                               condition_fraction=condition_fraction,
-                              condition_strength=condition_strength)
+                              condition_strength=condition_strength,
+                              condition_specificity=condition_specificity)
     if fmt == "zarr":
         try:
             layout = StoreLayout(rows_per_chunk=rows_per_chunk, zarr_format=int(zarr_format))

@@ -34,7 +34,12 @@ For cell *i* of type *t* in experiment *e* and gene *g*::
   genes, as interferon-stimulated genes are), with log fold-changes log-normal around
   ``condition_strength`` (standard deviation ``0.3`` on the log scale). Each type responds with
   its own factor ``r_t ~ Uniform(0.5, 1.5)``, as monocytes respond more to interferon than
-  T cells do. Through the softmax the other genes' shares drop a little in stimulated cells.
+  T cells do. With ``condition_specificity`` > 0 each top-level type also raises genes of its
+  own in stimulated cells (``condition_specificity`` times as many as the shared programme,
+  drawn from the same pool, fold-changes by the same law, times ``r_t``), and its subtypes raise
+  their parent's: interferon raises ``CXCL10`` in monocytes and not in T cells, so the
+  direction of the condition differs between lineages. Through the softmax the other genes'
+  shares drop a little in stimulated cells.
   :attr:`Simulator.stimulated` records which experiments are stimulated, and the written cells
   carry ``obs['condition']``.
 - ``theta_g`` is log-normal around ``inverse_dispersion`` (standard deviation ``0.5``).
@@ -155,9 +160,10 @@ _CALIBRATION_COMBOS = 64
 
 _STREAM_MODEL = 0
 _STREAM_CELLS = 1
-_STREAM_EXTRA = 2  # (2, 0): subtypes, (2, 1): condition; drawn only when the option is on
+_STREAM_EXTRA = 2  # (2, 0): subtypes, (2, 1): condition, (2, 2): its type-specific genes; drawn only when asked for
 _EXTRA_SUBTYPES = 0
 _EXTRA_CONDITION = 1
+_EXTRA_SPECIFIC_CONDITION = 2
 _CONDITION_LEVELS = ("control", "stimulated")
 
 _LAYOUTS = ("csr", "csc", "dense")
@@ -236,6 +242,10 @@ class SimulationConfig:
         one experiment is and at least one is not. Ignored with a single experiment.
     condition_strength
         Typical log fold-change of the condition programme's genes, in ``[0, 10]``.
+    condition_specificity
+        Genes each top-level type (and its subtypes) raises in stimulated cells besides the
+        shared programme, as a multiple of the shared programme's number, in ``[0, 4]`` (0: the
+        condition is one programme for every type).
 
     Raises
     ------
@@ -259,6 +269,7 @@ class SimulationConfig:
     subtype_closeness: float = 0.8
     condition_fraction: float = 0.0
     condition_strength: float = 1.0
+    condition_specificity: float = 0.0
 
     def __post_init__(self) -> None:
         _require_int("n_cells", self.n_cells, 1)
@@ -292,6 +303,7 @@ class SimulationConfig:
         _require_float("subtype_closeness", self.subtype_closeness, 0.0, 1.0, low_open=True)
         _require_float("condition_fraction", self.condition_fraction, 0.0, 1.0, high_open=True)
         _require_float("condition_strength", self.condition_strength, 0.0, 10.0)
+        _require_float("condition_specificity", self.condition_specificity, 0.0, 4.0)
 
     @property
     def target_nnz_per_cell(self) -> float:
@@ -580,6 +592,21 @@ class Simulator:
             rng.uniform(low, high, config.n_cell_types),
             rng.uniform(low, high, config.n_subtypes),
         ])
+        # Each lineage's own genes come from a stream of their own, so that the shared
+        # programme above is the same with or without them.
+        self._specific_condition = np.zeros((len(self.cell_types), n_g))
+        n_specific = int(round(config.condition_specificity * n_cond))
+        if n_specific:
+            own = np.random.default_rng(np.random.SeedSequence(
+                config.seed, spawn_key=(_STREAM_EXTRA, _EXTRA_SPECIFIC_CONDITION)))
+            n_specific = min(n_specific, len(pool))
+            for t in range(config.n_cell_types):
+                genes = own.choice(pool, size=n_specific, replace=False)
+                self._specific_condition[t, genes] = config.condition_strength * np.exp(
+                    own.normal(0.0, _FOLD_CHANGE_LOG_SD, n_specific))
+            subtypes = np.flatnonzero(self.parent >= 0)
+            self._specific_condition[subtypes] = self._specific_condition[self.parent[subtypes]]
+            self._specific_condition *= self.condition_response[:, None]
 
     # ------------------------------------------------------------------ model pieces
     def _profiles(self, experiment: int) -> np.ndarray:
@@ -588,6 +615,7 @@ class Simulator:
         if self.stimulated[experiment]:
             log_q[:, self.condition_genes] += (self.condition_response[:, None]
                                                * self._condition_effect)
+            log_q += self._specific_condition
         log_q -= log_q.max(axis=1, keepdims=True)
         q = np.exp(log_q)
         q /= q.sum(axis=1, keepdims=True)

@@ -94,6 +94,13 @@ SPLIT_DPRIME = 4.5
 EMBEDDING_SEPARATES = 0.95
 CLASSIFIER_GAIN = 0.05
 CLASSIFIER_C = 0.1
+# The reference's own experiments differ along a split (a condition that it holds in separate
+# experiments, as control and stimulated runs) when the medians of the name's cells in two of
+# them lie this share of the split's gap apart: known structure, as for two sibling names.
+EXPERIMENT_SPREAD = 0.5
+# Where the reference holds a cluster's split, the split test looks again past it this many times
+# (a population can hide behind a condition both hold).
+LOOKS_PAST_KNOWN = 2
 # 99th percentile of the two-means d' of n Gaussian values (tools/bimodality_null.py, 400 draws)
 _NULL_SIZES = np.array([10, 15, 20, 30, 50, 100, 200, 500, 1000])
 _NULL_Q99 = np.array([6.33, 5.19, 4.90, 4.05, 3.61, 3.19, 3.04, 2.86, 2.81])
@@ -270,30 +277,62 @@ def find_parts(
             logger.info("cluster %s: past the directions that cut several clusters, a split (d' %.2f)", c,
                         split["dprime"])
             splits.append(split)
-    if not splits:
-        return []
-    reference = _reference_projections(store, splits, naming, annotated=annotated, label_key=label_key,
-                                       sibling_share=sibling_share, max_cells=max_cells, rng=rng)
-    parts = []
+    # Judge each split against the reference; where the reference holds it (a condition or a
+    # heterogeneity of the known type), look again past it, on a stream of its own.
+    parts: list[Part] = []
     next_id = int(np.max(np.asarray(naming.clusters, dtype=np.int64))) + 1 if len(naming.clusters) else 0
-    for split, ref in zip(splits, reference):
-        c = split["cluster"]
-        j = int(np.flatnonzero(naming.clusters == c)[0])
-        members = np.flatnonzero(assignment == c)
-        sides = _known_sides(ref["medians"], split["gap"])
-        if ref["ratio"] >= 1.0 or sides is not None:  # the reference shows the two modes, or its labels do
-            if sides is None:
-                logger.info("cluster %s: a split (d' %.2f) that the reference also shows (d' %.2f); known",
-                            c, split["dprime"], ref["dprime"])
-                continue
-            part = _known_part(store, rows, members, split, sides, ref, naming, j, next_id, min_part_cells)
-        else:
-            part = _new_part(store, rows, members, embedding, split, ref, naming, j, next_id, min_part_cells)
-        if part is None:
-            continue
-        parts.append(part)
-        next_id += 1
+    known_rng = np.random.default_rng(None if seed is None else [seed, 3])
+    for look in range(LOOKS_PAST_KNOWN + 1):
+        if not splits:
+            break
+        reference = _reference_projections(store, splits, naming, annotated=annotated, label_key=label_key,
+                                           sibling_share=sibling_share, max_cells=max_cells,
+                                           rng=rng if look == 0 else known_rng)
+        again = []
+        for split, ref in zip(splits, reference):
+            part = _judge(store, rows, assignment, embedding, naming, split, ref, next_id, min_part_cells)
+            if part is not None:
+                parts.append(part)
+                next_id += 1
+            elif split.get("known") and look < LOOKS_PAST_KNOWN:
+                c = split["cluster"]
+                direction = _difference(sampled[c], split)
+                exclude = direction[None] if split["exclude"] is None else np.vstack([split["exclude"], direction])
+                deeper, cuts_others = _specific_split(c, sampled, naming.clusters, label_of, n_genes=n_genes,
+                                                      n_components=n_components, min_part_cells=min_part_cells,
+                                                      rng=known_rng, exclude=exclude)
+                if deeper is not None and cuts_others is None:
+                    logger.info("cluster %s: past a split the reference holds, a split (d' %.2f)", c,
+                                deeper["dprime"])
+                    again.append(deeper)
+        splits = again
     return parts
+
+
+def _judge(store: Any, rows: np.ndarray, assignment: np.ndarray, embedding: np.ndarray, naming: NamingResult,
+           split: dict[str, Any], ref: dict[str, Any], new_id: int, min_part_cells: int) -> Part | None:
+    """The split test's third question for one split: a part (new, or a known sibling), or
+    ``None``, with ``split["known"]`` set where the reference holds the split under the
+    cluster's name (its cells bimodal along it, or its experiments that far apart)."""
+    c = split["cluster"]
+    j = int(np.flatnonzero(naming.clusters == c)[0])
+    members = np.flatnonzero(assignment == c)
+    sides = _known_sides(ref["medians"], split["gap"])
+    spread = _experiment_spread(ref["medians"], str(naming.compared_name[j]))
+    if sides is not None:  # the reference's labels put two siblings on the two sides
+        return _known_part(store, rows, members, split, sides, ref, naming, j, new_id, min_part_cells)
+    if ref["ratio"] >= 1.0:
+        logger.info("cluster %s: a split (d' %.2f) that the reference also shows (d' %.2f); known",
+                    c, split["dprime"], ref["dprime"])
+        split["known"] = True
+        return None
+    if spread >= EXPERIMENT_SPREAD * split["gap"]:
+        logger.info("cluster %s: a split (d' %.2f) along which the reference's experiments of its name lie "
+                    "%.2f of the split's gap apart (a condition they hold apart); known", c, split["dprime"],
+                    spread / split["gap"])
+        split["known"] = True
+        return None
+    return _new_part(store, rows, members, embedding, split, ref, naming, j, new_id, min_part_cells)
 
 
 def _specific_split(c: Any, sampled: dict[Any, Any], clusters: np.ndarray, label_of: dict[Any, str], *,
@@ -314,11 +353,17 @@ def _specific_split(c: Any, sampled: dict[Any, Any], clusters: np.ndarray, label
     if other_ratio >= 1.0:
         logger.info("cluster %s: a split (d' %.2f) along a direction that cuts other clusters too; not a "
                     "cell type", c, split["dprime"])
-        values = sampled[c]
-        high = np.asarray(values[:, split["genes"]] @ split["w"]).ravel() > split["cut"]
-        return None, np.asarray(values[high].mean(axis=0) - values[~high].mean(axis=0)).ravel()
-    split.update(cluster=c, other_ratio=other_ratio, other_dprime=max([d for d, _, _ in others], default=0.0))
+        return None, _difference(sampled[c], split)
+    split.update(cluster=c, other_ratio=other_ratio, other_dprime=max([d for d, _, _ in others], default=0.0),
+                 exclude=exclude)
     return split, None
+
+
+def _difference(values: Any, split: dict[str, Any]) -> np.ndarray:
+    """The difference between the means of ``values`` (cells by all genes) on the two sides of
+    ``split``: its direction over all genes."""
+    high = np.asarray(values[:, split["genes"]] @ split["w"]).ravel() > split["cut"]
+    return np.asarray(values[high].mean(axis=0) - values[~high].mean(axis=0)).ravel()
 
 
 def name_with_parts(
@@ -351,6 +396,12 @@ def name_with_parts(
         return naming, assignment, []
     parts = find_parts(store, rows, assignment, embedding, naming, annotated=annotated, seed=seed)
     decided: dict[Any, tuple[str, float, Any]] = {}
+    reference_rng = np.random.default_rng(None if seed is None else [seed, 2])  # other draws unchanged
+
+    def spread_of(name: str, genes: np.ndarray, w: np.ndarray) -> float:
+        return _reference_spread(store, naming, name, genes, w, annotated=annotated, label_key="cell_type",
+                                 max_cells=1000, rng=reference_rng)
+
     if parts:
         decided = _decided(parts, decided)
         assignment = with_parts(assignment, parts)
@@ -361,8 +412,9 @@ def name_with_parts(
                    for j, c in enumerate(naming.clusters)
                    if c not in decided and not naming.is_novel[j] and str(naming.compared_name[j]) in taken}
         decided = _shared_names({**decided, **holding}, given, store, rows, embedding, assignment,
-                                naming, rng=np.random.default_rng(seed))
-        like = _like_new_parts(parts, naming, store, rows, assignment, rng=np.random.default_rng(seed))
+                                naming, rng=np.random.default_rng(seed), spread_of=spread_of)
+        like = _like_new_parts(parts, naming, store, rows, assignment, rng=np.random.default_rng(seed),
+                               spread_of=spread_of)
         decided.update({c: v for c, v in like.items() if c not in decided})
         naming = name(assignment, decided)
     if confusion is not None:
@@ -383,7 +435,8 @@ def name_with_parts(
             decided = _decided(siblings, decided)
             assignment = with_parts(assignment, siblings)
             decided = _shared_names(decided, _given(siblings, naming) | set(renamed), store, rows,
-                                    embedding, assignment, naming, rng=np.random.default_rng(seed))
+                                    embedding, assignment, naming, rng=np.random.default_rng(seed),
+                                    spread_of=spread_of)
             naming = name(assignment, decided)
             parts = parts + siblings
         if resolved:
@@ -430,7 +483,8 @@ def _given(parts: Sequence[Part], naming: NamingResult) -> set:
 
 def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store: Any, rows: np.ndarray,
                   embedding: np.ndarray, assignment: np.ndarray, naming: NamingResult, *,
-                  rng: np.random.Generator, **split_options: int) -> dict[Any, tuple[str, float, Any]]:
+                  rng: np.random.Generator, spread_of: Callable[[str, np.ndarray, np.ndarray], float] | None = None,
+                  **split_options: int) -> dict[Any, tuple[str, float, Any]]:
     """``decided`` with every other cluster that holds a name the split test or the sibling step
     gave to cells (the clusters ``given``) judged against those cells.
 
@@ -441,8 +495,10 @@ def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store:
     expression of the new cells (one experiment, so no batch between them), it and they are
     two populations: their cells pooled split in two as the split test splits a cluster
     (:func:`_split`, replicated, ``d'`` at least ``SPLIT_DPRIME``) with the two groups on
-    opposite sides (:func:`_apart`, with ``split_options``). Otherwise it keeps the name: one
-    type that the clustering cut in two.
+    opposite sides (:func:`_apart`, with ``split_options``), and the reference's experiments of
+    the name do not differ as much along the split (``spread_of``, as in :func:`find_parts`).
+    Otherwise it keeps the name: one type that the clustering cut in two, or cut along a
+    condition the reference holds in separate experiments.
     """
     names = np.asarray(naming.names).astype(str)
     holders: dict[str, list[Any]] = {}
@@ -460,7 +516,7 @@ def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store:
         cells = np.flatnonzero(assignment == c)
         if np.linalg.norm(np.asarray(embedding[cells]).mean(axis=0) - prototypes[n]) <= owner_distance[n]:
             continue
-        margin = _apart(store, rows, cells, owners[n], rng=rng, **split_options)
+        margin = _apart(store, rows, cells, owners[n], rng=rng, spread_of=_named(spread_of, n), **split_options)
         if margin == 0.0:
             continue
         logger.info("cluster %s (%s): a step found %s's own cells nearer its prototype, and the cluster and "
@@ -471,6 +527,7 @@ def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store:
 
 def _like_new_parts(parts: Sequence[Part], naming: NamingResult, store: Any, rows: np.ndarray,
                     assignment: np.ndarray, *, rng: np.random.Generator,
+                    spread_of: Callable[[str, np.ndarray, np.ndarray], float] | None = None,
                     **split_options: int) -> dict[Any, tuple[str, float, Any]]:
     """Clusters that the matching took for parts of a cluster's type (``naming.split_of``) whose
     cluster the split test split a new part from, and that are in expression the new part's
@@ -489,9 +546,10 @@ def _like_new_parts(parts: Sequence[Part], naming: NamingResult, store: Any, row
         rest = np.flatnonzero(assignment == part.cluster)
         for j in np.flatnonzero((naming.split_of == owner) & ~naming.is_novel):
             cells = np.flatnonzero(assignment == naming.clusters[j])
-            if _apart(store, rows, cells, part.cells, rng=rng, **split_options) > 0.0:
+            named = _named(spread_of, part.name)
+            if _apart(store, rows, cells, part.cells, rng=rng, spread_of=named, **split_options) > 0.0:
                 continue  # not the new part's population
-            margin = _apart(store, rows, cells, rest, rng=rng, **split_options)
+            margin = _apart(store, rows, cells, rest, rng=rng, spread_of=named, **split_options)
             if margin == 0.0:
                 continue
             logger.info("cluster %s (taken for part of cluster %s's %s): the population of the new part split "
@@ -500,12 +558,19 @@ def _like_new_parts(parts: Sequence[Part], naming: NamingResult, store: Any, row
     return out
 
 
+def _named(spread_of: Callable[[str, np.ndarray, np.ndarray], float] | None,
+           name: str) -> Callable[[np.ndarray, np.ndarray], float] | None:
+    return None if spread_of is None else (lambda genes, w: spread_of(name, genes, w))
+
+
 def _apart(store: Any, rows: np.ndarray, first: np.ndarray, second: np.ndarray, *, rng: np.random.Generator,
+           spread_of: Callable[[np.ndarray, np.ndarray], float] | None = None,
            max_cells: int = 1000, n_genes: int = 500, n_components: int = 20, min_part_cells: int = 10) -> float:
     """Whether two groups of the new cells (positions among ``rows``) are two populations in
     expression: the margin (at least 1) of the split test's cross-fitted split (:func:`_split`)
     of their cells pooled, with the groups' cells mostly on opposite sides; 0 otherwise (no
-    split, a split within the groups, or too few cells)."""
+    split, a split within the groups, too few cells, or a split along which the reference's
+    experiments lie ``EXPERIMENT_SPREAD`` of its gap apart: ``spread_of(genes, w)``)."""
     first, second = _sample(first, max_cells, rng), _sample(second, max_cells, rng)
     if min(first.size, second.size) < min_part_cells:
         return 0.0
@@ -518,6 +583,8 @@ def _apart(store: Any, rows: np.ndarray, first: np.ndarray, second: np.ndarray, 
     side = (matrix[:, split["genes"]] @ split["w"]) > split["cut"]
     if np.median(side[:first.size]) == np.median(side[first.size:]):
         return 0.0  # two populations, but not these two groups
+    if spread_of is not None and spread_of(split["genes"], split["w"]) >= EXPERIMENT_SPREAD * split["gap"]:
+        return 0.0  # as far apart as the reference's own experiments of the name
     return max(1.0, split["margin"])
 
 
@@ -932,16 +999,20 @@ def _known_part(store: Any, rows: np.ndarray, members: np.ndarray, split: dict[s
 def _reference_projections(store: Any, splits: list[dict[str, Any]], naming: NamingResult, *,
                            annotated: Sequence[str], label_key: str, sibling_share: float,
                            max_cells: int, rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Per split, along its direction, the reference's cells of the cluster's name and its
-    siblings per annotated experiment: the largest bimodality ratio (``d'`` over its threshold)
-    and ``d'``, the siblings, and per experiment the median of each sibling's cells."""
+    """Per split, along its direction, the reference's cells of the cluster's name (or of
+    ``split["name"]``) and its siblings per annotated experiment: the largest bimodality ratio
+    (``d'`` over its threshold) and ``d'``, the siblings, and per experiment the median of each
+    sibling's cells."""
     names = np.asarray(naming.names).astype(str)
     labels_of = _annotated_labels(store, annotated, label_key)  # read once for every split
     wanted: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
     siblings_of = []
     for split in splits:
-        j = int(np.flatnonzero(naming.clusters == split["cluster"])[0])
-        k = int(np.flatnonzero(names == str(naming.compared_name[j]))[0])
+        if "name" in split:
+            name = split["name"]
+        else:
+            name = str(naming.compared_name[int(np.flatnonzero(naming.clusters == split["cluster"])[0])])
+        k = int(np.flatnonzero(names == name)[0])
         siblings = tuple(sorted(names[_close_names(naming, k, sibling_share)]))
         siblings_of.append(siblings)
         per_experiment = {}
@@ -984,6 +1055,23 @@ def _known_sides(medians: dict[str, dict[str, float]], gap: float) -> tuple[str,
                 best_gap = abs(float(np.mean(gaps)))
                 best = (low, high) if gaps[0] > 0 else (high, low)
     return best
+
+
+def _reference_spread(store: Any, naming: NamingResult, name: str, genes: np.ndarray, w: np.ndarray, *,
+                      annotated: Sequence[str], label_key: str, max_cells: int, rng: np.random.Generator) -> float:
+    """How far apart the annotated experiments' cells of ``name`` lie along ``w`` (on ``genes``):
+    :func:`_experiment_spread` of their medians."""
+    split = {"name": name, "genes": genes, "w": w}
+    ref = _reference_projections(store, [split], naming, annotated=annotated, label_key=label_key,
+                                 sibling_share=0.0, max_cells=max_cells, rng=rng)[0]
+    return _experiment_spread(ref["medians"], name)
+
+
+def _experiment_spread(medians: dict[str, dict[str, float]], name: str) -> float:
+    """How far apart the annotated experiments' medians of ``name``'s cells lie along a split
+    (largest less smallest; 0 with fewer than two experiments holding the name)."""
+    values = [m[name] for m in medians.values() if name in m]
+    return float(max(values) - min(values)) if len(values) > 1 else 0.0
 
 
 def _side(store: Any, rows: np.ndarray, split: dict[str, Any], block: int = 65_536) -> np.ndarray:

@@ -529,6 +529,34 @@ def test_subtypes_and_condition_are_deterministic_and_independent(tmp_path):
     assert (other.X != a.X).nnz > 0
 
 
+def test_condition_specificity_raises_each_lineages_own_genes_only_in_its_stimulated_cells():
+    config = dataclasses.replace(CONDITIONED, n_subtypes=2, condition_specificity=1.0)
+    shared_only = dataclasses.replace(config, condition_specificity=0.0)
+    sim, base = Simulator(config), Simulator(shared_only)
+    # The shared programme and everything else are drawn as without the type-specific genes.
+    np.testing.assert_array_equal(sim.stimulated, base.stimulated)
+    np.testing.assert_array_equal(sim.condition_genes, base.condition_genes)
+    np.testing.assert_array_equal(sim.condition_response, base.condition_response)
+    for e in range(config.n_experiments):  # only the stimulated experiments' profiles change
+        same = np.array_equal(sim._profiles(e), base._profiles(e))
+        assert same != bool(sim.stimulated[e]), e
+    adata = simulate_anndata(config)
+    stimulated = sim.stimulated[adata.obs["experiment"].cat.codes.to_numpy()]
+
+    own = sim._specific_condition > 0
+    assert own.sum(axis=1)[0] == 25  # as many as the shared programme's 25 genes
+    subtypes = np.flatnonzero(sim.parent >= 0)
+    np.testing.assert_array_equal(own[subtypes], own[sim.parent[subtypes]])  # a lineage's genes
+    shared = np.isin(np.arange(config.n_genes), sim.condition_genes)
+    for t in range(config.n_cell_types):
+        mine = own[t] & ~shared & ~np.delete(own[:config.n_cell_types], t, axis=0).any(axis=0)
+        response = _condition_response(adata, stimulated, mine)
+        others = np.delete(np.arange(config.n_cell_types), t)
+        # the type (and its subtypes) raise them; the other lineages do not
+        assert response[t] > 0.3, (t, response)
+        assert np.abs(response[others]).max() < 0.5 * response[t], (t, response)
+
+
 def test_pbmc_like_config():
     config = pbmc_like_config(n_cells=2000, seed=3)
     assert (config.n_cells, config.n_genes, config.n_experiments, config.seed) == (2000, 2000, 4, 3)

@@ -110,13 +110,13 @@ def test_bad_options_are_one_line_errors(tmp_path, direct_store):
 def test_subtype_and_condition_options(tmp_path):
     path = tmp_path / "a.h5ad"
     result = run("simulate", "-o", str(path), *SIZE, "--subtypes", "2", "--subtype-closeness", "0.6",
-                 "--condition-fraction", "0.5", "--condition-strength", "1.5")
+                 "--condition-fraction", "0.5", "--condition-strength", "1.5", "--condition-specificity", "0.5")
     assert result.exit_code == 0, result.output
     adata = ad.read_h5ad(path)
     assert list(adata.obs.columns) == ["experiment", "cell_type", "parent_type", "condition"]
     config = adata.uns["simulation"]["config"]
     assert (config["n_subtypes"], config["subtype_closeness"]) == (2, 0.6)
-    assert (config["condition_fraction"], config["condition_strength"]) == (0.5, 1.5)
+    assert (config["condition_fraction"], config["condition_strength"], config["condition_specificity"]) == (0.5, 1.5, 0.5)
     subtypes = [t for t in adata.obs["cell_type"].cat.categories if t.endswith("_b")]
     assert len(subtypes) == 2
     for name in subtypes:

@@ -4,6 +4,8 @@ naming of such parts (name_clusters(decided=...)), on small stores with a known 
 from __future__ import annotations
 
 import anndata as ad
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -113,11 +115,15 @@ def test_normalized_rows_matches_a_dense_reference(small_store):
 # subtype of A (A's programme plus 25 genes raised), which the embedding below cannot see.
 
 
-def _atlas(tmp_path, *, reference_a2: str | None, fold: float = 12.0, condition: bool = False):
+def _atlas(tmp_path, *, reference_a2: str | None, fold: float = 12.0, condition: bool = False,
+           a_condition: str | None = None):
     """``reference_a2``: None (A2 only in the query), "as A" (A2 cells in the reference,
     labelled A) or "own" (A2 in the reference with its own label). ``condition``: every other
     cell of every type and experiment has 30 genes up 8-fold (a stimulation within each
-    experiment)."""
+    experiment). ``a_condition``: the same stimulation of A's (and A2's) cells only (a
+    response of one lineage): "separate", in every other such cell of the query and in all of
+    ref2's (a stimulated run; ref1 is the control run); "within", in every other such cell of
+    every experiment."""
     from mars_scale.ingest import IngestConfig, ingest
 
     rng = np.random.default_rng(0)
@@ -126,7 +132,7 @@ def _atlas(tmp_path, *, reference_a2: str | None, fold: float = 12.0, condition:
     programmes["A2"] = programmes["A"].copy()
     programmes["A2"][rng.choice(N_GENES, 25, replace=False)] *= fold
     stimulated = np.ones(N_GENES)
-    if condition:
+    if condition or a_condition is not None:
         stimulated[np.random.default_rng(7).choice(N_GENES, 30, replace=False)] = 8.0
     cells, obs = [], []
     for e in EXPERIMENTS:
@@ -136,7 +142,8 @@ def _atlas(tmp_path, *, reference_a2: str | None, fold: float = 12.0, condition:
             types += ["A2"] * 120
         for i, t in enumerate(types):
             mu = base * programmes[t] * shift * rng.lognormal(0.0, 0.2) * 3.0
-            if condition and i % 2:
+            if condition and i % 2 or a_condition and t in ("A", "A2") and (
+                    e == "ref2" and a_condition == "separate" or (e == "query" or a_condition == "within") and i % 2):
                 mu = mu * stimulated
             cells.append(rng.poisson(mu))
             label = t if (e == "query" or t != "A2" or reference_a2 == "own") else "A"
@@ -548,3 +555,46 @@ def test_the_split_test_looks_past_a_direction_every_cluster_shares(tmp_path):
     first, cut = subpopulations._specific_split(0, sampled, np.arange(3), labels, n_genes=500, n_components=20,
                                                 min_part_cells=10, rng=np.random.default_rng(0))
     assert first is None and cut is not None
+
+
+def test_a_condition_the_reference_holds_in_separate_experiments_is_no_new_population(tmp_path, monkeypatch):
+    # A's cells respond to a stimulation: half of them in the query, all of ref2's and none of
+    # ref1's. A's query cluster splits along it; neither reference experiment is bimodal along
+    # it, but their A cells lie as far apart as the query's two halves: known.
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2=None, fold=1.0, a_condition="separate"))  # A2 is A
+    name, clusters, z, truth = _query_naming(store)
+    rows = np.arange(*store.experiment_ranges["query"])
+    naming = name(clusters, None)
+    assert find_parts(store, rows, clusters, z, naming, annotated=["ref1", "ref2"]) == []
+    # the rule is what keeps it known: without it, the stimulated half is called new
+    monkeypatch.setattr(subpopulations, "EXPERIMENT_SPREAD", np.inf)
+    parts = find_parts(store, rows, clusters, z, naming, annotated=["ref1", "ref2"])
+    assert len(parts) == 1 and parts[0].novel and parts[0].cluster == 0
+
+
+def test_experiment_spread_is_the_range_of_the_name_s_medians():
+    medians = {"e1": {"A": 1.0, "B": 5.0}, "e2": {"A": 3.5}, "e3": {"B": 4.0}}
+    assert subpopulations._experiment_spread(medians, "A") == pytest.approx(2.5)
+    assert subpopulations._experiment_spread(medians, "B") == pytest.approx(1.0)
+    assert subpopulations._experiment_spread({"e1": {"A": 1.0}}, "A") == 0.0  # one experiment: none
+
+
+def test_the_split_test_looks_past_a_split_the_reference_holds(tmp_path, monkeypatch, caplog):
+    # half of A's cells respond to a stimulation, in every experiment: the clearest split of the
+    # query's A cluster, which the reference shows too (known). Past it lies A2, new.
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2=None, fold=4.0, a_condition="within"))
+    name, clusters, z, truth = _query_naming(store)
+    rows = np.arange(*store.experiment_ranges["query"])
+    naming = name(clusters, None)
+    with caplog.at_level(logging.INFO, logger="mars_scale.subpopulations"):
+        parts = find_parts(store, rows, clusters, z, naming, annotated=["ref1", "ref2"])
+    assert "that the reference also shows" in caplog.text  # the first split: the stimulation
+    assert len(parts) == 1 and parts[0].novel and parts[0].cluster == 0
+    found = np.isin(np.arange(truth.size), parts[0].cells)
+    assert (truth[found] == "A2").mean() > 0.9 and found[truth == "A2"].mean() > 0.9
+    monkeypatch.setattr(subpopulations, "LOOKS_PAST_KNOWN", 0)  # without looking past it: nothing
+    assert find_parts(store, rows, clusters, z, naming, annotated=["ref1", "ref2"]) == []
