@@ -184,6 +184,22 @@ def _build_store(source: Path, directory: Path, held_out: str, removed: str | No
     return store, single
 
 
+def scenario_tag(held_out: str, removed: str | None) -> str:
+    """The scenario's name in file paths: ``<held out>__<removed or none>``, each part with any
+    character other than letters, digits and ``._+-`` replaced by ``_`` and then, if that
+    changed it, a short hash of the original (labels such as "CD4/CD8 T" or "NK cells")."""
+    import hashlib
+    import re
+
+    def safe(name: str) -> str:
+        cleaned = re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+        if cleaned == name:
+            return name
+        return f"{cleaned}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+    return f"{safe(held_out)}__{safe(removed) if removed is not None else 'none'}"
+
+
 def _cache_path(workdir: Path, dataset: str, tag: str, seed: int, options: dict[str, Any] | None,
                 extra_k: int = 0, auto_k: bool = False) -> Path:
     """Cached runs live under cache/<options>/...: one folder per set of training options."""
@@ -210,7 +226,7 @@ def train_scenario(source: Path, scenario: dict[str, Any], seed: int, workdir: P
     from mars_scale.store import open_store
 
     held, removed, k = scenario["held_out"], scenario["removed"], scenario["k"] + extra_k
-    tag = f"{held}__{removed or 'none'}"
+    tag = scenario_tag(held, removed)
     cache = _cache_path(workdir, source.stem, tag, seed, options, extra_k, auto_k)
     if cache.exists():
         return cache
@@ -516,7 +532,7 @@ def main() -> None:
                     args.held_out and sc["held_out"] not in args.held_out):
                 continue
             for seed in args.seeds:
-                tag = f"{sc['held_out']}__{sc['removed'] or 'none'}"
+                tag = scenario_tag(sc["held_out"], sc["removed"])
                 cache = _cache_path(args.workdir, source.stem, tag, seed, args.options, args.extra_k, args.auto_k)
                 if not args.score_only:
                     cache = train_scenario(source, sc, seed, args.workdir, args.options, args.extra_k, args.auto_k,

@@ -23,7 +23,12 @@ cluster called known, this module asks three questions of the log-normalised exp
    its close siblings (names whose prototype lies within ``sibling_share`` of the median distance
    between prototypes), projected on ``w`` per annotated experiment, must be unimodal. If the
    reference shows the same two modes, the split is known structure (two known subtypes in one
-   cluster, or a heterogeneous known type).
+   cluster, or a heterogeneous known type). So it is where the name's cells of two annotated
+   experiments lie ``EXPERIMENT_SPREAD`` (half) of the split's gap apart along ``w``: a
+   condition that the reference holds in separate experiments (a control and a stimulated
+   run) and the new experiment in one. Past a split the reference holds, the cluster is split
+   again with its direction projected out (at most ``LOOKS_PAST_KNOWN`` times): a new subtype
+   can hide behind a condition that both hold.
 
 If the reference's labels put two siblings on the two sides (in the same order and at least
 half the split's gap apart in every annotated experiment that holds both), whether or not its
