@@ -598,3 +598,28 @@ def test_the_split_test_looks_past_a_split_the_reference_holds(tmp_path, monkeyp
     assert (truth[found] == "A2").mean() > 0.9 and found[truth == "A2"].mean() > 0.9
     monkeypatch.setattr(subpopulations, "LOOKS_PAST_KNOWN", 0)  # without looking past it: nothing
     assert find_parts(store, rows, clusters, z, naming, annotated=["ref1", "ref2"]) == []
+
+
+def test_two_groups_split_by_a_condition_the_reference_holds_in_separate_runs_are_not_apart(tmp_path):
+    # the query's stimulated and control A cells are two populations in expression, but the
+    # reference's A cells of ref1 (control) and ref2 (stimulated) lie as far apart along it
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2=None, fold=1.0, a_condition="separate"))
+    name, clusters, z, truth = _query_naming(store)
+    naming = name(clusters, None)
+    rows = np.arange(*store.experiment_ranges["query"])
+    a_cells = np.flatnonzero(np.isin(truth, ["A", "A2"]))
+    stimulated, control = a_cells[a_cells % 2 == 1], a_cells[a_cells % 2 == 0]  # every other cell
+
+    def spread_of(genes, w):
+        return subpopulations._reference_spread(store, naming, "A", genes, w, annotated=["ref1", "ref2"],
+                                                label_key="cell_type", max_cells=1000,
+                                                rng=np.random.default_rng(0))
+
+    rng = np.random.default_rng
+    assert subpopulations._apart(store, rows, stimulated, control, rng=rng(0)) >= 1.0
+    assert subpopulations._apart(store, rows, stimulated, control, rng=rng(0), spread_of=spread_of) == 0.0
+    # B's cells against A's: another type, however the reference's A experiments differ
+    b_cells = np.flatnonzero(truth == "B")
+    assert subpopulations._apart(store, rows, control, b_cells, rng=rng(0), spread_of=spread_of) >= 1.0
