@@ -261,27 +261,8 @@ def find_parts(
     sampled = {c: matrix[np.searchsorted(taken, samples[c])] for c in naming.clusters}
 
     label_of = dict(zip(naming.clusters, np.asarray(naming.label).astype(str)))
-    splits = []
-    failed: dict[Any, np.ndarray] = {}  # per cluster, the direction that cut other clusters too
-    for c in known:
-        split, cuts_others = _specific_split(c, sampled, naming.clusters, label_of, n_genes=n_genes,
-                                             n_components=n_components, min_part_cells=min_part_cells, rng=rng)
-        if cuts_others is not None:
-            failed[c] = cuts_others
-        elif split is not None:
-            splits.append(split)
-    # Look again past the directions that cut other clusters (a condition, cell quality): each
-    # cluster whose split cut others is split with the other clusters' such directions taken out.
-    past_rng = np.random.default_rng(None if seed is None else [seed, 1])  # the first pass's stream unchanged
-    for c in failed if len(failed) > 1 else ():
-        exclude = np.stack([v for o, v in failed.items() if o != c])
-        split, cuts_others = _specific_split(c, sampled, naming.clusters, label_of, n_genes=n_genes,
-                                             n_components=n_components, min_part_cells=min_part_cells,
-                                             rng=past_rng, exclude=exclude)
-        if split is not None and cuts_others is None:
-            logger.info("cluster %s: past the directions that cut several clusters, a split (d' %.2f)", c,
-                        split["dprime"])
-            splits.append(split)
+    options = {"n_genes": n_genes, "n_components": n_components, "min_part_cells": min_part_cells}
+    splits = _first_splits(known, sampled, naming.clusters, label_of, rng=rng, seed=seed, **options)
     # Judge each split against the reference; where the reference holds it (a condition or a
     # heterogeneity of the known type), look again past it, on a stream of its own.
     parts: list[Part] = []
@@ -303,15 +284,38 @@ def find_parts(
                 c = split["cluster"]
                 direction = _difference(sampled[c], split)
                 exclude = direction[None] if split["exclude"] is None else np.vstack([split["exclude"], direction])
-                deeper, cuts_others = _specific_split(c, sampled, naming.clusters, label_of, n_genes=n_genes,
-                                                      n_components=n_components, min_part_cells=min_part_cells,
-                                                      rng=known_rng, exclude=exclude)
+                deeper, cuts_others = _specific_split(c, sampled, naming.clusters, label_of, rng=known_rng,
+                                                      exclude=exclude, **options)
                 if deeper is not None and cuts_others is None:
                     logger.info("cluster %s: past a split the reference holds, a split (d' %.2f)", c,
                                 deeper["dprime"])
                     again.append(deeper)
         splits = again
     return parts
+
+
+def _first_splits(known: Sequence[Any], sampled: dict[Any, Any], clusters: np.ndarray, label_of: dict[Any, str], *,
+                  rng: np.random.Generator, seed: int | None, **options: int) -> list[dict[str, Any]]:
+    """The split test's first two questions for every cluster in ``known``: the splits that pass,
+    looking again past the directions that cut other clusters (a condition, cell quality), each
+    such cluster split with the other such clusters' directions taken out."""
+    splits = []
+    failed: dict[Any, np.ndarray] = {}  # per cluster, the direction that cut other clusters too
+    for c in known:
+        split, cuts_others = _specific_split(c, sampled, clusters, label_of, rng=rng, **options)
+        if cuts_others is not None:
+            failed[c] = cuts_others
+        elif split is not None:
+            splits.append(split)
+    past_rng = np.random.default_rng(None if seed is None else [seed, 1])  # the first pass's stream unchanged
+    for c in failed if len(failed) > 1 else ():
+        exclude = np.stack([v for o, v in failed.items() if o != c])
+        split, cuts_others = _specific_split(c, sampled, clusters, label_of, rng=past_rng, exclude=exclude, **options)
+        if split is not None and cuts_others is None:
+            logger.info("cluster %s: past the directions that cut several clusters, a split (d' %.2f)", c,
+                        split["dprime"])
+            splits.append(split)
+    return splits
 
 
 def _judge(store: Any, rows: np.ndarray, assignment: np.ndarray, embedding: np.ndarray, naming: NamingResult,
