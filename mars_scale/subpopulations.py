@@ -268,19 +268,19 @@ def find_parts(
     parts: list[Part] = []
     next_id = int(np.max(np.asarray(naming.clusters, dtype=np.int64))) + 1 if len(naming.clusters) else 0
     known_rng = np.random.default_rng(None if seed is None else [seed, 3])
+    labels_of = _annotated_labels(store, annotated, label_key) if splits else {}  # read once for every look
     for look in range(LOOKS_PAST_KNOWN + 1):
         if not splits:
             break
-        reference = _reference_projections(store, splits, naming, annotated=annotated, label_key=label_key,
-                                           sibling_share=sibling_share, max_cells=max_cells,
-                                           rng=rng if look == 0 else known_rng)
+        reference = _reference_projections(store, splits, naming, labels_of=labels_of, sibling_share=sibling_share,
+                                           max_cells=max_cells, rng=rng if look == 0 else known_rng)
         again = []
         for split, ref in zip(splits, reference):
-            part = _judge(store, rows, assignment, embedding, naming, split, ref, next_id, min_part_cells)
+            part, known = _judge(store, rows, assignment, embedding, naming, split, ref, next_id, min_part_cells)
             if part is not None:
                 parts.append(part)
                 next_id += 1
-            elif split.get("known") and look < LOOKS_PAST_KNOWN:
+            elif known and look < LOOKS_PAST_KNOWN:
                 c = split["cluster"]
                 direction = _difference(sampled[c], split)
                 exclude = direction[None] if split["exclude"] is None else np.vstack([split["exclude"], direction])
@@ -319,29 +319,28 @@ def _first_splits(known: Sequence[Any], sampled: dict[Any, Any], clusters: np.nd
 
 
 def _judge(store: Any, rows: np.ndarray, assignment: np.ndarray, embedding: np.ndarray, naming: NamingResult,
-           split: dict[str, Any], ref: dict[str, Any], new_id: int, min_part_cells: int) -> Part | None:
-    """The split test's third question for one split: a part (new, or a known sibling), or
-    ``None``, with ``split["known"]`` set where the reference holds the split under the
-    cluster's name (its cells bimodal along it, or its experiments that far apart)."""
+           split: dict[str, Any], ref: dict[str, Any], new_id: int,
+           min_part_cells: int) -> tuple[Part | None, bool]:
+    """The split test's third question for one split: the part (new, or a known sibling; ``None``
+    when too small), and whether the reference holds the split under the cluster's name (its
+    cells bimodal along it, or its experiments that far apart)."""
     c = split["cluster"]
     j = int(np.flatnonzero(naming.clusters == c)[0])
     members = np.flatnonzero(assignment == c)
     sides = _known_sides(ref["medians"], split["gap"])
-    spread = _experiment_spread(ref["medians"], str(naming.compared_name[j]))
     if sides is not None:  # the reference's labels put two siblings on the two sides
-        return _known_part(store, rows, members, split, sides, ref, naming, j, new_id, min_part_cells)
+        return _known_part(store, rows, members, split, sides, ref, naming, j, new_id, min_part_cells), False
     if ref["ratio"] >= 1.0:
         logger.info("cluster %s: a split (d' %.2f) that the reference also shows (d' %.2f); known",
                     c, split["dprime"], ref["dprime"])
-        split["known"] = True
-        return None
+        return None, True
+    spread = _experiment_spread(ref["medians"], str(naming.compared_name[j]))
     if spread >= EXPERIMENT_SPREAD * split["gap"]:
         logger.info("cluster %s: a split (d' %.2f) along which the reference's experiments of its name lie "
                     "%.2f of the split's gap apart (a condition they hold apart); known", c, split["dprime"],
                     spread / split["gap"])
-        split["known"] = True
-        return None
-    return _new_part(store, rows, members, embedding, split, ref, naming, j, new_id, min_part_cells)
+        return None, True
+    return _new_part(store, rows, members, embedding, split, ref, naming, j, new_id, min_part_cells), False
 
 
 def _specific_split(c: Any, sampled: dict[Any, Any], clusters: np.ndarray, label_of: dict[Any, str], *,
@@ -406,10 +405,13 @@ def name_with_parts(
     parts = find_parts(store, rows, assignment, embedding, naming, annotated=annotated, seed=seed)
     decided: dict[Any, tuple[str, float, Any]] = {}
     reference_rng = np.random.default_rng(None if seed is None else [seed, 2])  # other draws unchanged
+    labels_of: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}  # read at the first call only
 
     def spread_of(name: str, genes: np.ndarray, w: np.ndarray) -> float:
-        return _reference_spread(store, naming, name, genes, w, annotated=annotated, label_key="cell_type",
-                                 max_cells=1000, rng=reference_rng)
+        if not labels_of:
+            labels_of.update(_annotated_labels(store, annotated, "cell_type"))
+        return _reference_spread(store, naming, name, genes, w, labels_of=labels_of, max_cells=1000,
+                                 rng=reference_rng)
 
     if parts:
         decided = _decided(parts, decided)
@@ -525,7 +527,7 @@ def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store:
         cells = np.flatnonzero(assignment == c)
         if np.linalg.norm(np.asarray(embedding[cells]).mean(axis=0) - prototypes[n]) <= owner_distance[n]:
             continue
-        margin = _apart(store, rows, cells, owners[n], rng=rng, spread_of=_named(spread_of, n), **split_options)
+        margin = _apart(store, rows, cells, owners[n], rng=rng, spread_of=spread_of, name=n, **split_options)
         if margin == 0.0:
             continue
         logger.info("cluster %s (%s): a step found %s's own cells nearer its prototype, and the cluster and "
@@ -553,12 +555,12 @@ def _like_new_parts(parts: Sequence[Part], naming: NamingResult, store: Any, row
             continue
         owner = int(np.flatnonzero(naming.clusters == part.cluster)[0])
         rest = np.flatnonzero(assignment == part.cluster)
+        reference = {"spread_of": spread_of, "name": part.name}
         for j in np.flatnonzero((naming.split_of == owner) & ~naming.is_novel):
             cells = np.flatnonzero(assignment == naming.clusters[j])
-            named = _named(spread_of, part.name)
-            if _apart(store, rows, cells, part.cells, rng=rng, spread_of=named, **split_options) > 0.0:
+            if _apart(store, rows, cells, part.cells, rng=rng, **reference, **split_options) > 0.0:
                 continue  # not the new part's population
-            margin = _apart(store, rows, cells, rest, rng=rng, spread_of=named, **split_options)
+            margin = _apart(store, rows, cells, rest, rng=rng, **reference, **split_options)
             if margin == 0.0:
                 continue
             logger.info("cluster %s (taken for part of cluster %s's %s): the population of the new part split "
@@ -567,19 +569,15 @@ def _like_new_parts(parts: Sequence[Part], naming: NamingResult, store: Any, row
     return out
 
 
-def _named(spread_of: Callable[[str, np.ndarray, np.ndarray], float] | None,
-           name: str) -> Callable[[np.ndarray, np.ndarray], float] | None:
-    return None if spread_of is None else (lambda genes, w: spread_of(name, genes, w))
-
-
 def _apart(store: Any, rows: np.ndarray, first: np.ndarray, second: np.ndarray, *, rng: np.random.Generator,
-           spread_of: Callable[[np.ndarray, np.ndarray], float] | None = None,
+           spread_of: Callable[[str, np.ndarray, np.ndarray], float] | None = None, name: str = "",
            max_cells: int = 1000, n_genes: int = 500, n_components: int = 20, min_part_cells: int = 10) -> float:
     """Whether two groups of the new cells (positions among ``rows``) are two populations in
     expression: the margin (at least 1) of the split test's cross-fitted split (:func:`_split`)
     of their cells pooled, with the groups' cells mostly on opposite sides; 0 otherwise (no
     split, a split within the groups, too few cells, or a split along which the reference's
-    experiments lie ``EXPERIMENT_SPREAD`` of its gap apart: ``spread_of(genes, w)``)."""
+    experiments of ``name`` lie ``EXPERIMENT_SPREAD`` of its gap apart: ``spread_of(name, genes,
+    w)``)."""
     first, second = _sample(first, max_cells, rng), _sample(second, max_cells, rng)
     if min(first.size, second.size) < min_part_cells:
         return 0.0
@@ -592,7 +590,7 @@ def _apart(store: Any, rows: np.ndarray, first: np.ndarray, second: np.ndarray, 
     side = (matrix[:, split["genes"]] @ split["w"]) > split["cut"]
     if np.median(side[:first.size]) == np.median(side[first.size:]):
         return 0.0  # two populations, but not these two groups
-    if spread_of is not None and spread_of(split["genes"], split["w"]) >= EXPERIMENT_SPREAD * split["gap"]:
+    if spread_of is not None and spread_of(name, split["genes"], split["w"]) >= EXPERIMENT_SPREAD * split["gap"]:
         return 0.0  # as far apart as the reference's own experiments of the name
     return max(1.0, split["margin"])
 
@@ -1006,14 +1004,13 @@ def _known_part(store: Any, rows: np.ndarray, members: np.ndarray, split: dict[s
 
 
 def _reference_projections(store: Any, splits: list[dict[str, Any]], naming: NamingResult, *,
-                           annotated: Sequence[str], label_key: str, sibling_share: float,
+                           labels_of: dict[str, tuple[int, np.ndarray, np.ndarray]], sibling_share: float,
                            max_cells: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     """Per split, along its direction, the reference's cells of the cluster's name (or of
     ``split["name"]``) and its siblings per annotated experiment: the largest bimodality ratio
     (``d'`` over its threshold) and ``d'``, the siblings, and per experiment the median of each
-    sibling's cells."""
+    sibling's cells. ``labels_of``: :func:`_annotated_labels`."""
     names = np.asarray(naming.names).astype(str)
-    labels_of = _annotated_labels(store, annotated, label_key)  # read once for every split
     wanted: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
     siblings_of = []
     for split in splits:
@@ -1067,12 +1064,13 @@ def _known_sides(medians: dict[str, dict[str, float]], gap: float) -> tuple[str,
 
 
 def _reference_spread(store: Any, naming: NamingResult, name: str, genes: np.ndarray, w: np.ndarray, *,
-                      annotated: Sequence[str], label_key: str, max_cells: int, rng: np.random.Generator) -> float:
+                      labels_of: dict[str, tuple[int, np.ndarray, np.ndarray]], max_cells: int,
+                      rng: np.random.Generator) -> float:
     """How far apart the annotated experiments' cells of ``name`` lie along ``w`` (on ``genes``):
     :func:`_experiment_spread` of their medians."""
     split = {"name": name, "genes": genes, "w": w}
-    ref = _reference_projections(store, [split], naming, annotated=annotated, label_key=label_key,
-                                 sibling_share=0.0, max_cells=max_cells, rng=rng)[0]
+    ref = _reference_projections(store, [split], naming, labels_of=labels_of, sibling_share=0.0,
+                                 max_cells=max_cells, rng=rng)[0]
     return _experiment_spread(ref["medians"], name)
 
 

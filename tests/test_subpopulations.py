@@ -612,14 +612,15 @@ def test_two_groups_split_by_a_condition_the_reference_holds_in_separate_runs_ar
     a_cells = np.flatnonzero(np.isin(truth, ["A", "A2"]))
     stimulated, control = a_cells[a_cells % 2 == 1], a_cells[a_cells % 2 == 0]  # every other cell
 
-    def spread_of(genes, w):
-        return subpopulations._reference_spread(store, naming, "A", genes, w, annotated=["ref1", "ref2"],
-                                                label_key="cell_type", max_cells=1000,
+    labels_of = subpopulations._annotated_labels(store, ["ref1", "ref2"], "cell_type")
+
+    def spread_of(name, genes, w):
+        return subpopulations._reference_spread(store, naming, name, genes, w, labels_of=labels_of, max_cells=1000,
                                                 rng=np.random.default_rng(0))
 
     rng = np.random.default_rng
     assert subpopulations._apart(store, rows, stimulated, control, rng=rng(0)) >= 1.0
-    assert subpopulations._apart(store, rows, stimulated, control, rng=rng(0), spread_of=spread_of) == 0.0
+    assert subpopulations._apart(store, rows, stimulated, control, rng=rng(0), spread_of=spread_of, name="A") == 0.0
     # B's cells against A's: another type, however the reference's A experiments differ
     b_cells = np.flatnonzero(truth == "B")
-    assert subpopulations._apart(store, rows, control, b_cells, rng=rng(0), spread_of=spread_of) >= 1.0
+    assert subpopulations._apart(store, rows, control, b_cells, rng=rng(0), spread_of=spread_of, name="A") >= 1.0
