@@ -11,7 +11,9 @@ cluster called known, this module asks three questions of the log-normalised exp
    are cut in two by K-means, giving a direction ``w`` in gene space (the difference of the two
    means); the other half's cells, projected on ``w``, are tested for bimodality, and the same
    is done the other way round: the split must replicate. Fitting and testing on different cells
-   keeps noise from passing for structure.
+   keeps noise from passing for structure. A split whose sides differ in the cells' quality (log
+   genes detected, mitochondrial share) by half the split's ``d'`` or more (``QUALITY_SHARE``)
+   is the cells' quality, not a type: a part of damaged or empty-ish cells.
 2. Is the split specific to this type? Every cluster of the experiment under another name,
    projected on ``w``, must be unimodal; a direction that cuts every cluster (cell quality,
    cycling) is not a cell type. Clusters under the same name are left out: they are the same
@@ -62,8 +64,8 @@ Bimodality is the exact one-dimensional two-means split: ``d' = |m_1 - m_2| / s`
 pooled within-part standard deviation. A single Gaussian gives ``d'`` of about 2.7 at large
 sizes and more at small ones; a sample is bimodal when ``d'`` exceeds both a floor and the 99th
 percentile of ``d'`` over Gaussian samples of its size (``tools/bimodality_null.py``). The floor
-is ``MIN_DPRIME`` (3.5) for the other clusters and the reference, where any bimodality stops the
-call, and ``SPLIT_DPRIME`` (4.5) for the cluster's own split, which must be clear.
+is ``MIN_DPRIME`` (3.5) for the cluster's own split as for the other clusters and the reference
+(it was 4.5 for the cluster's own split until the quality check replaced it, docs/algorithm.md).
 The evidence of a part is the smallest of the three margins (its ``d'`` over the threshold, the
 threshold over the largest ``d'`` of the other clusters and of the reference), at least 1 for a
 part that passed.
@@ -89,10 +91,12 @@ from mars_scale.preprocess import normalized_rows
 logger = logging.getLogger(__name__)
 
 MIN_DPRIME = 3.5
-# A cluster's own split must be clearer than that: real unimodal distributions (skewed, heavy
-# tailed: library size, dying cells) reach d' of 3.5 to 4.4 on the shared data, where the
-# simulated subtypes reach 5.2 to 5.9 (docs/algorithm.md, "The split test").
-SPLIT_DPRIME = 4.5
+# A split whose two sides differ in the cells' quality (log genes detected, mitochondrial share)
+# by at least this share of the split's own d' is the cells' quality, not a cell type: real
+# unimodal clusters split at d' 3.5 to 4.4 along library size (docs/algorithm.md, "The split
+# test"), their sides 3 standard deviations of genes detected apart; simulated subtypes at most
+# 0.84 at d' 4.1 to 5.8.
+QUALITY_SHARE = 0.5
 # Known siblings (resolve_siblings): the embedding separates two names when this share of their
 # annotated cells lies nearest a landmark of their own name; expression is used instead only
 # when a classifier beats that share by CLASSIFIER_GAIN on annotated experiments it did not see.
@@ -261,7 +265,8 @@ def find_parts(
     sampled = {c: matrix[np.searchsorted(taken, samples[c])] for c in naming.clusters}
 
     label_of = dict(zip(naming.clusters, np.asarray(naming.label).astype(str)))
-    options = {"n_genes": n_genes, "n_components": n_components, "min_part_cells": min_part_cells}
+    options = {"n_genes": n_genes, "n_components": n_components, "min_part_cells": min_part_cells,
+               "mito": mitochondrial_genes(store.gene_ids)}
     splits = _first_splits(known, sampled, naming.clusters, label_of, rng=rng, seed=seed, **options)
     # Judge each split against the reference; where the reference holds it (a condition or a
     # heterogeneity of the known type), look again past it, on a stream of its own.
@@ -345,13 +350,14 @@ def _judge(store: Any, rows: np.ndarray, assignment: np.ndarray, embedding: np.n
 
 def _specific_split(c: Any, sampled: dict[Any, Any], clusters: np.ndarray, label_of: dict[Any, str], *,
                     n_genes: int, n_components: int, min_part_cells: int, rng: np.random.Generator,
-                    exclude: np.ndarray | None = None) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+                    exclude: np.ndarray | None = None,
+                    mito: np.ndarray | None = None) -> tuple[dict[str, Any] | None, np.ndarray | None]:
     """The split test's first two questions for cluster ``c``: its split (:func:`_split`, with
     ``exclude`` taken out) if one passes and no cluster under another name is cut along it;
     else ``None`` and, where the split cut other clusters, that direction over all genes (the
     difference between its two sides' means)."""
     split = _split(sampled[c], n_genes=n_genes, n_components=n_components, min_part_cells=min_part_cells,
-                   rng=rng, exclude=exclude)
+                   rng=rng, exclude=exclude, mito=mito)
     if split is None:
         return None, None
     # clusters under the same name are the same type: a population inside it may cut them too
@@ -505,7 +511,7 @@ def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store:
     farther than those cells from the name's prototype in the embedding is new if, in the
     expression of the new cells (one experiment, so no batch between them), it and they are
     two populations: their cells pooled split in two as the split test splits a cluster
-    (:func:`_split`, replicated, ``d'`` at least ``SPLIT_DPRIME``) with the two groups on
+    (:func:`_split`, replicated, ``d'`` at least ``MIN_DPRIME``, not along the cells' quality) with the two groups on
     opposite sides (:func:`_apart`, with ``split_options``), and the reference's experiments of
     the name do not differ as much along the split (``spread_of``, as in :func:`find_parts`).
     Otherwise it keeps the name: one type that the clustering cut in two, or cut along a
@@ -584,7 +590,8 @@ def _apart(store: Any, rows: np.ndarray, first: np.ndarray, second: np.ndarray, 
     pooled = np.concatenate([first, second])
     order = np.argsort(pooled)
     matrix = normalized_rows(store, rows[pooled[order]], dtype=np.float32)[np.argsort(order)]
-    split = _split(matrix, n_genes=n_genes, n_components=n_components, min_part_cells=min_part_cells, rng=rng)
+    split = _split(matrix, n_genes=n_genes, n_components=n_components, min_part_cells=min_part_cells, rng=rng,
+                   mito=mitochondrial_genes(store.gene_ids))
     if split is None:
         return 0.0
     side = (matrix[:, split["genes"]] @ split["w"]) > split["cut"]
@@ -901,12 +908,13 @@ def _sample(index: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.n
 
 
 def _split(cells, *, n_genes: int, n_components: int, min_part_cells: int, rng: np.random.Generator,
-           exclude: np.ndarray | None = None) -> dict[str, Any] | None:
+           exclude: np.ndarray | None = None, mito: np.ndarray | None = None) -> dict[str, Any] | None:
     """Cross-fitted split of one cluster's sampled cells (sparse, log-normalised), or ``None``
     unless it replicates: the direction found on each random half must cut the other half in
     two (both bimodal). ``exclude``: ``(k, n_genes_all)`` directions over all genes whose span
     is projected out of the cells (on the genes chosen) first, so the split is orthogonal to
-    them."""
+    them. ``None`` too for a split along the cells' quality (:func:`_quality_shift`, with the
+    mitochondrial genes ``mito``)."""
     mean = np.asarray(cells.mean(axis=0), dtype=np.float64).ravel()
     sq = np.asarray(cells.multiply(cells).mean(axis=0), dtype=np.float64).ravel()
     genes = excess_variance_genes(mean, sq - mean**2, n_genes)
@@ -923,16 +931,48 @@ def _split(cells, *, n_genes: int, n_components: int, min_part_cells: int, rng: 
             return None
         projected = b @ w
         dprime, cut = bimodality(projected)
-        threshold = bimodal_threshold(b.shape[0], floor=SPLIT_DPRIME)
+        threshold = bimodal_threshold(b.shape[0])
         if dprime < threshold:
             return None
         found.append((w, projected, dprime, cut, threshold))
     (w, projected, dprime, cut, threshold), (_, _, replicate, _, replicate_threshold) = found
+    shift = _quality_shift(cells, x @ w > cut, mito)
+    if shift >= QUALITY_SHARE * min(dprime, replicate):
+        logger.debug("a split (d' %.2f) whose sides differ in the cells' quality by %.2f standard deviations; "
+                     "not a cell type", dprime, shift)
+        return None
     # the cut in the units of the raw projection (without the centring by the sampled mean)
     return {"genes": genes, "w": w, "dprime": dprime, "threshold": threshold,
             "margin": min(dprime / threshold, replicate / replicate_threshold),
             "cut": cut + float(mean[genes] @ w),
             "gap": float(projected[projected > cut].mean() - projected[projected <= cut].mean())}
+
+
+def _quality_shift(cells, side: np.ndarray, mito: np.ndarray | None = None) -> float:
+    """How far apart the two sides of a split lie in the cells' quality, in pooled standard
+    deviations: the larger of the log number of genes detected and, with ``mito`` (the
+    mitochondrial genes' columns), their share of the cell's normalised expression."""
+    quality = [np.log1p(np.diff(cells.indptr))]
+    if mito is not None and mito.size:
+        level = cells.expm1()
+        total = np.asarray(level.sum(axis=1)).ravel()
+        quality.append(np.asarray(level[:, mito].sum(axis=1)).ravel() / np.maximum(total, 1e-12))
+    shift = 0.0
+    for q in quality:
+        high, low = q[side], q[~side]
+        if high.size < 2 or low.size < 2:
+            continue
+        spread = np.sqrt((high.var() * high.size + low.var() * low.size) / q.size)
+        if spread > 0:
+            shift = max(shift, abs(high.mean() - low.mean()) / spread)
+    return float(shift)
+
+
+def mitochondrial_genes(gene_ids: Sequence[str]) -> np.ndarray:
+    """Columns of the genes named as mitochondrial (``MT-`` or ``mt-``, as 10x references name
+    them; none for Ensembl identifiers)."""
+    names = np.asarray(gene_ids, dtype=str)
+    return np.flatnonzero(np.char.startswith(np.char.upper(names), "MT-"))
 
 
 def _two_means_direction(x: np.ndarray, *, n_components: int, min_part_cells: int,

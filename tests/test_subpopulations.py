@@ -95,6 +95,73 @@ def test_a_split_counts_only_when_each_half_finds_it_in_the_other(monkeypatch):
                                  rng=np.random.default_rng(0)) is None
 
 
+def _log_normalised(counts):
+    return sp.csr_matrix(np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4))
+
+
+def _cluster_counts(rng, *, library, profiles):
+    """Poisson counts of cells with the given library sizes and per-cell gene profiles."""
+    counts = rng.poisson(library[:, None] * profiles).astype(np.float64)
+    counts[counts.sum(axis=1) == 0, 0] = 1.0
+    return counts
+
+
+def test_a_split_along_the_cells_quality_is_not_a_type(monkeypatch):
+    # one type, a third of its cells sequenced 7 times less deeply (damaged or empty-ish cells):
+    # they detect fewer genes, which makes them a second mode; a subtype with the same depth is not
+    rng = np.random.default_rng(0)
+    profile = rng.gamma(0.5, 1.0, 200)
+    profile /= profile.sum()
+    shallow = np.arange(300) < 100
+    library = np.where(shallow, 300.0, 2000.0) * rng.lognormal(0.0, 0.3, 300)
+    damaged = _log_normalised(_cluster_counts(rng, library=library, profiles=np.tile(profile, (300, 1))))
+    subtype_profile = profile.copy()
+    subtype_profile[:25] *= 4.0
+    subtype_profile /= subtype_profile.sum()
+    subtype = _log_normalised(_cluster_counts(rng, library=2000.0 * rng.lognormal(0.0, 0.3, 300),
+                                              profiles=np.where(shallow[:, None], subtype_profile, profile)))
+    options = {"n_genes": 100, "n_components": 10, "min_part_cells": 10}
+    assert subpopulations._split(damaged, rng=np.random.default_rng(1), **options) is None
+    found = subpopulations._split(subtype, rng=np.random.default_rng(1), **options)
+    assert found is not None
+    side = np.asarray(subtype[:, found["genes"]] @ found["w"] > found["cut"]).ravel()
+    assert (side == shallow).mean() > 0.95 or (side != shallow).mean() > 0.95
+    # without the quality check the shallow cells are a split: the check is what stops it
+    monkeypatch.setattr(subpopulations, "QUALITY_SHARE", np.inf)
+    split = subpopulations._split(damaged, rng=np.random.default_rng(1), **options)
+    assert split is not None
+    side = np.asarray(damaged[:, split["genes"]] @ split["w"] > split["cut"]).ravel()
+    assert (side == shallow).mean() > 0.9 or (side != shallow).mean() > 0.9
+
+
+def test_quality_shift_matches_a_dense_reference():
+    rng = np.random.default_rng(2)
+    counts = rng.poisson(rng.uniform(0.05, 3.0, (80, 30))).astype(np.float64)
+    counts[:, 0] += 1.0
+    counts[:30, 1] += rng.poisson(20.0, 30)  # column 1 mitochondrial: raised in the first 30 cells
+    cells = _log_normalised(counts)
+    side = np.zeros(80, dtype=bool)
+    side[:30] = True
+
+    def standardised(q):
+        a, b = q[side], q[~side]
+        pooled = np.sqrt((a.var() * a.size + b.var() * b.size) / q.size)
+        return abs(a.mean() - b.mean()) / pooled
+
+    detected = np.log1p((counts > 0).sum(axis=1))
+    mito_share = counts[:, [1, 4]].sum(axis=1) / counts.sum(axis=1)
+    assert subpopulations._quality_shift(cells, side) == pytest.approx(standardised(detected), rel=1e-9)
+    assert subpopulations._quality_shift(cells, side, np.array([1, 4])) == pytest.approx(
+        max(standardised(detected), standardised(mito_share)), rel=1e-5)
+    assert standardised(mito_share) > standardised(detected)  # the mitochondrial share decides here
+
+
+def test_mitochondrial_genes_are_the_mt_prefixed_names():
+    genes = ["MT-CO1", "CD3E", "mt-Nd1", "MTOR", "ENSG00000198804", "Mt-Atp6"]
+    np.testing.assert_array_equal(subpopulations.mitochondrial_genes(genes), [0, 2, 5])
+    assert subpopulations.mitochondrial_genes(["A", "B"]).size == 0
+
+
 def test_normalized_rows_matches_a_dense_reference(small_store):
     from mars_scale.store import open_store
 
