@@ -394,7 +394,8 @@ def name_with_parts(
     """Name the clusters, split off the parts (:func:`find_parts`), resolve known siblings that
     the embedding does not separate (:func:`resolve_siblings`, with ``confusion``), and name
     again. After each step, a cluster that holds a name the step gave to cells keeps it unless
-    it is another population than those cells (:func:`_shared_names`); after the split test, a
+    it is another population than those cells (:func:`_shared_names`), and one that shared a name
+    the step left to a cluster it split keeps it (:func:`_holding`); after the split test, a
     cluster taken for a part of a type that a new part was split from follows the new part if
     it is its population (:func:`_like_new_parts`); the split test's other clusters are matched
     again, the sibling step's keep their calls.
@@ -424,12 +425,8 @@ def name_with_parts(
         assignment = with_parts(assignment, parts)
         # a cluster that held a name a known part now takes keeps it unless the two differ
         given = _given(parts, naming)
-        taken = {decided[c][0] for c in given if decided[c][1] < 1.0}
-        holding = {c: (str(naming.compared_name[j]), float(naming.evidence[j]), None)
-                   for j, c in enumerate(naming.clusters)
-                   if c not in decided and not naming.is_novel[j] and str(naming.compared_name[j]) in taken}
-        decided = _shared_names({**decided, **holding}, given, store, rows, embedding, assignment,
-                                naming, rng=np.random.default_rng(seed), spread_of=spread_of)
+        decided = _shared_names({**decided, **_holding(decided, naming)}, given, store, rows, embedding,
+                                assignment, naming, rng=np.random.default_rng(seed), spread_of=spread_of)
         like = _like_new_parts(parts, naming, store, rows, assignment, rng=np.random.default_rng(seed),
                                spread_of=spread_of)
         decided.update({c: v for c, v in like.items() if c not in decided})
@@ -488,6 +485,17 @@ def with_sibling_probabilities(naming: NamingResult, assignment: np.ndarray,
     return dataclasses.replace(naming, cell_name_probabilities=probs.astype(np.float32),
                                cell_closest=np.asarray(naming.names)[np.argmax(probs, axis=1)],
                                confidence=confidence)
+
+
+def _holding(decided: dict[Any, tuple[str, float, Any]], naming: NamingResult) -> dict[Any, tuple[str, float, Any]]:
+    """The clusters not in ``decided`` that ``naming`` called known under a name ``decided`` gives
+    as known (evidence below 1), with that name and their evidence: a decided name leaves the
+    matching, so without this a cluster sharing it (a part the matching took for the same type,
+    or a cluster whose name a known part now takes) would be matched again without it."""
+    taken = {name for name, evidence, _ in decided.values() if evidence < 1.0}
+    return {c: (str(naming.compared_name[j]), float(naming.evidence[j]), None)
+            for j, c in enumerate(naming.clusters)
+            if c not in decided and not naming.is_novel[j] and str(naming.compared_name[j]) in taken}
 
 
 def _given(parts: Sequence[Part], naming: NamingResult) -> set:

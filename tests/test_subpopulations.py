@@ -566,6 +566,21 @@ def test_a_cluster_keeps_its_name_when_a_known_part_of_the_same_type_takes_it(tm
     assert (naming.cell_type[truth == "A2"] == "A2").all()
 
 
+def test_clusters_sharing_a_name_that_becomes_decided_hold_it():
+    # cluster 4 keeps its name b after the split test moved its a cells out (part 7, name a);
+    # cluster 2, which the matching took for a second cluster of b, and cluster 3, named a, hold
+    # their names (a decided name leaves the matching); c is not decided, the new cluster 5 stays
+    # new, and a cluster in decided with evidence 1 or more (new) gives its name to no one
+    from types import SimpleNamespace
+
+    naming = SimpleNamespace(clusters=np.array([1, 2, 3, 4, 5, 6]),
+                             compared_name=np.array(["c", "b", "a", "b", "b", "d"]),
+                             evidence=np.array([0.1, 0.4, 0.2, 0.3, 2.0, 0.5]),
+                             is_novel=np.array([False, False, False, False, True, False]))
+    decided = {4: ("b", 0.0, None), 7: ("a", 0.0, 4), 8: ("d", 1.5, 6)}
+    assert subpopulations._holding(decided, naming) == {2: ("b", 0.4, None), 3: ("a", 0.2, None)}
+
+
 def test_a_new_population_spread_over_two_clusters_of_one_name_is_still_split_off(tmp_path):
     # A and the new A2 fall half and half into two clusters that both take the name A: A2's
     # direction cuts both, and the second is the same type, so it does not veto the split
