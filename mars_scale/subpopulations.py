@@ -94,8 +94,9 @@ MIN_DPRIME = 3.5
 # A split whose two sides differ in the cells' quality (log genes detected, mitochondrial share)
 # by at least this share of the split's own d' is the cells' quality, not a cell type: real
 # unimodal clusters split at d' 3.5 to 4.4 along library size (docs/algorithm.md, "The split
-# test"), their sides 3 standard deviations of genes detected apart; simulated subtypes at most
-# 0.84 at d' 4.1 to 5.8.
+# test"), their sides 3 standard deviations of genes detected apart (0.74 of the d'); on the
+# simulated atlases no part's shift exceeds 0.33 of its d' (docs/algorithm.md, "The cells'
+# quality instead of a higher bound").
 QUALITY_SHARE = 0.5
 # Known siblings (resolve_siblings): the embedding separates two names when this share of their
 # annotated cells lies nearest a landmark of their own name; expression is used instead only
@@ -519,9 +520,10 @@ def _shared_names(decided: dict[Any, tuple[str, float, Any]], given: set, store:
     farther than those cells from the name's prototype in the embedding is new if, in the
     expression of the new cells (one experiment, so no batch between them), it and they are
     two populations: their cells pooled split in two as the split test splits a cluster
-    (:func:`_split`, replicated, ``d'`` at least ``MIN_DPRIME``, not along the cells' quality) with the two groups on
-    opposite sides (:func:`_apart`, with ``split_options``), and the reference's experiments of
-    the name do not differ as much along the split (``spread_of``, as in :func:`find_parts`).
+    (:func:`_split`, replicated, ``d'`` at least ``MIN_DPRIME``, not along the cells' quality)
+    with the two groups on opposite sides (:func:`_apart`, with ``split_options``), and the
+    reference's experiments of the name do not differ as much along the split (``spread_of``,
+    as in :func:`find_parts`).
     Otherwise it keeps the name: one type that the clustering cut in two, or cut along a
     condition the reference holds in separate experiments.
     """
