@@ -108,6 +108,9 @@ CLASSIFIER_C = 0.1
 # experiments, as control and stimulated runs) when the medians of the name's cells in two of
 # them lie this share of the split's gap apart: known structure, as for two sibling names.
 EXPERIMENT_SPREAD = 0.5
+# A cluster called new swaps calls with the known cluster holding its nearest name when, in expression,
+# the reference's cells of the name lie at least this share of the way from the holder to it (_swapped).
+SWAP_SHARE = 0.75
 # Where the reference holds a cluster's split, the split test looks again past it this many times
 # (a population can hide behind a condition both hold).
 LOOKS_PAST_KNOWN = 2
@@ -410,17 +413,23 @@ def name_with_parts(
     naming = name(assignment, None)
     if naming.novelty_method != "matching":
         return naming, assignment, []
-    parts = find_parts(store, rows, assignment, embedding, naming, annotated=annotated, seed=seed)
-    decided: dict[Any, tuple[str, float, Any]] = {}
     reference_rng = np.random.default_rng(None if seed is None else [seed, 2])  # other draws unchanged
     labels_of: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}  # read at the first call only
 
-    def spread_of(name: str, genes: np.ndarray, w: np.ndarray) -> float:
+    def annotated_labels() -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
         if not labels_of:
             labels_of.update(_annotated_labels(store, annotated, "cell_type"))
-        return _reference_spread(store, naming, name, genes, w, labels_of=labels_of, max_cells=1000,
+        return labels_of
+
+    def spread_of(name: str, genes: np.ndarray, w: np.ndarray) -> float:
+        return _reference_spread(store, naming, name, genes, w, labels_of=annotated_labels(), max_cells=1000,
                                  rng=reference_rng)
 
+    decided = _swapped(naming, store, rows, assignment, labels_of=annotated_labels,
+                       rng=np.random.default_rng(None if seed is None else [seed, 5]), spread_of=spread_of)
+    if decided:
+        naming = name(assignment, decided)
+    parts = find_parts(store, rows, assignment, embedding, naming, annotated=annotated, seed=seed)
     if parts:
         decided = _decided(parts, decided)
         assignment = with_parts(assignment, parts)
@@ -486,6 +495,54 @@ def with_sibling_probabilities(naming: NamingResult, assignment: np.ndarray,
     return dataclasses.replace(naming, cell_name_probabilities=probs.astype(np.float32),
                                cell_closest=np.asarray(naming.names)[np.argmax(probs, axis=1)],
                                confidence=confidence)
+
+
+def _swapped(naming: NamingResult, store: Any, rows: np.ndarray, assignment: np.ndarray, *,
+             labels_of: Callable[[], dict[str, tuple[int, np.ndarray, np.ndarray]]], rng: np.random.Generator,
+             spread_of: Callable[[str, np.ndarray, np.ndarray], float] | None = None,
+             max_cells: int = 1000) -> dict[Any, tuple[str, float, Any]]:
+    """Calls to swap (for :func:`mars_scale.naming.name_clusters`'s ``decided``): a cluster that
+    the matching called new, compared with a name that one known cluster holds, is that name's
+    type, and the holder is new, where in expression the reference's cells of the name lie
+    nearer the new cluster than the holder (along the difference of their mean expression, at
+    least ``SWAP_SHARE`` of the way from the holder's median to the new cluster's) and the two are
+    two populations (:func:`_apart`). The matching goes the wrong way where a new type's cells
+    sit nearer a known type's prototype in the embedding than that type's own cells (a
+    reference with one type left, say); the new experiment's two clusters share its batch, so
+    the direction between them is theirs. ``labels_of``: the annotated labels, read on demand."""
+    label = np.asarray(naming.label).astype(str)
+    out: dict[Any, tuple[str, float, Any]] = {}
+    for j in np.flatnonzero(naming.is_novel):
+        name = str(naming.compared_name[j])
+        holders = np.flatnonzero((label == name) & ~np.asarray(naming.is_novel))
+        c = naming.clusters[j]
+        if holders.size != 1 or naming.clusters[holders[0]] in out:
+            continue
+        o = naming.clusters[holders[0]]
+        cells = _sample(np.flatnonzero(assignment == c), max_cells, rng)
+        owner = _sample(np.flatnonzero(assignment == o), max_cells, rng)
+        if min(cells.size, owner.size) < 10:
+            continue
+        pooled = np.sort(np.concatenate([cells, owner]))
+        matrix = normalized_rows(store, rows[pooled], dtype=np.float32)
+        new_cells, owner_cells = matrix[np.searchsorted(pooled, cells)], matrix[np.searchsorted(pooled, owner)]
+        w = np.asarray(new_cells.mean(axis=0) - owner_cells.mean(axis=0), dtype=np.float64).ravel()
+        at_new, at_owner = (float(np.median(np.asarray(m @ w).ravel())) for m in (new_cells, owner_cells))
+        split = {"name": name, "genes": np.arange(w.size), "w": w}
+        medians = _reference_projections(store, [split], naming, labels_of=labels_of(), sibling_share=0.0,
+                                         max_cells=max_cells, rng=rng)[0]["medians"]
+        reference = [m[name] for m in medians.values() if name in m]
+        if not reference or at_new == at_owner:
+            continue
+        share = (float(np.median(reference)) - at_owner) / (at_new - at_owner)
+        if share < SWAP_SHARE or _apart(store, rows, cells, owner, rng=rng, spread_of=spread_of, name=name) == 0.0:
+            continue
+        logger.info("cluster %s (new) and cluster %s (%s): the reference's %s cells lie %.2f of the way from the "
+                    "second to the first in expression; the first is %s, the second new", c, o, name, name, share,
+                    name)
+        out[c] = (name, 0.0, None)
+        out[o] = (name, max(1.0, float(naming.evidence[j])), None)
+    return out
 
 
 def _holding(decided: dict[Any, tuple[str, float, Any]], naming: NamingResult) -> dict[Any, tuple[str, float, Any]]:

@@ -566,6 +566,33 @@ def test_a_cluster_keeps_its_name_when_a_known_part_of_the_same_type_takes_it(tm
     assert (naming.cell_type[truth == "A2"] == "A2").all()
 
 
+@pytest.mark.parametrize("swapped", [True, False])
+def test_a_new_cluster_takes_the_name_whose_reference_cells_it_resembles(tmp_path, monkeypatch, swapped):
+    # the query's A2 (new) and A cells in clusters 3 and 0. swapped: A2 sits on A's prototype in
+    # the embedding and the query's A off it, so the matching names A2's cluster A and calls the
+    # A cells new; in expression the reference's A cells are the A cells, and the calls swap.
+    # Otherwise (A on its prototype) the matching is right and stays.
+    from mars_scale.store import open_store
+
+    store = open_store(_atlas(tmp_path, reference_a2=None))
+    on, off = [0.0, 0.0], [0.0, 4.0]
+    centres = {"A": off if swapped else on, "A2": on if swapped else off, "B": [10.0, 0.0], "C": [-10.0, 0.0]}
+    (a, b), labels, z, names, _ = _placed(store, centres, noise=0.5)
+    landmarks = np.array([{"A": on, "B": [10.0, 0.0], "C": [-10.0, 0.0]}[n] for n in names])
+    truth, z = labels[a:b], z[a:b]
+    clusters = np.select([truth == "A", truth == "B", truth == "C"], [0, 1, 2], 3)
+
+    def name(assignment, decided):
+        return name_clusters(z, assignment, landmarks, names, decided=decided, rng=0)
+
+    first = name(clusters, None)
+    assert first.is_novel[list(first.clusters).index(0 if swapped else 3)]  # the embedding's call
+    monkeypatch.setattr(subpopulations, "find_parts", lambda *a, **k: [])
+    naming, _, _ = name_with_parts(name, store, np.arange(a, b), clusters, z, annotated=["ref1", "ref2"])
+    assert (naming.cell_type[truth == "A"] == "A").all()
+    assert naming.cell_is_novel[truth == "A2"].all() and not naming.cell_is_novel[truth != "A2"].any()
+
+
 def test_clusters_sharing_a_name_that_becomes_decided_hold_it():
     # cluster 4 keeps its name b after the split test moved its a cells out (part 7, name a);
     # cluster 2, which the matching took for a second cluster of b, and cluster 3, named a, hold
