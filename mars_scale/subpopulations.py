@@ -60,6 +60,11 @@ And a cluster that the matching took for a part of a known cluster's type, when 
 splits a new part from that cluster, is new with it if in expression it is the new part's
 population and not the known rest's (:func:`_like_new_parts`).
 
+Before all this, a cluster that the matching called new while one known cluster holds its
+nearest name swaps calls with that cluster where, in expression, the reference's cells of the
+name are the first and not the second (:func:`_swapped`): a new type that took a known type's
+place in the embedding (with one type left in the reference, say) otherwise takes its name.
+
 Bimodality is the exact one-dimensional two-means split: ``d' = |m_1 - m_2| / s`` with ``s`` the
 pooled within-part standard deviation. A single Gaussian gives ``d'`` of about 2.7 at large
 sizes and more at small ones; a sample is bimodal when ``d'`` exceeds both a floor and the 99th
@@ -108,8 +113,9 @@ CLASSIFIER_C = 0.1
 # experiments, as control and stimulated runs) when the medians of the name's cells in two of
 # them lie this share of the split's gap apart: known structure, as for two sibling names.
 EXPERIMENT_SPREAD = 0.5
-# A cluster called new swaps calls with the known cluster holding its nearest name when, in expression,
-# the reference's cells of the name lie at least this share of the way from the holder to it (_swapped).
+# A cluster called new swaps calls with the known cluster holding its nearest name when, in
+# expression, the reference's cells of the name lie at least this share of the way from the
+# holder to it (_swapped; docs/algorithm.md, "A new cluster that is the known type").
 SWAP_SHARE = 0.75
 # Where the reference holds a cluster's split, the split test looks again past it this many times
 # (a population can hide behind a condition both hold).
