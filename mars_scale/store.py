@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -1020,8 +1021,9 @@ class Atlas:
         except Exception as exc:  # corrupt chunk or metadata
             raise StoreError(f"{self.path}: cannot read {key} ({type(exc).__name__}: {exc})") from exc
 
-    @property
+    @functools.cached_property
     def gene_ids(self) -> pd.Index:
+        """The genes (var names), read once: a store's genes never change after ingest."""
         return pd.Index(self._read("var/_index"), name=None).astype(str)
 
     def var_column(self, name: str) -> np.ndarray:

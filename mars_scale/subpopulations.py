@@ -222,6 +222,7 @@ def find_parts(
     sibling_share: float = 0.5,
     min_part_cells: int = 10,
     seed: int | None = 0,
+    labels_of: Callable[[], dict[str, tuple[int, np.ndarray, np.ndarray]]] | None = None,
 ) -> list[Part]:
     """Parts of the known clusters of the new cells: populations the reference lacks, and known
     siblings merged into one cluster (module docstring).
@@ -253,6 +254,9 @@ def find_parts(
         Smallest part of a cluster considered (in the cells read).
     seed
         Seeds the samples, the random halves, PCA and K-means.
+    labels_of
+        Returns the annotated experiments' labels (:func:`_annotated_labels` of ``annotated`` and
+        ``label_key``), for a caller that reads them once for several steps; read here if not given.
 
     Returns
     -------
@@ -283,12 +287,14 @@ def find_parts(
     parts: list[Part] = []
     next_id = int(np.max(np.asarray(naming.clusters, dtype=np.int64))) + 1 if len(naming.clusters) else 0
     known_rng = np.random.default_rng(None if seed is None else [seed, 3])
-    labels_of = _annotated_labels(store, annotated, label_key) if splits else {}  # read once for every look
+    reference_labels = ((labels_of or (lambda: _annotated_labels(store, annotated, label_key)))()
+                        if splits else {})  # read once for every look
     for look in range(LOOKS_PAST_KNOWN + 1):
         if not splits:
             break
-        reference = _reference_projections(store, splits, naming, labels_of=labels_of, sibling_share=sibling_share,
-                                           max_cells=max_cells, rng=rng if look == 0 else known_rng)
+        reference = _reference_projections(store, splits, naming, labels_of=reference_labels,
+                                           sibling_share=sibling_share, max_cells=max_cells,
+                                           rng=rng if look == 0 else known_rng)
         again = []
         for split, ref in zip(splits, reference):
             part, known = _judge(store, rows, assignment, embedding, naming, split, ref, next_id, min_part_cells)
@@ -435,7 +441,8 @@ def name_with_parts(
                        rng=np.random.default_rng(None if seed is None else [seed, 5]), spread_of=spread_of)
     if decided:
         naming = name(assignment, decided)
-    parts = find_parts(store, rows, assignment, embedding, naming, annotated=annotated, seed=seed)
+    parts = find_parts(store, rows, assignment, embedding, naming, annotated=annotated, seed=seed,
+                       labels_of=annotated_labels)
     if parts:
         decided = _decided(parts, decided)
         assignment = with_parts(assignment, parts)
@@ -449,7 +456,7 @@ def name_with_parts(
         naming = name(assignment, decided)
     if confusion is not None:
         siblings, named, resolved = resolve_siblings(store, rows, assignment, naming, confusion,
-                                                     annotated=annotated, seed=seed)
+                                                     annotated=annotated, seed=seed, labels_of=annotated_labels)
         position = {c: j for j, c in enumerate(naming.clusters)}
         renamed = {c: n for c, n in named.items() if n != naming.label[position[c]]}
         if siblings or renamed:
@@ -701,6 +708,7 @@ def resolve_siblings(
     min_gain: float = CLASSIFIER_GAIN,
     min_part_cells: int = 10,
     seed: int | None = 0,
+    labels_of: Callable[[], dict[str, tuple[int, np.ndarray, np.ndarray]]] | None = None,
 ) -> tuple[list[Part], dict[Any, str], list[tuple[np.ndarray, tuple[str, ...], np.ndarray]]]:
     """Known siblings that the embedding does not separate, resolved per cell on expression.
 
@@ -732,6 +740,8 @@ def resolve_siblings(
         of ``naming.names``.
     max_cells, n_genes, sibling_share, min_part_cells, seed
         See above; ``seed`` seeds the samples.
+    labels_of
+        As in :func:`find_parts`.
     separated, min_gain
         See above.
 
@@ -766,9 +776,10 @@ def resolve_siblings(
     named: dict[Any, str] = {}
     resolved: list[tuple[np.ndarray, tuple[str, ...], np.ndarray]] = []
     next_id = int(np.max(np.asarray(naming.clusters, dtype=np.int64))) + 1 if len(naming.clusters) else 0
-    labels_of = _annotated_labels(store, annotated, label_key) if groups else {}
+    reference_labels = ((labels_of or (lambda: _annotated_labels(store, annotated, label_key)))()
+                        if groups else {})
     for group, members_of in groups.items():
-        fitted = _sibling_classifier(store, group, labels_of, max_cells=max_cells, n_genes=n_genes,
+        fitted = _sibling_classifier(store, group, reference_labels, max_cells=max_cells, n_genes=n_genes,
                                      min_cells=min_part_cells, rng=rng)
         if fitted is None:
             continue
